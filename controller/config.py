@@ -1,0 +1,171 @@
+"""The controller's configuration: one object, from flags and PETRI_* environment variables.
+
+A flag wins over its environment variable, which wins over the default. Every option is listed
+by `python -m controller --help`, with its variable.
+"""
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from controller.units import format_duration, parse_duration, parse_size
+
+
+def _default_state_dir() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "petri"
+
+
+def _default_runtime_dir() -> Path:
+    # Sockets want a short path (108 bytes at most) and a tmpfs that a reboot clears.
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "petri" if runtime else _default_state_dir() / "run"
+
+
+def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
+    return field(metadata={"help": help, "parse": parse}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = _opt("address the gRPC API listens on", default="127.0.0.1:50051")
+    state_dir: Path = _opt("where the registry lives", Path, default_factory=_default_state_dir)
+    database: Path | None = _opt(
+        "SQLite registry file (default STATE_DIR/petri.db)", Path, default=None
+    )
+    runtime_dir: Path = _opt(
+        "per-sandbox socket directories and the podman socket the controller starts",
+        Path,
+        default_factory=_default_runtime_dir,
+    )
+    podman_socket: Path | None = _opt(
+        "podman API socket to use; when unset the controller starts and supervises its own "
+        "`podman system service` on RUNTIME_DIR/podman.sock",
+        Path,
+        default=None,
+    )
+    podman_binary: str = _opt("podman executable for the service it starts", default="podman")
+    image_repository: str = _opt(
+        "sandbox images are IMAGE_REPOSITORY:PROFILE", default="localhost/petri-sandbox"
+    )
+    default_image_profile: str = _opt("image profile of a sandbox that names none", default="test")
+    default_ttl: timedelta = _opt(
+        "time to live of a sandbox that sets none", parse_duration, default=timedelta(hours=1)
+    )
+    max_ttl: timedelta = _opt(
+        "longest time to live a sandbox may have", parse_duration, default=timedelta(days=14)
+    )
+    default_timeout: timedelta = _opt(
+        "execution timeout when a call sets none", parse_duration, default=timedelta(seconds=300)
+    )
+    max_timeout: timedelta = _opt(
+        "longest execution timeout a call may ask for", parse_duration, default=timedelta(hours=1)
+    )
+    kill_grace: timedelta = _opt(
+        "after interrupting code at its timeout, how long before the interpreter is killed",
+        parse_duration,
+        default=timedelta(seconds=3),
+    )
+    start_timeout: timedelta = _opt(
+        "how long a new sandbox may take to become ready",
+        parse_duration,
+        default=timedelta(seconds=30),
+    )
+    workspace_size: int = _opt(
+        "size of a sandbox's /workspace (tmpfs), default and maximum", parse_size, default=1 << 30
+    )
+    tmp_size: int = _opt("size of a sandbox's /tmp (tmpfs)", parse_size, default=256 << 20)
+    open_files: int = _opt("open files per sandbox (RLIMIT_NOFILE)", int, default=1024)
+    max_output_bytes: int = _opt(
+        "cap on stdout and on stderr of one execution", parse_size, default=10 << 20
+    )
+    max_message_bytes: int = _opt(
+        "largest gRPC message accepted or sent", parse_size, default=128 << 20
+    )
+    max_code_bytes: int = _opt("largest code of one execution", parse_size, default=10 << 20)
+    log_format: str = _opt("console or json", default="console")
+    log_level: str = _opt("debug, info, warning or error", default="info")
+
+    @property
+    def database_path(self) -> Path:
+        return self.database or self.state_dir / "petri.db"
+
+    def image_for(self, profile: str) -> str:
+        return f"{self.image_repository}:{profile}"
+
+    def describe(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = format_duration(value) if isinstance(value, timedelta) else str(value)
+        return out
+
+
+def _env_name(field_name: str) -> str:
+    return "PETRI_" + field_name.upper()
+
+
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m controller",
+        description="petri's controller: the gRPC API for isolated, stateful code sandboxes.",
+    )
+    for f in fields(Config):
+        parser.add_argument(
+            _flag_name(f.name),
+            dest=f.name,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (env {_env_name(f.name)})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Builds the config from flags, then PETRI_* variables, then defaults.
+
+    Raises SystemExit with a usage message when a value does not parse.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields(Config):
+        raw = getattr(args, f.name)
+        source = _flag_name(f.name)
+        if raw is None:
+            raw = environ.get(_env_name(f.name))
+            source = _env_name(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            parser.error(f"{source}: {exc}")
+    config = replace(Config(), **values)
+    problems = validate(config)
+    if problems:
+        parser.error("; ".join(problems))
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    problems = []
+    if config.max_ttl > timedelta(days=14):
+        problems.append("max_ttl may be at most 14d")
+    if not timedelta(0) < config.default_ttl <= config.max_ttl:
+        problems.append("default_ttl must be positive and at most max_ttl")
+    if not timedelta(0) < config.default_timeout <= config.max_timeout:
+        problems.append("default_timeout must be positive and at most max_timeout")
+    if config.log_format not in ("console", "json"):
+        problems.append("log_format must be console or json")
+    if config.max_output_bytes >= config.max_message_bytes:
+        problems.append("max_output_bytes must be smaller than max_message_bytes")
+    return problems

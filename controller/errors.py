@@ -1,0 +1,50 @@
+"""The controller's exception tree, and its one mapping to gRPC status codes.
+
+    PetriError                    INTERNAL (never raised bare)
+    ├── InvalidArgument           INVALID_ARGUMENT   bad name, filter, page token, ttl, ...
+    ├── NotFound                  NOT_FOUND          no such sandbox (or it expired / was deleted)
+    ├── AlreadyExists             ALREADY_EXISTS     sandbox_id taken in the project
+    ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota
+    └── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable
+
+Every message is meant for the caller: it says what was wrong and what to do. Errors of the
+user's code are not here: they are execution results. Foreign errors (podman, OS, gRPC to the
+executor) are translated where they happen, with `raise ... from exc`.
+"""
+
+import grpc
+
+
+class PetriError(Exception):
+    """Base of the controller's errors; its message is shown to the caller."""
+
+    status = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(PetriError):
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(PetriError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(PetriError):
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(PetriError):
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(PetriError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(PetriError):
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+def status_of(error: PetriError) -> grpc.StatusCode:
+    return error.status

@@ -1,0 +1,126 @@
+"""The `filter` of ListSandboxes: a documented subset of AIP-160, compiled to SQL.
+
+    filter      := comparison ("AND" comparison)*
+    comparison  := "state" ("=" | "!=") STATE
+                 | "labels." KEY ("=" | "!=") VALUE
+                 | "labels." KEY ":" "*"            (the label is present)
+    VALUE       := a bare word or a "double-quoted string"
+
+Anything else is INVALID_ARGUMENT with a message that names the offending part.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from controller.errors import InvalidArgument
+from controller.labels import LABEL_KEY_PATTERN, is_valid_label_key
+from controller.records import State
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<string>"(?:[^"\\]|\\.)*")
+      | (?P<op>!=|=|:)
+      | (?P<word>[A-Za-z0-9_.*-]+)
+      | (?P<bad>\S)
+    )""",
+    re.VERBOSE,
+)
+_FIELDS_HELP = "state, labels.KEY"
+_STATES = ", ".join(s.name for s in State)
+
+
+@dataclass(frozen=True)
+class CompiledFilter:
+    where: str
+    params: tuple[Any, ...]
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    tokens = []
+    for match in _TOKEN.finditer(text):
+        kind = match.lastgroup
+        assert kind is not None
+        value = match.group(kind)
+        if kind == "bad":
+            raise InvalidArgument(
+                f"invalid filter {text!r}: unexpected {value!r}; supported: comparisons of "
+                f"{_FIELDS_HELP} with =, != or :*, joined by AND"
+            )
+        tokens.append((kind, value))
+    return tokens
+
+
+def _unquote(kind: str, value: str) -> str:
+    if kind == "string":
+        result: str = json.loads(value)  # JSON string escapes are AIP-160's
+        return result
+    return value
+
+
+def compile_filter(text: str) -> CompiledFilter:
+    """Compiles a filter into an SQL condition; the empty filter matches everything."""
+    tokens = _tokens(text)
+    if not tokens:
+        return CompiledFilter("", ())
+    conditions: list[str] = []
+    params: list[Any] = []
+    position = 0
+
+    def fail(reason: str) -> InvalidArgument:
+        return InvalidArgument(f"invalid filter {text!r}: {reason}")
+
+    while True:
+        if position + 3 > len(tokens):
+            raise fail("expected FIELD OPERATOR VALUE, e.g. state = RUNNING")
+        (field_kind, field), (op_kind, op), (value_kind, raw_value) = tokens[
+            position : position + 3
+        ]
+        position += 3
+        if field_kind != "word":
+            raise fail(f"expected a field name ({_FIELDS_HELP}), got {field!r}")
+        if op_kind != "op":
+            raise fail(f"expected =, != or : after {field!r}, got {op!r}")
+        if value_kind not in ("word", "string"):
+            raise fail(f"expected a value after {field} {op}")
+        value = _unquote(value_kind, raw_value)
+
+        if field == "state":
+            if op == ":":
+                raise fail("state supports = and !=")
+            try:
+                state = State[value]
+            except KeyError:
+                raise fail(f"unknown state {value!r}; states are {_STATES}") from None
+            conditions.append("state = ?" if op == "=" else "state != ?")
+            params.append(int(state))
+        elif field.startswith("labels."):
+            key = field.removeprefix("labels.")
+            if not is_valid_label_key(key):
+                raise fail(f"invalid label key {key!r}: keys match {LABEL_KEY_PATTERN}")
+            path = f'$."{key}"'
+            if op == ":":
+                if not (value_kind == "word" and value == "*"):
+                    raise fail(f"use labels.{key}:* to test that a label is present")
+                conditions.append("json_extract(labels, ?) IS NOT NULL")
+                params.append(path)
+            elif op == "=":
+                conditions.append("json_extract(labels, ?) = ?")
+                params.extend([path, value])
+            else:
+                conditions.append("json_extract(labels, ?) IS NOT ?")
+                params.extend([path, value])
+        else:
+            raise fail(f"unknown field {field!r}; filterable fields are {_FIELDS_HELP}")
+
+        if position == len(tokens):
+            break
+        kind, word = tokens[position]
+        if kind == "word" and word == "AND":
+            position += 1
+            continue
+        if kind == "word" and word.upper() in ("OR", "NOT"):
+            raise fail(f"{word.upper()} is not supported; join comparisons with AND")
+        raise fail(f"expected AND after a comparison, got {word!r}")
+    return CompiledFilter(" AND ".join(conditions), tuple(params))

@@ -1,0 +1,194 @@
+"""The container runtime on rootless podman, through its REST API (podman-py).
+
+podman-py is blocking: every call runs in a worker thread, never on the event loop. podman's
+and the HTTP client's exceptions are translated here and nowhere else.
+"""
+
+import asyncio
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import podman
+import podman.errors
+import requests.exceptions
+import structlog
+
+from controller.errors import FailedPrecondition, PetriError, Unavailable
+from controller.runtime import (
+    CONTAINER_SOCKET_DIR,
+    LABEL_MANAGED,
+    LABEL_REGISTRY,
+    SOCKET_NAME,
+    ContainerSpec,
+    ContainerStatus,
+    HostCapabilities,
+)
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+# The executor is PID 1 and handles SIGTERM; give it a moment before podman kills it.
+STOP_TIMEOUT_SECONDS = 2
+
+
+class PodmanRuntime:
+    def __init__(self, socket_path: Path) -> None:
+        self._socket_path = socket_path
+        self._client = podman.PodmanClient(base_url=f"unix://{socket_path}", timeout=60)
+
+    def __repr__(self) -> str:
+        return f"<PodmanRuntime {self._socket_path}>"
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+        except PetriError:
+            raise
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise Unavailable(
+                f"podman is not answering on {self._socket_path} ({what}); the controller "
+                "restarts its own podman service within seconds, so retry"
+            ) from exc
+        except podman.errors.APIError as exc:
+            if exc.status_code is not None and 400 <= exc.status_code < 500:
+                raise  # a request podman rejects is our bug: INTERNAL, with the details logged
+            raise Unavailable(f"podman failed to {what}: {exc.explanation or exc}") from exc
+
+    async def check(self) -> HostCapabilities:
+        info: dict[str, Any] = await self._call("report its info", self._client.info)
+        host = info.get("host", {})
+        version = str(host.get("cgroupVersion", "v1"))
+        controllers = set(host.get("cgroupControllers") or [])
+        # Rootless podman enforces cgroup limits only on cgroups v2 with delegated controllers.
+        v2 = version == "v2"
+        return HostCapabilities(
+            cgroup_version=version,
+            memory=v2 and "memory" in controllers,
+            cpu=v2 and "cpu" in controllers,
+            pids=v2 and "pids" in controllers,
+        )
+
+    async def image_exists(self, image: str) -> bool:
+        exists: bool = await self._call("look up an image", self._client.images.exists, image)
+        return exists
+
+    async def start(self, spec: ContainerSpec) -> None:
+        await self._call("create and start a sandbox container", self._start, spec)
+
+    def _start(self, spec: ContainerSpec) -> None:
+        kwargs: dict[str, Any] = {
+            "name": spec.name,
+            "command": [
+                "python",
+                "-m",
+                "executor",
+                "--socket",
+                f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}",
+            ],
+            "labels": spec.labels,
+            "environment": spec.environment,
+            "hostname": "sandbox",
+            "working_dir": "/workspace",
+            "network_mode": "none",
+            "cap_drop": ["ALL"],
+            "no_new_privileges": True,
+            "read_only": True,
+            "mounts": [
+                {"type": "tmpfs", "target": "/workspace", "size": str(spec.workspace_bytes)},
+                {"type": "tmpfs", "target": "/tmp", "size": str(spec.tmp_bytes)},
+                {"type": "bind", "source": str(spec.socket_dir), "target": CONTAINER_SOCKET_DIR},
+            ],
+            # Explicit ulimits: podman's defaults exceed our hosts' hard limits and runc fails.
+            "ulimits": [
+                {"Name": "nofile", "Soft": spec.open_files, "Hard": spec.open_files},
+                {"Name": "core", "Soft": 0, "Hard": 0},
+            ],
+            "stop_signal": 15,  # SIGTERM; the API wants the number
+            "stop_timeout": STOP_TIMEOUT_SECONDS,
+        }
+        if spec.memory_bytes:
+            kwargs["mem_limit"] = spec.memory_bytes
+            kwargs["memswap_limit"] = spec.memory_bytes  # no swap beyond the limit
+        if spec.cpu_millis:
+            kwargs["nano_cpus"] = spec.cpu_millis * 1_000_000
+        if spec.max_processes:
+            kwargs["pids_limit"] = spec.max_processes
+        try:
+            container = self._client.containers.create(spec.image, **kwargs)
+        except podman.errors.ImageNotFound as exc:
+            raise FailedPrecondition(
+                f"image {spec.image} is not built on this server: run sandbox-image/build.sh"
+            ) from exc
+        try:
+            container.start()
+        except Exception:
+            self._remove(spec.name)
+            raise
+
+    async def status(self, name: str) -> ContainerStatus | None:
+        return await self._call("inspect a sandbox container", self._status, name)
+
+    def _status(self, name: str) -> ContainerStatus | None:
+        try:
+            container = self._client.containers.get(name)
+        except podman.errors.NotFound:
+            return None
+        state = container.attrs.get("State", {})
+        return ContainerStatus(
+            name=name,
+            running=bool(state.get("Running")),
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            labels=dict(container.labels or {}),
+            error=str(state.get("Error") or ""),
+        )
+
+    async def remove(self, name: str) -> None:
+        await self._call("remove a sandbox container", self._remove, name)
+
+    def _remove(self, name: str) -> None:
+        try:
+            self._client.containers.remove(name, force=True)
+        except podman.errors.NotFound:
+            pass
+
+    async def list_managed(self, registry_label: str) -> list[ContainerStatus]:
+        return await self._call("list sandbox containers", self._list_managed, registry_label)
+
+    def _list_managed(self, registry_label: str) -> list[ContainerStatus]:
+        containers = self._client.containers.list(
+            all=True,
+            # The list form: podman-py turns a dict's list value into one mangled string.
+            filters=[f"label={LABEL_MANAGED}=true", f"label={LABEL_REGISTRY}={registry_label}"],
+        )
+        statuses = []
+        for container in containers:
+            attrs = container.attrs
+            names = attrs.get("Names") or [container.name]
+            statuses.append(
+                ContainerStatus(
+                    name=str(names[0]).lstrip("/"),
+                    running=attrs.get("State") == "running",
+                    exit_code=attrs.get("ExitCode"),
+                    oom_killed=False,
+                    labels=dict(attrs.get("Labels") or {}),
+                )
+            )
+        return statuses
+
+    async def logs_tail(self, name: str, lines: int) -> str:
+        return await self._call("read a sandbox's logs", self._logs_tail, name, lines)
+
+    def _logs_tail(self, name: str, lines: int) -> str:
+        try:
+            container = self._client.containers.get(name)
+            chunks = container.logs(stdout=True, stderr=True, tail=lines)
+        except podman.errors.NotFound:
+            return ""
+        data = chunks if isinstance(chunks, bytes) else b"".join(chunks)
+        return data.decode(errors="replace")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)

@@ -1,0 +1,65 @@
+"""What the controller knows about a sandbox, independent of the wire format."""
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class State(enum.IntEnum):
+    """Mirrors petri.v1.Sandbox.State, value for value."""
+
+    PROVISIONING = 1
+    RUNNING = 2
+    DEPROVISIONING = 3
+    TERMINATED = 4
+
+
+class Runtime(enum.IntEnum):
+    """Mirrors petri.v1.SandboxSpec.Runtime."""
+
+    RUNC = 1
+    GVISOR = 2
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits in force for a sandbox; 0 means not enforced on this host."""
+
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    max_processes: int = 0
+
+
+@dataclass(frozen=True)
+class Spec:
+    image_profile: str
+    runtime: Runtime
+    resources: Resources
+
+
+@dataclass
+class SandboxRecord:
+    uid: str
+    project: str
+    sandbox_id: str
+    spec: Spec
+    state: State
+    create_time: datetime
+    update_time: datetime
+    expire_time: datetime
+    last_active_time: datetime
+    display_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    state_message: str = ""
+    execution_count: int = 0
+    incarnation: str = ""
+    request_id: str | None = None
+    container_name: str = ""
+    # Tombstone: set when the sandbox is gone; the row stays so that Get can say when and why.
+    delete_time: datetime | None = None
+    delete_reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"projects/{self.project}/sandboxes/{self.sandbox_id}"

@@ -1,0 +1,86 @@
+"""The container runtime, as the controller needs it: a small protocol with podman behind it."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+# Labels on every container the controller creates, so it can find its own.
+LABEL_MANAGED = "io.petri.managed"
+LABEL_REGISTRY = "io.petri.registry"  # which registry (controller instance) owns it
+LABEL_UID = "io.petri.uid"
+LABEL_NAME = "io.petri.name"
+
+# Inside the container: where the socket directory is mounted, and the executor's socket.
+CONTAINER_SOCKET_DIR = "/run/petri"
+SOCKET_NAME = "executor.sock"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    labels: dict[str, str]
+    socket_dir: Path  # host directory mounted at CONTAINER_SOCKET_DIR
+    workspace_bytes: int
+    tmp_bytes: int
+    open_files: int
+    memory_bytes: int = 0  # 0: not limited by the runtime
+    cpu_millis: int = 0
+    max_processes: int = 0
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    name: str
+    running: bool
+    exit_code: int | None
+    oom_killed: bool
+    labels: dict[str, str]
+    error: str = ""
+
+    def describe(self) -> str:
+        if self.running:
+            return "running"
+        if self.oom_killed:
+            return "killed for using too much memory"
+        if self.exit_code is not None and self.exit_code > 128:
+            return f"killed by signal {self.exit_code - 128}"
+        text = f"exited with status {self.exit_code}"
+        return f"{text}: {self.error}" if self.error else text
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    """What the host's cgroups let the runtime enforce for a rootless container."""
+
+    cgroup_version: str
+    memory: bool
+    cpu: bool
+    pids: bool
+
+
+class ContainerRuntime(Protocol):
+    async def check(self) -> HostCapabilities:
+        """Answers when the runtime is reachable; raises Unavailable otherwise."""
+        ...
+
+    async def image_exists(self, image: str) -> bool: ...
+
+    async def start(self, spec: ContainerSpec) -> None:
+        """Creates and starts a container; raises Unavailable or FailedPrecondition."""
+        ...
+
+    async def status(self, name: str) -> ContainerStatus | None:
+        """The container's status, None when it does not exist."""
+        ...
+
+    async def remove(self, name: str) -> None:
+        """Kills and removes a container; a missing one is not an error."""
+        ...
+
+    async def list_managed(self, registry_label: str) -> list[ContainerStatus]: ...
+
+    async def logs_tail(self, name: str, lines: int) -> str: ...
+
+    async def close(self) -> None: ...

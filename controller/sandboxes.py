@@ -1,0 +1,503 @@
+"""The sandbox manager: creates, finds, updates, deletes sandboxes and runs code in them.
+
+It *has a* registry (what exists), a container runtime (podman) and one executor client per
+running sandbox. Lifecycle steps that must not be abandoned half-way (provisioning, deletion)
+run shielded from the caller's cancellation: a client that gives up never leaves a container
+without a registry row, or a row without its container.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import secrets
+import shutil
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import structlog
+
+from controller.config import Config
+from controller.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from controller.executor_client import ExecutorClient
+from controller.labels import validate_display_name, validate_labels
+from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
+from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.registry import ListQuery, Registry
+from controller.runtime import (
+    LABEL_MANAGED,
+    LABEL_NAME,
+    LABEL_REGISTRY,
+    LABEL_UID,
+    SOCKET_NAME,
+    ContainerRuntime,
+    ContainerSpec,
+    HostCapabilities,
+)
+from controller.units import format_duration
+from petri.v1 import executor_pb2
+
+log = structlog.get_logger()
+
+_PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+# How often a starting sandbox's container is checked for an early exit.
+START_CHECK_INTERVAL = 0.5
+# The longest unix socket path the kernel accepts is 107 bytes.
+MAX_SOCKET_PATH = 107
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CreateParams:
+    project: str
+    sandbox_id: str
+    display_name: str
+    labels: dict[str, str]
+    image_profile: str
+    runtime: Runtime | None
+    resources: Resources
+    expire_time: datetime | None
+    ttl: timedelta | None
+    request_id: str
+
+
+@dataclass(frozen=True)
+class UpdateParams:
+    display_name: str | None = None
+    labels: dict[str, str] | None = None
+    expire_time: datetime | None = None
+    ttl: timedelta | None = None
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        runtime: ContainerRuntime,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._runtime = runtime
+        self._clock = clock
+        self._clients: dict[str, ExecutorClient] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._host = HostCapabilities("unknown", memory=False, cpu=False, pids=False)
+        self._socket_root = config.runtime_dir / "s"
+        # Tells this controller's containers from those of another registry on the same podman.
+        self.registry_label = hashlib.sha256(
+            str(config.database_path.resolve()).encode()
+        ).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"<SandboxManager registry={self.registry_label} clients={len(self._clients)}>"
+
+    @property
+    def host(self) -> HostCapabilities:
+        return self._host
+
+    # --- startup and shutdown -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Checks the runtime and adopts the sandboxes that survived a controller restart."""
+        self._host = await self._runtime.check()
+        longest = self._socket_root / ("x" * 32) / SOCKET_NAME
+        if len(str(longest)) > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"runtime_dir {self._config.runtime_dir} is too long for unix socket paths "
+                f"({len(str(longest))} > {MAX_SOCKET_PATH} bytes): choose a shorter --runtime-dir"
+            )
+        self._socket_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._adopt()
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def _adopt(self) -> None:
+        records = await self._registry.list_live()
+        containers = {c.name: c for c in await self._runtime.list_managed(self.registry_label)}
+        now = self._clock()
+        for record in records:
+            container = containers.pop(record.container_name, None)
+            if record.state is State.DEPROVISIONING:
+                await self._finish_delete(record, "deleted")
+            elif record.state is State.PROVISIONING:
+                await self._runtime.remove(record.container_name)
+                self._remove_socket_dir(record.uid)
+                await self._terminate(record, "the controller restarted while creating it", now)
+            elif record.state is State.RUNNING and (container is None or not container.running):
+                why = "its container is gone" if container is None else container.describe()
+                await self._terminate(record, f"found at controller start: {why}", now)
+            elif record.state is State.RUNNING:
+                self._client_for(record)
+        for orphan in containers.values():
+            log.info("removing a container the registry does not know", container=orphan.name)
+            await self._runtime.remove(orphan.name)
+        log.info("adopted sandboxes", count=len(self._clients))
+
+    # --- create ---------------------------------------------------------------------------
+
+    async def create(self, params: CreateParams) -> SandboxRecord:
+        if params.request_id:
+            previous = await self._registry.get_by_request_id(params.project, params.request_id)
+            if previous is not None:
+                return self._replay(previous, params.request_id)
+        record = self._new_record(params, await self._effective_spec(params))
+        try:
+            await self._registry.insert(record)
+        except AlreadyExists:
+            if params.request_id:  # a concurrent retry of the same request won the race
+                previous = await self._registry.get_by_request_id(params.project, params.request_id)
+                if previous is not None:
+                    return self._replay(previous, params.request_id)
+            raise
+        # The caller may go away; provisioning finishes (or cleans up) regardless.
+        return await asyncio.shield(asyncio.ensure_future(self._provision(record)))
+
+    def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
+        if previous.delete_time is not None:
+            raise AlreadyExists(
+                f"request_id {request_id!r} already created {previous.name}, which was "
+                f"{previous.delete_reason} at {previous.delete_time.isoformat()}"
+            )
+        return previous
+
+    async def _effective_spec(self, params: CreateParams) -> Spec:
+        profile = params.image_profile or self._config.default_image_profile
+        if _PROFILE.fullmatch(profile) is None:
+            raise InvalidArgument(
+                f"invalid image_profile {profile!r}: lowercase letters, digits, '.', '_', '-'"
+            )
+        runtime = params.runtime or Runtime.RUNC
+        if runtime is Runtime.GVISOR:
+            raise FailedPrecondition(
+                "runtime GVISOR is not available on this server; use RUNC or leave it unset"
+            )
+        image = self._config.image_for(profile)
+        if not await self._runtime.image_exists(image):
+            raise FailedPrecondition(
+                f"image profile {profile!r} is not available on this server (no image {image}); "
+                f"an operator can build it with sandbox-image/build.sh {profile}"
+            )
+        return Spec(profile, runtime, self._effective_resources(params.resources))
+
+    def _effective_resources(self, requested: Resources) -> Resources:
+        for field_name in ("cpu_millis", "memory_bytes", "disk_bytes", "max_processes"):
+            if getattr(requested, field_name) < 0:
+                raise InvalidArgument(f"resources.{field_name} must not be negative")
+        unenforceable = [
+            name
+            for name, asked, can in (
+                ("memory_bytes", requested.memory_bytes, self._host.memory),
+                ("cpu_millis", requested.cpu_millis, self._host.cpu),
+                ("max_processes", requested.max_processes, self._host.pids),
+            )
+            if asked and not can
+        ]
+        if unenforceable:
+            raise FailedPrecondition(
+                f"this host cannot enforce resources.{', resources.'.join(unenforceable)} "
+                f"(rootless podman on cgroups {self._host.cgroup_version} without delegated "
+                "controllers); leave them unset"
+            )
+        disk = requested.disk_bytes or self._config.workspace_size
+        if disk > self._config.workspace_size:
+            raise InvalidArgument(
+                f"resources.disk_bytes {disk} exceeds this server's maximum "
+                f"{self._config.workspace_size}"
+            )
+        return replace(requested, disk_bytes=disk)
+
+    def expiry(
+        self, now: datetime, expire_time: datetime | None, ttl: timedelta | None
+    ) -> datetime:
+        """The expire_time for a create or an update; InvalidArgument beyond the maximum."""
+        maximum = self._config.max_ttl
+        if ttl is not None:
+            if ttl <= timedelta(0):
+                raise InvalidArgument("ttl must be positive")
+            if ttl > maximum:
+                raise InvalidArgument(
+                    f"ttl {format_duration(ttl)} exceeds the maximum of {format_duration(maximum)}"
+                )
+            return now + ttl
+        if expire_time is not None:
+            if expire_time <= now:
+                raise InvalidArgument(f"expire_time {expire_time.isoformat()} is not in the future")
+            if expire_time > now + maximum:
+                raise InvalidArgument(
+                    f"expire_time {expire_time.isoformat()} is more than the maximum of "
+                    f"{format_duration(maximum)} from now"
+                )
+            return expire_time
+        return now + self._config.default_ttl
+
+    def _new_record(self, params: CreateParams, spec: Spec) -> SandboxRecord:
+        now = self._clock()
+        sandbox_id = (
+            validate_sandbox_id(params.sandbox_id) if params.sandbox_id else generate_sandbox_id()
+        )
+        uid = secrets.token_hex(16)
+        return SandboxRecord(
+            uid=uid,
+            project=params.project,
+            sandbox_id=sandbox_id,
+            display_name=validate_display_name(params.display_name),
+            labels=validate_labels(params.labels),
+            spec=spec,
+            state=State.PROVISIONING,
+            create_time=now,
+            update_time=now,
+            expire_time=self.expiry(now, params.expire_time, params.ttl),
+            last_active_time=now,
+            request_id=params.request_id or None,
+            container_name=f"petri-{uid}",
+        )
+
+    async def _provision(self, record: SandboxRecord) -> SandboxRecord:
+        socket_dir = self._socket_root / record.uid
+        socket_dir.mkdir(mode=0o700)
+        labels = {
+            LABEL_MANAGED: "true",
+            LABEL_REGISTRY: self.registry_label,
+            LABEL_UID: record.uid,
+            LABEL_NAME: record.name,
+        }
+        spec = ContainerSpec(
+            name=record.container_name,
+            image=self._config.image_for(record.spec.image_profile),
+            labels=labels,
+            socket_dir=socket_dir,
+            workspace_bytes=record.spec.resources.disk_bytes,
+            tmp_bytes=self._config.tmp_size,
+            open_files=self._config.open_files,
+            memory_bytes=record.spec.resources.memory_bytes,
+            cpu_millis=record.spec.resources.cpu_millis,
+            max_processes=record.spec.resources.max_processes,
+        )
+        try:
+            await self._runtime.start(spec)
+            client = self._client_for(record)
+            status = await self._wait_started(record, client)
+        except BaseException as exc:
+            log.warning("sandbox failed to start", sandbox=record.name, error=str(exc))
+            with contextlib.suppress(Exception):
+                await self._runtime.remove(record.container_name)
+            await self._forget_client(record.uid)
+            self._remove_socket_dir(record.uid)
+            await self._tombstone(record, "never started")
+            raise
+        record.state = State.RUNNING
+        record.incarnation = status.incarnation
+        record.update_time = self._clock()
+        await self._registry.update(record)
+        log.info("sandbox created", sandbox=record.name, uid=record.uid)
+        return record
+
+    async def _wait_started(
+        self, record: SandboxRecord, client: ExecutorClient
+    ) -> executor_pb2.ExecutorStatus:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.start_timeout.total_seconds()
+        while True:
+            try:
+                return await client.wait_ready(START_CHECK_INTERVAL)
+            except Unavailable:
+                if loop.time() > deadline:
+                    raise
+            status = await self._runtime.status(record.container_name)
+            if status is None or not status.running:
+                why = "vanished" if status is None else status.describe()
+                logs = await self._runtime.logs_tail(record.container_name, 20)
+                raise Unavailable(
+                    f"the sandbox's container {why} while starting"
+                    + (f"; its last output:\n{logs}" if logs else "")
+                )
+
+    # --- read -----------------------------------------------------------------------------
+
+    async def get(self, name: SandboxName) -> SandboxRecord:
+        record = await self._registry.get_live(name.project, name.sandbox_id)
+        if record is None:
+            raise await self._not_found(name)
+        return record
+
+    async def _not_found(self, name: SandboxName) -> NotFound:
+        tombstone = await self._registry.get_latest_tombstone(name.project, name.sandbox_id)
+        if tombstone is not None and tombstone.delete_time is not None:
+            return NotFound(
+                f"sandbox {name} was {tombstone.delete_reason} at "
+                f"{tombstone.delete_time.isoformat()}"
+            )
+        return NotFound(f"sandbox {name} does not exist")
+
+    async def list_page(self, query: ListQuery) -> list[SandboxRecord]:
+        return await self._registry.list_page(query)
+
+    # --- update ---------------------------------------------------------------------------
+
+    async def update(self, name: SandboxName, params: UpdateParams) -> SandboxRecord:
+        record = await self.get(name)
+        if params.display_name is not None:
+            record.display_name = validate_display_name(params.display_name)
+        if params.labels is not None:
+            record.labels = validate_labels(params.labels)
+        if params.expire_time is not None or params.ttl is not None:
+            record.expire_time = self.expiry(self._clock(), params.expire_time, params.ttl)
+        record.update_time = self._clock()
+        await self._registry.update(record)
+        return record
+
+    # --- delete ---------------------------------------------------------------------------
+
+    async def delete(self, name: SandboxName, allow_missing: bool) -> None:
+        record = await self._registry.get_live(name.project, name.sandbox_id)
+        if record is None:
+            if allow_missing:
+                return
+            raise await self._not_found(name)
+        await asyncio.shield(asyncio.ensure_future(self._delete(record, "deleted")))
+
+    async def _delete(self, record: SandboxRecord, reason: str) -> None:
+        record.state = State.DEPROVISIONING
+        record.update_time = self._clock()
+        await self._registry.update(record)
+        await self._finish_delete(record, reason)
+
+    async def _finish_delete(self, record: SandboxRecord, reason: str) -> None:
+        await self._forget_client(record.uid)
+        await self._runtime.remove(record.container_name)
+        self._remove_socket_dir(record.uid)
+        await self._tombstone(record, reason)
+        self._locks.pop(record.uid, None)
+        log.info("sandbox deleted", sandbox=record.name, reason=reason)
+
+    async def _tombstone(self, record: SandboxRecord, reason: str) -> None:
+        now = self._clock()
+        record.delete_time = now
+        record.delete_reason = reason
+        record.update_time = now
+        await self._registry.update(record)
+
+    async def _terminate(self, record: SandboxRecord, why: str, now: datetime) -> None:
+        await self._forget_client(record.uid)
+        record.state = State.TERMINATED
+        record.state_message = why
+        record.update_time = now
+        await self._registry.update(record)
+        log.warning("sandbox terminated", sandbox=record.name, why=why)
+
+    # --- execute --------------------------------------------------------------------------
+
+    def execution_timeout(self, requested: timedelta | None) -> timedelta:
+        if requested is None:
+            return self._config.default_timeout
+        if requested <= timedelta(0):
+            raise InvalidArgument("timeout must be positive (or unset for the server default)")
+        if requested > self._config.max_timeout:
+            raise InvalidArgument(
+                f"timeout {format_duration(requested)} exceeds the maximum of "
+                f"{format_duration(self._config.max_timeout)}"
+            )
+        return requested
+
+    async def execute(
+        self, name: SandboxName, code: str, timeout: timedelta | None
+    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+        """Runs code after the executions queued before it; yields the executor's events.
+
+        Close the iterator (contextlib.aclosing) to interrupt the execution early.
+        """
+        if not code:
+            raise InvalidArgument("code is empty: send the Python source to run")
+        if len(code.encode()) > self._config.max_code_bytes:
+            raise InvalidArgument(
+                f"code is {len(code.encode())} bytes, more than this server's maximum of "
+                f"{self._config.max_code_bytes}"
+            )
+        effective_timeout = self.execution_timeout(timeout)
+        record = await self.get(name)
+        self._require_running(record)
+        request = executor_pb2.ExecuteRequest(code=code)
+        request.timeout.FromTimedelta(effective_timeout)
+        request.kill_grace.FromTimedelta(self._config.kill_grace)
+        lock = self._locks.setdefault(record.uid, asyncio.Lock())
+        async with lock:
+            record = await self.get(name)  # it may have changed while queued
+            self._require_running(record)
+            call = self._client_for(record).execute(request)
+            try:
+                async for event in call:
+                    if event.HasField("result"):
+                        await self._record_execution(record, event.result)
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                raise await self._lost_executor(record, exc) from exc
+            finally:
+                call.cancel()  # a caller that went away interrupts the code; no-op when done
+
+    def _require_running(self, record: SandboxRecord) -> None:
+        if record.state is not State.RUNNING:
+            detail = f": {record.state_message}" if record.state_message else ""
+            raise FailedPrecondition(
+                f"sandbox {record.name} is {record.state.name}{detail}; it cannot run code"
+            )
+
+    async def _record_execution(
+        self, record: SandboxRecord, result: executor_pb2.ExecuteResult
+    ) -> None:
+        now = self._clock()
+        record.execution_count = result.execution_count
+        record.incarnation = result.incarnation
+        record.last_active_time = now
+        record.update_time = now
+        await self._registry.update(record)
+
+    async def _lost_executor(self, record: SandboxRecord, exc: grpc.aio.AioRpcError) -> Exception:
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None or current.state is State.DEPROVISIONING:
+            return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
+        status = await self._runtime.status(record.container_name)
+        if status is None or not status.running:
+            why = (
+                "its container is gone" if status is None else f"its container {status.describe()}"
+            )
+            await self._terminate(current, why, self._clock())
+            return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
+        return Unavailable(
+            f"lost contact with the executor of sandbox {record.name} "
+            f"({exc.code().name}: {exc.details()}); retry"
+        )
+
+    # --- executor clients -----------------------------------------------------------------
+
+    def _client_for(self, record: SandboxRecord) -> ExecutorClient:
+        client = self._clients.get(record.uid)
+        if client is None:
+            client = ExecutorClient(
+                self._socket_root / record.uid / SOCKET_NAME, self._config.max_message_bytes
+            )
+            self._clients[record.uid] = client
+        return client
+
+    async def _forget_client(self, uid: str) -> None:
+        client = self._clients.pop(uid, None)
+        if client is not None:
+            await client.close()
+
+    def _remove_socket_dir(self, uid: str) -> None:
+        shutil.rmtree(self._socket_root / uid, ignore_errors=True)

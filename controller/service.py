@@ -1,0 +1,213 @@
+"""The public gRPC service, petri.v1.SandboxService: validation and wire-format translation.
+
+The logic lives in :class:`controller.sandboxes.SandboxManager`; this layer turns requests into
+its calls and its errors into status codes (through :mod:`controller.errors`, in one decorator).
+"""
+
+import contextlib
+import functools
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import empty_pb2
+
+from controller import convert
+from controller.errors import InvalidArgument, PetriError
+from controller.execution_results import ResponseCollector
+from controller.list_filter import compile_filter
+from controller.names import parse_parent, parse_sandbox_name
+from controller.page_tokens import decode_token, encode_token, request_digest
+from controller.registry import ListQuery, order_value
+from controller.sandboxes import CreateParams, SandboxManager, UpdateParams
+from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
+
+log = structlog.get_logger()
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# order_by value → registry column
+_ORDER_COLUMNS = {"create_time": "create_time", "expire_time": "expire_time", "name": "sandbox_id"}
+_UPDATABLE = ("display_name", "labels", "expire_time", "ttl")
+MAX_REQUEST_ID = 128
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _maps_errors(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Turns PetriError into its status code, anything else into INTERNAL without details."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except PetriError as exc:
+            await context.abort(exc.status, str(exc))
+        except Exception:
+            reference = secrets.token_hex(4)
+            log.exception("internal error", method=method.__name__, reference=reference)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error (reference {reference}); the controller's log has the details",
+            )
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def _parse_order_by(order_by: str) -> tuple[str, bool]:
+    words = order_by.split()
+    if not words:
+        return "create_time", False
+    field = words[0]
+    descending = len(words) == 2 and words[1] == "desc"
+    if field not in _ORDER_COLUMNS or len(words) > 2 or (len(words) == 2 and not descending):
+        raise InvalidArgument(
+            f"invalid order_by {order_by!r}: use one of {', '.join(_ORDER_COLUMNS)}, "
+            "optionally followed by ' desc'"
+        )
+    return _ORDER_COLUMNS[field], descending
+
+
+class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
+    def __init__(self, manager: SandboxManager, max_output_bytes: int) -> None:
+        self._manager = manager
+        self._max_output_bytes = max_output_bytes
+
+    @_maps_errors
+    async def CreateSandbox(
+        self, request: sandbox_pb2.CreateSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        project = parse_parent(request.parent)
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        sandbox = request.sandbox
+        if sandbox.spec.language not in (
+            sandbox_pb2.SandboxSpec.LANGUAGE_UNSPECIFIED,
+            sandbox_pb2.SandboxSpec.PYTHON,
+        ):
+            raise InvalidArgument("spec.language: only PYTHON is supported")
+        expire_time, ttl = convert.expiration_from_proto(sandbox)
+        record = await self._manager.create(
+            CreateParams(
+                project=project,
+                sandbox_id=request.sandbox_id,
+                display_name=sandbox.display_name,
+                labels=dict(sandbox.labels),
+                image_profile=sandbox.spec.image_profile,
+                runtime=convert.runtime_from_proto(sandbox.spec.runtime),
+                resources=convert.resources_from_proto(sandbox.spec.resources),
+                expire_time=expire_time,
+                ttl=ttl,
+                request_id=request.request_id,
+            )
+        )
+        return convert.sandbox_to_proto(record)
+
+    @_maps_errors
+    async def GetSandbox(
+        self, request: sandbox_pb2.GetSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        record = await self._manager.get(parse_sandbox_name(request.name))
+        return convert.sandbox_to_proto(record)
+
+    @_maps_errors
+    async def ListSandboxes(
+        self, request: sandbox_pb2.ListSandboxesRequest, context: Context
+    ) -> sandbox_pb2.ListSandboxesResponse:
+        project = parse_parent(request.parent)
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative (got {request.page_size})")
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        column, descending = _parse_order_by(request.order_by)
+        compiled = compile_filter(request.filter)
+        digest = request_digest(request.parent, request.filter, request.order_by)
+        after = decode_token(request.page_token, digest) if request.page_token else None
+        records = await self._manager.list_page(
+            ListQuery(
+                project=project,
+                where=compiled.where,
+                params=compiled.params,
+                order_column=column,
+                descending=descending,
+                limit=page_size + 1,
+                after=after,
+            )
+        )
+        response = sandbox_pb2.ListSandboxesResponse(
+            sandboxes=[convert.sandbox_to_proto(r) for r in records[:page_size]]
+        )
+        if len(records) > page_size:
+            last = records[page_size - 1]
+            response.next_page_token = encode_token(digest, (order_value(last, column), last.uid))
+        return response
+
+    @_maps_errors
+    async def UpdateSandbox(
+        self, request: sandbox_pb2.UpdateSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        sandbox = request.sandbox
+        name = parse_sandbox_name(sandbox.name)
+        paths = list(request.update_mask.paths)
+        unknown = [p for p in paths if p not in (*_UPDATABLE, "*")]
+        if unknown:
+            raise InvalidArgument(
+                f"update_mask: cannot update {', '.join(unknown)}; updatable fields are "
+                f"{', '.join(_UPDATABLE)}"
+            )
+        everything = "*" in paths
+        expiration = sandbox.WhichOneof("expiration")
+        if not paths:  # AIP-134: an absent mask updates the fields that are set
+            paths = [p for p in ("display_name", "labels") if _is_set(sandbox, p)]
+            if expiration:
+                paths.append(expiration)
+        if ("ttl" in paths or "expire_time" in paths) and expiration is None:
+            raise InvalidArgument("update_mask names ttl or expire_time but neither is set")
+        expire_time, ttl = convert.expiration_from_proto(sandbox)
+        params = UpdateParams(
+            display_name=sandbox.display_name if everything or "display_name" in paths else None,
+            labels=dict(sandbox.labels) if everything or "labels" in paths else None,
+            expire_time=expire_time if everything or "expire_time" in paths else None,
+            ttl=ttl if everything or "ttl" in paths else None,
+        )
+        record = await self._manager.update(name, params)
+        return convert.sandbox_to_proto(record)
+
+    @_maps_errors
+    async def DeleteSandbox(
+        self, request: sandbox_pb2.DeleteSandboxRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self._manager.delete(parse_sandbox_name(request.name), request.allow_missing)
+        return empty_pb2.Empty()
+
+    @_maps_errors
+    async def ExecuteCode(
+        self, request: sandbox_pb2.ExecuteCodeRequest, context: Context
+    ) -> sandbox_pb2.ExecuteCodeResponse:
+        name = parse_sandbox_name(request.name)
+        timeout = (
+            convert.to_timedelta(request.timeout, "timeout")
+            if request.HasField("timeout")
+            else None
+        )
+        collector = ResponseCollector(self._max_output_bytes)
+        async with contextlib.aclosing(
+            self._manager.execute(name, request.code, timeout)
+        ) as events:
+            async for event in events:
+                collector.add(event)
+        if not collector.finished:
+            raise PetriError("the executor ended the execution without a result")
+        return collector.response()
+
+
+def _is_set(sandbox: sandbox_pb2.Sandbox, field: str) -> bool:
+    if field == "labels":
+        return bool(sandbox.labels)
+    return bool(getattr(sandbox, field))

@@ -1,0 +1,22 @@
+"""Entry point: `python -m executor --socket /run/petri/executor.sock`."""
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="petri's executor daemon (runs in a sandbox)")
+    parser.add_argument("--socket", type=Path, required=True, help="unix socket to serve on")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from executor import daemon
+
+    asyncio.run(daemon.run(args.socket))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The executor daemon: serves the Executor gRPC service on the sandbox's unix socket."""
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from executor.supervisor import ExecutorBroken, Supervisor
+from petri.v1 import executor_pb2, executor_pb2_grpc
+
+# stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
+log = logging.getLogger("petri.executor")
+
+# Controller ↔ executor messages carry code and output; keep room for the 100 MB file rule.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    async def Execute(
+        self,
+        request: executor_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvent],
+    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        try:
+            async for event in self._supervisor.execute(request):
+                yield event
+        except ExecutorBroken as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def GetStatus(
+        self,
+        request: executor_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[
+            executor_pb2.GetStatusRequest, executor_pb2.ExecutorStatus
+        ],
+    ) -> executor_pb2.ExecutorStatus:
+        return executor_pb2.ExecutorStatus(
+            incarnation=self._supervisor.incarnation,
+            execution_count=self._supervisor.execution_count,
+            python_version=platform.python_version(),
+        )
+
+
+async def run(socket_path: Path) -> None:
+    """Starts the worker, then serves until SIGTERM or SIGINT."""
+    supervisor = Supervisor()
+    await supervisor.start()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorService(supervisor), server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)  # a socket left by an earlier daemon of this container
+    os.umask(0o077)  # the socket is for the controller (the container's owner) only
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    log.info("listening on %s, worker incarnation %s", socket_path, supervisor.incarnation)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("executor stopping")
+    await server.stop(grace=1.0)
+    await supervisor.close()

@@ -1,0 +1,463 @@
+"""Runs executions through the worker process, one at a time, and keeps a worker alive.
+
+Shutdown ladder for an execution that must stop (timeout or cancelled call), in one place:
+SIGINT to the worker (KeyboardInterrupt in user code, namespace kept) → after `kill_grace`,
+SIGKILL to the worker's process group (namespace lost, a fresh worker started). The path taken
+is reported in the result.
+"""
+
+import asyncio
+import codecs
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from executor.framing import FrameError, encode, read_frame_async
+from executor.stream_cutter import StreamCutter
+from petri.v1 import execution_pb2, executor_pb2
+
+# stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
+log = logging.getLogger("petri.executor")
+
+# How long a new worker may take to say it is ready.
+WORKER_READY_TIMEOUT = 60.0
+# After `done`, how long to wait for the end markers on stdout and stderr (user code may have
+# closed those descriptors, in which case the markers never come).
+MARKER_WAIT = 1.0
+# After the worker died, how long to keep reading output its children may still hold open.
+EXIT_DRAIN = 0.5
+# Default grace between SIGINT and SIGKILL when the request does not say.
+DEFAULT_KILL_GRACE = 3.0
+# Pipe buffer per stream: beyond it the worker blocks on write instead of the daemon growing.
+STREAM_BUFFER_BYTES = 1 << 16
+
+
+class ExecutorBroken(Exception):
+    """The executor cannot start a worker: nothing can run in this sandbox."""
+
+
+@dataclass
+class _Stream:
+    """One of the worker's output pipes, with what spans executions."""
+
+    name: str
+    reader: asyncio.StreamReader
+    cutter: StreamCutter = field(default_factory=StreamCutter)
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    # Bytes after the previous execution's end marker: output of background threads.
+    carry: bytes = b""
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        return self.decoder.decode(data, final)
+
+
+class WorkerProcess:
+    """One worker process and its pipes."""
+
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        requests: asyncio.WriteTransport,
+        replies: asyncio.StreamReader,
+    ) -> None:
+        self.process = process
+        self.incarnation = secrets.token_hex(6)
+        self._requests = requests
+        self.replies = replies
+        assert process.stdout is not None and process.stderr is not None
+        self.stdout = _Stream("stdout", process.stdout)
+        self.stderr = _Stream("stderr", process.stderr)
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerProcess pid={self.process.pid} incarnation={self.incarnation}"
+            f" returncode={self.process.returncode}>"
+        )
+
+    @classmethod
+    async def start(cls) -> "WorkerProcess":
+        loop = asyncio.get_running_loop()
+        requests_read, requests_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-u",
+                "-m",
+                "executor.worker",
+                "--requests-fd",
+                str(requests_read),
+                "--replies-fd",
+                str(replies_write),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(requests_read, replies_write),
+                start_new_session=True,  # its own process group, so a kill takes its children
+                limit=STREAM_BUFFER_BYTES,
+            )
+        finally:
+            os.close(requests_read)
+            os.close(replies_write)
+        replies = asyncio.StreamReader(limit=STREAM_BUFFER_BYTES)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(replies_read, "rb", 0)
+        )
+        requests, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(requests_write, "wb", 0)
+        )
+        worker = cls(process, requests, replies)
+        try:
+            payload = await asyncio.wait_for(read_frame_async(replies), WORKER_READY_TIMEOUT)
+            ready = payload is not None and executor_pb2.WorkerReply.FromString(payload).ready
+            if not ready:
+                raise ExecutorBroken("the worker exited before it was ready")
+        except (TimeoutError, FrameError, ExecutorBroken):
+            await worker.kill()
+            raise
+        log.info("worker started: pid=%d incarnation=%s", process.pid, worker.incarnation)
+        return worker
+
+    def send(self, request: executor_pb2.WorkerRequest) -> None:
+        self._requests.write(encode(request))
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGINT)
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self._requests.close()
+        await self.process.wait()
+
+
+class _Phase(enum.Enum):
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"  # SIGINT sent, waiting for done or the kill deadline
+    DRAINING = "draining"  # done received, waiting for the end markers
+    EXITED = "exited"  # the worker is gone, reading what output is left
+
+
+@dataclass
+class _Execution:
+    request: executor_pb2.ExecuteRequest
+    emit: "asyncio.Queue[executor_pb2.ExecuteEvent | None]"
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Supervisor:
+    """Owns the current worker and runs executions through it in arrival order."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._worker: WorkerProcess | None = None
+        self.execution_count = 0
+
+    def __repr__(self) -> str:
+        return f"<Supervisor worker={self._worker!r} executions={self.execution_count}>"
+
+    @property
+    def incarnation(self) -> str:
+        return self._worker.incarnation if self._worker else ""
+
+    async def start(self) -> None:
+        async with self._lock:
+            await self._ensure_worker()
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._worker is not None:
+                await self._worker.kill()
+                self._worker = None
+
+    async def _ensure_worker(self) -> WorkerProcess:
+        if self._worker is None or self._worker.process.returncode is not None:
+            try:
+                self._worker = await WorkerProcess.start()
+            except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
+                self._worker = None
+                raise ExecutorBroken(f"cannot start the Python worker: {exc}") from exc
+        return self._worker
+
+    async def execute(
+        self, request: executor_pb2.ExecuteRequest
+    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        """Yields output events as they come, then one result. If the consumer goes away, the
+        execution is interrupted (and killed after the grace) in the background."""
+        execution = _Execution(request, asyncio.Queue())
+        task = asyncio.create_task(self._run(execution))
+        try:
+            while True:
+                event = await execution.emit.get()
+                if event is None:
+                    break
+                yield event
+            await task  # surfaces ExecutorBroken
+        finally:
+            if not task.done():
+                execution.cancelled.set()
+
+    async def _run(self, execution: _Execution) -> None:
+        try:
+            async with self._lock:
+                await self._run_locked(execution)
+        finally:
+            execution.emit.put_nowait(None)
+
+    async def _run_locked(self, execution: _Execution) -> None:
+        request = execution.request
+        if execution.cancelled.is_set():
+            return
+        worker = await self._ensure_worker()
+        self.execution_count += 1
+        marker = f"\0petri-end-{secrets.token_hex(8)}\0".encode()
+        started = time.monotonic()
+        emit = execution.emit.put_nowait
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        worker.send(
+            executor_pb2.WorkerRequest(
+                code=request.code, execution_count=self.execution_count, end_marker=marker.decode()
+            )
+        )
+        for stream in (worker.stdout, worker.stderr):
+            carry, stream.carry = stream.carry, b""
+            if carry:
+                self._emit_text(stream, carry, emit)
+        tasks = [
+            asyncio.create_task(_pump_stream(worker.stdout, marker, events)),
+            asyncio.create_task(_pump_stream(worker.stderr, marker, events)),
+            asyncio.create_task(_pump_replies(worker.replies, events)),
+            asyncio.create_task(_watch_exit(worker.process, events)),
+            asyncio.create_task(_watch_cancel(execution.cancelled, events)),
+        ]
+
+        timeout = request.timeout.ToTimedelta().total_seconds() or None
+        grace = request.kill_grace.ToTimedelta().total_seconds() or DEFAULT_KILL_GRACE
+        phase = _Phase.RUNNING
+        deadline = started + timeout if timeout else None
+        stop_reason: execution_pb2.ExecutionError.Kind.ValueType | None = None
+        done: executor_pb2.WorkerDone | None = None
+        ended: set[str] = set()
+        killed = False
+        protocol_error = ""
+        try:
+            while not (phase is _Phase.DRAINING and len(ended) == 2):
+                if phase is _Phase.EXITED and len(ended) == 2:
+                    break
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, payload = await asyncio.wait_for(events.get(), wait)
+                except TimeoutError:
+                    if phase is _Phase.RUNNING:
+                        stop_reason = execution_pb2.ExecutionError.TIMEOUT
+                        worker.interrupt()
+                        phase, deadline = _Phase.INTERRUPTED, time.monotonic() + grace
+                    elif phase is _Phase.INTERRUPTED:
+                        killed = True
+                        await worker.kill()  # the exit watcher reports it
+                        deadline = None
+                    else:  # DRAINING or EXITED: stop waiting for what will not come
+                        break
+                    continue
+                if kind in ("stdout", "stderr"):
+                    self._emit_text(getattr(worker, kind), payload, emit)
+                elif kind == "end":
+                    ended.add(payload)
+                elif kind == "output":
+                    emit(executor_pb2.ExecuteEvent(output=payload))
+                elif kind == "done":
+                    done = payload
+                    if phase is not _Phase.EXITED:
+                        phase, deadline = _Phase.DRAINING, time.monotonic() + MARKER_WAIT
+                elif kind == "protocol_error":
+                    protocol_error = payload
+                    killed = True
+                    await worker.kill()
+                elif kind == "exit":
+                    phase, deadline = _Phase.EXITED, time.monotonic() + EXIT_DRAIN
+                elif kind == "cancel" and phase is _Phase.RUNNING:
+                    stop_reason = execution_pb2.ExecutionError.CANCELLED
+                    worker.interrupt()
+                    phase, deadline = _Phase.INTERRUPTED, time.monotonic() + grace
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        for stream in (worker.stdout, worker.stderr):
+            tail = stream.cutter.flush()
+            text = stream.decode(tail, final=True)
+            if text:
+                emit(_text_event(stream.name, text))
+
+        reset = phase is _Phase.EXITED
+        error: execution_pb2.ExecutionError | None
+        if reset:
+            error = _worker_gone_error(worker, killed, stop_reason, timeout, grace, protocol_error)
+            self._worker = None
+            with contextlib.suppress(ExecutorBroken):
+                await self._ensure_worker()
+        else:
+            assert done is not None
+            error = done.error if done.HasField("error") else None
+            if error is not None and stop_reason is not None and error.ename == "KeyboardInterrupt":
+                error = _interrupted_error(error, stop_reason, timeout)
+
+        result = executor_pb2.ExecuteResult(
+            execution_count=self.execution_count,
+            duration=Duration(),
+            incarnation=self.incarnation,
+            namespace_reset=reset,
+        )
+        result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+        if error is not None:
+            result.error.CopyFrom(error)
+        emit(executor_pb2.ExecuteEvent(result=result))
+
+    @staticmethod
+    def _emit_text(stream: _Stream, data: bytes, emit: Any) -> None:
+        text = stream.decode(data)
+        if text:
+            emit(_text_event(stream.name, text))
+
+
+def _text_event(stream_name: str, text: str) -> executor_pb2.ExecuteEvent:
+    if stream_name == "stdout":
+        return executor_pb2.ExecuteEvent(stdout=text)
+    return executor_pb2.ExecuteEvent(stderr=text)
+
+
+async def _pump_stream(
+    stream: _Stream, marker: bytes, events: "asyncio.Queue[tuple[str, Any]]"
+) -> None:
+    while True:
+        data = await stream.reader.read(STREAM_BUFFER_BYTES)
+        if not data:
+            events.put_nowait(("end", stream.name))
+            return
+        before, after = stream.cutter.feed(data, marker)
+        if before:
+            events.put_nowait((stream.name, before))
+        if after is not None:
+            stream.carry = after
+            events.put_nowait(("end", stream.name))
+            return
+
+
+async def _pump_replies(
+    replies: asyncio.StreamReader, events: "asyncio.Queue[tuple[str, Any]]"
+) -> None:
+    try:
+        while True:
+            payload = await read_frame_async(replies)
+            if payload is None:
+                return  # the exit watcher reports the exit
+            reply = executor_pb2.WorkerReply.FromString(payload)
+            which = reply.WhichOneof("reply")
+            if which == "output":
+                events.put_nowait(("output", reply.output))
+            elif which == "done":
+                events.put_nowait(("done", reply.done))
+                return
+            else:
+                raise FrameError(f"unexpected {which!r} reply during an execution")
+    except (FrameError, ValueError) as exc:  # ValueError: a payload that is not a WorkerReply
+        events.put_nowait(("protocol_error", str(exc)))
+
+
+async def _watch_exit(
+    process: asyncio.subprocess.Process, events: "asyncio.Queue[tuple[str, Any]]"
+) -> None:
+    await process.wait()
+    events.put_nowait(("exit", process.returncode))
+
+
+async def _watch_cancel(cancelled: asyncio.Event, events: "asyncio.Queue[tuple[str, Any]]") -> None:
+    await cancelled.wait()
+    events.put_nowait(("cancel", None))
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "stopped"
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+_STATE_LOST = (
+    "variables and imports are lost and a fresh interpreter was started; "
+    "files in /workspace are kept"
+)
+
+
+def _worker_gone_error(
+    worker: WorkerProcess,
+    killed: bool,
+    stop_reason: "execution_pb2.ExecutionError.Kind.ValueType | None",
+    timeout: float | None,
+    grace: float,
+    protocol_error: str,
+) -> execution_pb2.ExecutionError:
+    if protocol_error:
+        return execution_pb2.ExecutionError(
+            kind=execution_pb2.ExecutionError.INTERPRETER_EXITED,
+            ename="InterpreterExited",
+            evalue=f"the interpreter broke the executor protocol ({protocol_error}) and was "
+            f"killed; {_STATE_LOST}",
+        )
+    if killed and stop_reason == execution_pb2.ExecutionError.TIMEOUT:
+        return execution_pb2.ExecutionError(
+            kind=execution_pb2.ExecutionError.TIMEOUT,
+            ename="TimeoutError",
+            evalue=f"the code ran past its {timeout:g} s timeout and did not stop within "
+            f"{grace:g} s of an interrupt, so the interpreter was killed; {_STATE_LOST}",
+        )
+    if killed and stop_reason == execution_pb2.ExecutionError.CANCELLED:
+        return execution_pb2.ExecutionError(
+            kind=execution_pb2.ExecutionError.CANCELLED,
+            ename="CancelledError",
+            evalue=f"the call was cancelled and the code did not stop within {grace:g} s of an "
+            f"interrupt, so the interpreter was killed; {_STATE_LOST}",
+        )
+    return execution_pb2.ExecutionError(
+        kind=execution_pb2.ExecutionError.INTERPRETER_EXITED,
+        ename="InterpreterExited",
+        evalue=f"the interpreter {_describe_exit(worker.process.returncode)} during the "
+        f"execution; {_STATE_LOST}",
+    )
+
+
+def _interrupted_error(
+    error: execution_pb2.ExecutionError,
+    stop_reason: "execution_pb2.ExecutionError.Kind.ValueType",
+    timeout: float | None,
+) -> execution_pb2.ExecutionError:
+    if stop_reason == execution_pb2.ExecutionError.TIMEOUT:
+        ename = "TimeoutError"
+        evalue = (
+            f"the code ran past its {timeout:g} s timeout and was interrupted; variables are kept"
+        )
+    else:
+        ename = "CancelledError"
+        evalue = "the call was cancelled and the code was interrupted; variables are kept"
+    return execution_pb2.ExecutionError(
+        kind=stop_reason, ename=ename, evalue=evalue, traceback=error.traceback
+    )

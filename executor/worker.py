@@ -1,0 +1,153 @@
+"""The worker: holds the user's namespace and runs code in it, one request at a time.
+
+Started by the daemon as `python -u -m executor.worker --requests-fd R --replies-fd W`, with
+stdin on /dev/null and stdout/stderr on pipes the daemon reads. Requests and replies are frames
+(:mod:`executor.framing`) on two private pipes. After each execution the worker writes the
+request's end marker to fd 1 and fd 2, then sends `done`, so the daemon can tell where this
+execution's output ends even when subprocesses or C code wrote to those descriptors directly.
+
+SIGINT interrupts user code (KeyboardInterrupt) and is ignored between executions.
+"""
+
+import argparse
+import ast
+import builtins
+import ctypes
+import linecache
+import os
+import signal
+import sys
+import traceback
+from types import FrameType, TracebackType
+from typing import Any
+
+from executor import formatting
+from executor.framing import read_frame, write_frame
+from petri.v1 import execution_pb2, executor_pb2
+
+WORKSPACE = "/workspace"
+
+
+class Worker:
+    def __init__(self, replies_fd: int) -> None:
+        self._replies_fd = replies_fd
+        self._in_user_code = False
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_user_code:
+            raise KeyboardInterrupt
+
+    def send(self, reply: executor_pb2.WorkerReply) -> None:
+        write_frame(self._replies_fd, reply)
+
+    def display(self, *objs: Any) -> None:
+        """Shows objects as rich outputs, like IPython's display()."""
+        for obj in objs:
+            output = formatting.to_output(obj, execution_pb2.Output.DISPLAY)
+            self.send(executor_pb2.WorkerReply(output=output))
+
+    def run(self, request: executor_pb2.WorkerRequest) -> executor_pb2.WorkerDone:
+        # User code may have replaced the handler in an earlier cell; interrupts must work.
+        signal.signal(signal.SIGINT, self.on_sigint)
+        filename = f"<cell-{request.execution_count}>"
+        try:
+            tree = ast.parse(request.code, filename, "exec")
+        except (SyntaxError, ValueError) as exc:  # ValueError: source holds a NUL byte
+            return _done_with(exc, None)
+        linecache.cache[filename] = (
+            len(request.code),
+            None,
+            request.code.splitlines(keepends=True),
+            filename,
+        )
+        last_expression: ast.Expression | None = None
+        show_result = not request.code.rstrip().endswith(";")
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr):
+            tree.body.pop()
+            last_expression = ast.Expression(last.value)
+        try:
+            body = compile(tree, filename, "exec")
+            tail = compile(last_expression, filename, "eval") if last_expression else None
+        except (SyntaxError, ValueError) as exc:
+            return _done_with(exc, None)
+        try:
+            self._in_user_code = True
+            exec(body, self.namespace)
+            value = eval(tail, self.namespace) if tail is not None else None
+            self._in_user_code = False
+        except BaseException as exc:
+            self._in_user_code = False
+            return _done_with(exc, exc.__traceback__)
+        if value is not None and show_result:
+            self.namespace["_"] = value
+            output = formatting.to_output(value, execution_pb2.Output.RESULT)
+            self.send(executor_pb2.WorkerReply(output=output))
+        return executor_pb2.WorkerDone()
+
+
+def _done_with(exc: BaseException, tb: TracebackType | None) -> executor_pb2.WorkerDone:
+    # Drop the worker's own frame: the caller wants frames of its code only.
+    user_tb = tb.tb_next if tb is not None else None
+    lines = traceback.format_exception(type(exc), exc, user_tb)
+    error = execution_pb2.ExecutionError(
+        kind=execution_pb2.ExecutionError.EXCEPTION,
+        ename=type(exc).__name__,
+        evalue=str(exc),
+        traceback="".join(lines).splitlines(),
+    )
+    return executor_pb2.WorkerDone(error=error)
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass  # user code may have put anything in sys.stdout
+    try:
+        ctypes.CDLL(None).fflush(None)  # C extensions' stdio buffers
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_marker(fd: int, marker: bytes) -> None:
+    try:
+        os.write(fd, marker)
+    except OSError:
+        pass  # user code closed or broke the descriptor; the daemon stops waiting after a grace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests-fd", type=int, required=True)
+    parser.add_argument("--replies-fd", type=int, required=True)
+    args = parser.parse_args()
+    # User code's subprocesses must not inherit the protocol pipes.
+    os.set_inheritable(args.requests_fd, False)
+    os.set_inheritable(args.replies_fd, False)
+    sys.argv = [""]
+    if os.path.isdir(WORKSPACE):
+        os.chdir(WORKSPACE)
+
+    worker = Worker(args.replies_fd)
+    builtins.display = worker.display  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, worker.on_sigint)
+    worker.send(executor_pb2.WorkerReply(ready=executor_pb2.WorkerReady(pid=os.getpid())))
+    while True:
+        payload = read_frame(args.requests_fd)
+        if payload is None:
+            return  # the daemon closed the pipe: it wants us gone
+        request = executor_pb2.WorkerRequest.FromString(payload)
+        done = worker.run(request)
+        _flush_all()
+        marker = request.end_marker.encode()
+        _write_marker(1, marker)
+        _write_marker(2, marker)
+        worker.send(executor_pb2.WorkerReply(done=done))
+
+
+if __name__ == "__main__":
+    main()

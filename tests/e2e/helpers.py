@@ -1,0 +1,37 @@
+"""Helpers for end-to-end tests: the real podman CLI and small readers of API responses."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING
+
+from petri.v1 import sandbox_pb2
+
+if TYPE_CHECKING:
+    from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
+
+PROJECT = "e2e"
+PARENT = f"projects/{PROJECT}"
+
+
+def podman(*args: str) -> str:
+    """The podman CLI of the same user, as an operator would use it."""
+    done = subprocess.run(["podman", *args], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+async def execute(
+    stub: Stub, name: str, code: str, **fields: object
+) -> sandbox_pb2.ExecuteCodeResponse:
+    response: sandbox_pb2.ExecuteCodeResponse = await stub.ExecuteCode(
+        sandbox_pb2.ExecuteCodeRequest(name=name, code=code, **fields)  # type: ignore[arg-type]
+    )
+    return response
+
+
+def value_of(response: sandbox_pb2.ExecuteCodeResponse) -> str | None:
+    """The text/plain of the last expression's value, as a notebook's Out[n] shows it."""
+    for output in response.outputs:
+        if output.kind == output.RESULT:
+            return output.text["text/plain"]
+    return None

@@ -1,0 +1,118 @@
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from controller.errors import AlreadyExists
+from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.registry import ListQuery, Registry, order_value
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def record(sandbox_id: str, minute: int = 0, **changes: object) -> SandboxRecord:
+    created = T0 + timedelta(minutes=minute)
+    values: dict[str, object] = {
+        "uid": f"uid-{sandbox_id}",
+        "project": "p",
+        "sandbox_id": sandbox_id,
+        "spec": Spec("test", Runtime.RUNC, Resources(disk_bytes=1 << 30)),
+        "state": State.RUNNING,
+        "create_time": created,
+        "update_time": created,
+        "expire_time": created + timedelta(hours=1),
+        "last_active_time": created,
+        "container_name": f"petri-uid-{sandbox_id}",
+    }
+    values.update(changes)
+    return SandboxRecord(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    reg = Registry(tmp_path / "petri.db")
+    await reg.open()
+    yield reg
+    await reg.close()
+
+
+async def test_a_record_survives_reopening(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "petri.db")
+    await reg.open()
+    original = record("a", labels={"team": "ml"}, display_name="A", request_id="r1")
+    await reg.insert(original)
+    await reg.close()
+
+    reopened = Registry(tmp_path / "petri.db")
+    await reopened.open()
+    assert await reopened.get_live("p", "a") == original
+    await reopened.close()
+
+
+async def test_names_are_unique_among_live_sandboxes(registry: Registry) -> None:
+    await registry.insert(record("a"))
+    with pytest.raises(AlreadyExists, match="projects/p/sandboxes/a already exists"):
+        await registry.insert(record("a", uid="uid-other"))
+
+
+async def test_a_deleted_name_can_be_reused_and_keeps_its_tombstone(registry: Registry) -> None:
+    first = record("a")
+    await registry.insert(first)
+    first.delete_time = T0 + timedelta(minutes=5)
+    first.delete_reason = "deleted"
+    await registry.update(first)
+    assert await registry.get_live("p", "a") is None
+
+    await registry.insert(record("a", uid="uid-second"))
+    live = await registry.get_live("p", "a")
+    assert live is not None and live.uid == "uid-second"
+    tombstone = await registry.get_latest_tombstone("p", "a")
+    assert tombstone is not None and tombstone.delete_time == first.delete_time
+
+
+async def test_request_ids_are_unique_per_project(registry: Registry) -> None:
+    await registry.insert(record("a", request_id="req"))
+    with pytest.raises(AlreadyExists):
+        await registry.insert(record("b", request_id="req"))
+    await registry.insert(record("c", project="q", request_id="req"))
+    found = await registry.get_by_request_id("p", "req")
+    assert found is not None and found.sandbox_id == "a"
+
+
+async def test_pages_are_ordered_and_resume_after_the_last_row(registry: Registry) -> None:
+    for minute, sandbox_id in enumerate(["c", "a", "b", "d", "e"]):
+        await registry.insert(record(sandbox_id, minute))
+    await registry.insert(record("other", 9, project="q"))
+
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await registry.list_page(
+            ListQuery("p", "", (), "create_time", descending=False, limit=2, after=after)
+        )
+        seen += [r.sandbox_id for r in page]
+        if len(page) < 2:
+            break
+        after = (order_value(page[-1], "create_time"), page[-1].uid)
+    assert seen == ["c", "a", "b", "d", "e"]
+
+    by_name = await registry.list_page(ListQuery("p", "", (), "sandbox_id", True, 10))
+    assert [r.sandbox_id for r in by_name] == ["e", "d", "c", "b", "a"]
+
+
+async def test_list_applies_a_compiled_filter(registry: Registry) -> None:
+    await registry.insert(record("a", labels={"team": "ml"}))
+    await registry.insert(record("b", labels={"team": "web"}))
+    await registry.insert(record("c", labels={"team": "ml"}, state=State.TERMINATED))
+    page = await registry.list_page(
+        ListQuery(
+            "p",
+            "state = ? AND json_extract(labels, ?) = ?",
+            (int(State.RUNNING), '$."team"', "ml"),
+            "create_time",
+            False,
+            10,
+        )
+    )
+    assert [r.sandbox_id for r in page] == ["a"]

@@ -1,0 +1,181 @@
+"""The executor's supervisor with a real worker process (no container): state, output capture,
+crashes, timeouts and cancellation."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from executor.supervisor import Supervisor
+from petri.v1 import execution_pb2, executor_pb2
+
+Kind = execution_pb2.ExecutionError
+
+
+class Ran:
+    def __init__(self, events: list[executor_pb2.ExecuteEvent]) -> None:
+        self.stdout = "".join(e.stdout for e in events if e.HasField("stdout"))
+        self.stderr = "".join(e.stderr for e in events if e.HasField("stderr"))
+        self.outputs = [e.output for e in events if e.HasField("output")]
+        results = [e.result for e in events if e.HasField("result")]
+        assert len(results) == 1, events
+        self.result = results[0]
+        self.error = self.result.error if self.result.HasField("error") else None
+
+    @property
+    def value(self) -> str | None:
+        for output in self.outputs:
+            if output.kind == execution_pb2.Output.RESULT:
+                return output.text["text/plain"]
+        return None
+
+
+@pytest.fixture
+async def supervisor() -> AsyncIterator[Supervisor]:
+    sup = Supervisor()
+    await sup.start()
+    yield sup
+    await sup.close()
+
+
+async def run(sup: Supervisor, code: str, timeout: float = 30, grace: float = 1) -> Ran:
+    request = executor_pb2.ExecuteRequest(
+        code=code,
+        timeout=Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)),
+        kill_grace=Duration(seconds=int(grace)),
+    )
+    return Ran([event async for event in sup.execute(request)])
+
+
+async def test_state_persists_and_the_last_expression_is_the_value(supervisor: Supervisor) -> None:
+    assert (await run(supervisor, "x = 41")).value is None
+    ran = await run(supervisor, "x + 1")
+    assert ran.value == "42"
+    assert ran.result.execution_count == 2
+
+
+async def test_stdout_and_stderr_are_separate_including_subprocesses(
+    supervisor: Supervisor,
+) -> None:
+    ran = await run(
+        supervisor,
+        "import sys, subprocess\n"
+        "print('to out')\n"
+        "print('to err', file=sys.stderr)\n"
+        "subprocess.run(['sh', '-c', 'echo shell-out; echo shell-err >&2'])\n"
+        "None",
+    )
+    assert ran.stdout == "to out\nshell-out\n"
+    assert ran.stderr == "to err\nshell-err\n"
+    assert ran.error is None
+
+
+async def test_an_exception_is_a_result_with_a_user_traceback(supervisor: Supervisor) -> None:
+    ran = await run(supervisor, "def f():\n    return 1 / 0\nf()")
+    assert ran.error is not None
+    assert ran.error.kind == Kind.EXCEPTION
+    assert (ran.error.ename, ran.error.evalue) == ("ZeroDivisionError", "division by zero")
+    text = "\n".join(ran.error.traceback)
+    assert "<cell-1>" in text and "return 1 / 0" in text
+    assert "executor" not in text  # no frames of ours
+    assert (await run(supervisor, "'still works'")).value == "'still works'"
+
+
+async def test_syntax_errors_and_system_exit_are_results(supervisor: Supervisor) -> None:
+    syntax = await run(supervisor, "def broken(:")
+    assert syntax.error is not None and syntax.error.ename == "SyntaxError"
+    leaving = await run(supervisor, "import sys; sys.exit(2)")
+    assert leaving.error is not None and leaving.error.ename == "SystemExit"
+    assert not leaving.result.namespace_reset
+
+
+async def test_a_dying_interpreter_is_reported_and_replaced(supervisor: Supervisor) -> None:
+    await run(supervisor, "x = 1")
+    before = supervisor.incarnation
+    ran = await run(supervisor, "print('bye', flush=True); import os; os._exit(3)")
+    assert ran.error is not None and ran.error.kind == Kind.INTERPRETER_EXITED
+    assert "exited with status 3" in ran.error.evalue
+    assert "variables and imports are lost" in ran.error.evalue
+    assert ran.result.namespace_reset
+    assert ran.stdout == "bye\n"
+    assert ran.result.incarnation != before
+    after = await run(supervisor, "x")
+    assert after.error is not None and after.error.ename == "NameError"
+
+
+async def test_a_segfault_is_reported_with_its_signal(supervisor: Supervisor) -> None:
+    ran = await run(supervisor, "import ctypes; ctypes.string_at(0)")
+    assert ran.error is not None and "SIGSEGV" in ran.error.evalue
+    assert (await run(supervisor, "2 + 2")).value == "4"
+
+
+async def test_a_timeout_interrupts_and_keeps_the_namespace(supervisor: Supervisor) -> None:
+    ran = await run(supervisor, "y = 7\nprint('started', flush=True)\nwhile True: pass", 1)
+    assert ran.error is not None and ran.error.kind == Kind.TIMEOUT
+    assert "variables are kept" in ran.error.evalue
+    assert ran.stdout == "started\n"
+    assert not ran.result.namespace_reset
+    assert (await run(supervisor, "y")).value == "7"
+
+
+async def test_code_that_ignores_the_interrupt_is_killed_and_says_state_was_lost(
+    supervisor: Supervisor,
+) -> None:
+    await run(supervisor, "z = 1")
+    ran = await run(
+        supervisor,
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+        timeout=0.5,
+        grace=1,
+    )
+    assert ran.error is not None and ran.error.kind == Kind.TIMEOUT
+    assert "killed" in ran.error.evalue and "lost" in ran.error.evalue
+    assert ran.result.namespace_reset
+    assert (await run(supervisor, "z")).error is not None
+
+
+async def test_a_consumer_that_goes_away_interrupts_the_code(supervisor: Supervisor) -> None:
+    await run(supervisor, "import time; n = 0")
+    request = executor_pb2.ExecuteRequest(
+        code="while True:\n    n += 1\n    time.sleep(0.01)", timeout=Duration(seconds=60)
+    )
+
+    async def consume() -> None:
+        async for _ in supervisor.execute(request):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    # The next execution waits for the interrupted one, then sees its namespace intact.
+    ran = await run(supervisor, "n > 0")
+    assert ran.value == "True"
+
+
+async def test_executions_run_one_at_a_time_in_arrival_order(supervisor: Supervisor) -> None:
+    await run(supervisor, "order = []")
+    codes = [f"import time; time.sleep(0.02); order.append({i})" for i in range(5)]
+    await asyncio.gather(*(run(supervisor, code) for code in codes))
+    assert (await run(supervisor, "order")).value == "[0, 1, 2, 3, 4]"
+
+
+async def test_display_and_rich_results(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        "class H:\n    def _repr_html_(self): return '<p>h</p>'\ndisplay(1, H())\n'last'",
+    )
+    kinds = [(o.kind, o.text["text/plain"]) for o in ran.outputs]
+    assert kinds[:2] == [
+        (execution_pb2.Output.DISPLAY, "1"),
+        (execution_pb2.Output.DISPLAY, kinds[1][1]),
+    ]
+    assert ran.outputs[1].text["text/html"] == "<p>h</p>"
+    assert ran.value == "'last'"
+    assert (await run(supervisor, "1;")).value is None  # a trailing ; hides the value
+
+
+async def test_input_is_not_the_protocol_pipe(supervisor: Supervisor) -> None:
+    ran = await run(supervisor, "input()")
+    assert ran.error is not None and ran.error.ename == "EOFError"
+    assert (await run(supervisor, "'ok'")).value == "'ok'"
