@@ -1,5 +1,8 @@
 """Starts the rootless `podman system service` the controller talks to, and keeps it alive.
 
+The service dies with the controller (a parent-death signal set with util-linux `setpriv`),
+so a controller killed with SIGKILL leaves no orphaned service behind.
+
 Seen on our hosts: the service's socket file can vanish while its process keeps running (after
 other podman commands of the same user). The watchdog notices a dead process or a missing
 socket and starts a fresh service; sandboxes are unaffected (conmon keeps them running).
@@ -8,6 +11,7 @@ socket and starts a fresh service; sandboxes are unaffected (conmon keeps them r
 import asyncio
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import structlog
@@ -19,6 +23,8 @@ log = structlog.get_logger()
 START_TIMEOUT = 15.0  # seconds for a new service to create its socket
 WATCH_INTERVAL = 1.0
 STOP_GRACE = 5.0
+_SETPRIV = shutil.which("setpriv")
+_DIE_WITH_PARENT = (_SETPRIV, "--pdeathsig", "TERM", "--") if _SETPRIV else ()
 
 
 class PodmanService:
@@ -45,6 +51,7 @@ class PodmanService:
         with open(self._log_path, "ab") as log_file:  # noqa: ASYNC230 - a local append open
             try:
                 self._process = await asyncio.create_subprocess_exec(
+                    *_DIE_WITH_PARENT,
                     self._binary,
                     "system",
                     "service",

@@ -56,6 +56,8 @@ class SandboxRecord:
     incarnation: str = ""
     request_id: str | None = None
     container_name: str = ""
+    # Host directory of the executor's socket, fixed when the container was created.
+    socket_dir: str = ""
     # Tombstone: set when the sandbox is gone; the row stays so that Get can say when and why.
     delete_time: datetime | None = None
     delete_reason: str = ""

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     incarnation      TEXT NOT NULL,
     request_id       TEXT,
     container_name   TEXT NOT NULL,
+    socket_dir       TEXT NOT NULL,
     delete_time      INTEGER,
     delete_reason    TEXT NOT NULL
 );
@@ -68,6 +69,7 @@ _COLUMNS = [
     "incarnation",
     "request_id",
     "container_name",
+    "socket_dir",
     "delete_time",
     "delete_reason",
 ]
@@ -124,6 +126,7 @@ def _to_row(record: SandboxRecord) -> dict[str, Any]:
         "incarnation": record.incarnation,
         "request_id": record.request_id,
         "container_name": record.container_name,
+        "socket_dir": record.socket_dir,
         "delete_time": _micros(record.delete_time),
         "delete_reason": record.delete_reason,
     }
@@ -152,6 +155,7 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
         incarnation=row["incarnation"],
         request_id=row["request_id"],
         container_name=row["container_name"],
+        socket_dir=row["socket_dir"],
         delete_time=_time(row["delete_time"]),
         delete_reason=row["delete_reason"],
     )

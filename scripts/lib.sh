@@ -19,7 +19,7 @@ quietly() {
   rm -f "$out"; return "$rc"
 }
 
-# Sets PETRI_HOME, PETRI_UID, PETRI_SRC, PETRI_VENV, PETRI_RUNTIME_DIR from the
+# Sets PETRI_HOME, PETRI_UID, PETRI_SRC, PETRI_VENV, PETRI_USER_RUNTIME_DIR from the
 # passwd entry. Called below; call again after creating the user.
 petri_load_user() {
   local entry
@@ -32,8 +32,8 @@ petri_load_user() {
   fi
   PETRI_SRC="$PETRI_HOME/src"
   PETRI_VENV="$PETRI_HOME/venv"
-  PETRI_RUNTIME_DIR="${PETRI_UID:+/run/user/$PETRI_UID}"
-  export PETRI_UID PETRI_HOME PETRI_SRC PETRI_VENV PETRI_RUNTIME_DIR
+  PETRI_USER_RUNTIME_DIR="${PETRI_UID:+/run/user/$PETRI_UID}"
+  export PETRI_UID PETRI_HOME PETRI_SRC PETRI_VENV PETRI_USER_RUNTIME_DIR
 }
 petri_load_user
 
@@ -41,7 +41,7 @@ petri_load_user
 # needs. /run is a tmpfs, so this must be re-checked after every reboot.
 ensure_runtime_dir() {
   [[ -n "$PETRI_UID" ]] || die "user $PETRI_USER does not exist (run scripts/bootstrap)"
-  install -d -m 0700 -o "$PETRI_UID" -g "$(id -g "$PETRI_USER")" "$PETRI_RUNTIME_DIR"
+  install -d -m 0700 -o "$PETRI_UID" -g "$(id -g "$PETRI_USER")" "$PETRI_USER_RUNTIME_DIR"
 }
 
 # as_user CMD [ARGS...]: run CMD as the service user from its home, with a clean
@@ -56,7 +56,7 @@ as_user() {
   done < <(compgen -e | grep -E '^(PIP_|PETRI_|SSL_CERT_(FILE|DIR)$|REQUESTS_CA_BUNDLE$|CURL_CA_BUNDLE$|(https?|no|all)_proxy$|(HTTPS?|NO|ALL)_PROXY$|LANG$|LC_|TZ$|TERM$|CI$)' || true)
   ( cd "$PETRI_HOME" && exec runuser -u "$PETRI_USER" -- env -i "${pass[@]}" \
       HOME="$PETRI_HOME" USER="$PETRI_USER" LOGNAME="$PETRI_USER" \
-      XDG_RUNTIME_DIR="$PETRI_RUNTIME_DIR" \
+      XDG_RUNTIME_DIR="$PETRI_USER_RUNTIME_DIR" \
       PATH="$PETRI_VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
       "$@" )
 }

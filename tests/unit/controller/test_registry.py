@@ -24,6 +24,7 @@ def record(sandbox_id: str, minute: int = 0, **changes: object) -> SandboxRecord
         "expire_time": created + timedelta(hours=1),
         "last_active_time": created,
         "container_name": f"petri-uid-{sandbox_id}",
+        "socket_dir": f"/run/petri/s/uid-{sandbox_id}",
     }
     values.update(changes)
     return SandboxRecord(**values)  # type: ignore[arg-type]
