@@ -83,8 +83,17 @@ class Config:
     max_output_bytes: int = _opt(
         "cap on stdout and on stderr of one execution", parse_size, default=10 << 20
     )
+    max_input_bytes: int = _opt(
+        "input files of one execution, in total", parse_size, default=100 << 20
+    )
+    max_output_file_bytes: int = _opt(
+        "files returned by one execution, in total", parse_size, default=100 << 20
+    )
+    max_output_files: int = _opt("files returned by one execution", int, default=1000)
     max_message_bytes: int = _opt(
-        "largest gRPC message accepted or sent", parse_size, default=128 << 20
+        "largest gRPC message accepted or sent (unary calls carry whole files)",
+        parse_size,
+        default=192 << 20,
     )
     max_code_bytes: int = _opt("largest code of one execution", parse_size, default=10 << 20)
     log_format: str = _opt("console or json", default="console")
@@ -166,6 +175,14 @@ def validate(config: Config) -> list[str]:
         problems.append("default_timeout must be positive and at most max_timeout")
     if config.log_format not in ("console", "json"):
         problems.append("log_format must be console or json")
-    if config.max_output_bytes >= config.max_message_bytes:
-        problems.append("max_output_bytes must be smaller than max_message_bytes")
+    # A unary response carries the files, stdout, stderr and rich outputs; a request the
+    # input files and the code. Both must fit in one message.
+    response = config.max_output_file_bytes + 3 * config.max_output_bytes + (1 << 20)
+    request = config.max_input_bytes + config.max_code_bytes + (1 << 20)
+    if config.max_message_bytes < max(response, request):
+        problems.append(
+            f"max_message_bytes must be at least {max(response, request)} for these limits "
+            "(max_output_file_bytes + 3 * max_output_bytes, max_input_bytes + max_code_bytes, "
+            "plus 1 MiB)"
+        )
     return problems

@@ -9,6 +9,7 @@ import grpc
 from controller.errors import Unavailable
 from petri.v1 import executor_pb2, executor_pb2_grpc
 
+ExecuteCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent]
 # How often to look for the executor's socket while a sandbox starts.
 READY_POLL_INTERVAL = 0.01
 STATUS_DEADLINE = 2.0
@@ -53,11 +54,10 @@ class ExecutorClient:
             f"the sandbox's executor did not become ready in {timeout:g} s ({last_error})"
         )
 
-    def execute(
-        self, request: executor_pb2.ExecuteRequest
-    ) -> "grpc.aio.UnaryStreamCall[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvent]":
-        """Starts an execution; cancelling the call interrupts the code."""
-        return self._stub.Execute(request)
+    def execute(self) -> ExecuteCall:
+        """Starts an execution: write the request, then input chunks, then done_writing; read
+        the events. Cancelling the call interrupts the code."""
+        return self._stub.Execute()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

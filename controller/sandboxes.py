@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,9 +27,10 @@ from controller.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
-from controller.executor_client import ExecutorClient
+from controller.executor_client import ExecuteCall, ExecutorClient
 from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
 from controller.records import Resources, Runtime, SandboxRecord, Spec, State
@@ -45,7 +46,7 @@ from controller.runtime import (
     HostCapabilities,
 )
 from controller.units import format_duration
-from petri.v1 import executor_pb2
+from petri.v1 import execution_pb2, executor_pb2
 
 log = structlog.get_logger()
 
@@ -419,9 +420,14 @@ class SandboxManager:
         return requested
 
     async def execute(
-        self, name: SandboxName, code: str, timeout: timedelta | None
+        self,
+        name: SandboxName,
+        code: str,
+        timeout: timedelta | None,
+        inputs: AsyncIterator[execution_pb2.FileChunk] | None = None,
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        """Runs code after the executions queued before it; yields the executor's events.
+        """Sends the input files, runs the code after the executions queued before it, and
+        yields the executor's events. `inputs` must be checked already (file_inputs).
 
         Close the iterator (contextlib.aclosing) to interrupt the execution early.
         """
@@ -435,23 +441,45 @@ class SandboxManager:
         effective_timeout = self.execution_timeout(timeout)
         record = await self.get(name)
         self._require_running(record)
-        request = executor_pb2.ExecuteRequest(code=code)
+        request = executor_pb2.ExecuteRequest(
+            code=code,
+            max_input_bytes=self._config.max_input_bytes,
+            max_output_file_bytes=self._config.max_output_file_bytes,
+            max_output_files=self._config.max_output_files,
+        )
         request.timeout.FromTimedelta(effective_timeout)
         request.kill_grace.FromTimedelta(self._config.kill_grace)
         lock = self._locks.setdefault(record.uid, asyncio.Lock())
         async with lock:
             record = await self.get(name)  # it may have changed while queued
             self._require_running(record)
-            call = self._client_for(record).execute(request)
+            call = self._client_for(record).execute()
             try:
+                await self._send(call, request, inputs)
                 async for event in call:
                     if event.HasField("result"):
                         await self._record_execution(record, event.result)
                     yield event
             except grpc.aio.AioRpcError as exc:
-                raise await self._lost_executor(record, exc) from exc
+                raise await self._executor_failed(record, exc.code(), exc.details()) from exc
+            except asyncio.InvalidStateError:  # the executor ended the call while we wrote
+                raise await self._executor_failed(
+                    record, await call.code(), await call.details()
+                ) from None
             finally:
                 call.cancel()  # a caller that went away interrupts the code; no-op when done
+
+    @staticmethod
+    async def _send(
+        call: ExecuteCall,
+        request: executor_pb2.ExecuteRequest,
+        inputs: AsyncIterator[execution_pb2.FileChunk] | None,
+    ) -> None:
+        await call.write(executor_pb2.ExecuteInput(request=request))
+        if inputs is not None:
+            async for chunk in inputs:
+                await call.write(executor_pb2.ExecuteInput(file_chunk=chunk))
+        await call.done_writing()
 
     def _require_running(self, record: SandboxRecord) -> None:
         if record.state is not State.RUNNING:
@@ -470,20 +498,26 @@ class SandboxManager:
         record.update_time = now
         await self._registry.update(record)
 
-    async def _lost_executor(self, record: SandboxRecord, exc: grpc.aio.AioRpcError) -> Exception:
+    async def _executor_failed(
+        self, record: SandboxRecord, code: grpc.StatusCode, details: str | None
+    ) -> Exception:
+        """The error for a call the executor ended without a result."""
+        # The executor's words are the sandbox's: pass them on, but bounded.
+        said = (details or "")[:1000]
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(said)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ResourceExhausted(said)
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.state is State.DEPROVISIONING:
             return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
         status = await self._runtime.status(record.container_name)
         if status is None or not status.running:
-            why = (
-                "its container is gone" if status is None else f"its container {status.describe()}"
-            )
+            why = "its container is gone" if status is None else status.describe()
             await self._terminate(current, why, self._clock())
             return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
         return Unavailable(
-            f"lost contact with the executor of sandbox {record.name} "
-            f"({exc.code().name}: {exc.details()}); retry"
+            f"lost contact with the executor of sandbox {record.name} ({code.name}: {said}); retry"
         )
 
     # --- executor clients -----------------------------------------------------------------

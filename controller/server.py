@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.config import Config
+from controller.execution_results import OutputLimits
 from controller.podman_runtime import PodmanRuntime
 from controller.podman_service import PodmanService
 from controller.registry import Registry
@@ -100,8 +101,13 @@ async def start_controller(config: Config) -> Controller:
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
+    limits = OutputLimits(
+        max_output_bytes=config.max_output_bytes,
+        max_file_bytes=config.max_output_file_bytes,
+        max_files=config.max_output_files,
+    )
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxService(manager, config.max_output_bytes), server
+        SandboxService(manager, limits, config.max_input_bytes), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

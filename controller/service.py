@@ -7,7 +7,8 @@ its calls and its errors into status codes (through :mod:`controller.errors`, in
 import contextlib
 import functools
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -16,13 +17,14 @@ from google.protobuf import empty_pb2
 
 from controller import convert
 from controller.errors import InvalidArgument, PetriError
-from controller.execution_results import ResponseCollector
+from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
+from controller.file_inputs import check_files, checked_chunks, file_chunks
 from controller.list_filter import compile_filter
 from controller.names import parse_parent, parse_sandbox_name
 from controller.page_tokens import decode_token, encode_token, request_digest
 from controller.registry import ListQuery, order_value
 from controller.sandboxes import CreateParams, SandboxManager, UpdateParams
-from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
+from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
 
@@ -50,15 +52,34 @@ def _maps_errors(
         except PetriError as exc:
             await context.abort(exc.status, str(exc))
         except Exception:
-            reference = secrets.token_hex(4)
-            log.exception("internal error", method=method.__name__, reference=reference)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error (reference {reference}); the controller's log has the details",
-            )
+            await context.abort(grpc.StatusCode.INTERNAL, _log_internal(method.__name__))
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+def _maps_stream_errors(
+    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    """_maps_errors for server-streaming methods: errors may come after some responses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except PetriError as exc:
+            await context.abort(exc.status, str(exc))
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, _log_internal(method.__name__))
+
+    return wrapper
+
+
+def _log_internal(method_name: str) -> str:
+    reference = secrets.token_hex(4)
+    log.exception("internal error", method=method_name, reference=reference)
+    return f"internal error (reference {reference}); the controller's log has the details"
 
 
 def _parse_order_by(order_by: str) -> tuple[str, bool]:
@@ -76,9 +97,10 @@ def _parse_order_by(order_by: str) -> tuple[str, bool]:
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, manager: SandboxManager, max_output_bytes: int) -> None:
+    def __init__(self, manager: SandboxManager, limits: OutputLimits, max_input_bytes: int) -> None:
         self._manager = manager
-        self._max_output_bytes = max_output_bytes
+        self._limits = limits
+        self._max_input_bytes = max_input_bytes
 
     @_maps_errors
     async def CreateSandbox(
@@ -191,20 +213,61 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: sandbox_pb2.ExecuteCodeRequest, context: Context
     ) -> sandbox_pb2.ExecuteCodeResponse:
         name = parse_sandbox_name(request.name)
-        timeout = (
-            convert.to_timedelta(request.timeout, "timeout")
-            if request.HasField("timeout")
-            else None
-        )
-        collector = ResponseCollector(self._max_output_bytes)
+        timeout = _timeout_of(request)
+        check_files(request.files, self._max_input_bytes)
+        inputs = file_chunks(request.files) if request.files else None
+        collector = ResponseCollector(self._limits)
         async with contextlib.aclosing(
-            self._manager.execute(name, request.code, timeout)
+            self._manager.execute(name, request.code, timeout, inputs)
         ) as events:
             async for event in events:
                 collector.add(event)
         if not collector.finished:
             raise PetriError("the executor ended the execution without a result")
         return collector.response()
+
+    @_maps_stream_errors
+    async def StreamExecuteCode(
+        self,
+        request_iterator: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest],
+        context: Context,
+    ) -> AsyncIterator[sandbox_pb2.StreamExecuteCodeResponse]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("start"):
+            raise InvalidArgument(
+                "the first message of StreamExecuteCode must be `start` (name, code, timeout)"
+            )
+        start = first.start
+        name = parse_sandbox_name(start.name)
+        inputs = checked_chunks(_input_chunks(request_iterator), self._max_input_bytes)
+        event_filter = EventFilter(self._limits)
+        async with contextlib.aclosing(
+            self._manager.execute(name, start.code, _timeout_of(start), inputs)
+        ) as events:
+            async for event in events:
+                for out in event_filter.convert(event):
+                    yield out
+        if not event_filter.finished:
+            raise PetriError("the executor ended the execution without a result")
+
+
+async def _input_chunks(
+    requests: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest],
+) -> AsyncIterator[execution_pb2.FileChunk]:
+    async for message in requests:
+        if not message.HasField("input_chunk"):
+            raise InvalidArgument(
+                "after `start`, StreamExecuteCode takes only input_chunk messages"
+            )
+        yield message.input_chunk
+
+
+def _timeout_of(
+    request: sandbox_pb2.ExecuteCodeRequest | sandbox_pb2.ExecuteCodeStart,
+) -> timedelta | None:
+    if not request.HasField("timeout"):
+        return None
+    return convert.to_timedelta(request.timeout, "timeout")
 
 
 def _is_set(sandbox: sandbox_pb2.Sandbox, field: str) -> bool:

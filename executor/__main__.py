@@ -9,13 +9,16 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description="petri's executor daemon (runs in a sandbox)")
     parser.add_argument("--socket", type=Path, required=True, help="unix socket to serve on")
+    parser.add_argument(
+        "--workspace", type=Path, default=Path("/workspace"), help="the code's working directory"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from executor import daemon
 
-    asyncio.run(daemon.run(args.socket))
+    asyncio.run(daemon.run(args.socket, args.workspace))
 
 
 if __name__ == "__main__":

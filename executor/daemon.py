@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 
+from executor.paths import InvalidPath
 from executor.supervisor import ExecutorBroken, Supervisor
+from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
 from petri.v1 import executor_pb2, executor_pb2_grpc
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
@@ -27,12 +29,34 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 
     async def Execute(
         self,
-        request: executor_pb2.ExecuteRequest,
-        context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvent],
+        request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
+        context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent],
     ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("request"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request"
+            )
+        request = first.request
+        stager = InputStager(self._supervisor.workspace, request.max_input_bytes)
         try:
-            async for event in self._supervisor.execute(request):
-                yield event
+            try:
+                async for message in request_iterator:
+                    if not message.HasField("file_chunk"):
+                        raise InvalidPath("only file chunks may follow the request")
+                    stager.add(message.file_chunk)
+                stager.finish()
+            except BaseException:
+                stager.discard()
+                raise
+            # From here the supervisor owns the staged files: it commits or discards them.
+            async with contextlib.aclosing(self._supervisor.execute(request, stager)) as events:
+                async for event in events:
+                    yield event
+        except InvalidPath as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (InputTooLarge, WorkspaceFull) as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ExecutorBroken as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -50,9 +74,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         )
 
 
-async def run(socket_path: Path) -> None:
+async def run(socket_path: Path, workspace: Path) -> None:
     """Starts the worker, then serves until SIGTERM or SIGINT."""
-    supervisor = Supervisor()
+    supervisor = Supervisor(workspace)
     await supervisor.start()
     server = grpc.aio.server(
         options=[

@@ -7,8 +7,10 @@ the wrong type is skipped, never fatal: the object is user code's and may do any
 
 import base64
 import binascii
+import io
 import json
 import reprlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +32,27 @@ _BINARY_METHODS = {
 _BINARY_MIME_TYPES = frozenset(_BINARY_METHODS.values())
 
 
+def is_figure(obj: Any) -> bool:
+    """A matplotlib Figure (without importing matplotlib when the user did not)."""
+    figure_module = sys.modules.get("matplotlib.figure")
+    return figure_module is not None and isinstance(obj, figure_module.Figure)
+
+
+def figure_png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    # As IPython's inline backend: tight bounding box, the figure's own dpi.
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
 def to_output(obj: Any, kind: "execution_pb2.Output.Kind.ValueType") -> execution_pb2.Output:
     output = execution_pb2.Output(kind=kind)
     output.text["text/plain"] = plain_text(obj)
+    if is_figure(obj):
+        try:
+            output.binary["image/png"] = figure_png(obj)
+        except Exception:
+            pass  # a figure that cannot draw itself still has its text/plain
     for method, mime in _TEXT_METHODS.items():
         value = _call_repr(obj, method)
         if isinstance(value, str):

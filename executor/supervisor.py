@@ -16,14 +16,17 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
+from executor import workspace
 from executor.framing import FrameError, encode, read_frame_async
 from executor.stream_cutter import StreamCutter
+from executor.workspace import InputStager
 from petri.v1 import execution_pb2, executor_pb2
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
@@ -40,6 +43,11 @@ EXIT_DRAIN = 0.5
 DEFAULT_KILL_GRACE = 3.0
 # Pipe buffer per stream: beyond it the worker blocks on write instead of the daemon growing.
 STREAM_BUFFER_BYTES = 1 << 16
+# Events waiting for the consumer (each at most a pipe buffer or a file chunk).
+EMIT_QUEUE_SIZE = 16
+
+
+Emit = Callable[[executor_pb2.ExecuteEvent], Awaitable[None]]
 
 
 class ExecutorBroken(Exception):
@@ -87,7 +95,7 @@ class WorkerProcess:
         )
 
     @classmethod
-    async def start(cls) -> "WorkerProcess":
+    async def start(cls, workspace_dir: Path) -> "WorkerProcess":
         loop = asyncio.get_running_loop()
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
@@ -101,6 +109,9 @@ class WorkerProcess:
                 str(requests_read),
                 "--replies-fd",
                 str(replies_write),
+                "--workspace",
+                str(workspace_dir),
+                cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -154,16 +165,26 @@ class _Phase(enum.Enum):
 @dataclass
 class _Execution:
     request: executor_pb2.ExecuteRequest
-    emit: "asyncio.Queue[executor_pb2.ExecuteEvent | None]"
+    inputs: InputStager | None
+    # Bounded: a slow consumer slows the worker down (its pipes fill) instead of the daemon
+    # holding everything the code produced.
+    queue: "asyncio.Queue[executor_pb2.ExecuteEvent | None]" = field(
+        default_factory=lambda: asyncio.Queue(maxsize=EMIT_QUEUE_SIZE)
+    )
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def emit(self, event: executor_pb2.ExecuteEvent) -> None:
+        await self.queue.put(event)
 
 
 class Supervisor:
     """Owns the current worker and runs executions through it in arrival order."""
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
         self.execution_count = 0
 
     def __repr__(self) -> str:
@@ -186,46 +207,59 @@ class Supervisor:
     async def _ensure_worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.process.returncode is not None:
             try:
-                self._worker = await WorkerProcess.start()
+                self._worker = await WorkerProcess.start(self.workspace)
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
                 self._worker = None
                 raise ExecutorBroken(f"cannot start the Python worker: {exc}") from exc
         return self._worker
 
     async def execute(
-        self, request: executor_pb2.ExecuteRequest
-    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
-        """Yields output events as they come, then one result. If the consumer goes away, the
-        execution is interrupted (and killed after the grace) in the background."""
-        execution = _Execution(request, asyncio.Queue())
+        self, request: executor_pb2.ExecuteRequest, inputs: InputStager | None = None
+    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+        """Puts the staged input files in place, runs the code, and yields output events as
+        they come, then the changed files' chunks, then one result.
+
+        Raises InvalidPath or WorkspaceFull, before anything ran, when the inputs cannot be
+        put in place. If the consumer goes away, the execution is interrupted (and killed
+        after the grace) in the background.
+        """
+        execution = _Execution(request, inputs)
         task = asyncio.create_task(self._run(execution))
         try:
             while True:
-                event = await execution.emit.get()
+                event = await execution.queue.get()
                 if event is None:
                     break
                 yield event
-            await task  # surfaces ExecutorBroken
+            await task  # surfaces ExecutorBroken and input errors
         finally:
             if not task.done():
                 execution.cancelled.set()
+                drainer = asyncio.create_task(_drain(execution.queue))
+                self._drainers.add(drainer)
+                drainer.add_done_callback(self._drainers.discard)
 
     async def _run(self, execution: _Execution) -> None:
         try:
             async with self._lock:
                 await self._run_locked(execution)
         finally:
-            execution.emit.put_nowait(None)
+            if execution.inputs is not None:
+                execution.inputs.discard()
+            await execution.queue.put(None)
 
     async def _run_locked(self, execution: _Execution) -> None:
         request = execution.request
         if execution.cancelled.is_set():
-            return
+            return  # the caller left while queued: its input files are not written
+        if execution.inputs is not None:
+            execution.inputs.commit()
         worker = await self._ensure_worker()
         self.execution_count += 1
         marker = f"\0petri-end-{secrets.token_hex(8)}\0".encode()
+        before = workspace.snapshot(self.workspace)
         started = time.monotonic()
-        emit = execution.emit.put_nowait
+        emit = execution.emit
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         worker.send(
@@ -236,7 +270,7 @@ class Supervisor:
         for stream in (worker.stdout, worker.stderr):
             carry, stream.carry = stream.carry, b""
             if carry:
-                self._emit_text(stream, carry, emit)
+                await self._emit_text(stream, carry, emit)
         tasks = [
             asyncio.create_task(_pump_stream(worker.stdout, marker, events)),
             asyncio.create_task(_pump_stream(worker.stderr, marker, events)),
@@ -274,11 +308,11 @@ class Supervisor:
                         break
                     continue
                 if kind in ("stdout", "stderr"):
-                    self._emit_text(getattr(worker, kind), payload, emit)
+                    await self._emit_text(getattr(worker, kind), payload, emit)
                 elif kind == "end":
                     ended.add(payload)
                 elif kind == "output":
-                    emit(executor_pb2.ExecuteEvent(output=payload))
+                    await emit(executor_pb2.ExecuteEvent(output=payload))
                 elif kind == "done":
                     done = payload
                     if phase is not _Phase.EXITED:
@@ -302,7 +336,7 @@ class Supervisor:
             tail = stream.cutter.flush()
             text = stream.decode(tail, final=True)
             if text:
-                emit(_text_event(stream.name, text))
+                await emit(_text_event(stream.name, text))
 
         reset = phase is _Phase.EXITED
         error: execution_pb2.ExecutionError | None
@@ -326,13 +360,77 @@ class Supervisor:
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
         if error is not None:
             result.error.CopyFrom(error)
-        emit(executor_pb2.ExecuteEvent(result=result))
+        changes = workspace.changed_files(before, workspace.snapshot(self.workspace))
+        result.omitted_files.extend(await self._emit_files(changes, request, emit))
+        await emit(executor_pb2.ExecuteEvent(result=result))
 
     @staticmethod
-    def _emit_text(stream: _Stream, data: bytes, emit: Any) -> None:
+    async def _emit_text(stream: _Stream, data: bytes, emit: Emit) -> None:
         text = stream.decode(data)
         if text:
-            emit(_text_event(stream.name, text))
+            await emit(_text_event(stream.name, text))
+
+    async def _emit_files(
+        self,
+        changes: list[workspace.ChangedFile],
+        request: executor_pb2.ExecuteRequest,
+        emit: Emit,
+    ) -> list[execution_pb2.OmittedFile]:
+        """Streams the changed files that fit the request's limits; returns the others."""
+        omitted = []
+        total = count = 0
+        for change in changes:
+            reason = ""
+            if request.max_output_files and count >= request.max_output_files:
+                reason = f"more than {request.max_output_files} files were created or changed"
+            elif total + change.size > request.max_output_file_bytes:
+                reason = (
+                    f"the files returned with it would exceed {request.max_output_file_bytes} "
+                    "bytes, the limit per response"
+                )
+            if reason:
+                omitted.append(
+                    execution_pb2.OmittedFile(path=change.path, size=change.size, reason=reason)
+                )
+                continue
+            try:
+                await self._emit_file(change, emit)
+            except OSError as exc:
+                omitted.append(
+                    execution_pb2.OmittedFile(
+                        path=change.path, size=change.size, reason=f"could not be read: {exc}"
+                    )
+                )
+                continue
+            total += change.size
+            count += 1
+        return omitted
+
+    async def _emit_file(self, change: workspace.ChangedFile, emit: Emit) -> None:
+        # Look one chunk ahead so the last one carries `final`.
+        pending: bytes | None = None
+        first = True
+        for data in workspace.read_chunks(self.workspace, change.path, change.size):
+            if pending is not None:
+                await emit(_file_event(change, pending, first=first, final=False))
+                first = False
+            pending = data
+        await emit(_file_event(change, pending or b"", first=first, final=True))
+
+
+async def _drain(queue: "asyncio.Queue[executor_pb2.ExecuteEvent | None]") -> None:
+    """Consumes an abandoned execution's events so that it can run to its end."""
+    while await queue.get() is not None:
+        pass
+
+
+def _file_event(
+    change: workspace.ChangedFile, data: bytes, first: bool, final: bool
+) -> executor_pb2.ExecuteEvent:
+    chunk = execution_pb2.FileChunk(path=change.path, data=data, final=final)
+    if first:
+        chunk.size = change.size
+    return executor_pb2.ExecuteEvent(file_chunk=chunk)
 
 
 def _text_event(stream_name: str, text: str) -> executor_pb2.ExecuteEvent:

@@ -25,14 +25,14 @@ from executor import formatting
 from executor.framing import read_frame, write_frame
 from petri.v1 import execution_pb2, executor_pb2
 
-WORKSPACE = "/workspace"
-
 
 class Worker:
     def __init__(self, replies_fd: int) -> None:
         self._replies_fd = replies_fd
         self._in_user_code = False
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        # Figures already shown in this cell (display(fig), or fig as the value), by id.
+        self._shown_figures: set[int] = set()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._in_user_code:
@@ -44,8 +44,30 @@ class Worker:
     def display(self, *objs: Any) -> None:
         """Shows objects as rich outputs, like IPython's display()."""
         for obj in objs:
-            output = formatting.to_output(obj, execution_pb2.Output.DISPLAY)
-            self.send(executor_pb2.WorkerReply(output=output))
+            self._send_output(obj, execution_pb2.Output.DISPLAY)
+
+    def _send_output(self, obj: Any, kind: "execution_pb2.Output.Kind.ValueType") -> None:
+        if formatting.is_figure(obj):
+            self._shown_figures.add(id(obj))
+        self.send(executor_pb2.WorkerReply(output=formatting.to_output(obj, kind)))
+
+    def show_open_figures(self) -> None:
+        """Shows the matplotlib figures left open by the cell, then closes them, as a notebook's
+        inline backend does."""
+        shown, self._shown_figures = self._shown_figures, set()
+        if "matplotlib.pyplot" not in sys.modules:
+            return
+        try:
+            from matplotlib import pyplot
+            from matplotlib._pylab_helpers import Gcf
+
+            figures = [manager.canvas.figure for manager in Gcf.get_all_fig_managers()]
+            for figure in figures:
+                if id(figure) not in shown:
+                    self._send_output(figure, execution_pb2.Output.DISPLAY)
+            pyplot.close("all")
+        except Exception as exc:  # the user's matplotlib state is the user's
+            print(f"[petri] could not render open figures: {exc!r}", file=sys.stderr)
 
     def run(self, request: executor_pb2.WorkerRequest) -> executor_pb2.WorkerDone:
         # User code may have replaced the handler in an earlier cell; interrupts must work.
@@ -79,11 +101,12 @@ class Worker:
             self._in_user_code = False
         except BaseException as exc:
             self._in_user_code = False
+            self.show_open_figures()
             return _done_with(exc, exc.__traceback__)
         if value is not None and show_result:
             self.namespace["_"] = value
-            output = formatting.to_output(value, execution_pb2.Output.RESULT)
-            self.send(executor_pb2.WorkerReply(output=output))
+            self._send_output(value, execution_pb2.Output.RESULT)
+        self.show_open_figures()
         return executor_pb2.WorkerDone()
 
 
@@ -124,13 +147,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--replies-fd", type=int, required=True)
+    parser.add_argument("--workspace", default="/workspace")
     args = parser.parse_args()
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)
     sys.argv = [""]
-    if os.path.isdir(WORKSPACE):
-        os.chdir(WORKSPACE)
+    os.chdir(args.workspace)
 
     worker = Worker(args.replies_fd)
     builtins.display = worker.display  # type: ignore[attr-defined]

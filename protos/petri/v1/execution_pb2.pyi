@@ -184,3 +184,109 @@ class ExecutionError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecutionError: _TypeAlias = ExecutionError  # noqa: Y015
+
+@_typing.final
+class File(_message.Message):
+    """A whole file in /workspace: an input of ExecuteCode, or a file the code created or changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """REQUIRED. Relative to /workspace, '/'-separated, e.g. "data/input.csv". Absolute paths, "..",
+    empty components and NUL are INVALID_ARGUMENT; so is a path through a symlink.
+    """
+    content: _builtins.bytes
+    """The file's bytes."""
+    size: _builtins.int
+    """OUTPUT_ONLY. Size in bytes."""
+    mime_type: _builtins.str
+    """OUTPUT_ONLY. Guessed from the file name, e.g. "text/csv"; "application/octet-stream" when
+    unknown.
+    """
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+        mime_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "mime_type", b"mime_type", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___File: _TypeAlias = File  # noqa: Y015
+
+@_typing.final
+class FileChunk(_message.Message):
+    """A piece of a file, for streams: the chunks of one file are consecutive, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """REQUIRED. As File.path; repeated on every chunk of the file."""
+    data: _builtins.bytes
+    """The next bytes of the file (at most a few MiB per chunk)."""
+    final: _builtins.bool
+    """True on the file's last chunk (a file sent as one chunk has it set on that chunk)."""
+    size: _builtins.int
+    """OUTPUT_ONLY. The whole file's size, on its first chunk."""
+    mime_type: _builtins.str
+    """OUTPUT_ONLY. As File.mime_type, on its first chunk."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        final: _builtins.bool = ...,
+        size: _builtins.int = ...,
+        mime_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "final", b"final", "mime_type", b"mime_type", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
+
+@_typing.final
+class OmittedFile(_message.Message):
+    """A file the code created or changed that was not returned, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """OUTPUT_ONLY. As File.path."""
+    size: _builtins.int
+    """OUTPUT_ONLY. Size in bytes."""
+    reason: _builtins.str
+    """OUTPUT_ONLY. E.g. "the files returned already total 100 MiB, the limit per response"."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "reason", b"reason", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OmittedFile: _TypeAlias = OmittedFile  # noqa: Y015

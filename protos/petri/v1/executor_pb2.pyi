@@ -6,9 +6,11 @@ messages between the executor daemon and its worker (the process holding the nam
 Internal: not part of the public API, may change with the controller and image together.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from petri.v1 import execution_pb2 as _execution_pb2
 import builtins as _builtins
 import sys
@@ -22,13 +24,46 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ExecuteInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    FILE_CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___ExecuteRequest: ...
+    @_builtins.property
+    def file_chunk(self) -> _execution_pb2.FileChunk: ...
+    def __init__(
+        self,
+        *,
+        request: Global___ExecuteRequest | None = ...,
+        file_chunk: _execution_pb2.FileChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["request", "file_chunk"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___ExecuteInput: _TypeAlias = ExecuteInput  # noqa: Y015
+
+@_typing.final
 class ExecuteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     KILL_GRACE_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_FILES_FIELD_NUMBER: _builtins.int
     code: _builtins.str
+    max_input_bytes: _builtins.int
+    """Limits on the input files (total bytes) and on the files returned (total bytes, count)."""
+    max_output_file_bytes: _builtins.int
+    max_output_files: _builtins.int
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Interrupt (SIGINT) after this long; kill the worker if it does not stop within the grace."""
@@ -41,10 +76,13 @@ class ExecuteRequest(_message.Message):
         code: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
         kill_grace: _duration_pb2.Duration | None = ...,
+        max_input_bytes: _builtins.int = ...,
+        max_output_file_bytes: _builtins.int = ...,
+        max_output_files: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kill_grace", b"kill_grace", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kill_grace", b"kill_grace", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kill_grace", b"kill_grace", "max_input_bytes", b"max_input_bytes", "max_output_file_bytes", b"max_output_file_bytes", "max_output_files", b"max_output_files", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -58,12 +96,15 @@ class ExecuteEvent(_message.Message):
     STDERR_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    FILE_CHUNK_FIELD_NUMBER: _builtins.int
     stdout: _builtins.str
     stderr: _builtins.str
     @_builtins.property
     def output(self) -> _execution_pb2.Output: ...
     @_builtins.property
     def result(self) -> Global___ExecuteResult: ...
+    @_builtins.property
+    def file_chunk(self) -> _execution_pb2.FileChunk: ...
     def __init__(
         self,
         *,
@@ -71,12 +112,13 @@ class ExecuteEvent(_message.Message):
         stderr: _builtins.str = ...,
         output: _execution_pb2.Output | None = ...,
         result: Global___ExecuteResult | None = ...,
+        file_chunk: _execution_pb2.FileChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "file_chunk", b"file_chunk", "output", b"output", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "file_chunk", b"file_chunk", "output", b"output", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["stdout", "stderr", "output", "result"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["stdout", "stderr", "output", "result", "file_chunk"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -91,6 +133,7 @@ class ExecuteResult(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     NAMESPACE_RESET_FIELD_NUMBER: _builtins.int
+    OMITTED_FILES_FIELD_NUMBER: _builtins.int
     execution_count: _builtins.int
     incarnation: _builtins.str
     """The worker that holds the namespace after this execution."""
@@ -102,6 +145,8 @@ class ExecuteResult(_message.Message):
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]: ...
     def __init__(
         self,
         *,
@@ -110,10 +155,11 @@ class ExecuteResult(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         incarnation: _builtins.str = ...,
         namespace_reset: _builtins.bool = ...,
+        omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

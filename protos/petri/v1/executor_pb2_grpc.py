@@ -35,9 +35,9 @@ class ExecutorStub(object):
         Args:
             channel: A grpc.Channel.
         """
-        self.Execute = channel.unary_stream(
+        self.Execute = channel.stream_stream(
                 '/petri.v1.Executor/Execute',
-                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
@@ -51,9 +51,11 @@ class ExecutorServicer(object):
     """Served by the executor daemon inside each sandbox.
     """
 
-    def Execute(self, request, context):
-        """Runs code in the worker; streams output as it is produced and ends with one result.
-        Cancelling the call interrupts the code.
+    def Execute(self, request_iterator, context):
+        """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+        produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+        Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
+        (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,9 +71,9 @@ class ExecutorServicer(object):
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Execute': grpc.unary_stream_rpc_method_handler(
+            'Execute': grpc.stream_stream_rpc_method_handler(
                     servicer.Execute,
-                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
+                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.FromString,
                     response_serializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
@@ -92,7 +94,7 @@ class Executor(object):
     """
 
     @staticmethod
-    def Execute(request,
+    def Execute(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -102,11 +104,11 @@ class Executor(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/petri.v1.Executor/Execute',
-            petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+            petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
             petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
             options,
             channel_credentials,

@@ -36,9 +36,11 @@ class ExecutorStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
-    Execute: _grpc.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvent]
-    """Runs code in the worker; streams output as it is produced and ends with one result.
-    Cancelling the call interrupts the code.
+    Execute: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]
+    """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+    produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+    Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
+    (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]
     """Answers once the daemon and its worker are ready."""
@@ -48,9 +50,11 @@ class ExecutorAsyncStub(ExecutorStub):
     """Served by the executor daemon inside each sandbox."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Execute: _aio.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
-    """Runs code in the worker; streams output as it is produced and ends with one result.
-    Cancelling the call interrupts the code.
+    Execute: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
+    """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+    produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+    Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
+    (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]  # type: ignore[assignment]
     """Answers once the daemon and its worker are ready."""
@@ -61,11 +65,13 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Execute(
         self,
-        request: _executor_pb2.ExecuteRequest,
+        request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteInput],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvent], _abc.AsyncIterator[_executor_pb2.ExecuteEvent]]:
-        """Runs code in the worker; streams output as it is produced and ends with one result.
-        Cancelling the call interrupts the code.
+        """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+        produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+        Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
+        (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
         """
 
     @_abc_1.abstractmethod

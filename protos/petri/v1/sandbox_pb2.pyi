@@ -457,6 +457,7 @@ class ExecuteCodeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """REQUIRED. The sandbox: projects/{project}/sandboxes/{sandbox}."""
     code: _builtins.str
@@ -465,16 +466,24 @@ class ExecuteCodeRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """OPTIONAL. Interrupt the code after this long; the server's default when unset."""
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.File]:
+        """OPTIONAL. Files written to /workspace before the code runs (replacing files of the same
+        path). At most 100 MiB in total by default: more is RESOURCE_EXHAUSTED and nothing is
+        written.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         code: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        files: _abc.Iterable[_execution_pb2.File] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "files", b"files", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,6 +502,8 @@ class ExecuteCodeResponse(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     NAMESPACE_RESET_FIELD_NUMBER: _builtins.int
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    OMITTED_FILES_FIELD_NUMBER: _builtins.int
     stdout: _builtins.str
     """OUTPUT_ONLY. Everything the code wrote to standard output, capped by the server."""
     stderr: _builtins.str
@@ -506,7 +517,7 @@ class ExecuteCodeResponse(_message.Message):
     exited or was killed and a fresh one started); files in /workspace are kept.
     """
     output_truncated: _builtins.bool
-    """OUTPUT_ONLY. True when stdout or stderr was cut at the server's cap."""
+    """OUTPUT_ONLY. True when stdout, stderr or the rich outputs were cut at the server's cap."""
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.Output]:
         """OUTPUT_ONLY. Rich outputs in the order they were produced (display() calls, then the last
@@ -521,6 +532,16 @@ class ExecuteCodeResponse(_message.Message):
     def duration(self) -> _duration_pb2.Duration:
         """OUTPUT_ONLY. Wall time of the execution inside the sandbox."""
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.File]:
+        """OUTPUT_ONLY. Files under /workspace that the code created or changed, by path. Symlinks and
+        other non-regular files are not returned; input files the code left unchanged neither.
+        """
+
+    @_builtins.property
+    def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]:
+        """OUTPUT_ONLY. Created or changed files that did not fit in the response's file limits."""
+
     def __init__(
         self,
         *,
@@ -533,11 +554,163 @@ class ExecuteCodeResponse(_message.Message):
         incarnation: _builtins.str = ...,
         namespace_reset: _builtins.bool = ...,
         output_truncated: _builtins.bool = ...,
+        files: _abc.Iterable[_execution_pb2.File] | None = ...,
+        omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "output_truncated", b"output_truncated", "outputs", b"outputs", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "files", b"files", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated", "outputs", b"outputs", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteCodeResponse: _TypeAlias = ExecuteCodeResponse  # noqa: Y015
+
+@_typing.final
+class ExecuteCodeStart(_message.Message):
+    """The first message of a StreamExecuteCode call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """REQUIRED. The sandbox: projects/{project}/sandboxes/{sandbox}."""
+    code: _builtins.str
+    """REQUIRED. As ExecuteCodeRequest.code."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """OPTIONAL. As ExecuteCodeRequest.timeout."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        code: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteCodeStart: _TypeAlias = ExecuteCodeStart  # noqa: Y015
+
+@_typing.final
+class StreamExecuteCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    INPUT_CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___ExecuteCodeStart:
+        """The first message, and only the first."""
+
+    @_builtins.property
+    def input_chunk(self) -> _execution_pb2.FileChunk:
+        """Input files, after `start`: the chunks of each file consecutive and in order."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___ExecuteCodeStart | None = ...,
+        input_chunk: _execution_pb2.FileChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_chunk", b"input_chunk", "request", b"request", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_chunk", b"input_chunk", "request", b"request", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "input_chunk"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___StreamExecuteCodeRequest: _TypeAlias = StreamExecuteCodeRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteCodeResult(_message.Message):
+    """The end of a StreamExecuteCode call: everything but the streamed parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_FIELD_NUMBER: _builtins.int
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    NAMESPACE_RESET_FIELD_NUMBER: _builtins.int
+    OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    OMITTED_FILES_FIELD_NUMBER: _builtins.int
+    execution_count: _builtins.int
+    incarnation: _builtins.str
+    namespace_reset: _builtins.bool
+    output_truncated: _builtins.bool
+    @_builtins.property
+    def error(self) -> _execution_pb2.ExecutionError:
+        """OUTPUT_ONLY. As ExecuteCodeResponse."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]: ...
+    def __init__(
+        self,
+        *,
+        error: _execution_pb2.ExecutionError | None = ...,
+        execution_count: _builtins.int = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        incarnation: _builtins.str = ...,
+        namespace_reset: _builtins.bool = ...,
+        output_truncated: _builtins.bool = ...,
+        omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteCodeResult: _TypeAlias = ExecuteCodeResult  # noqa: Y015
+
+@_typing.final
+class StreamExecuteCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STDOUT_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_CHUNK_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    stdout: _builtins.str
+    """Standard output, as the code produced it."""
+    stderr: _builtins.str
+    """Standard error, as the code produced it."""
+    @_builtins.property
+    def output(self) -> _execution_pb2.Output:
+        """A rich output (display() call, open figure, the last expression's value)."""
+
+    @_builtins.property
+    def output_chunk(self) -> _execution_pb2.FileChunk:
+        """A piece of a file the code created or changed."""
+
+    @_builtins.property
+    def result(self) -> Global___ExecuteCodeResult:
+        """The last message."""
+
+    def __init__(
+        self,
+        *,
+        stdout: _builtins.str = ...,
+        stderr: _builtins.str = ...,
+        output: _execution_pb2.Output | None = ...,
+        output_chunk: _execution_pb2.FileChunk | None = ...,
+        result: Global___ExecuteCodeResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "output_chunk", b"output_chunk", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "output_chunk", b"output_chunk", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["stdout", "stderr", "output", "output_chunk", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamExecuteCodeResponse: _TypeAlias = StreamExecuteCodeResponse  # noqa: Y015

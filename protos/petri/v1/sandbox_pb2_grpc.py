@@ -66,6 +66,11 @@ class SandboxServiceStub(object):
                 request_serializer=petri_dot_v1_dot_sandbox__pb2.ExecuteCodeRequest.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_sandbox__pb2.ExecuteCodeResponse.FromString,
                 _registered_method=True)
+        self.StreamExecuteCode = channel.stream_stream(
+                '/petri.v1.SandboxService/StreamExecuteCode',
+                request_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer(object):
@@ -115,6 +120,16 @@ class SandboxServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamExecuteCode(self, request_iterator, context):
+        """Runs code with input files streamed in chunks, and streams back output as it is produced:
+        stdout, stderr, rich outputs, then the files the code created or changed, then one result.
+        Send `start`, then any input file chunks, then half-close: the code runs after that.
+        Cancelling the call interrupts the code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +162,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ExecuteCode,
                     request_deserializer=petri_dot_v1_dot_sandbox__pb2.ExecuteCodeRequest.FromString,
                     response_serializer=petri_dot_v1_dot_sandbox__pb2.ExecuteCodeResponse.SerializeToString,
+            ),
+            'StreamExecuteCode': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamExecuteCode,
+                    request_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +332,33 @@ class SandboxService(object):
             '/petri.v1.SandboxService/ExecuteCode',
             petri_dot_v1_dot_sandbox__pb2.ExecuteCodeRequest.SerializeToString,
             petri_dot_v1_dot_sandbox__pb2.ExecuteCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamExecuteCode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/petri.v1.SandboxService/StreamExecuteCode',
+            petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
+            petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,12 @@ class SandboxServiceStub:
     """Runs code in a sandbox and returns everything it produced in one message. Failures of the
     code itself (exceptions, timeouts, a crashed interpreter) are results with `error` set.
     """
+    StreamExecuteCode: _grpc.StreamStreamMultiCallable[_sandbox_pb2.StreamExecuteCodeRequest, _sandbox_pb2.StreamExecuteCodeResponse]
+    """Runs code with input files streamed in chunks, and streams back output as it is produced:
+    stdout, stderr, rich outputs, then the files the code created or changed, then one result.
+    Send `start`, then any input file chunks, then half-close: the code runs after that.
+    Cancelling the call interrupts the code.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -72,6 +78,12 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     ExecuteCode: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ExecuteCodeRequest, _sandbox_pb2.ExecuteCodeResponse]  # type: ignore[assignment]
     """Runs code in a sandbox and returns everything it produced in one message. Failures of the
     code itself (exceptions, timeouts, a crashed interpreter) are results with `error` set.
+    """
+    StreamExecuteCode: _aio.StreamStreamMultiCallable[_sandbox_pb2.StreamExecuteCodeRequest, _sandbox_pb2.StreamExecuteCodeResponse]  # type: ignore[assignment]
+    """Runs code with input files streamed in chunks, and streams back output as it is produced:
+    stdout, stderr, rich outputs, then the files the code created or changed, then one result.
+    Send `start`, then any input file chunks, then half-close: the code runs after that.
+    Cancelling the call interrupts the code.
     """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +137,18 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.ExecuteCodeResponse, _abc.Awaitable[_sandbox_pb2.ExecuteCodeResponse]]:
         """Runs code in a sandbox and returns everything it produced in one message. Failures of the
         code itself (exceptions, timeouts, a crashed interpreter) are results with `error` set.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamExecuteCode(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.StreamExecuteCodeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.StreamExecuteCodeResponse], _abc.AsyncIterator[_sandbox_pb2.StreamExecuteCodeResponse]]:
+        """Runs code with input files streamed in chunks, and streams back output as it is produced:
+        stdout, stderr, rich outputs, then the files the code created or changed, then one result.
+        Send `start`, then any input file chunks, then half-close: the code runs after that.
+        Cancelling the call interrupts the code.
         """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

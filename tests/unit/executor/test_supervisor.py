@@ -3,11 +3,14 @@ crashes, timeouts and cancellation."""
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from executor.paths import InvalidPath
 from executor.supervisor import Supervisor
+from executor.workspace import InputStager
 from petri.v1 import execution_pb2, executor_pb2
 
 Kind = execution_pb2.ExecutionError
@@ -18,6 +21,11 @@ class Ran:
         self.stdout = "".join(e.stdout for e in events if e.HasField("stdout"))
         self.stderr = "".join(e.stderr for e in events if e.HasField("stderr"))
         self.outputs = [e.output for e in events if e.HasField("output")]
+        self.files: dict[str, bytes] = {}
+        for event in events:
+            if event.HasField("file_chunk"):
+                chunk = event.file_chunk
+                self.files[chunk.path] = self.files.get(chunk.path, b"") + chunk.data
         results = [e.result for e in events if e.HasField("result")]
         assert len(results) == 1, events
         self.result = results[0]
@@ -32,20 +40,33 @@ class Ran:
 
 
 @pytest.fixture
-async def supervisor() -> AsyncIterator[Supervisor]:
-    sup = Supervisor()
+async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(tmp_path)
     await sup.start()
     yield sup
     await sup.close()
 
 
-async def run(sup: Supervisor, code: str, timeout: float = 30, grace: float = 1) -> Ran:
+async def run(
+    sup: Supervisor,
+    code: str,
+    timeout: float = 30,
+    grace: float = 1,
+    inputs: dict[str, bytes] | None = None,
+    max_output_bytes: int = 1 << 30,
+    max_output_files: int = 100,
+) -> Ran:
     request = executor_pb2.ExecuteRequest(
         code=code,
         timeout=Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)),
         kill_grace=Duration(seconds=int(grace)),
+        max_output_file_bytes=max_output_bytes,
+        max_output_files=max_output_files,
     )
-    return Ran([event async for event in sup.execute(request)])
+    stager = InputStager(sup.workspace, max_bytes=1 << 30)
+    for path, data in (inputs or {}).items():
+        stager.add(execution_pb2.FileChunk(path=path, data=data, final=True))
+    return Ran([event async for event in sup.execute(request, stager)])
 
 
 async def test_state_persists_and_the_last_expression_is_the_value(supervisor: Supervisor) -> None:
@@ -179,3 +200,61 @@ async def test_input_is_not_the_protocol_pipe(supervisor: Supervisor) -> None:
     ran = await run(supervisor, "input()")
     assert ran.error is not None and ran.error.ename == "EOFError"
     assert (await run(supervisor, "'ok'")).value == "'ok'"
+
+
+async def test_input_files_arrive_and_only_changed_files_come_back(
+    supervisor: Supervisor,
+) -> None:
+    ran = await run(
+        supervisor,
+        "import pathlib\n"
+        "rows = open('in/data.csv').read().splitlines()\n"
+        "pathlib.Path('out').mkdir()\n"
+        "open('out/count.txt', 'w').write(str(len(rows)))\n"
+        "open('in/touched.txt', 'a').write('!')",
+        inputs={"in/data.csv": b"a\nb\nc\n", "in/touched.txt": b"x", "in/same.txt": b"y"},
+    )
+    assert ran.error is None, ran.error
+    assert ran.files == {"in/touched.txt": b"x!", "out/count.txt": b"3"}
+    assert list(ran.files) == sorted(ran.files)  # deterministic order
+
+
+async def test_symlinks_made_by_code_are_not_followed(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        "import os\nos.symlink('/etc/passwd', 'passwd')\nos.symlink('/etc', 'etc')\n"
+        "open('real.txt', 'w').write('r')",
+    )
+    assert ran.files == {"real.txt": b"r"}
+    with pytest.raises(InvalidPath, match="goes through a symlink"):
+        await run(supervisor, "1", inputs={"etc/evil": b"no"})
+    assert not Path("/etc/evil").exists()
+
+
+async def test_files_beyond_the_limits_are_listed_as_omitted(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        "for name, size in [('a', 40), ('b', 100), ('c', 50), ('d', 1)]:\n"
+        "    open(name, 'wb').write(b'x' * size)",
+        max_output_bytes=100,
+        max_output_files=2,
+    )
+    assert set(ran.files) == {"a", "c"}
+    omitted = {f.path: (f.size, f.reason) for f in ran.result.omitted_files}
+    assert omitted["b"][0] == 100 and "exceed 100 bytes" in omitted["b"][1]
+    assert "more than 2 files" in omitted["d"][1]
+
+
+async def test_open_figures_are_shown_as_png_and_closed(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "fig = plt.figure(); plt.plot([1, 2, 3])\nplt.figure(); plt.plot([3, 2])\n"
+        "display(fig)",
+    )
+    pngs = [o for o in ran.outputs if "image/png" in o.binary]
+    assert len(pngs) == 2  # fig once (displayed), the other at the end
+    assert all(o.binary["image/png"].startswith(b"\x89PNG\r\n\x1a\n") for o in pngs)
+    assert pngs[0].text["text/plain"].startswith("<Figure size")
+    again = await run(supervisor, "len(plt.get_fignums())")
+    assert again.value == "0"

@@ -1,0 +1,92 @@
+"""Input files on their way into a sandbox: checked here, before any byte reaches it.
+
+Paths must be plain relative paths (executor.paths), each file's chunks consecutive and ended
+by a chunk marked final, each path sent once, and the total within the server's limit. A
+refused request writes nothing: the executor stages inputs and only puts them in place once
+the whole request was accepted.
+"""
+
+from collections.abc import AsyncIterator, Sequence
+
+from controller.errors import InvalidArgument, ResourceExhausted
+from executor.paths import InvalidPath, check_relative_path
+from petri.v1 import execution_pb2
+
+# Unary requests are cut into chunks of this size on their way to the executor.
+CHUNK_BYTES = 1 << 20
+
+
+class InputChecker:
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._total = 0
+        self._paths: set[str] = set()
+        self._open_path: str | None = None
+
+    def check(self, chunk: execution_pb2.FileChunk) -> execution_pb2.FileChunk:
+        """Returns the chunk as passed on (input-only fields only); raises on a violation."""
+        if chunk.path != self._open_path:
+            if self._open_path is not None:
+                raise InvalidArgument(
+                    f"file {self._open_path!r} ended without a chunk marked final "
+                    f"before chunks of {chunk.path!r}"
+                )
+            try:
+                check_relative_path(chunk.path)
+            except InvalidPath as exc:
+                raise InvalidArgument(str(exc)) from None
+            if chunk.path in self._paths:
+                raise InvalidArgument(f"file {chunk.path!r} is sent twice")
+            self._paths.add(chunk.path)
+            self._open_path = chunk.path
+        self.add_bytes(len(chunk.data))
+        if chunk.final:
+            self._open_path = None
+        return execution_pb2.FileChunk(path=chunk.path, data=chunk.data, final=chunk.final)
+
+    def add_bytes(self, size: int) -> None:
+        self._total += size
+        if self._total > self._max_bytes:
+            raise ResourceExhausted(
+                f"input files exceed this server's limit of {self._max_bytes} bytes per request; "
+                "nothing was written: send fewer or smaller files"
+            )
+
+    def finish(self) -> None:
+        if self._open_path is not None:
+            raise InvalidArgument(f"file {self._open_path!r} ended without a chunk marked final")
+
+
+def check_files(files: Sequence[execution_pb2.File], max_bytes: int) -> None:
+    """Checks whole files (paths, duplicates, total size) before anything is sent."""
+    checker = InputChecker(max_bytes)
+    checker.add_bytes(sum(len(f.content) for f in files))
+    checker = InputChecker(max_bytes)
+    for file in files:
+        checker.check(execution_pb2.FileChunk(path=file.path, final=True))
+
+
+async def file_chunks(
+    files: Sequence[execution_pb2.File],
+) -> AsyncIterator[execution_pb2.FileChunk]:
+    """The chunks of checked files, cut as they are sent (not all at once)."""
+    for file in files:
+        content = file.content
+        if not content:
+            yield execution_pb2.FileChunk(path=file.path, final=True)
+            continue
+        for start in range(0, len(content), CHUNK_BYTES):
+            end = start + CHUNK_BYTES
+            yield execution_pb2.FileChunk(
+                path=file.path, data=content[start:end], final=end >= len(content)
+            )
+
+
+async def checked_chunks(
+    chunks: AsyncIterator[execution_pb2.FileChunk], max_bytes: int
+) -> AsyncIterator[execution_pb2.FileChunk]:
+    """Checks a stream of chunks as they come; raises at the first violation."""
+    checker = InputChecker(max_bytes)
+    async for chunk in chunks:
+        yield checker.check(chunk)
+    checker.finish()

@@ -1,0 +1,218 @@
+"""Files in /workspace: inputs staged then put in place, changes detected, outputs read back.
+
+Inputs are received into a private staging directory on the same filesystem and only moved
+into place (rename) once all of them arrived and every target was checked, so a refused
+request writes nothing. Nothing here follows a symlink: a target whose path crosses one is
+refused, and symlinks are never returned as outputs.
+"""
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from executor.paths import InvalidPath, check_relative_path
+from petri.v1 import execution_pb2
+
+STAGING_PREFIX = ".petri-incoming-"
+READ_CHUNK_BYTES = 1 << 20
+# A pathological tree (a million files) must not stall every execution.
+MAX_SCANNED_ENTRIES = 100_000
+
+# (inode, size, mtime_ns, ctime_ns): any write or replacement changes one of them.
+FileState = tuple[int, int, int, int]
+
+
+class InputTooLarge(Exception):
+    """The input files exceed the request's limit."""
+
+
+class WorkspaceFull(Exception):
+    """The sandbox's /workspace has no room left."""
+
+
+@dataclass
+class _StagedFile:
+    parts: tuple[str, ...]
+    staged_name: str
+    final: bool = False
+
+
+@dataclass
+class InputStager:
+    """Receives input file chunks into a private directory; `commit` puts them in place."""
+
+    root: Path
+    max_bytes: int
+    total_bytes: int = 0
+    _files: list[_StagedFile] = field(default_factory=list)
+    _paths: set[str] = field(default_factory=set)
+    _dir: Path | None = None
+    _fd: int | None = None
+
+    def add(self, chunk: execution_pb2.FileChunk) -> None:
+        current = self._files[-1] if self._files else None
+        if current is None or current.final or "/".join(current.parts) != chunk.path:
+            if current is not None and not current.final:
+                raise InvalidPath(
+                    f"file {'/'.join(current.parts)!r} ended without a chunk marked final"
+                )
+            if chunk.path in self._paths:
+                raise InvalidPath(f"file {chunk.path!r} is sent twice")
+            current = _StagedFile(check_relative_path(chunk.path), str(len(self._files)))
+            self._files.append(current)
+            self._paths.add(chunk.path)
+            self._open(current)
+        self.total_bytes += len(chunk.data)
+        if self.total_bytes > self.max_bytes:
+            raise InputTooLarge(
+                f"input files exceed {self.max_bytes} bytes in total; send fewer or smaller files"
+            )
+        assert self._fd is not None
+        try:
+            view = memoryview(chunk.data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise _write_error(exc) from exc
+        if chunk.final:
+            current.final = True
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self, staged: _StagedFile) -> None:
+        if self._dir is None:
+            self._dir = self.root / (STAGING_PREFIX + secrets.token_hex(8))
+            os.mkdir(self._dir, 0o700)
+        if self._fd is not None:
+            os.close(self._fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self._dir / staged.staged_name, flags, 0o644)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    def finish(self) -> None:
+        """Checks that the input ended cleanly (the last file's last chunk was marked final)."""
+        if self._files and not self._files[-1].final:
+            raise InvalidPath(
+                f"file {'/'.join(self._files[-1].parts)!r} ended without a chunk marked final"
+            )
+
+    def commit(self) -> None:
+        """Moves every staged file to its path; checks all targets before moving any."""
+        for staged in self._files:
+            _check_target(self.root, staged.parts)
+        assert self._dir is not None or not self._files
+        for staged in self._files:
+            parent = self.root.joinpath(*staged.parts[:-1])
+            parent.mkdir(parents=True, exist_ok=True)  # checked above: no symlink on the way
+            assert self._dir is not None
+            os.rename(self._dir / staged.staged_name, parent / staged.parts[-1])
+        self.discard()
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _write_error(exc: OSError) -> Exception:
+    if exc.errno == 28:  # ENOSPC
+        return WorkspaceFull("the sandbox's /workspace is full: delete files or send less")
+    return exc
+
+
+def _check_target(root: Path, parts: tuple[str, ...]) -> None:
+    path = "/".join(parts)
+    current = root
+    for index, part in enumerate(parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return  # the rest will be created
+        last = index == len(parts) - 1
+        if stat.S_ISLNK(info.st_mode):
+            raise InvalidPath(
+                f"file path {path!r} goes through a symlink ({'/'.join(parts[: index + 1])})"
+            )
+        if not last and not stat.S_ISDIR(info.st_mode):
+            raise InvalidPath(
+                f"file path {path!r}: {'/'.join(parts[: index + 1])} is not a directory"
+            )
+        if last and stat.S_ISDIR(info.st_mode):
+            raise InvalidPath(f"file path {path!r} is a directory in the sandbox")
+
+
+def snapshot(root: Path) -> dict[str, FileState]:
+    """The regular files under root (symlinks not followed, staging directories skipped)."""
+    states: dict[str, FileState] = {}
+    budget = [MAX_SCANNED_ENTRIES]
+    _scan(root, "", states, budget)
+    return states
+
+
+def _scan(directory: Path, prefix: str, states: dict[str, FileState], budget: list[int]) -> None:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in sorted(entries, key=lambda e: e.name):
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        if entry.name.startswith(STAGING_PREFIX) and not prefix:
+            continue
+        try:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                _scan(Path(entry.path), f"{prefix}{entry.name}/", states, budget)
+            elif entry.is_file(follow_symlinks=False):
+                info = entry.stat(follow_symlinks=False)
+                states[prefix + entry.name] = (
+                    info.st_ino,
+                    info.st_size,
+                    info.st_mtime_ns,
+                    info.st_ctime_ns,
+                )
+        except OSError:
+            continue  # vanished while we looked
+
+
+@dataclass(frozen=True)
+class ChangedFile:
+    path: str
+    size: int
+
+
+def changed_files(before: dict[str, FileState], after: dict[str, FileState]) -> list[ChangedFile]:
+    """Files created or changed between two snapshots, by path."""
+    return [
+        ChangedFile(path, state[1])
+        for path, state in sorted(after.items())
+        if before.get(path) != state
+    ]
+
+
+def read_chunks(root: Path, path: str, size: int) -> Iterator[bytes]:
+    """The file's bytes, at most `size` of them, without following a symlink at its name."""
+    fd = os.open(root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.closing(os.fdopen(fd, "rb", buffering=0)) as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        remaining = size
+        while remaining > 0:
+            data = handle.read(min(READ_CHUNK_BYTES, remaining))
+            if not data:
+                return
+            remaining -= len(data)
+            yield data
