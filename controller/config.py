@@ -65,6 +65,16 @@ class Config:
     max_timeout: timedelta = _opt(
         "longest execution timeout a call may ask for", parse_duration, default=timedelta(hours=1)
     )
+    reap_interval: timedelta = _opt(
+        "how often expired sandboxes are looked for: the most a deletion lags its expire_time",
+        parse_duration,
+        default=timedelta(seconds=1),
+    )
+    tombstone_retention: timedelta = _opt(
+        "how long Get still says when a deleted or expired sandbox went away",
+        parse_duration,
+        default=timedelta(days=7),
+    )
     kill_grace: timedelta = _opt(
         "after interrupting code at its timeout, how long before the interpreter is killed",
         parse_duration,

@@ -16,8 +16,11 @@ def timestamp(value: datetime) -> Timestamp:
     return result
 
 
-def to_datetime(value: Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
+def to_datetime(value: Timestamp, field: str = "expire_time") -> datetime:
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(f"{field} is not a valid timestamp: {exc}") from exc
 
 
 def to_timedelta(value: Duration, field: str) -> timedelta:

@@ -16,8 +16,11 @@ STATUS_DEADLINE = 2.0
 
 
 class ExecutorClient:
-    def __init__(self, socket_path: Path, max_message_bytes: int) -> None:
+    def __init__(self, socket_path: Path, sandbox_uid: str, max_message_bytes: int) -> None:
         self.socket_path = socket_path
+        # Sent with every call: the executor refuses calls for another sandbox, so a socket
+        # path that user code turned into a symlink to a neighbour's socket leads nowhere.
+        self._metadata = (("petri-sandbox-uid", sandbox_uid),)
         self._channel = grpc.aio.insecure_channel(
             f"unix:{socket_path}",
             options=[
@@ -35,7 +38,9 @@ class ExecutorClient:
         return f"<ExecutorClient {self.socket_path}>"
 
     async def status(self, timeout: float = STATUS_DEADLINE) -> executor_pb2.ExecutorStatus:
-        return await self._stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=timeout)
+        return await self._stub.GetStatus(
+            executor_pb2.GetStatusRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     async def wait_ready(self, timeout: float) -> executor_pb2.ExecutorStatus:
         """Waits until the executor answers; Unavailable after `timeout` seconds."""
@@ -57,7 +62,7 @@ class ExecutorClient:
     def execute(self) -> ExecuteCall:
         """Starts an execution: write the request, then input chunks, then done_writing; read
         the events. Cancelling the call interrupts the code."""
-        return self._stub.Execute()
+        return self._stub.Execute(metadata=self._metadata)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

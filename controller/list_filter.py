@@ -53,10 +53,14 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 
 
 def _unquote(kind: str, value: str) -> str:
-    if kind == "string":
+    if kind != "string":
+        return value
+    try:
         result: str = json.loads(value)  # JSON string escapes are AIP-160's
-        return result
-    return value
+        result.encode()  # a lone surrogate ("\ud800") is no text to compare with
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidArgument(f"invalid string {value} in filter: bad escape") from None
+    return result
 
 
 def compile_filter(text: str) -> CompiledFilter:

@@ -31,6 +31,7 @@ T = TypeVar("T")
 
 # The executor is PID 1 and handles SIGTERM; give it a moment before podman kills it.
 STOP_TIMEOUT_SECONDS = 2
+CONTAINER_LOG_BYTES = 1 << 20
 
 
 class PodmanRuntime:
@@ -106,6 +107,9 @@ class PodmanRuntime:
                 {"Name": "core", "Soft": 0, "Hard": 0},
             ],
             "stop_signal": 15,  # SIGTERM; the API wants the number
+            # The container's own output (the executor's log, or whatever user code writes to
+            # PID 1's descriptors) is capped on the host's disk.
+            "log_config": {"Type": "k8s-file", "Config": {"size": CONTAINER_LOG_BYTES}},
             "stop_timeout": STOP_TIMEOUT_SECONDS,
         }
         if spec.memory_bytes:

@@ -50,6 +50,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS request_ids
     ON sandboxes (project, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS live_by_project
     ON sandboxes (project, create_time, uid) WHERE delete_time IS NULL;
+CREATE INDEX IF NOT EXISTS live_by_expiry
+    ON sandboxes (expire_time) WHERE delete_time IS NULL;
 """
 
 _COLUMNS = [
@@ -130,6 +132,16 @@ def _to_row(record: SandboxRecord) -> dict[str, Any]:
         "delete_time": _micros(record.delete_time),
         "delete_reason": record.delete_reason,
     }
+
+
+def _column_value(name: str, value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _micros(value)
+    if name == "labels":
+        return json.dumps(value, sort_keys=True)
+    if name == "state":
+        return int(value)
+    return value
 
 
 def _from_row(row: sqlite3.Row) -> SandboxRecord:
@@ -239,13 +251,29 @@ class Registry:
                 f"sandbox {record.name} already exists; pick another sandbox_id or delete it"
             ) from exc
 
-    async def update(self, record: SandboxRecord) -> None:
-        """Writes every field of the record."""
-        await self._run(self._update, record)
+    async def set_fields(self, uid: str, **fields: Any) -> bool:
+        """Writes only the given fields of a sandbox that is not deleted; False when it is.
 
-    def _update(self, record: SandboxRecord) -> None:
-        assignments = ", ".join(f"{c} = :{c}" for c in _COLUMNS if c != "uid")
-        self._conn.execute(f"UPDATE sandboxes SET {assignments} WHERE uid = :uid", _to_row(record))
+        Targeted writes, never a whole record: an execution finishing must not undo an
+        UpdateSandbox that happened meanwhile, nor an update bring a deleted sandbox back.
+        """
+        return await self._run(self._set_fields, uid, fields)
+
+    def _set_fields(self, uid: str, fields: dict[str, Any]) -> bool:
+        unknown = set(fields) - set(_COLUMNS) - {"uid"}
+        if unknown or "uid" in fields:
+            raise ValueError(f"cannot set {sorted(unknown | ({'uid'} & set(fields)))}")
+        row = {name: _column_value(name, value) for name, value in fields.items()}
+        assignments = ", ".join(f"{name} = :{name}" for name in row)
+        cursor = self._conn.execute(
+            f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND delete_time IS NULL",
+            {**row, "uid": uid},
+        )
+        return cursor.rowcount == 1
+
+    async def forget(self, uid: str) -> None:
+        """Removes a sandbox's row entirely: for one that never existed for its caller."""
+        await self._run(self._conn.execute, "DELETE FROM sandboxes WHERE uid = ?", (uid,))
 
     async def get_live(self, project: str, sandbox_id: str) -> SandboxRecord | None:
         return await self._run(
@@ -272,6 +300,25 @@ class Registry:
     async def list_live(self) -> list[SandboxRecord]:
         """Every sandbox that is not deleted, of every project."""
         return await self._run(self._many, "SELECT * FROM sandboxes WHERE delete_time IS NULL", ())
+
+    async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
+        """Live sandboxes whose expire_time has come, the earliest first."""
+        return await self._run(
+            self._many,
+            "SELECT * FROM sandboxes WHERE delete_time IS NULL AND expire_time <= ? "
+            "ORDER BY expire_time, uid LIMIT ?",
+            (_micros(now), limit),
+        )
+
+    async def purge_tombstones(self, deleted_before: datetime) -> int:
+        """Forgets sandboxes deleted before the given time; returns how many."""
+        return await self._run(self._purge, _micros(deleted_before))
+
+    def _purge(self, before: int) -> int:
+        cursor = self._conn.execute(
+            "DELETE FROM sandboxes WHERE delete_time IS NOT NULL AND delete_time < ?", (before,)
+        )
+        return cursor.rowcount
 
     async def list_page(self, query: ListQuery) -> list[SandboxRecord]:
         return await self._run(self._list_page, query)

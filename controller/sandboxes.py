@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ from controller.runtime import (
     SOCKET_NAME,
     ContainerRuntime,
     ContainerSpec,
+    ContainerStatus,
     HostCapabilities,
 )
 from controller.units import format_duration
@@ -53,6 +55,9 @@ log = structlog.get_logger()
 _PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # How often a starting sandbox's container is checked for an early exit.
 START_CHECK_INTERVAL = 0.5
+# Beyond an execution's timeout and kill grace, how long its executor may take to answer
+# (streaming the changed files back to a slow client included).
+EXECUTOR_SLACK = timedelta(seconds=120)
 # The longest unix socket path the kernel accepts is 107 bytes.
 MAX_SOCKET_PATH = 107
 
@@ -97,6 +102,8 @@ class SandboxManager:
         self._clock = clock
         self._clients: dict[str, ExecutorClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Sandboxes being created, by uid: a retried Create or a Delete waits for them.
+        self._provisioning: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._host = HostCapabilities("unknown", memory=False, cpu=False, pids=False)
         self._socket_root = config.runtime_dir / "s"
         # Tells this controller's containers from those of another registry on the same podman.
@@ -133,24 +140,30 @@ class SandboxManager:
     async def _adopt(self) -> None:
         records = await self._registry.list_live()
         containers = {c.name: c for c in await self._runtime.list_managed(self.registry_label)}
-        now = self._clock()
         for record in records:
             container = containers.pop(record.container_name, None)
-            if record.state is State.DEPROVISIONING:
-                await self._finish_delete(record, "deleted")
-            elif record.state is State.PROVISIONING:
-                await self._runtime.remove(record.container_name)
-                self._remove_socket_dir(record)
-                await self._terminate(record, "the controller restarted while creating it", now)
-            elif record.state is State.RUNNING and (container is None or not container.running):
-                why = "its container is gone" if container is None else container.describe()
-                await self._terminate(record, f"found at controller start: {why}", now)
-            elif record.state is State.RUNNING:
-                self._client_for(record)
+            try:
+                await self._adopt_one(record, container)
+            except Exception:  # one broken sandbox must not keep the service from starting
+                log.exception("could not adopt a sandbox", sandbox=record.name)
         for orphan in containers.values():
             log.info("removing a container the registry does not know", container=orphan.name)
             await self._runtime.remove(orphan.name)
         log.info("adopted sandboxes", count=len(self._clients))
+
+    async def _adopt_one(self, record: SandboxRecord, container: ContainerStatus | None) -> None:
+        if record.state is State.DEPROVISIONING:
+            await self._finish_delete(record, "deleted")
+        elif record.state is State.PROVISIONING:
+            # Its Create call failed with the controller: it never existed for the caller.
+            await self._runtime.remove(record.container_name)
+            await self._remove_socket_dir(record)
+            await self._registry.forget(record.uid)
+        elif record.state is State.RUNNING and (container is None or not container.running):
+            why = "its container is gone" if container is None else container.describe()
+            await self._terminate(record, f"found at controller start: {why}")
+        elif record.state is State.RUNNING:
+            self._client_for(record)
 
     # --- create ---------------------------------------------------------------------------
 
@@ -158,7 +171,7 @@ class SandboxManager:
         if params.request_id:
             previous = await self._registry.get_by_request_id(params.project, params.request_id)
             if previous is not None:
-                return self._replay(previous, params.request_id)
+                return await self._replay(previous, params.request_id)
         record = self._new_record(params, await self._effective_spec(params))
         try:
             await self._registry.insert(record)
@@ -166,17 +179,24 @@ class SandboxManager:
             if params.request_id:  # a concurrent retry of the same request won the race
                 previous = await self._registry.get_by_request_id(params.project, params.request_id)
                 if previous is not None:
-                    return self._replay(previous, params.request_id)
+                    return await self._replay(previous, params.request_id)
             raise
         # The caller may go away; provisioning finishes (or cleans up) regardless.
-        return await asyncio.shield(asyncio.ensure_future(self._provision(record)))
+        future = asyncio.ensure_future(self._provision(record))
+        self._provisioning[record.uid] = future
+        future.add_done_callback(lambda _: self._provisioning.pop(record.uid, None))
+        return await asyncio.shield(future)
 
-    def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
+    async def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
+        """The answer to a retried Create: the sandbox the first request made, once RUNNING."""
         if previous.delete_time is not None:
             raise AlreadyExists(
                 f"request_id {request_id!r} already created {previous.name}, which was "
                 f"{previous.delete_reason} at {previous.delete_time.isoformat()}"
             )
+        pending = self._provisioning.get(previous.uid)
+        if pending is not None:
+            return await asyncio.shield(pending)
         return previous
 
     async def _effective_spec(self, params: CreateParams) -> Spec:
@@ -273,8 +293,6 @@ class SandboxManager:
         )
 
     async def _provision(self, record: SandboxRecord) -> SandboxRecord:
-        socket_dir = Path(record.socket_dir)
-        os.mkdir(socket_dir, mode=0o700)  # on the runtime tmpfs: microseconds, fine on the loop
         labels = {
             LABEL_MANAGED: "true",
             LABEL_REGISTRY: self.registry_label,
@@ -285,15 +303,18 @@ class SandboxManager:
             name=record.container_name,
             image=self._config.image_for(record.spec.image_profile),
             labels=labels,
-            socket_dir=socket_dir,
+            socket_dir=Path(record.socket_dir),
             workspace_bytes=record.spec.resources.disk_bytes,
             tmp_bytes=self._config.tmp_size,
             open_files=self._config.open_files,
             memory_bytes=record.spec.resources.memory_bytes,
             cpu_millis=record.spec.resources.cpu_millis,
             max_processes=record.spec.resources.max_processes,
+            # The executor answers only calls meant for this sandbox (see executor_client).
+            environment={"PETRI_SANDBOX_UID": record.uid},
         )
         try:
+            os.mkdir(record.socket_dir, mode=0o700)  # on the runtime tmpfs: fine on the loop
             await self._runtime.start(spec)
             client = self._client_for(record)
             status = await self._wait_started(record, client)
@@ -302,13 +323,19 @@ class SandboxManager:
             with contextlib.suppress(Exception):
                 await self._runtime.remove(record.container_name)
             await self._forget_client(record.uid)
-            self._remove_socket_dir(record)
-            await self._tombstone(record, "never started")
+            await self._remove_socket_dir(record)
+            # It never existed for the caller, who gets the error: a retry may start afresh.
+            await self._registry.forget(record.uid)
             raise
         record.state = State.RUNNING
-        record.incarnation = status.incarnation
+        record.incarnation = _checked_incarnation(status.incarnation)
         record.update_time = self._clock()
-        await self._registry.update(record)
+        await self._registry.set_fields(
+            record.uid,
+            state=record.state,
+            incarnation=record.incarnation,
+            update_time=record.update_time,
+        )
         log.info("sandbox created", sandbox=record.name, uid=record.uid)
         return record
 
@@ -356,53 +383,65 @@ class SandboxManager:
 
     async def update(self, name: SandboxName, params: UpdateParams) -> SandboxRecord:
         record = await self.get(name)
+        now = self._clock()
+        fields: dict[str, object] = {"update_time": now}
         if params.display_name is not None:
-            record.display_name = validate_display_name(params.display_name)
+            fields["display_name"] = validate_display_name(params.display_name)
         if params.labels is not None:
-            record.labels = validate_labels(params.labels)
+            fields["labels"] = validate_labels(params.labels)
         if params.expire_time is not None or params.ttl is not None:
-            record.expire_time = self.expiry(self._clock(), params.expire_time, params.ttl)
-        record.update_time = self._clock()
-        await self._registry.update(record)
-        return record
+            fields["expire_time"] = self.expiry(now, params.expire_time, params.ttl)
+        if not await self._registry.set_fields(record.uid, **fields):
+            raise await self._not_found(name)  # deleted meanwhile
+        return await self.get(name)
 
     # --- delete ---------------------------------------------------------------------------
 
     async def delete(self, name: SandboxName, allow_missing: bool) -> None:
         record = await self._registry.get_live(name.project, name.sandbox_id)
+        pending = self._provisioning.get(record.uid) if record is not None else None
+        if pending is not None:  # let its creation finish (or fail) first
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+            record = await self._registry.get_live(name.project, name.sandbox_id)
         if record is None:
             if allow_missing:
                 return
             raise await self._not_found(name)
         await asyncio.shield(asyncio.ensure_future(self._delete(record, "deleted")))
 
+    async def expire(self, record: SandboxRecord) -> None:
+        """Deletes a sandbox whose time is up (the reaper's call); its tombstone says so."""
+        if record.uid in self._provisioning:
+            return  # its Create is still running; the next round takes it
+        await asyncio.shield(asyncio.ensure_future(self._delete(record, "expired")))
+
     async def _delete(self, record: SandboxRecord, reason: str) -> None:
-        record.state = State.DEPROVISIONING
-        record.update_time = self._clock()
-        await self._registry.update(record)
+        if not await self._registry.set_fields(
+            record.uid, state=State.DEPROVISIONING, update_time=self._clock()
+        ):
+            return  # deleted by someone else meanwhile
         await self._finish_delete(record, reason)
 
     async def _finish_delete(self, record: SandboxRecord, reason: str) -> None:
         await self._forget_client(record.uid)
         await self._runtime.remove(record.container_name)
-        self._remove_socket_dir(record)
+        await self._remove_socket_dir(record)
         await self._tombstone(record, reason)
         self._locks.pop(record.uid, None)
         log.info("sandbox deleted", sandbox=record.name, reason=reason)
 
     async def _tombstone(self, record: SandboxRecord, reason: str) -> None:
         now = self._clock()
-        record.delete_time = now
-        record.delete_reason = reason
-        record.update_time = now
-        await self._registry.update(record)
+        await self._registry.set_fields(
+            record.uid, delete_time=now, delete_reason=reason, update_time=now
+        )
 
-    async def _terminate(self, record: SandboxRecord, why: str, now: datetime) -> None:
+    async def _terminate(self, record: SandboxRecord, why: str) -> None:
         await self._forget_client(record.uid)
-        record.state = State.TERMINATED
-        record.state_message = why
-        record.update_time = now
-        await self._registry.update(record)
+        await self._registry.set_fields(
+            record.uid, state=State.TERMINATED, state_message=why, update_time=self._clock()
+        )
         log.warning("sandbox terminated", sandbox=record.name, why=why)
 
     # --- execute --------------------------------------------------------------------------
@@ -443,6 +482,7 @@ class SandboxManager:
         self._require_running(record)
         request = executor_pb2.ExecuteRequest(
             code=code,
+            max_stream_bytes=self._config.max_output_bytes,
             max_input_bytes=self._config.max_input_bytes,
             max_output_file_bytes=self._config.max_output_file_bytes,
             max_output_files=self._config.max_output_files,
@@ -454,12 +494,21 @@ class SandboxManager:
             record = await self.get(name)  # it may have changed while queued
             self._require_running(record)
             call = self._client_for(record).execute()
+            # A stuck or stopped executor must not hold this sandbox's queue forever.
+            answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
             try:
                 await self._send(call, request, inputs)
-                async for event in call:
-                    if event.HasField("result"):
-                        await self._record_execution(record, event.result)
-                    yield event
+                async with asyncio.timeout(answer_within.total_seconds()):
+                    async for event in call:
+                        if event.HasField("result"):
+                            await self._record_execution(record, event.result)
+                        yield event
+            except TimeoutError:
+                raise Unavailable(
+                    f"the executor of sandbox {record.name} did not finish within "
+                    f"{format_duration(answer_within)} (the timeout, the kill grace and "
+                    f"{format_duration(EXECUTOR_SLACK)}); it may be stuck: retry or delete it"
+                ) from None
             except grpc.aio.AioRpcError as exc:
                 raise await self._executor_failed(record, exc.code(), exc.details()) from exc
             except asyncio.InvalidStateError:  # the executor ended the call while we wrote
@@ -492,11 +541,16 @@ class SandboxManager:
         self, record: SandboxRecord, result: executor_pb2.ExecuteResult
     ) -> None:
         now = self._clock()
-        record.execution_count = result.execution_count
-        record.incarnation = result.incarnation
-        record.last_active_time = now
-        record.update_time = now
-        await self._registry.update(record)
+        # The executor's words are the sandbox's: keep them sane before storing them.
+        record.execution_count = max(record.execution_count, min(result.execution_count, 2**62))
+        record.incarnation = _checked_incarnation(result.incarnation)
+        await self._registry.set_fields(
+            record.uid,
+            execution_count=record.execution_count,
+            incarnation=record.incarnation,
+            last_active_time=now,
+            update_time=now,
+        )
 
     async def _executor_failed(
         self, record: SandboxRecord, code: grpc.StatusCode, details: str | None
@@ -514,7 +568,7 @@ class SandboxManager:
         status = await self._runtime.status(record.container_name)
         if status is None or not status.running:
             why = "its container is gone" if status is None else status.describe()
-            await self._terminate(current, why, self._clock())
+            await self._terminate(current, why)
             return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
         return Unavailable(
             f"lost contact with the executor of sandbox {record.name} ({code.name}: {said}); retry"
@@ -526,7 +580,7 @@ class SandboxManager:
         client = self._clients.get(record.uid)
         if client is None:
             client = ExecutorClient(
-                Path(record.socket_dir) / SOCKET_NAME, self._config.max_message_bytes
+                Path(record.socket_dir) / SOCKET_NAME, record.uid, self._config.max_message_bytes
             )
             self._clients[record.uid] = client
         return client
@@ -536,6 +590,21 @@ class SandboxManager:
         if client is not None:
             await client.close()
 
-    def _remove_socket_dir(self, record: SandboxRecord) -> None:
+    async def _remove_socket_dir(self, record: SandboxRecord) -> None:
         if record.socket_dir:
-            shutil.rmtree(record.socket_dir, ignore_errors=True)
+            await asyncio.to_thread(_remove_tree, record.socket_dir)
+
+
+def _remove_tree(path: str) -> None:
+    """Removes a directory the sandbox could write into, however deep it made it."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:  # deeper than Python's recursion limit
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
+
+
+_INCARNATION = re.compile(r"[0-9a-f]{1,32}")
+
+
+def _checked_incarnation(value: str) -> str:
+    return value if _INCARNATION.fullmatch(value) else "invalid"

@@ -20,6 +20,7 @@ from controller.podman_service import PodmanService
 from controller.registry import Registry
 from controller.sandboxes import SandboxManager
 from controller.service import SandboxService
+from controller.ttl_reaper import TtlReaper
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
@@ -39,12 +40,14 @@ class Controller:
     runtime: PodmanRuntime
     podman_service: PodmanService | None
     health: health.aio.HealthServicer
+    reaper: TtlReaper
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
+        self.reaper.stop()
         await self.server.stop(grace)
         await self.manager.close()
         await self.runtime.close()
@@ -119,16 +122,18 @@ async def start_controller(config: Config) -> Controller:
         ),
         server,
     )
+    reaper = TtlReaper(manager, registry, config.reap_interval, config.tombstone_retention)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    reaper.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host_part, _ = _host_port(config.listen)
     log.info("controller listening", address=f"{host_part}:{port}", **config.describe())
     return Controller(
-        config, server, port, manager, registry, runtime, podman_service, health_servicer
+        config, server, port, manager, registry, runtime, podman_service, health_servicer, reaper
     )
 
 

@@ -189,8 +189,12 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             paths = [p for p in ("display_name", "labels") if _is_set(sandbox, p)]
             if expiration:
                 paths.append(expiration)
-        if ("ttl" in paths or "expire_time" in paths) and expiration is None:
-            raise InvalidArgument("update_mask names ttl or expire_time but neither is set")
+        for path in ("ttl", "expire_time"):
+            if path in paths and expiration != path:
+                raise InvalidArgument(
+                    f"update_mask names {path} but the sandbox sets "
+                    f"{expiration or 'neither ttl nor expire_time'}"
+                )
         expire_time, ttl = convert.expiration_from_proto(sandbox)
         params = UpdateParams(
             display_name=sandbox.display_name if everything or "display_name" in paths else None,

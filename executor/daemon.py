@@ -8,6 +8,7 @@ import platform
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -24,14 +25,27 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, sandbox_uid: str) -> None:
         self._supervisor = supervisor
+        self._sandbox_uid = sandbox_uid
+
+    async def _check_caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Refuses calls meant for another sandbox (a socket path redirected by a symlink)."""
+        if not self._sandbox_uid:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("petri-sandbox-uid") != self._sandbox_uid:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this executor belongs to another sandbox; the caller's socket path was redirected",
+            )
 
     async def Execute(
         self,
         request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
         context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent],
     ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        await self._check_caller(context)
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("request"):
             await context.abort(
@@ -67,6 +81,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             executor_pb2.GetStatusRequest, executor_pb2.ExecutorStatus
         ],
     ) -> executor_pb2.ExecutorStatus:
+        await self._check_caller(context)
         return executor_pb2.ExecutorStatus(
             incarnation=self._supervisor.incarnation,
             execution_count=self._supervisor.execution_count,
@@ -84,7 +99,8 @@ async def run(socket_path: Path, workspace: Path) -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorService(supervisor), server)
+    service = ExecutorService(supervisor, os.environ.get("PETRI_SANDBOX_UID", ""))
+    executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # a socket left by an earlier daemon of this container
     os.umask(0o077)  # the socket is for the controller (the container's owner) only

@@ -71,6 +71,27 @@ def to_output(obj: Any, kind: "execution_pb2.Output.Kind.ValueType") -> executio
     return output
 
 
+def bounded(output: execution_pb2.Output, limit: int) -> execution_pb2.Output:
+    """Drops the largest renderings until the output fits in `limit` bytes; text/plain stays
+    (cut if it must) and says what was dropped."""
+    dropped = []
+    while output.ByteSize() > limit:
+        sizes = [(len(v), "binary", k) for k, v in output.binary.items()]
+        sizes += [(len(v), "text", k) for k, v in output.text.items() if k != "text/plain"]
+        if not sizes:
+            break
+        size, where, mime = max(sizes)
+        del (output.binary if where == "binary" else output.text)[mime]
+        dropped.append(f"{mime} ({size} bytes)")
+    plain = output.text["text/plain"]
+    if len(plain.encode()) > limit // 2:
+        plain = plain[: limit // 8] + "... [truncated]"
+    if dropped:
+        plain += f"\n[petri: dropped {', '.join(dropped)}: over {limit} bytes]"
+    output.text["text/plain"] = plain
+    return output
+
+
 def plain_text(obj: Any) -> str:
     try:
         text = repr(obj)

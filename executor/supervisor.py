@@ -66,6 +66,8 @@ class _Stream:
     )
     # Bytes after the previous execution's end marker: output of background threads.
     carry: bytes = b""
+    # Bytes forwarded during the current execution.
+    emitted: int = 0
 
     def decode(self, data: bytes, final: bool = False) -> str:
         return self.decoder.decode(data, final)
@@ -267,10 +269,12 @@ class Supervisor:
                 code=request.code, execution_count=self.execution_count, end_marker=marker.decode()
             )
         )
+        limit = request.max_stream_bytes
         for stream in (worker.stdout, worker.stderr):
+            stream.emitted = 0
             carry, stream.carry = stream.carry, b""
             if carry:
-                await self._emit_text(stream, carry, emit)
+                await self._emit_text(stream, carry, emit, limit)
         tasks = [
             asyncio.create_task(_pump_stream(worker.stdout, marker, events)),
             asyncio.create_task(_pump_stream(worker.stderr, marker, events)),
@@ -308,7 +312,7 @@ class Supervisor:
                         break
                     continue
                 if kind in ("stdout", "stderr"):
-                    await self._emit_text(getattr(worker, kind), payload, emit)
+                    await self._emit_text(getattr(worker, kind), payload, emit, limit)
                 elif kind == "end":
                     ended.add(payload)
                 elif kind == "output":
@@ -334,9 +338,8 @@ class Supervisor:
 
         for stream in (worker.stdout, worker.stderr):
             tail = stream.cutter.flush()
-            text = stream.decode(tail, final=True)
-            if text:
-                await emit(_text_event(stream.name, text))
+            stream.decoder.reset()
+            await self._emit_text(stream, tail, emit, limit)
 
         reset = phase is _Phase.EXITED
         error: execution_pb2.ExecutionError | None
@@ -365,10 +368,12 @@ class Supervisor:
         await emit(executor_pb2.ExecuteEvent(result=result))
 
     @staticmethod
-    async def _emit_text(stream: _Stream, data: bytes, emit: Emit) -> None:
+    async def _emit_text(stream: _Stream, data: bytes, emit: Emit, limit: int) -> None:
         text = stream.decode(data)
-        if text:
-            await emit(_text_event(stream.name, text))
+        if not text or (limit and stream.emitted > limit):
+            return  # past the cap: drained, not forwarded (the controller marks the cut)
+        stream.emitted += len(text.encode(errors="replace"))
+        await emit(_text_event(stream.name, text))
 
     async def _emit_files(
         self,

@@ -17,6 +17,7 @@ import linecache
 import os
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType, TracebackType
 from typing import Any
@@ -24,6 +25,12 @@ from typing import Any
 from executor import formatting
 from executor.framing import read_frame, write_frame
 from petri.v1 import execution_pb2, executor_pb2
+
+# Frames to the daemon are at most 64 MiB (framing.MAX_FRAME_BYTES): stay well below.
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+MAX_EVALUE_CHARS = 64 * 1024
+MAX_TRACEBACK_LINE_CHARS = 8 * 1024
+MAX_TRACEBACK_LINES = 400
 
 
 class Worker:
@@ -33,13 +40,21 @@ class Worker:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         # Figures already shown in this cell (display(fig), or fig as the value), by id.
         self._shown_figures: set[int] = set()
+        self._send_lock = threading.Lock()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._in_user_code:
             raise KeyboardInterrupt
 
     def send(self, reply: executor_pb2.WorkerReply) -> None:
-        write_frame(self._replies_fd, reply)
+        # One frame at a time (display() may be called from threads), and never cut by a
+        # KeyboardInterrupt half-way: a torn frame would cost the namespace.
+        with self._send_lock:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                write_frame(self._replies_fd, reply)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def display(self, *objs: Any) -> None:
         """Shows objects as rich outputs, like IPython's display()."""
@@ -49,7 +64,8 @@ class Worker:
     def _send_output(self, obj: Any, kind: "execution_pb2.Output.Kind.ValueType") -> None:
         if formatting.is_figure(obj):
             self._shown_figures.add(id(obj))
-        self.send(executor_pb2.WorkerReply(output=formatting.to_output(obj, kind)))
+        output = formatting.bounded(formatting.to_output(obj, kind), MAX_OUTPUT_BYTES)
+        self.send(executor_pb2.WorkerReply(output=output))
 
     def show_open_figures(self) -> None:
         """Shows the matplotlib figures left open by the cell, then closes them, as a notebook's
@@ -113,14 +129,35 @@ class Worker:
 def _done_with(exc: BaseException, tb: TracebackType | None) -> executor_pb2.WorkerDone:
     # Drop the worker's own frame: the caller wants frames of its code only.
     user_tb = tb.tb_next if tb is not None else None
-    lines = traceback.format_exception(type(exc), exc, user_tb)
+    try:
+        lines = "".join(traceback.format_exception(type(exc), exc, user_tb)).splitlines()
+        evalue = str(exc)
+    except Exception as formatting_error:  # an exception whose __str__ raises
+        lines = [f"<traceback unavailable: {formatting_error!r}>"]
+        evalue = f"<str() failed: {type(formatting_error).__name__}>"
     error = execution_pb2.ExecutionError(
         kind=execution_pb2.ExecutionError.EXCEPTION,
         ename=type(exc).__name__,
-        evalue=str(exc),
-        traceback="".join(lines).splitlines(),
+        evalue=_clip(evalue, MAX_EVALUE_CHARS),
+        traceback=_clip_lines(lines),
     )
     return executor_pb2.WorkerDone(error=error)
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+def _clip_lines(lines: list[str]) -> list[str]:
+    """Bounds a traceback: its first frames and its last (where the error is) survive."""
+    lines = [_clip(line, MAX_TRACEBACK_LINE_CHARS) for line in lines]
+    if len(lines) <= MAX_TRACEBACK_LINES:
+        return lines
+    head, tail = MAX_TRACEBACK_LINES // 4, MAX_TRACEBACK_LINES - MAX_TRACEBACK_LINES // 4
+    omitted = len(lines) - head - tail
+    return [*lines[:head], f"[... {omitted} lines omitted ...]", *lines[-tail:]]
 
 
 def _flush_all() -> None:

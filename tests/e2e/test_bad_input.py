@@ -148,3 +148,21 @@ async def test_update_of_an_immutable_field(stub: Stub) -> None:
     )
     request.update_mask.paths.append("spec")
     await expect(stub.UpdateSandbox(request), INVALID, "cannot update spec")
+
+
+async def test_update_mask_must_name_the_expiration_that_is_set(stub: Stub) -> None:
+    sandbox = sandbox_pb2.Sandbox(name=f"{PARENT}/sandboxes/x")
+    sandbox.expire_time.FromSeconds(2_000_000_000)
+    request = sandbox_pb2.UpdateSandboxRequest(sandbox=sandbox)
+    request.update_mask.paths.append("ttl")
+    await expect(stub.UpdateSandbox(request), INVALID, "names ttl but the sandbox sets expire_time")
+
+
+async def test_filter_with_a_bad_escape(stub: Stub) -> None:
+    await expect(
+        stub.ListSandboxes(
+            sandbox_pb2.ListSandboxesRequest(parent=PARENT, filter='labels.a = "\\x"')
+        ),
+        INVALID,
+        "bad escape",
+    )

@@ -59,11 +59,16 @@ class ExecuteRequest(_message.Message):
     MAX_INPUT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_FILE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_FILES_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_BYTES_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     max_input_bytes: _builtins.int
     """Limits on the input files (total bytes) and on the files returned (total bytes, count)."""
     max_output_file_bytes: _builtins.int
     max_output_files: _builtins.int
+    max_stream_bytes: _builtins.int
+    """stdout and stderr are each forwarded until they pass this many bytes, then dropped (the
+    pipes are still drained); the controller cuts them exactly and marks the truncation.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Interrupt (SIGINT) after this long; kill the worker if it does not stop within the grace."""
@@ -79,10 +84,11 @@ class ExecuteRequest(_message.Message):
         max_input_bytes: _builtins.int = ...,
         max_output_file_bytes: _builtins.int = ...,
         max_output_files: _builtins.int = ...,
+        max_stream_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kill_grace", b"kill_grace", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kill_grace", b"kill_grace", "max_input_bytes", b"max_input_bytes", "max_output_file_bytes", b"max_output_file_bytes", "max_output_files", b"max_output_files", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kill_grace", b"kill_grace", "max_input_bytes", b"max_input_bytes", "max_output_file_bytes", b"max_output_file_bytes", "max_output_files", b"max_output_files", "max_stream_bytes", b"max_stream_bytes", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

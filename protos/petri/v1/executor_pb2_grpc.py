@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ExecutorStub(object):
-    """Served by the executor daemon inside each sandbox.
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
     """
 
     def __init__(self, channel):
@@ -48,7 +49,8 @@ class ExecutorStub(object):
 
 
 class ExecutorServicer(object):
-    """Served by the executor daemon inside each sandbox.
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
     """
 
     def Execute(self, request_iterator, context):
@@ -90,7 +92,8 @@ def add_ExecutorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Executor(object):
-    """Served by the executor daemon inside each sandbox.
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
     """
 
     @staticmethod

@@ -30,7 +30,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ExecutorStub:
-    """Served by the executor daemon inside each sandbox."""
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -47,7 +49,9 @@ class ExecutorStub:
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
-    """Served by the executor daemon inside each sandbox."""
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
@@ -60,7 +64,9 @@ class ExecutorAsyncStub(ExecutorStub):
     """Answers once the daemon and its worker are ready."""
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
-    """Served by the executor daemon inside each sandbox."""
+    """Served by the executor daemon inside each sandbox. Every call carries the metadata
+    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    """
 
     @_abc_1.abstractmethod
     def Execute(

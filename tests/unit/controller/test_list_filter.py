@@ -73,3 +73,9 @@ def test_bad_filters_are_invalid_argument_naming_the_problem(text: str, message:
 
 def test_label_values_are_bound_not_spliced(db: sqlite3.Connection) -> None:
     assert matching(db, 'labels.team = "x\' OR 1=1 --"') == []
+
+
+@pytest.mark.parametrize("value", ['"\\x"', '"\\ud800"'])
+def test_bad_string_escapes_are_invalid_argument(value: str) -> None:
+    with pytest.raises(InvalidArgument, match="bad escape"):
+        compile_filter(f"labels.team = {value}")

@@ -60,16 +60,39 @@ async def test_names_are_unique_among_live_sandboxes(registry: Registry) -> None
 async def test_a_deleted_name_can_be_reused_and_keeps_its_tombstone(registry: Registry) -> None:
     first = record("a")
     await registry.insert(first)
-    first.delete_time = T0 + timedelta(minutes=5)
-    first.delete_reason = "deleted"
-    await registry.update(first)
+    deleted_at = T0 + timedelta(minutes=5)
+    assert await registry.set_fields(first.uid, delete_time=deleted_at, delete_reason="deleted")
     assert await registry.get_live("p", "a") is None
 
     await registry.insert(record("a", uid="uid-second"))
     live = await registry.get_live("p", "a")
     assert live is not None and live.uid == "uid-second"
     tombstone = await registry.get_latest_tombstone("p", "a")
-    assert tombstone is not None and tombstone.delete_time == first.delete_time
+    assert tombstone is not None and tombstone.delete_time == deleted_at
+    assert tombstone.delete_reason == "deleted"
+
+
+async def test_targeted_writes_keep_other_fields_and_never_touch_the_deleted(
+    registry: Registry,
+) -> None:
+    await registry.insert(record("a", labels={"team": "ml"}))
+    # An execution finishing after an update must not undo the update.
+    later = T0 + timedelta(hours=3)
+    assert await registry.set_fields("uid-a", expire_time=later, labels={"team": "web"})
+    assert await registry.set_fields("uid-a", execution_count=5, incarnation="abc")
+    live = await registry.get_live("p", "a")
+    assert live is not None
+    assert (live.expire_time, live.labels, live.execution_count) == (later, {"team": "web"}, 5)
+
+    assert await registry.set_fields("uid-a", delete_time=later, delete_reason="deleted")
+    assert not await registry.set_fields("uid-a", state=State.RUNNING, delete_time=None)
+    assert await registry.get_live("p", "a") is None
+
+
+async def test_forget_removes_a_row(registry: Registry) -> None:
+    await registry.insert(record("a", request_id="r"))
+    await registry.forget("uid-a")
+    assert await registry.get_by_request_id("p", "r") is None
 
 
 async def test_request_ids_are_unique_per_project(registry: Registry) -> None:

@@ -1,7 +1,7 @@
 import base64
 from typing import Any
 
-from executor.formatting import MAX_REPR_CHARS, to_output
+from executor.formatting import MAX_REPR_CHARS, bounded, to_output
 from petri.v1 import execution_pb2
 
 RESULT = execution_pb2.Output.RESULT
@@ -76,3 +76,15 @@ def test_huge_reprs_are_truncated() -> None:
     output = to_output("x" * (MAX_REPR_CHARS * 2), RESULT)
     assert len(output.text["text/plain"]) < MAX_REPR_CHARS + 100
     assert output.text["text/plain"].endswith("characters]")
+
+
+def test_oversized_outputs_drop_their_largest_renderings_and_say_so() -> None:
+    output = execution_pb2.Output(kind=RESULT)
+    output.text["text/plain"] = "small"
+    output.text["text/html"] = "h" * 5000
+    output.binary["image/png"] = b"p" * 20000
+    bounded(output, 10000)
+    assert "image/png" not in output.binary
+    assert output.text["text/html"] == "h" * 5000
+    assert "dropped image/png (20000 bytes)" in output.text["text/plain"]
+    assert output.ByteSize() <= 10000

@@ -55,6 +55,7 @@ async def run(
     inputs: dict[str, bytes] | None = None,
     max_output_bytes: int = 1 << 30,
     max_output_files: int = 100,
+    max_stream_bytes: int = 0,
 ) -> Ran:
     request = executor_pb2.ExecuteRequest(
         code=code,
@@ -62,6 +63,7 @@ async def run(
         kill_grace=Duration(seconds=int(grace)),
         max_output_file_bytes=max_output_bytes,
         max_output_files=max_output_files,
+        max_stream_bytes=max_stream_bytes,
     )
     stager = InputStager(sup.workspace, max_bytes=1 << 30)
     for path, data in (inputs or {}).items():
@@ -258,3 +260,29 @@ async def test_open_figures_are_shown_as_png_and_closed(supervisor: Supervisor) 
     assert pngs[0].text["text/plain"].startswith("<Figure size")
     again = await run(supervisor, "len(plt.get_fignums())")
     assert again.value == "0"
+
+
+async def test_huge_exceptions_and_outputs_are_clipped_and_keep_the_namespace(
+    supervisor: Supervisor,
+) -> None:
+    await run(supervisor, "kept = 1")
+    raised = await run(supervisor, "raise ValueError('y' * 70_000_000)")
+    assert raised.error is not None and raised.error.ename == "ValueError"
+    assert len(raised.error.evalue) < 100_000 and raised.error.evalue.endswith("characters]")
+    assert not raised.result.namespace_reset
+    shown = await run(
+        supervisor,
+        "class Big:\n    def _repr_html_(self): return 'h' * 40_000_000\ndisplay(Big())\nkept",
+    )
+    assert "dropped text/html" in shown.outputs[0].text["text/plain"]
+    assert shown.value == "1" and not shown.result.namespace_reset
+
+
+async def test_endless_output_is_not_forwarded_past_the_cap(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        "import sys\nfor _ in range(50):\n    sys.stdout.write('x' * 100_000)\n'done'",
+        max_stream_bytes=1_000_000,
+    )
+    assert 1_000_000 < len(ran.stdout) < 1_000_000 + 200_000
+    assert ran.value == "'done'"

@@ -1,0 +1,85 @@
+"""The TTL reaper: deletes sandboxes once their expire_time has come, and forgets old
+tombstones. Runs on APScheduler in the controller's event loop.
+
+A sandbox is never deleted before its expire_time, and at most `reap_interval` (plus the time
+deletions take) after it; sandboxes are taken in the order they expire.
+"""
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from controller.records import SandboxRecord
+from controller.registry import Registry
+from controller.sandboxes import utcnow
+
+log = structlog.get_logger()
+
+# Sandboxes deleted per round at most; the rest wait for the next round (a second later).
+BATCH = 100
+
+
+class Expirer(Protocol):
+    """What the reaper needs of the sandbox manager."""
+
+    async def expire(self, record: SandboxRecord) -> None: ...
+
+
+class TtlReaper:
+    def __init__(
+        self,
+        manager: Expirer,
+        registry: Registry,
+        interval: timedelta,
+        tombstone_retention: timedelta,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._manager = manager
+        self._registry = registry
+        self._interval = interval
+        self._retention = tombstone_retention
+        self._clock = clock
+        self._scheduler = AsyncIOScheduler(timezone="UTC")
+        self.reaped = 0
+
+    def __repr__(self) -> str:
+        return f"<TtlReaper every={self._interval} reaped={self.reaped}>"
+
+    def start(self) -> None:
+        # max_instances=1 and coalesce: a slow round is never overlapped by the next one.
+        self._scheduler.add_job(
+            self.reap_expired,
+            "interval",
+            seconds=self._interval.total_seconds(),
+            max_instances=1,
+            coalesce=True,
+            next_run_time=self._clock(),
+        )
+        self._scheduler.add_job(self.purge_tombstones, "interval", hours=1, max_instances=1)
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=False)
+
+    async def reap_expired(self) -> None:
+        try:
+            due = await self._registry.list_expired(self._clock(), BATCH)
+            for record in due:
+                await self._manager.expire(record)
+                self.reaped += 1
+                log.info(
+                    "sandbox expired", sandbox=record.name, expire_time=str(record.expire_time)
+                )
+        except Exception:
+            log.exception("reaping expired sandboxes failed; retrying next round")
+
+    async def purge_tombstones(self) -> None:
+        try:
+            purged = await self._registry.purge_tombstones(self._clock() - self._retention)
+            if purged:
+                log.info("forgot old tombstones", count=purged)
+        except Exception:
+            log.exception("purging tombstones failed; retrying next round")
