@@ -41,46 +41,69 @@ def _free_port() -> int:
         return port
 
 
-@contextlib.asynccontextmanager
-async def controller_process(**settings: str) -> AsyncIterator[RunningController]:
-    """Starts `python -m controller` with a fresh registry; stops it and its sandboxes after."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    runtime_dir = Path(tempfile.mkdtemp(prefix="petri-bench-", dir=base))
-    state_dir = Path(tempfile.mkdtemp(prefix="petri-bench-state-"))
+@dataclass(frozen=True)
+class ControllerDirs:
+    """Where a controller keeps its registry and sockets: reuse them to restart it."""
+
+    state_dir: Path
+    runtime_dir: Path
+
+    @classmethod
+    def fresh(cls) -> "ControllerDirs":
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        return cls(
+            state_dir=Path(tempfile.mkdtemp(prefix="petri-bench-state-")),
+            runtime_dir=Path(tempfile.mkdtemp(prefix="petri-bench-", dir=base)),
+        )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+async def start_controller_process(dirs: ControllerDirs, **settings: str) -> RunningController:
+    """Starts `python -m controller` on a free loopback port and waits until it is healthy."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
         "PETRI_LISTEN": address,
-        "PETRI_STATE_DIR": str(state_dir),
-        "PETRI_RUNTIME_DIR": str(runtime_dir),
+        "PETRI_STATE_DIR": str(dirs.state_dir),
+        "PETRI_RUNTIME_DIR": str(dirs.runtime_dir),
         "PETRI_LOG_LEVEL": "warning",
         **{f"PETRI_{k.upper()}": v for k, v in settings.items()},
     }
-    log = open(state_dir / "controller.log", "wb")  # noqa: SIM115 - closed in finally
-    process = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stderr=log)
-    running = RunningController(process, address, state_dir)
+    with open(dirs.state_dir / "controller.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stderr=log)
+    running = RunningController(process, address, dirs.state_dir)
+    await wait_healthy(address, process)
+    return running
+
+
+async def delete_all(address: str, project: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+        page = await stub.ListSandboxes(
+            sandbox_pb2.ListSandboxesRequest(parent=f"projects/{project}", page_size=1000)
+        )
+        for sandbox in page.sandboxes:
+            await stub.DeleteSandbox(
+                sandbox_pb2.DeleteSandboxRequest(name=sandbox.name, allow_missing=True)
+            )
+
+
+@contextlib.asynccontextmanager
+async def controller_process(**settings: str) -> AsyncIterator[RunningController]:
+    """A controller with a fresh registry; stopped, with its sandboxes deleted, after."""
+    dirs = ControllerDirs.fresh()
+    running = await start_controller_process(dirs, **settings)
     try:
-        await wait_healthy(address, process)
         yield running
     finally:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                for project in ("bench",):
-                    page = await stub.ListSandboxes(
-                        sandbox_pb2.ListSandboxesRequest(
-                            parent=f"projects/{project}", page_size=1000
-                        )
-                    )
-                    for sandbox in page.sandboxes:
-                        await stub.DeleteSandbox(
-                            sandbox_pb2.DeleteSandboxRequest(name=sandbox.name)
-                        )
-        process.terminate()
-        process.wait(30)
-        log.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await delete_all(running.address, "bench")
+        running.process.terminate()
+        running.process.wait(30)
+        dirs.remove()
 
 
 async def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> None:

@@ -70,6 +70,11 @@ class Config:
         parse_duration,
         default=timedelta(seconds=1),
     )
+    container_check_interval: timedelta = _opt(
+        "how often sandboxes' containers are checked for having died underneath the service",
+        parse_duration,
+        default=timedelta(seconds=2),
+    )
     tombstone_retention: timedelta = _opt(
         "how long Get still says when a deleted or expired sandbox went away",
         parse_duration,

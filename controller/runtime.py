@@ -41,11 +41,11 @@ class ContainerStatus:
 
     def describe(self) -> str:
         if self.running:
-            return "running"
+            return "is running"
         if self.oom_killed:
-            return "killed for using too much memory"
+            return "was killed for using too much memory"
         if self.exit_code is not None and self.exit_code > 128:
-            return f"killed by signal {self.exit_code - 128}"
+            return f"was killed by signal {self.exit_code - 128}"
         text = f"exited with status {self.exit_code}"
         return f"{text}: {self.error}" if self.error else text
 

@@ -151,6 +151,28 @@ class SandboxManager:
             await self._runtime.remove(orphan.name)
         log.info("adopted sandboxes", count=len(self._clients))
 
+    async def check_containers(self) -> None:
+        """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
+        us (killed from outside, OOM, the executor killed inside it, podman lost it)."""
+        records = [r for r in await self._registry.list_live() if r.state is State.RUNNING]
+        if not records:
+            return
+        containers = {c.name: c for c in await self._runtime.list_managed(self.registry_label)}
+        for record in records:
+            container = containers.get(record.container_name)
+            if container is not None and container.running:
+                continue
+            if record.uid in self._provisioning:
+                continue
+            # Inspect for the reason (exit code, OOM), and to be sure it is not just starting.
+            status = await self._runtime.status(record.container_name)
+            if status is not None and status.running:
+                continue
+            why = (
+                "its container is gone" if status is None else f"its container {status.describe()}"
+            )
+            await self._terminate(record, why)
+
     async def _adopt_one(self, record: SandboxRecord, container: ContainerStatus | None) -> None:
         if record.state is State.DEPROVISIONING:
             await self._finish_delete(record, "deleted")
@@ -160,7 +182,11 @@ class SandboxManager:
             await self._remove_socket_dir(record)
             await self._registry.forget(record.uid)
         elif record.state is State.RUNNING and (container is None or not container.running):
-            why = "its container is gone" if container is None else container.describe()
+            why = (
+                "its container is gone"
+                if container is None
+                else f"its container {container.describe()}"
+            )
             await self._terminate(record, f"found at controller start: {why}")
         elif record.state is State.RUNNING:
             self._client_for(record)
@@ -424,8 +450,10 @@ class SandboxManager:
         await self._finish_delete(record, reason)
 
     async def _finish_delete(self, record: SandboxRecord, reason: str) -> None:
-        await self._forget_client(record.uid)
+        # The container first: executions in flight then end with a lost executor, which they
+        # report as "deleted during the execution", rather than with a closed channel.
         await self._runtime.remove(record.container_name)
+        await self._forget_client(record.uid)
         await self._remove_socket_dir(record)
         await self._tombstone(record, reason)
         self._locks.pop(record.uid, None)
@@ -567,7 +595,9 @@ class SandboxManager:
             return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
         status = await self._runtime.status(record.container_name)
         if status is None or not status.running:
-            why = "its container is gone" if status is None else status.describe()
+            why = (
+                "its container is gone" if status is None else f"its container {status.describe()}"
+            )
             await self._terminate(current, why)
             return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
         return Unavailable(

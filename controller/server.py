@@ -122,7 +122,13 @@ async def start_controller(config: Config) -> Controller:
         ),
         server,
     )
-    reaper = TtlReaper(manager, registry, config.reap_interval, config.tombstone_retention)
+    reaper = TtlReaper(
+        manager,
+        registry,
+        config.reap_interval,
+        config.tombstone_retention,
+        watch_interval=config.container_check_interval,
+    )
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")

@@ -27,6 +27,8 @@ class Expirer(Protocol):
 
     async def expire(self, record: SandboxRecord) -> None: ...
 
+    async def check_containers(self) -> None: ...
+
 
 class TtlReaper:
     def __init__(
@@ -36,7 +38,9 @@ class TtlReaper:
         interval: timedelta,
         tombstone_retention: timedelta,
         clock: Callable[[], datetime] = utcnow,
+        watch_interval: timedelta = timedelta(seconds=2),
     ) -> None:
+        self._watch_interval = watch_interval
         self._manager = manager
         self._registry = registry
         self._interval = interval
@@ -59,6 +63,13 @@ class TtlReaper:
             next_run_time=self._clock(),
         )
         self._scheduler.add_job(self.purge_tombstones, "interval", hours=1, max_instances=1)
+        self._scheduler.add_job(
+            self.check_containers,
+            "interval",
+            seconds=self._watch_interval.total_seconds(),
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -75,6 +86,12 @@ class TtlReaper:
                 )
         except Exception:
             log.exception("reaping expired sandboxes failed; retrying next round")
+
+    async def check_containers(self) -> None:
+        try:
+            await self._manager.check_containers()
+        except Exception:
+            log.exception("checking sandbox containers failed; retrying next round")
 
     async def purge_tombstones(self) -> None:
         try:

@@ -130,3 +130,12 @@ ifaces = sorted(name for _, name in socket.if_nameindex())
         "('OSError', 'OSError', ['0000000000000000', '0000000000000000'], '1', ['lo'], "
         "'/workspace')"
     )
+
+
+async def test_a_segfault_is_reported_and_the_sandbox_works_after_it(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    crashed = await execute(stub, sandbox.name, "import ctypes\nctypes.string_at(0)")
+    assert crashed.error.kind == execution_pb2.ExecutionError.INTERPRETER_EXITED
+    assert "SIGSEGV" in crashed.error.evalue and crashed.namespace_reset
+    assert value_of(await execute(stub, sandbox.name, "6 * 7")) == "42"

@@ -64,3 +64,16 @@ async def test_extending_the_ttl_keeps_a_sandbox_alive(
     await asyncio.sleep(4)
     got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=created.name))
     assert got.state == sandbox_pb2.Sandbox.RUNNING
+
+
+async def test_shortening_the_ttl_makes_a_sandbox_expire_sooner(
+    stub: Stub, create_sandbox: CreateSandbox
+) -> None:
+    created = await create_sandbox()  # the default hour
+    update = sandbox_pb2.Sandbox(name=created.name)
+    update.ttl.FromSeconds(2)
+    request = sandbox_pb2.UpdateSandboxRequest(sandbox=update)
+    request.update_mask.paths.append("ttl")
+    updated = await stub.UpdateSandbox(request)
+    assert updated.expire_time.ToDatetime() < created.expire_time.ToDatetime()
+    assert "was expired at" in await wait_gone(stub, created.name, within=15)

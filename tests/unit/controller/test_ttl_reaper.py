@@ -17,6 +17,9 @@ class RecordingManager:
         self.registry = registry
         self.expired: list[str] = []
 
+    async def check_containers(self) -> None:
+        pass
+
     async def expire(self, sandbox: SandboxRecord) -> None:
         self.expired.append(sandbox.sandbox_id)
         await self.registry.set_fields(sandbox.uid, delete_time=T0, delete_reason="expired")
