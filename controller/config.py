@@ -95,6 +95,25 @@ class Config:
     )
     tmp_size: int = _opt("size of a sandbox's /tmp (tmpfs)", parse_size, default=256 << 20)
     open_files: int = _opt("open files per sandbox (RLIMIT_NOFILE)", int, default=1024)
+    default_memory: int = _opt(
+        "memory of a sandbox that asks for none: the memory cgroup where the host delegates "
+        "it, else the address space of each process of user code (RLIMIT_AS)",
+        parse_size,
+        default=8 << 30,
+    )
+    max_memory: int = _opt("most memory a sandbox may ask for", parse_size, default=16 << 30)
+    default_max_processes: int = _opt(
+        "processes and threads per sandbox when it asks for no number (RLIMIT_NPROC)",
+        int,
+        default=512,
+    )
+    max_processes: int = _opt("most processes and threads a sandbox may ask for", int, default=4096)
+    userns_size: int = _opt(
+        "uids in each sandbox's own user namespace; the service user's subordinate id range "
+        "must hold this many per sandbox",
+        int,
+        default=2048,
+    )
     max_output_bytes: int = _opt(
         "cap on stdout and on stderr of one execution", parse_size, default=10 << 20
     )

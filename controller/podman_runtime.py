@@ -102,8 +102,11 @@ class PodmanRuntime:
                 {"type": "bind", "source": str(spec.socket_dir), "target": CONTAINER_SOCKET_DIR},
             ],
             # Explicit ulimits: podman's defaults exceed our hosts' hard limits and runc fails.
+            # nproc counts per host uid: with a user namespace of its own (below), each
+            # sandbox's processes are counted apart, so a fork bomb starves only itself.
             "ulimits": [
                 {"Name": "nofile", "Soft": spec.open_files, "Hard": spec.open_files},
+                {"Name": "nproc", "Soft": spec.process_limit, "Hard": spec.process_limit},
                 {"Name": "core", "Soft": 0, "Hard": 0},
             ],
             "stop_signal": 15,  # SIGTERM; the API wants the number
@@ -119,12 +122,26 @@ class PodmanRuntime:
             kwargs["nano_cpus"] = spec.cpu_millis * 1_000_000
         if spec.max_processes:
             kwargs["pids_limit"] = spec.max_processes
+        payload = self._client.containers._render_payload({"image": spec.image, **kwargs})
+        # A user namespace of its own per sandbox (podman's --userns=auto): its uids are
+        # nobody else's on the host. podman-py has no keyword for it; the API has.
+        payload["userns"] = {"nsmode": "auto"}
+        payload["idmappings"] = {
+            "AutoUserNs": True,
+            "AutoUserNsOpts": {"Size": spec.userns_size},
+        }
+        response = self._client.api.post(
+            "/containers/create",
+            headers={"content-type": "application/json"},
+            data=podman.api.prepare_body(payload),
+        )
         try:
-            container = self._client.containers.create(spec.image, **kwargs)
+            response.raise_for_status(not_found=podman.errors.ImageNotFound)
         except podman.errors.ImageNotFound as exc:
             raise FailedPrecondition(
                 f"image {spec.image} is not built on this server: run sandbox-image/build.sh"
             ) from exc
+        container = self._client.containers.get(response.json()["Id"])
         try:
             container.start()
         except Exception:

@@ -24,6 +24,10 @@ class ContainerSpec:
     workspace_bytes: int
     tmp_bytes: int
     open_files: int
+    # RLIMIT_NPROC of the sandbox's uids (each sandbox has its own: see userns_size).
+    process_limit: int = 1024
+    # How many uids the sandbox's user namespace gets.
+    userns_size: int = 2048
     memory_bytes: int = 0  # 0: not limited by the runtime
     cpu_millis: int = 0
     max_processes: int = 0

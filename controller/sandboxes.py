@@ -250,11 +250,7 @@ class SandboxManager:
                 raise InvalidArgument(f"resources.{field_name} must not be negative")
         unenforceable = [
             name
-            for name, asked, can in (
-                ("memory_bytes", requested.memory_bytes, self._host.memory),
-                ("cpu_millis", requested.cpu_millis, self._host.cpu),
-                ("max_processes", requested.max_processes, self._host.pids),
-            )
+            for name, asked, can in (("cpu_millis", requested.cpu_millis, self._host.cpu),)
             if asked and not can
         ]
         if unenforceable:
@@ -269,7 +265,19 @@ class SandboxManager:
                 f"resources.disk_bytes {disk} exceeds this server's maximum "
                 f"{self._config.workspace_size}"
             )
-        return replace(requested, disk_bytes=disk)
+        memory = requested.memory_bytes or self._config.default_memory
+        if memory > self._config.max_memory:
+            raise InvalidArgument(
+                f"resources.memory_bytes {memory} exceeds this server's maximum "
+                f"{self._config.max_memory}"
+            )
+        processes = requested.max_processes or self._config.default_max_processes
+        if processes > self._config.max_processes:
+            raise InvalidArgument(
+                f"resources.max_processes {processes} exceeds this server's maximum "
+                f"{self._config.max_processes}"
+            )
+        return replace(requested, disk_bytes=disk, max_processes=processes, memory_bytes=memory)
 
     def expiry(
         self, now: datetime, expire_time: datetime | None, ttl: timedelta | None
@@ -333,14 +341,29 @@ class SandboxManager:
             workspace_bytes=record.spec.resources.disk_bytes,
             tmp_bytes=self._config.tmp_size,
             open_files=self._config.open_files,
-            memory_bytes=record.spec.resources.memory_bytes,
+            # The memory cgroup where the host delegates it; else the interpreter's address
+            # space (RLIMIT_AS, set by the executor on the worker).
+            memory_bytes=record.spec.resources.memory_bytes if self._host.memory else 0,
             cpu_millis=record.spec.resources.cpu_millis,
-            max_processes=record.spec.resources.max_processes,
+            # RLIMIT_NPROC always (each sandbox has uids of its own); the pids cgroup as well
+            # where the host delegates it.
+            process_limit=record.spec.resources.max_processes,
+            max_processes=record.spec.resources.max_processes if self._host.pids else 0,
+            userns_size=self._config.userns_size,
             # The executor answers only calls meant for this sandbox (see executor_client).
-            environment={"PETRI_SANDBOX_UID": record.uid},
+            environment={
+                "PETRI_SANDBOX_UID": record.uid,
+                "PETRI_MEMORY_LIMIT": (
+                    "0" if self._host.memory else str(record.spec.resources.memory_bytes)
+                ),
+            },
         )
         try:
-            os.mkdir(record.socket_dir, mode=0o700)  # on the runtime tmpfs: fine on the loop
+            # The sandbox's root is a uid of its own user namespace, not ours: it may write
+            # here (to create its socket) because the directory is open to all. Nobody else
+            # can reach it: its parent is ours alone (0700).
+            os.mkdir(record.socket_dir)  # on the runtime tmpfs: fine on the loop
+            os.chmod(record.socket_dir, 0o777)
             await self._runtime.start(spec)
             client = self._client_for(record)
             status = await self._wait_started(record, client)
@@ -622,15 +645,20 @@ class SandboxManager:
 
     async def _remove_socket_dir(self, record: SandboxRecord) -> None:
         if record.socket_dir:
-            await asyncio.to_thread(_remove_tree, record.socket_dir)
+            await asyncio.to_thread(_remove_tree, record.socket_dir, self._config.podman_binary)
 
 
-def _remove_tree(path: str) -> None:
-    """Removes a directory the sandbox could write into, however deep it made it."""
+def _remove_tree(path: str, podman_binary: str) -> None:
+    """Removes a directory the sandbox could write into, however deep it made it, and
+    whatever its own uids own in it."""
     try:
         shutil.rmtree(path, ignore_errors=True)
     except RecursionError:  # deeper than Python's recursion limit
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
+        pass
+    if os.path.lexists(path):
+        # What the sandbox's uids own can only go as the root of our user namespace.
+        command = [podman_binary, "unshare", "rm", "-rf", "--one-file-system", "--", path]
+        subprocess.run(command, check=False, capture_output=True)
 
 
 _INCARNATION = re.compile(r"[0-9a-f]{1,32}")

@@ -89,13 +89,14 @@ async def start_controller(config: Config) -> Controller:
         raise
     host = manager.host
     log.info(
-        "host limits",
+        "what enforces each sandbox limit on this host",
         cgroups=host.cgroup_version,
-        memory="cgroup" if host.memory else "not enforced",
-        cpu="cgroup" if host.cpu else "not enforced",
-        processes="cgroup" if host.pids else "not enforced",
-        workspace="tmpfs size",
-        open_files="rlimit",
+        memory="memory cgroup" if host.memory else "RLIMIT_AS per process of user code",
+        cpu="cpu cgroup" if host.cpu else "not enforced (no cpu cgroup delegated)",
+        processes="RLIMIT_NPROC per sandbox (own uids)" + (" + pids cgroup" if host.pids else ""),
+        disk="tmpfs size of /workspace and /tmp",
+        open_files="RLIMIT_NOFILE",
+        output="executor and controller caps",
     )
 
     server = grpc.aio.server(

@@ -91,7 +91,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 
 async def run(socket_path: Path, workspace: Path) -> None:
     """Starts the worker, then serves until SIGTERM or SIGINT."""
-    supervisor = Supervisor(workspace)
+    supervisor = Supervisor(workspace, int(os.environ.get("PETRI_MEMORY_LIMIT") or 0))
     await supervisor.start()
     server = grpc.aio.server(
         options=[
@@ -103,9 +103,12 @@ async def run(socket_path: Path, workspace: Path) -> None:
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # a socket left by an earlier daemon of this container
-    os.umask(0o077)  # the socket is for the controller (the container's owner) only
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
+    # The controller on the host is not this container's root (each sandbox has a user
+    # namespace of its own): it needs write permission on the socket. Only it can reach the
+    # socket's directory on the host; calls for another sandbox are refused (_check_caller).
+    os.chmod(socket_path, 0o666)
     log.info("listening on %s, worker incarnation %s", socket_path, supervisor.incarnation)
 
     stop = asyncio.Event()

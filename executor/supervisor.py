@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -97,7 +98,7 @@ class WorkerProcess:
         )
 
     @classmethod
-    async def start(cls, workspace_dir: Path) -> "WorkerProcess":
+    async def start(cls, workspace_dir: Path, memory_limit: int = 0) -> "WorkerProcess":
         loop = asyncio.get_running_loop()
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
@@ -113,6 +114,8 @@ class WorkerProcess:
                 str(replies_write),
                 "--workspace",
                 str(workspace_dir),
+                "--memory-limit",
+                str(memory_limit),
                 cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -182,8 +185,9 @@ class _Execution:
 class Supervisor:
     """Owns the current worker and runs executions through it in arrival order."""
 
-    def __init__(self, workspace: Path) -> None:
+    def __init__(self, workspace: Path, memory_limit: int = 0) -> None:
         self.workspace = workspace
+        self.memory_limit = memory_limit
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
         self._drainers: set[asyncio.Task[None]] = set()
@@ -209,7 +213,7 @@ class Supervisor:
     async def _ensure_worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.process.returncode is not None:
             try:
-                self._worker = await WorkerProcess.start(self.workspace)
+                self._worker = await WorkerProcess.start(self.workspace, self.memory_limit)
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
                 self._worker = None
                 raise ExecutorBroken(f"cannot start the Python worker: {exc}") from exc
@@ -341,14 +345,36 @@ class Supervisor:
             stream.decoder.reset()
             await self._emit_text(stream, tail, emit, limit)
 
+        # Inline, not in a thread: at the process limit no thread can be started.
+        pressure = phase is not _Phase.EXITED and _at_process_pressure(worker.process.pid)
+        if pressure:
+            # What the code left running (a fork bomb, typically) holds the sandbox's process
+            # limit: stop the interpreter and all of it, or the sandbox stays unusable.
+            await worker.kill()
+            phase = _Phase.EXITED
+            note = (
+                "\n[petri: this code left so many processes running that the sandbox reached "
+                "half its process limit: the interpreter and every process it started were "
+                "stopped; variables are lost, files are kept]\n"
+            )
+            await emit(executor_pb2.ExecuteEvent(stderr=note))
         reset = phase is _Phase.EXITED
         error: execution_pb2.ExecutionError | None
-        if reset:
+        if pressure and done is not None and done.HasField("error"):
+            error = done.error  # the code's own error says most (BlockingIOError, usually)
+        elif pressure:
+            error = execution_pb2.ExecutionError(
+                kind=execution_pb2.ExecutionError.INTERPRETER_EXITED,
+                ename="ProcessLimit",
+                evalue=f"the code left too many processes running; {_STATE_LOST}",
+            )
+        elif reset:
             error = _worker_gone_error(worker, killed, stop_reason, timeout, grace, protocol_error)
+        if reset:
             self._worker = None
             with contextlib.suppress(ExecutorBroken):
                 await self._ensure_worker()
-        else:
+        if not reset:
             assert done is not None
             error = done.error if done.HasField("error") else None
             if error is not None and stop_reason is not None and error.ename == "KeyboardInterrupt":
@@ -492,6 +518,20 @@ async def _watch_exit(
 async def _watch_cancel(cancelled: asyncio.Event, events: "asyncio.Queue[tuple[str, Any]]") -> None:
     await cancelled.wait()
     events.put_nowait(("cancel", None))
+
+
+def _at_process_pressure(worker_pid: int) -> bool:
+    """Whether the processes user code left in the worker's process group (zombies included:
+    they count too) hold half the sandbox's process limit or more: a fork bomb, typically."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if soft_limit == resource.RLIM_INFINITY:
+        return False
+    members = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != worker_pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                members += os.getpgid(int(entry)) == worker_pid
+    return members >= soft_limit // 2
 
 
 def _describe_exit(returncode: int | None) -> str:

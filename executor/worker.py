@@ -15,6 +15,7 @@ import builtins
 import ctypes
 import linecache
 import os
+import resource
 import signal
 import sys
 import threading
@@ -185,7 +186,13 @@ def main() -> None:
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--replies-fd", type=int, required=True)
     parser.add_argument("--workspace", default="/workspace")
+    parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes")
     args = parser.parse_args()
+    worker_pid = os.getpid()
+    if args.memory_limit:
+        # Where no memory cgroup is delegated, this is the memory limit that holds: every
+        # process of user code gets at most this much address space (MemoryError beyond).
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)
@@ -202,6 +209,11 @@ def main() -> None:
             return  # the daemon closed the pipe: it wants us gone
         request = executor_pb2.WorkerRequest.FromString(payload)
         done = worker.run(request)
+        if os.getpid() != worker_pid:
+            # A child that user code forked and that returned here: it must not speak the
+            # protocol (or read the next request) in the worker's name.
+            _flush_all()
+            os._exit(1 if done.HasField("error") else 0)
         _flush_all()
         marker = request.end_marker.encode()
         _write_marker(1, marker)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from petri.v1 import execution_pb2, sandbox_pb2
-from tests.e2e.conftest import CreateSandbox
+from tests.conftest import CreateSandbox
 from tests.e2e.helpers import execute, value_of
 
 if TYPE_CHECKING:

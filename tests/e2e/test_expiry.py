@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from petri.v1 import sandbox_pb2
-from tests.e2e.conftest import CreateSandbox
+from tests.conftest import CreateSandbox
 from tests.e2e.helpers import execute, podman, value_of
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from controller.config import Config
 from controller.server import Controller, start_controller
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
-from tests.e2e.conftest import CreateSandbox
+from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, execute, podman, value_of
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import pytest
 from bench.harness import ControllerDirs, delete_all, start_controller_process
 from controller.server import Controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
-from tests.e2e.conftest import CreateSandbox
+from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, PROJECT, execute, podman, value_of
 
 if TYPE_CHECKING:

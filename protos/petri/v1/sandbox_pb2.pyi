@@ -245,7 +245,9 @@ Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):
-    """Resource limits of a sandbox. Zero means the server's default."""
+    """Resource limits of a sandbox. Zero means the server's default; responses show the limits
+    in force. What enforces each depends on the host (the controller logs it at start):
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -254,13 +256,19 @@ class Resources(_message.Message):
     DISK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_PROCESSES_FIELD_NUMBER: _builtins.int
     cpu_millis: _builtins.int
-    """OPTIONAL. CPU in thousandths of a core."""
+    """OPTIONAL. CPU in thousandths of a core: the cpu cgroup. Only on hosts that delegate it
+    (cgroups v2); elsewhere asking for it is FAILED_PRECONDITION.
+    """
     memory_bytes: _builtins.int
-    """OPTIONAL. Memory in bytes."""
+    """OPTIONAL. Memory in bytes: the memory cgroup where the host delegates it, otherwise the
+    address space of each process of user code (RLIMIT_AS: MemoryError beyond it).
+    """
     disk_bytes: _builtins.int
-    """OPTIONAL. Size of the writable /workspace in bytes."""
+    """OPTIONAL. Size of the writable /workspace in bytes (a tmpfs of that size)."""
     max_processes: _builtins.int
-    """OPTIONAL. Maximum number of processes and threads."""
+    """OPTIONAL. Processes and threads: RLIMIT_NPROC over the sandbox's own uids (every sandbox
+    has a user namespace of its own), plus the pids cgroup where delegated.
+    """
     def __init__(
         self,
         *,

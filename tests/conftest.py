@@ -1,4 +1,5 @@
-"""End-to-end fixtures: a real controller (in-process, real gRPC on a loopback port) driving real
+"""End-to-end fixtures for tests/e2e and tests/adversarial: a real controller (in-process,
+real gRPC on a loopback port) driving real
 rootless podman. Run as the unprivileged user that owns the podman storage and the sandbox image
 (scripts/test does this). Nothing here is mocked."""
 

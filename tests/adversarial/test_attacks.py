@@ -1,0 +1,278 @@
+"""Hostile code against real sandboxes. Each case asserts that the attack fails, that the
+controller and a neighbour sandbox keep answering normally, and that the victim either keeps
+working or is reported TERMINATED with a reason."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from controller.server import Controller
+from petri.v1 import execution_pb2, sandbox_pb2
+from tests.conftest import CreateSandbox
+from tests.e2e.helpers import PARENT, execute, value_of
+
+if TYPE_CHECKING:
+    from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def neighbour(create_sandbox: CreateSandbox, stub: Stub) -> sandbox_pb2.Sandbox:
+    sandbox = await create_sandbox()
+    await execute(stub, sandbox.name, "mine = 'untouched'")
+    return sandbox
+
+
+@pytest.fixture
+async def victim(create_sandbox: CreateSandbox) -> sandbox_pb2.Sandbox:
+    return await create_sandbox()
+
+
+async def assert_unharmed(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    """The service and the neighbour answer normally; the victim works or says why not."""
+    listed = await stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT))
+    assert neighbour.name in {s.name for s in listed.sandboxes}
+    check = "import subprocess\n(mine, subprocess.run(['true']).returncode)"
+    response = await execute(stub, neighbour.name, check, timeout={"seconds": 60})
+    assert value_of(response) == "('untouched', 0)", response
+    got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=victim.name))
+    if got.state == sandbox_pb2.Sandbox.TERMINATED:
+        assert got.state_message
+        return
+    assert got.state == sandbox_pb2.Sandbox.RUNNING
+    after = await execute(stub, victim.name, "'still here'", timeout={"seconds": 60})
+    assert value_of(after) == "'still here'", after
+
+
+async def run_attack(
+    stub: Stub, victim: sandbox_pb2.Sandbox, code: str, timeout: int = 30
+) -> sandbox_pb2.ExecuteCodeResponse:
+    return await execute(stub, victim.name, code, timeout={"seconds": timeout})
+
+
+async def test_no_network_at_all(
+    stub: Stub, controller: Controller, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    code = f"""
+import socket
+def attempt(fn):
+    try:
+        fn()
+        return "succeeded"
+    except OSError as exc:
+        return type(exc).__name__
+results = {{
+    "controller port on 127.0.0.1": attempt(lambda: socket.create_connection(("127.0.0.1", {controller.port}), timeout=2)),
+    "a host address": attempt(lambda: socket.create_connection(("10.0.2.2", 22), timeout=2)),
+    "dns": attempt(lambda: socket.getaddrinfo("pypi.org", 443)),
+    "raw socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+    "packet socket": attempt(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
+}}
+results
+"""
+    response = await run_attack(stub, victim, code)
+    results = eval(value_of(response) or "{}")
+    assert results and "succeeded" not in results.values(), results
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_host_files_and_controller_state_are_out_of_reach(
+    stub: Stub, controller: Controller, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    state = controller.config.database_path
+    sockets = controller.config.runtime_dir / "s" / neighbour.uid / "executor.sock"
+    code = f"""
+import os
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(64) and "read"
+    except OSError as exc:
+        return type(exc).__name__
+{{
+    "registry": read({str(state)!r}),
+    "registry via /proc/1/root": read("/proc/1/root" + {str(state)!r}),
+    "neighbour socket": read({str(sockets)!r}),
+    "host home": os.path.exists({os.path.expanduser("~")!r}),
+    "pid 1": open("/proc/1/cmdline").read().split("\\0")[0],
+    "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())[:3],
+}}
+"""
+    response = await run_attack(stub, victim, code)
+    results = eval(value_of(response) or "{}")
+    assert results["registry"] == "FileNotFoundError"
+    assert results["registry via /proc/1/root"] == "FileNotFoundError"
+    assert results["neighbour socket"] in ("FileNotFoundError", "PermissionError")
+    assert results["host home"] is False
+    assert results["pid 1"].endswith("tini")  # a process tree of its own
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_mount_ptrace_and_setuid_gain_nothing(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    code = """
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+mounted = libc.mount(b"none", b"/mnt", b"tmpfs", 0, None)
+mount_errno = ctypes.get_errno()
+PTRACE_ATTACH = 16
+traced = libc.ptrace(PTRACE_ATTACH, 999999, None, None)  # a pid outside this sandbox's view
+setuid_files = subprocess.run(
+    ["find", "/", "-xdev", "-perm", "-4000", "-type", "f"], capture_output=True, text=True
+).stdout.split()
+escalations = [
+    subprocess.run([f, "--version"], capture_output=True).returncode for f in setuid_files
+]
+uid_after = os.getuid()
+(mounted, mount_errno, traced, uid_after, len(setuid_files), open("/proc/self/status").read().count("NoNewPrivs:\\t1"))
+"""
+    response = await run_attack(stub, victim, code)
+    mounted, mount_errno, traced, _, _, no_new_privs = eval(value_of(response) or "()")
+    assert mounted == -1 and mount_errno == 1  # EPERM
+    assert traced == -1
+    assert no_new_privs == 1  # setuid binaries cannot raise privileges
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_killing_pid_1(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await run_attack(
+            stub,
+            victim,
+            "import os, signal\nos.kill(1, signal.SIGKILL)\nos.kill(1, signal.SIGTERM)",
+        )
+    await asyncio.sleep(3)  # time for the container watcher to see a death, if any
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_a_fork_bomb_starves_only_itself(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    bomb = asyncio.create_task(
+        run_attack(stub, victim, "import os\nwhile True:\n    os.fork()", timeout=20)
+    )
+    await asyncio.sleep(3)  # the bomb is at its limit now, or was stopped already
+    await assert_unharmed_neighbour(stub, neighbour)
+    response = await bomb
+    # The bomb hit the sandbox's own process limit; what it left running was stopped with
+    # the interpreter, and the caller is told the variables are gone.
+    assert response.error.ename == "BlockingIOError"
+    assert response.namespace_reset and "process limit" in response.stderr
+    left = await execute(
+        stub, victim.name, "import os\nlen([p for p in os.listdir('/proc') if p.isdigit()])"
+    )
+    assert int(value_of(left) or 999) < 20
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def assert_unharmed_neighbour(stub: Stub, neighbour: sandbox_pb2.Sandbox) -> None:
+    check = "import subprocess\n(mine, subprocess.run(['true']).returncode)"
+    response = await execute(stub, neighbour.name, check, timeout={"seconds": 60})
+    assert value_of(response) == "('untouched', 0)", response
+
+
+async def test_a_memory_bomb_gets_memory_error_and_keeps_the_namespace(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    await execute(stub, victim.name, "kept = 'yes'")
+    response = await run_attack(
+        stub, victim, "hog = []\nwhile True:\n    hog.append(bytearray(100 << 20))", timeout=60
+    )
+    assert response.error.ename == "MemoryError"
+    assert value_of(await execute(stub, victim.name, "del hog\nkept")) == "'yes'"
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_filling_the_disk_stops_at_the_sandbox_quota(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    code = """
+import errno
+def fill(path):
+    written = 0
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(b"x" * (16 << 20))
+                written += 16 << 20
+    except OSError as exc:
+        return (written >> 20, errno.errorcode[exc.errno])
+(fill("/workspace/fill"), fill("/tmp/fill"))
+"""
+    response = await run_attack(stub, victim, code, timeout=120)
+    (workspace_mib, error_1), (tmp_mib, error_2) = eval(value_of(response) or "()")
+    assert error_1 == error_2 == "ENOSPC"
+    assert workspace_mib <= 1024 and tmp_mib <= 256
+    await execute(
+        stub, victim.name, "import os\nos.remove('/workspace/fill'); os.remove('/tmp/fill')"
+    )
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_a_hundred_million_lines_are_cut_not_stored(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    code = "import sys\nline = b'y' * 9 + b'\\n'\nfor _ in range(100_000):\n    sys.stdout.buffer.write(line * 1000)"
+    response = await run_attack(stub, victim, code, timeout=120)
+    assert response.output_truncated
+    assert len(response.stdout.encode()) <= (10 << 20) + 200
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_an_input_named_dot_dot_is_refused(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    request = sandbox_pb2.ExecuteCodeRequest(
+        name=victim.name,
+        code="print('never')",
+        files=[execution_pb2.File(path="../../x", content=b"escape")],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExecuteCode(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    listing = await execute(
+        stub, victim.name, "import os\n(os.listdir('/workspace'), os.path.exists('/x'))"
+    )
+    assert value_of(listing) == "([], False)"
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_a_one_gigabyte_request_is_refused_cheaply(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    huge = execution_pb2.File(path="huge.bin", content=b"\0" * (1 << 30))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExecuteCode(
+            sandbox_pb2.ExecuteCodeRequest(name=victim.name, code="1", files=[huge])
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    del huge
+    await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_a_flood_of_a_thousand_executes(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    await execute(stub, victim.name, "count = 0")
+
+    async def one() -> str | None:
+        return value_of(await execute(stub, victim.name, "count += 1\ncount"))
+
+    flood = asyncio.gather(*(one() for _ in range(1000)))
+    await asyncio.sleep(1)
+    await assert_unharmed_neighbour(stub, neighbour)  # while the flood is queued
+    values = await flood
+    assert sorted(int(v or 0) for v in values) == list(range(1, 1001))
+    await assert_unharmed(stub, neighbour, victim)
