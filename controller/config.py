@@ -26,6 +26,15 @@ def _default_runtime_dir() -> Path:
     return Path(runtime) / "petri" if runtime else _default_state_dir() / "run"
 
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"invalid boolean {text!r}: use true or false")
+
+
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "parse": parse}, **kwargs)
 
@@ -130,6 +139,30 @@ class Config:
         default=192 << 20,
     )
     max_code_bytes: int = _opt("largest code of one execution", parse_size, default=10 << 20)
+    tokens_file: Path | None = _opt(
+        "TOML file of bearer tokens and the projects each may use (see controller/auth.py); "
+        "when unset, authentication is off, which is allowed on loopback only unless "
+        "--insecure-no-auth",
+        Path,
+        default=None,
+    )
+    insecure_no_auth: bool = _opt(
+        "serve without authentication on a non-loopback address (development only)",
+        _parse_bool,
+        default=False,
+    )
+    tls_cert: Path | None = _opt("PEM certificate chain: serve TLS", Path, default=None)
+    tls_key: Path | None = _opt("PEM private key of tls_cert", Path, default=None)
+    tls_client_ca: Path | None = _opt(
+        "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+        Path,
+        default=None,
+    )
+    max_sandboxes_per_project: int = _opt("live sandboxes per project", int, default=100)
+    max_executes_per_minute: int = _opt("executions per project per minute", int, default=1200)
+    max_concurrent_creates: int = _opt(
+        "sandboxes being created at once, server-wide", int, default=16
+    )
     log_format: str = _opt("console or json", default="console")
     log_level: str = _opt("debug, info, warning or error", default="info")
 
@@ -162,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="petri's controller: the gRPC API for isolated, stateful code sandboxes.",
     )
     for f in fields(Config):
-        parser.add_argument(
-            _flag_name(f.name),
-            dest=f.name,
-            metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (env {_env_name(f.name)})",
-        )
+        help_text = f"{f.metadata['help']} (env {_env_name(f.name)})"
+        if f.metadata["parse"] is _parse_bool:  # a switch: present means true
+            parser.add_argument(
+                _flag_name(f.name), dest=f.name, action="store_const", const="true", help=help_text
+            )
+        else:
+            parser.add_argument(
+                _flag_name(f.name), dest=f.name, metavar=f.name.upper(), help=help_text
+            )
     return parser
 
 
@@ -207,6 +243,10 @@ def validate(config: Config) -> list[str]:
         problems.append("default_ttl must be positive and at most max_ttl")
     if not timedelta(0) < config.default_timeout <= config.max_timeout:
         problems.append("default_timeout must be positive and at most max_timeout")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        problems.append("tls_cert and tls_key go together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
     if config.log_format not in ("console", "json"):
         problems.append("log_format must be console or json")
     # A unary response carries the files, stdout, stderr and rich outputs; a request the

@@ -1,11 +1,13 @@
 """The controller's exception tree, and its one mapping to gRPC status codes.
 
     PetriError                    INTERNAL (never raised bare)
+    ├── Unauthenticated           UNAUTHENTICATED    no, malformed or unknown bearer token
+    ├── PermissionDenied          PERMISSION_DENIED  the token may not use that project
     ├── InvalidArgument           INVALID_ARGUMENT   bad name, filter, page token, ttl, ...
     ├── NotFound                  NOT_FOUND          no such sandbox (or it expired / was deleted)
     ├── AlreadyExists             ALREADY_EXISTS     sandbox_id taken in the project
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
-    ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
     └── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
@@ -20,6 +22,14 @@ class PetriError(Exception):
     """Base of the controller's errors; its message is shown to the caller."""
 
     status = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(PetriError):
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(PetriError):
+    status = grpc.StatusCode.PERMISSION_DENIED
 
 
 class InvalidArgument(PetriError):

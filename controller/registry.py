@@ -301,6 +301,15 @@ class Registry:
         """Every sandbox that is not deleted, of every project."""
         return await self._run(self._many, "SELECT * FROM sandboxes WHERE delete_time IS NULL", ())
 
+    async def count_live(self, project: str) -> int:
+        return await self._run(self._count_live, project)
+
+    def _count_live(self, project: str) -> int:
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM sandboxes WHERE project = ? AND delete_time IS NULL", (project,)
+        ).fetchone()
+        return int(row[0])
+
     async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
         """Live sandboxes whose expire_time has come, the earliest first."""
         return await self._run(

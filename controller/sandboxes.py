@@ -34,6 +34,7 @@ from controller.errors import (
 from controller.executor_client import ExecuteCall, ExecutorClient
 from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
+from controller.quotas import Quotas
 from controller.records import Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry
 from controller.runtime import (
@@ -94,9 +95,13 @@ class SandboxManager:
         config: Config,
         registry: Registry,
         runtime: ContainerRuntime,
+        quotas: Quotas,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._config = config
+        self._quotas = quotas
+        # Counting a project's sandboxes and adding one happen together, per project.
+        self._project_locks: dict[str, asyncio.Lock] = {}
         self._registry = registry
         self._runtime = runtime
         self._clock = clock
@@ -199,8 +204,15 @@ class SandboxManager:
             if previous is not None:
                 return await self._replay(previous, params.request_id)
         record = self._new_record(params, await self._effective_spec(params))
+        async with self._quotas.create_slot():
+            return await self._create(record, params)
+
+    async def _create(self, record: SandboxRecord, params: CreateParams) -> SandboxRecord:
         try:
-            await self._registry.insert(record)
+            async with self._project_locks.setdefault(record.project, asyncio.Lock()):
+                live = await self._registry.count_live(record.project)
+                self._quotas.check_sandbox_count(record.project, live)
+                await self._registry.insert(record)
         except AlreadyExists:
             if params.request_id:  # a concurrent retry of the same request won the race
                 previous = await self._registry.get_by_request_id(params.project, params.request_id)
@@ -531,6 +543,7 @@ class SandboxManager:
         effective_timeout = self.execution_timeout(timeout)
         record = await self.get(name)
         self._require_running(record)
+        self._quotas.count_execute(record.project)
         request = executor_pb2.ExecuteRequest(
             code=code,
             max_stream_bytes=self._config.max_output_bytes,

@@ -5,6 +5,7 @@ in-process); `serve(config)` runs one until SIGTERM or SIGINT, then shuts down g
 """
 
 import asyncio
+import ipaddress
 import signal
 from dataclasses import dataclass
 
@@ -13,10 +14,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller.auth import TokenTable
 from controller.config import Config
 from controller.execution_results import OutputLimits
 from controller.podman_runtime import PodmanRuntime
 from controller.podman_service import PodmanService
+from controller.quotas import Quotas
 from controller.registry import Registry
 from controller.sandboxes import SandboxManager
 from controller.service import SandboxService
@@ -62,7 +65,48 @@ def _host_port(listen: str) -> tuple[str, str]:
     return host, port
 
 
+def _is_loopback(listen: str) -> bool:
+    host, _ = _host_port(listen)
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tokens_for(config: Config) -> TokenTable | None:
+    """The tokens file, or None when authentication is off, which must be asked for out loud
+    anywhere but on loopback."""
+    if config.tokens_file is not None:
+        return TokenTable.load(config.tokens_file)
+    if not _is_loopback(config.listen) and not config.insecure_no_auth:
+        raise ValueError(
+            f"refusing to listen on {config.listen} without authentication: pass "
+            "--tokens-file (see controller/auth.py), or --insecure-no-auth for development"
+        )
+    log.warning(
+        "AUTHENTICATION IS OFF: anyone who can reach this address can run code in any project",
+        listen=config.listen,
+    )
+    return None
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def start_controller(config: Config) -> Controller:
+    tokens = tokens_for(config)
+    credentials = _server_credentials(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry = Registry(config.database_path)
@@ -78,7 +122,12 @@ async def start_controller(config: Config) -> Controller:
         await podman_service.start()
         socket_path = podman_service.socket_path
     runtime = PodmanRuntime(socket_path)
-    manager = SandboxManager(config, registry, runtime)
+    quotas = Quotas(
+        config.max_sandboxes_per_project,
+        config.max_executes_per_minute,
+        config.max_concurrent_creates,
+    )
+    manager = SandboxManager(config, registry, runtime, quotas)
     try:
         await manager.start()
     except BaseException:
@@ -111,7 +160,7 @@ async def start_controller(config: Config) -> Controller:
         max_files=config.max_output_files,
     )
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxService(manager, limits, config.max_input_bytes), server
+        SandboxService(manager, limits, config.max_input_bytes, tokens), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,7 +179,10 @@ async def start_controller(config: Config) -> Controller:
         config.tombstone_retention,
         watch_interval=config.container_check_interval,
     )
-    port = server.add_insecure_port(config.listen)
+    if credentials is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()

@@ -16,6 +16,7 @@ import structlog
 from google.protobuf import empty_pb2
 
 from controller import convert
+from controller.auth import ANYONE, Principal, TokenTable
 from controller.errors import InvalidArgument, PetriError
 from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
 from controller.file_inputs import check_files, checked_chunks, file_chunks
@@ -97,16 +98,30 @@ def _parse_order_by(order_by: str) -> tuple[str, bool]:
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, manager: SandboxManager, limits: OutputLimits, max_input_bytes: int) -> None:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        limits: OutputLimits,
+        max_input_bytes: int,
+        tokens: TokenTable | None,
+    ) -> None:
         self._manager = manager
         self._limits = limits
         self._max_input_bytes = max_input_bytes
+        self._tokens = tokens
+
+    def _caller(self, context: Context) -> Principal:
+        """Who calls (UNAUTHENTICATED without a known token, when authentication is on)."""
+        if self._tokens is None:
+            return ANYONE
+        return self._tokens.authenticate(context.invocation_metadata() or ())
 
     @_maps_errors
     async def CreateSandbox(
         self, request: sandbox_pb2.CreateSandboxRequest, context: Context
     ) -> sandbox_pb2.Sandbox:
         project = parse_parent(request.parent)
+        self._caller(context).check_project(project)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         sandbox = request.sandbox
@@ -136,7 +151,9 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
     async def GetSandbox(
         self, request: sandbox_pb2.GetSandboxRequest, context: Context
     ) -> sandbox_pb2.Sandbox:
-        record = await self._manager.get(parse_sandbox_name(request.name))
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        record = await self._manager.get(name)
         return convert.sandbox_to_proto(record)
 
     @_maps_errors
@@ -144,6 +161,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: sandbox_pb2.ListSandboxesRequest, context: Context
     ) -> sandbox_pb2.ListSandboxesResponse:
         project = parse_parent(request.parent)
+        self._caller(context).check_project(project)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size must not be negative (got {request.page_size})")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -176,6 +194,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
     ) -> sandbox_pb2.Sandbox:
         sandbox = request.sandbox
         name = parse_sandbox_name(sandbox.name)
+        self._caller(context).check_project(name.project)
         paths = list(request.update_mask.paths)
         unknown = [p for p in paths if p not in (*_UPDATABLE, "*")]
         if unknown:
@@ -209,7 +228,9 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
     async def DeleteSandbox(
         self, request: sandbox_pb2.DeleteSandboxRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._manager.delete(parse_sandbox_name(request.name), request.allow_missing)
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        await self._manager.delete(name, request.allow_missing)
         return empty_pb2.Empty()
 
     @_maps_errors
@@ -217,6 +238,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: sandbox_pb2.ExecuteCodeRequest, context: Context
     ) -> sandbox_pb2.ExecuteCodeResponse:
         name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
         timeout = _timeout_of(request)
         check_files(request.files, self._max_input_bytes)
         inputs = file_chunks(request.files) if request.files else None
@@ -243,6 +265,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             )
         start = first.start
         name = parse_sandbox_name(start.name)
+        self._caller(context).check_project(name.project)
         inputs = checked_chunks(_input_chunks(request_iterator), self._max_input_bytes)
         event_filter = EventFilter(self._limits)
         async with contextlib.aclosing(

@@ -49,6 +49,9 @@ def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
         runtime_dir=_short_temp_dir("petri-e2e-"),
         default_image_profile=os.environ.get("PETRI_TEST_IMAGE_PROFILE", "test"),
         kill_grace=timedelta(seconds=1),
+        # The suites' own bursts (a flood of 1000 executes) must not meet the default quotas.
+        max_executes_per_minute=100_000,
+        max_sandboxes_per_project=1000,
         start_timeout=timedelta(seconds=60),
     )
 

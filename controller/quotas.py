@@ -1,0 +1,66 @@
+"""Per-project quotas and the server's concurrency limits: RESOURCE_EXHAUSTED, naming the
+limit, rather than a slow or fallen-over service."""
+
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from controller.errors import ResourceExhausted
+
+WINDOW_SECONDS = 60.0
+
+
+class Quotas:
+    def __init__(
+        self,
+        max_sandboxes_per_project: int,
+        max_executes_per_minute: int,
+        max_concurrent_creates: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_sandboxes_per_project = max_sandboxes_per_project
+        self.max_executes_per_minute = max_executes_per_minute
+        self.max_concurrent_creates = max_concurrent_creates
+        self._clock = clock
+        self._creating = 0
+        self._executes: dict[str, collections.deque[float]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<Quotas sandboxes/project={self.max_sandboxes_per_project} "
+            f"executes/min={self.max_executes_per_minute} creating={self._creating}"
+            f"/{self.max_concurrent_creates}>"
+        )
+
+    def check_sandbox_count(self, project: str, live: int) -> None:
+        if live >= self.max_sandboxes_per_project:
+            raise ResourceExhausted(
+                f"project {project!r} has {live} sandboxes, its quota of "
+                f"{self.max_sandboxes_per_project}: delete some first"
+            )
+
+    @contextlib.asynccontextmanager
+    async def create_slot(self) -> AsyncIterator[None]:
+        if self._creating >= self.max_concurrent_creates:
+            raise ResourceExhausted(
+                f"the server is already creating {self._creating} sandboxes, its limit of "
+                f"{self.max_concurrent_creates} at once: retry in a moment"
+            )
+        self._creating += 1
+        try:
+            yield
+        finally:
+            self._creating -= 1
+
+    def count_execute(self, project: str) -> None:
+        now = self._clock()
+        recent = self._executes.setdefault(project, collections.deque())
+        while recent and recent[0] <= now - WINDOW_SECONDS:
+            recent.popleft()
+        if len(recent) >= self.max_executes_per_minute:
+            raise ResourceExhausted(
+                f"project {project!r} ran {len(recent)} executions in the last minute, its "
+                f"quota of {self.max_executes_per_minute} per minute: retry later"
+            )
+        recent.append(now)
