@@ -15,6 +15,14 @@ READY_POLL_INTERVAL = 0.01
 STATUS_DEADLINE = 2.0
 
 
+def _visible(path: Path) -> bool:
+    # The directory belongs to the sandbox's root, which opens it to us once it listens.
+    try:
+        return path.exists()
+    except PermissionError:
+        return False
+
+
 class ExecutorClient:
     def __init__(self, socket_path: Path, sandbox_uid: str, max_message_bytes: int) -> None:
         self.socket_path = socket_path
@@ -48,7 +56,7 @@ class ExecutorClient:
         deadline = loop.time() + timeout
         last_error = "its socket never appeared"
         while loop.time() < deadline:
-            if self.socket_path.exists():
+            if _visible(self.socket_path):
                 remaining = max(0.1, min(STATUS_DEADLINE, deadline - loop.time()))
                 try:
                     return await self.status(timeout=remaining)

@@ -32,6 +32,15 @@ T = TypeVar("T")
 # The executor is PID 1 and handles SIGTERM; give it a moment before podman kills it.
 STOP_TIMEOUT_SECONDS = 2
 CONTAINER_LOG_BYTES = 1 << 20
+EXECUTOR_CAPABILITIES = (
+    "CHOWN",  # give input files to the user code's uid
+    "DAC_OVERRIDE",  # put input files in the user code's directories
+    "DAC_READ_SEARCH",  # read back what user code wrote, whatever its modes
+    "FOWNER",  # set the modes of /workspace, /tmp and the socket directory
+    "KILL",  # interrupt and stop the worker, which runs as another uid
+    "SETGID",  # start the worker as
+    "SETUID",  #   its own uid
+)
 
 
 class PodmanRuntime:
@@ -93,13 +102,24 @@ class PodmanRuntime:
             "hostname": "sandbox",
             "working_dir": "/workspace",
             "network_mode": "none",
+            # All capabilities dropped, but what the executor (container root) needs to run
+            # user code as a uid of its own and manage its files. The user code's process
+            # holds none of them (a uid change to non-root clears them; no-new-privileges).
             "cap_drop": ["ALL"],
+            "cap_add": list(EXECUTOR_CAPABILITIES),
             "no_new_privileges": True,
             "read_only": True,
             "mounts": [
                 {"type": "tmpfs", "target": "/workspace", "size": str(spec.workspace_bytes)},
                 {"type": "tmpfs", "target": "/tmp", "size": str(spec.tmp_bytes)},
-                {"type": "bind", "source": str(spec.socket_dir), "target": CONTAINER_SOCKET_DIR},
+                # chown ("U"): the directory becomes the sandbox root's, which then makes it
+                # writable by no one else in the sandbox.
+                {
+                    "type": "bind",
+                    "source": str(spec.socket_dir),
+                    "target": CONTAINER_SOCKET_DIR,
+                    "chown": True,
+                },
             ],
             # Explicit ulimits: podman's defaults exceed our hosts' hard limits and runc fails.
             # nproc counts per host uid: with a user namespace of its own (below), each

@@ -56,6 +56,8 @@ log = structlog.get_logger()
 _PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # How often a starting sandbox's container is checked for an early exit.
 START_CHECK_INTERVAL = 0.5
+# The uid that user code runs as inside every sandbox (the executor is the sandbox's root).
+WORKER_UID = 1000
 # Beyond an execution's timeout and kill grace, how long its executor may take to answer
 # (streaming the changed files back to a slow client included).
 EXECUTOR_SLACK = timedelta(seconds=120)
@@ -365,17 +367,16 @@ class SandboxManager:
             # The executor answers only calls meant for this sandbox (see executor_client).
             environment={
                 "PETRI_SANDBOX_UID": record.uid,
+                "PETRI_WORKER_UID": str(WORKER_UID),
                 "PETRI_MEMORY_LIMIT": (
                     "0" if self._host.memory else str(record.spec.resources.memory_bytes)
                 ),
             },
         )
         try:
-            # The sandbox's root is a uid of its own user namespace, not ours: it may write
-            # here (to create its socket) because the directory is open to all. Nobody else
-            # can reach it: its parent is ours alone (0700).
-            os.mkdir(record.socket_dir)  # on the runtime tmpfs: fine on the loop
-            os.chmod(record.socket_dir, 0o777)
+            # podman gives it to the sandbox's root (its own uids); nobody else can reach it:
+            # its parent is ours alone (0700).
+            os.mkdir(record.socket_dir, 0o700)  # on the runtime tmpfs: fine on the loop
             await self._runtime.start(spec)
             client = self._client_for(record)
             status = await self._wait_started(record, client)

@@ -52,7 +52,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request"
             )
         request = first.request
-        stager = InputStager(self._supervisor.workspace, request.max_input_bytes)
+        user = self._supervisor.user
+        stager = InputStager(
+            self._supervisor.workspace,
+            request.max_input_bytes,
+            owner=(user, user) if user is not None else None,
+        )
         try:
             try:
                 async for message in request_iterator:
@@ -89,9 +94,23 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         )
 
 
+def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
+    """With user code under a uid of its own: /workspace is its, /tmp everyone's, and the
+    socket's directory ours alone to write (a host directory: user code must not fill it)."""
+    if user is None:
+        return
+    os.chown(workspace, user, user)
+    os.chmod(workspace, 0o755)
+    os.chmod("/tmp", 0o1777)
+    os.chmod(socket_path.parent, 0o711)
+
+
 async def run(socket_path: Path, workspace: Path) -> None:
     """Starts the worker, then serves until SIGTERM or SIGINT."""
-    supervisor = Supervisor(workspace, int(os.environ.get("PETRI_MEMORY_LIMIT") or 0))
+    user_text = os.environ.get("PETRI_WORKER_UID", "")
+    user = int(user_text) if user_text and os.geteuid() == 0 else None
+    _prepare_for(user, socket_path, workspace)
+    supervisor = Supervisor(workspace, int(os.environ.get("PETRI_MEMORY_LIMIT") or 0), user)
     await supervisor.start()
     server = grpc.aio.server(
         options=[

@@ -98,7 +98,13 @@ class WorkerProcess:
         )
 
     @classmethod
-    async def start(cls, workspace_dir: Path, memory_limit: int = 0) -> "WorkerProcess":
+    async def start(
+        cls, workspace_dir: Path, memory_limit: int = 0, user: int | None = None
+    ) -> "WorkerProcess":
+        """Starts a worker; as `user` (uid = gid, no other groups) when given."""
+        identity: dict[str, Any] = {}
+        if user is not None:
+            identity = {"user": user, "group": user, "extra_groups": []}
         loop = asyncio.get_running_loop()
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
@@ -123,6 +129,8 @@ class WorkerProcess:
                 pass_fds=(requests_read, replies_write),
                 start_new_session=True,  # its own process group, so a kill takes its children
                 limit=STREAM_BUFFER_BYTES,
+                env=_worker_environment(user),
+                **identity,
             )
         finally:
             os.close(requests_read)
@@ -160,6 +168,15 @@ class WorkerProcess:
         await self.process.wait()
 
 
+def _worker_environment(user: int | None) -> dict[str, str]:
+    """The daemon's environment, less what is the daemon's alone; for another user, the
+    names libraries look for (getpass, ~/.cache)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PETRI_MEMORY_LIMIT",)}
+    if user is not None:
+        env.update(USER="sandbox", LOGNAME="sandbox", HOME="/tmp")
+    return env
+
+
 class _Phase(enum.Enum):
     RUNNING = "running"
     INTERRUPTED = "interrupted"  # SIGINT sent, waiting for done or the kill deadline
@@ -185,9 +202,10 @@ class _Execution:
 class Supervisor:
     """Owns the current worker and runs executions through it in arrival order."""
 
-    def __init__(self, workspace: Path, memory_limit: int = 0) -> None:
+    def __init__(self, workspace: Path, memory_limit: int = 0, user: int | None = None) -> None:
         self.workspace = workspace
         self.memory_limit = memory_limit
+        self.user = user
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
         self._drainers: set[asyncio.Task[None]] = set()
@@ -213,7 +231,9 @@ class Supervisor:
     async def _ensure_worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.process.returncode is not None:
             try:
-                self._worker = await WorkerProcess.start(self.workspace, self.memory_limit)
+                self._worker = await WorkerProcess.start(
+                    self.workspace, self.memory_limit, self.user
+                )
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
                 self._worker = None
                 raise ExecutorBroken(f"cannot start the Python worker: {exc}") from exc

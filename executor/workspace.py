@@ -7,6 +7,7 @@ refused, and symlinks are never returned as outputs.
 """
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -48,6 +49,8 @@ class InputStager:
 
     root: Path
     max_bytes: int
+    # uid and gid that user code runs as: given to the files and directories put in place.
+    owner: tuple[int, int] | None = None
     total_bytes: int = 0
     _files: list[_StagedFile] = field(default_factory=list)
     _paths: set[str] = field(default_factory=set)
@@ -104,15 +107,41 @@ class InputStager:
             )
 
     def commit(self) -> None:
-        """Moves every staged file to its path; checks all targets before moving any."""
+        """Moves every staged file to its path; checks all targets before moving any.
+
+        The moves walk directory by directory without following symlinks, so code racing
+        them (a background process of the sandbox) cannot redirect a file out of /workspace.
+        """
         for staged in self._files:
             _check_target(self.root, staged.parts)
-        assert self._dir is not None or not self._files
-        for staged in self._files:
-            parent = self.root.joinpath(*staged.parts[:-1])
-            parent.mkdir(parents=True, exist_ok=True)  # checked above: no symlink on the way
-            assert self._dir is not None
-            os.rename(self._dir / staged.staged_name, parent / staged.parts[-1])
+        if not self._files:
+            return
+        assert self._dir is not None
+        root_fd = os.open(self.root, _DIRECTORY_FLAGS)
+        staging_fd = os.open(self._dir, _DIRECTORY_FLAGS | os.O_NOFOLLOW)
+        try:
+            for staged in self._files:
+                parent = open_directory_beneath(
+                    root_fd, staged.parts[:-1], create=True, owner=self.owner
+                )
+                try:
+                    if self.owner is not None:
+                        os.chown(staged.staged_name, *self.owner, dir_fd=staging_fd)
+                    os.rename(
+                        staged.staged_name,
+                        staged.parts[-1],
+                        src_dir_fd=staging_fd,
+                        dst_dir_fd=parent,
+                    )
+                except IsADirectoryError:
+                    raise InvalidPath(
+                        f"file path {'/'.join(staged.parts)!r} is a directory in the sandbox"
+                    ) from None
+                finally:
+                    os.close(parent)
+        finally:
+            os.close(staging_fd)
+            os.close(root_fd)
         self.discard()
 
     def discard(self) -> None:
@@ -128,6 +157,44 @@ def _write_error(exc: OSError) -> Exception:
     if exc.errno == 28:  # ENOSPC
         return WorkspaceFull("the sandbox's /workspace is full: delete files or send less")
     return exc
+
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def open_directory_beneath(
+    root_fd: int,
+    parts: tuple[str, ...],
+    create: bool = False,
+    owner: tuple[int, int] | None = None,
+) -> int:
+    """Opens root/parts[0]/parts[1]/... one directory at a time, never following a symlink;
+    with `create`, missing directories are made (and given to `owner`). InvalidPath when a
+    component is a symlink or not a directory."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            try:
+                next_fd = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                if owner is not None:
+                    os.chown(part, *owner, dir_fd=fd, follow_symlinks=False)
+                next_fd = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise InvalidPath(
+                        f"{'/'.join(parts)!r} goes through a symlink or a file ({part})"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = next_fd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_target(root: Path, parts: tuple[str, ...]) -> None:
@@ -204,8 +271,18 @@ def changed_files(before: dict[str, FileState], after: dict[str, FileState]) -> 
 
 
 def read_chunks(root: Path, path: str, size: int) -> Iterator[bytes]:
-    """The file's bytes, at most `size` of them, without following a symlink at its name."""
-    fd = os.open(root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """The file's bytes, at most `size` of them, never through a symlink."""
+    parts = tuple(path.split("/"))
+    root_fd = os.open(root, _DIRECTORY_FLAGS)
+    try:
+        parent = open_directory_beneath(root_fd, parts[:-1])
+    finally:
+        os.close(root_fd)
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(parts[-1], flags, dir_fd=parent)
+    finally:
+        os.close(parent)
     with contextlib.closing(os.fdopen(fd, "rb", buffering=0)) as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return

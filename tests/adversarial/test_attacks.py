@@ -109,9 +109,10 @@ def read(path):
 """
     response = await run_attack(stub, victim, code)
     results = eval(value_of(response) or "{}")
-    assert results["registry"] == "FileNotFoundError"
-    assert results["registry via /proc/1/root"] == "FileNotFoundError"
-    assert results["neighbour socket"] in ("FileNotFoundError", "PermissionError")
+    unreadable = ("FileNotFoundError", "PermissionError")
+    assert results["registry"] in unreadable
+    assert results["registry via /proc/1/root"] in unreadable
+    assert results["neighbour socket"] in unreadable
     assert results["host home"] is False
     assert results["pid 1"].endswith("tini")  # a process tree of its own
     await assert_unharmed(stub, neighbour, victim)

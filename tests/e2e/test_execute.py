@@ -102,7 +102,7 @@ async def test_two_sandboxes_do_not_share_variables_or_files(
     assert value_of(response) == "(False, False)"
 
 
-async def test_sandbox_has_no_network_no_capabilities_and_a_read_only_root(
+async def test_user_code_has_no_network_no_capabilities_and_a_read_only_root(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
 ) -> None:
     code = """
@@ -119,16 +119,16 @@ def write_root():
         return "written"
     except OSError as exc:
         return type(exc).__name__
-caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapBnd"))]
+caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapPrm"))]
 nnp = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0]
 ifaces = sorted(name for _, name in socket.if_nameindex())
-(tcp(), write_root(), caps, nnp, ifaces, os.getcwd())
+(tcp(), write_root(), caps, nnp, ifaces, os.getcwd(), os.getuid())
 """
     response = await execute(stub, sandbox.name, code)
     assert not response.HasField("error"), response.error
     assert value_of(response) == (
         "('OSError', 'OSError', ['0000000000000000', '0000000000000000'], '1', ['lo'], "
-        "'/workspace')"
+        "'/workspace', 1000)"
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from controller.server import Controller
 from petri.v1 import sandbox_pb2
 from tests.conftest import CreateSandbox
-from tests.e2e.helpers import execute, value_of
+from tests.e2e.helpers import execute, podman, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -19,24 +19,50 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 
+async def test_user_code_cannot_touch_its_executor_or_its_socket(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    code = """
+import os, signal
+def attempt(fn):
+    try:
+        fn()
+        return "succeeded"
+    except OSError as exc:
+        return type(exc).__name__
+(
+    attempt(lambda: os.remove("/run/petri/executor.sock")),
+    attempt(lambda: open("/run/petri/filler", "wb").write(b"x")),
+    attempt(lambda: os.kill(os.getppid(), signal.SIGKILL)),
+    attempt(lambda: os.kill(1, signal.SIGKILL)),
+)
+"""
+    response = await execute(stub, sandbox.name, code)
+    assert value_of(response) == (
+        "('PermissionError', 'PermissionError', 'PermissionError', 'PermissionError')"
+    )
+    assert value_of(await execute(stub, sandbox.name, "'alive'")) == "'alive'"
+
+
 async def test_a_socket_redirected_to_a_neighbour_does_not_reach_it(
     stub: Stub, create_sandbox: CreateSandbox, controller: Controller
 ) -> None:
+    """Were a sandbox's socket path ever redirected to a neighbour's socket (user code cannot
+    do it: see above; here the test does it from the host), calls would not reach the
+    neighbour: its executor refuses calls meant for another sandbox."""
     attacker, victim = await create_sandbox(), await create_sandbox()
     await execute(stub, victim.name, "visits = 0")
-    victim_socket = controller.config.runtime_dir / "s" / victim.uid / "executor.sock"
-    # The attacker points its own socket path at the victim's, then kills its executor so
-    # that the controller has to connect again.
-    attack = (
-        "import os, signal\n"
-        "os.remove('/run/petri/executor.sock')\n"
-        f"os.symlink({str(victim_socket)!r}, '/run/petri/executor.sock')\n"
-        "os.kill(os.getppid(), signal.SIGKILL)"
+    socket_root = controller.config.runtime_dir / "s"
+    redirect = (
+        f"rm -f {socket_root / attacker.uid / 'executor.sock'} && "
+        f"ln -s {socket_root / victim.uid / 'executor.sock'} "
+        f"{socket_root / attacker.uid / 'executor.sock'}"
     )
-    with pytest.raises(grpc.aio.AioRpcError):
-        await execute(stub, attacker.name, attack)
+    podman("unshare", "sh", "-c", redirect)
+    # Its executor dies, so that the controller has to connect again.
+    podman("exec", f"petri-{attacker.uid}", "sh", "-c", "kill -9 $(cat /proc/1/task/1/children)")
 
-    for _ in range(20):  # each call must fail; none may run in the victim
+    for _ in range(30):  # each call must fail; none may run in the victim
         try:
             response = await execute(stub, attacker.name, "visits += 1\nvisits")
         except grpc.aio.AioRpcError as exc:

@@ -53,10 +53,17 @@ async def test_a_container_removed_behind_our_back_shows_terminated(
 async def test_killing_the_executor_inside_is_terminated_not_a_hang(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
 ) -> None:
-    with pytest.raises(grpc.aio.AioRpcError):
-        await execute(
-            stub, sandbox.name, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"
-        )
+    running = asyncio.create_task(execute(stub, sandbox.name, "import time\ntime.sleep(30)"))
+    await asyncio.sleep(1)
+    # What user code cannot do (see test_isolation), the root of the sandbox can: kill -9
+    # the executor (PID 1's child).
+    podman("exec", f"petri-{sandbox.uid}", "sh", "-c", "kill -9 $(cat /proc/1/task/1/children)")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(running, 30)
+    assert caught.value.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
     got = await wait_state(stub, sandbox.name, TERMINATED)
     assert "its container" in got.state_message
 
