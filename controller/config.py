@@ -58,6 +58,14 @@ class Config:
         default=None,
     )
     podman_binary: str = _opt("podman executable for the service it starts", default="podman")
+    runsc_binary: str = _opt(
+        "gVisor's runsc: when it is installed, sandboxes may ask for runtime GVISOR (the "
+        "controller starts a second podman service whose containers all run under it)",
+        default="runsc",
+    )
+    default_runtime: str = _opt(
+        "runtime of a sandbox that names none: runc or gvisor", default="runc"
+    )
     image_repository: str = _opt(
         "sandbox images are IMAGE_REPOSITORY:PROFILE", default="localhost/petri-sandbox"
     )
@@ -247,6 +255,8 @@ def validate(config: Config) -> list[str]:
         problems.append("tls_cert and tls_key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if config.default_runtime not in ("runc", "gvisor"):
+        problems.append("default_runtime must be runc or gvisor")
     if config.log_format not in ("console", "json"):
         problems.append("log_format must be console or json")
     # A unary response carries the files, stdout, stderr and rich outputs; a request the

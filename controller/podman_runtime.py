@@ -126,9 +126,13 @@ class PodmanRuntime:
             # sandbox's processes are counted apart, so a fork bomb starves only itself.
             "ulimits": [
                 {"Name": "nofile", "Soft": spec.open_files, "Hard": spec.open_files},
-                {"Name": "nproc", "Soft": spec.process_limit, "Hard": spec.process_limit},
                 {"Name": "core", "Soft": 0, "Hard": 0},
-            ],
+            ]
+            + (
+                [{"Name": "nproc", "Soft": spec.process_limit, "Hard": spec.process_limit}]
+                if spec.process_limit
+                else []
+            ),
             "stop_signal": 15,  # SIGTERM; the API wants the number
             # The container's own output (the executor's log, or whatever user code writes to
             # PID 1's descriptors) is capped on the host's disk.
@@ -145,11 +149,12 @@ class PodmanRuntime:
         payload = self._client.containers._render_payload({"image": spec.image, **kwargs})
         # A user namespace of its own per sandbox (podman's --userns=auto): its uids are
         # nobody else's on the host. podman-py has no keyword for it; the API has.
-        payload["userns"] = {"nsmode": "auto"}
-        payload["idmappings"] = {
-            "AutoUserNs": True,
-            "AutoUserNsOpts": {"Size": spec.userns_size},
-        }
+        if spec.userns_size:
+            payload["userns"] = {"nsmode": "auto"}
+            payload["idmappings"] = {
+                "AutoUserNs": True,
+                "AutoUserNsOpts": {"Size": spec.userns_size},
+            }
         response = self._client.api.post(
             "/containers/create",
             headers={"content-type": "application/json"},

@@ -28,9 +28,18 @@ _DIE_WITH_PARENT = (_SETPRIV, "--pdeathsig", "TERM", "--") if _SETPRIV else ()
 
 
 class PodmanService:
-    def __init__(self, binary: str, socket_path: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        socket_path: Path,
+        log_path: Path,
+        oci_runtime: Path | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self._binary = binary
+        # podman 4.3's API ignores a per-container runtime: a service whose every container
+        # runs under another runtime (gVisor) is started with --runtime instead.
+        self._global_args = ("--runtime", str(oci_runtime)) if oci_runtime else ()
         self._log_path = log_path
         self._process: asyncio.subprocess.Process | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -53,6 +62,7 @@ class PodmanService:
                 self._process = await asyncio.create_subprocess_exec(
                     *_DIE_WITH_PARENT,
                     self._binary,
+                    *self._global_args,
                     "system",
                     "service",
                     "--time=0",

@@ -24,9 +24,11 @@ class ContainerSpec:
     workspace_bytes: int
     tmp_bytes: int
     open_files: int
-    # RLIMIT_NPROC of the sandbox's uids (each sandbox has its own: see userns_size).
+    # RLIMIT_NPROC of the sandbox's uids (each sandbox has its own: see userns_size); 0 for
+    # none at the container's level (gVisor: its sandbox runs as our uid on the host).
     process_limit: int = 1024
-    # How many uids the sandbox's user namespace gets.
+    # How many uids the sandbox's own user namespace gets; 0 for the service's (gVisor: its
+    # gofer opens the socket directory on the host as the service user).
     userns_size: int = 2048
     memory_bytes: int = 0  # 0: not limited by the runtime
     cpu_millis: int = 0

@@ -99,8 +99,12 @@ class SandboxManager:
         runtime: ContainerRuntime,
         quotas: Quotas,
         clock: Callable[[], datetime] = utcnow,
+        gvisor: ContainerRuntime | None = None,
     ) -> None:
         self._config = config
+        # Creates gVisor sandboxes; everything else about them goes through `runtime`, which
+        # shares the same podman storage.
+        self._gvisor = gvisor
         self._quotas = quotas
         # Counting a project's sandboxes and adding one happen together, per project.
         self._project_locks: dict[str, asyncio.Lock] = {}
@@ -245,10 +249,12 @@ class SandboxManager:
             raise InvalidArgument(
                 f"invalid image_profile {profile!r}: lowercase letters, digits, '.', '_', '-'"
             )
-        runtime = params.runtime or Runtime.RUNC
-        if runtime is Runtime.GVISOR:
+        default = Runtime.GVISOR if self._config.default_runtime == "gvisor" else Runtime.RUNC
+        runtime = params.runtime or default
+        if runtime is Runtime.GVISOR and self._gvisor is None:
             raise FailedPrecondition(
-                "runtime GVISOR is not available on this server; use RUNC or leave it unset"
+                "runtime GVISOR is not available on this server (gVisor's runsc is not "
+                "installed); use RUNC or leave it unset"
             )
         image = self._config.image_for(profile)
         if not await self._runtime.image_exists(image):
@@ -341,6 +347,7 @@ class SandboxManager:
         )
 
     async def _provision(self, record: SandboxRecord) -> SandboxRecord:
+        gvisor = record.spec.runtime is Runtime.GVISOR
         labels = {
             LABEL_MANAGED: "true",
             LABEL_REGISTRY: self.registry_label,
@@ -361,13 +368,15 @@ class SandboxManager:
             cpu_millis=record.spec.resources.cpu_millis,
             # RLIMIT_NPROC always (each sandbox has uids of its own); the pids cgroup as well
             # where the host delegates it.
-            process_limit=record.spec.resources.max_processes,
+            process_limit=0 if gvisor else record.spec.resources.max_processes,
             max_processes=record.spec.resources.max_processes if self._host.pids else 0,
-            userns_size=self._config.userns_size,
+            userns_size=0 if gvisor else self._config.userns_size,
             # The executor answers only calls meant for this sandbox (see executor_client).
             environment={
                 "PETRI_SANDBOX_UID": record.uid,
                 "PETRI_WORKER_UID": str(WORKER_UID),
+                # The executor sets it on user code too: under gVisor it is the only one.
+                "PETRI_PROCESS_LIMIT": str(record.spec.resources.max_processes),
                 "PETRI_MEMORY_LIMIT": (
                     "0" if self._host.memory else str(record.spec.resources.memory_bytes)
                 ),
@@ -377,7 +386,9 @@ class SandboxManager:
             # podman gives it to the sandbox's root (its own uids); nobody else can reach it:
             # its parent is ours alone (0700).
             os.mkdir(record.socket_dir, 0o700)  # on the runtime tmpfs: fine on the loop
-            await self._runtime.start(spec)
+            creator = self._gvisor if record.spec.runtime is Runtime.GVISOR else self._runtime
+            assert creator is not None
+            await creator.start(spec)
             client = self._client_for(record)
             status = await self._wait_started(record, client)
         except BaseException as exc:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.auth import TokenTable
 from controller.config import Config
 from controller.execution_results import OutputLimits
+from controller.gvisor import runsc_wrapper
 from controller.podman_runtime import PodmanRuntime
 from controller.podman_service import PodmanService
 from controller.quotas import Quotas
@@ -42,6 +43,7 @@ class Controller:
     registry: Registry
     runtime: PodmanRuntime
     podman_service: PodmanService | None
+    gvisor_service: PodmanService | None
     health: health.aio.HealthServicer
     reaper: TtlReaper
 
@@ -54,8 +56,9 @@ class Controller:
         await self.server.stop(grace)
         await self.manager.close()
         await self.runtime.close()
-        if self.podman_service is not None:
-            await self.podman_service.stop()
+        for service in (self.podman_service, self.gvisor_service):
+            if service is not None:
+                await service.stop()
         await self.registry.close()
         log.info("controller stopped")
 
@@ -104,6 +107,26 @@ def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
+async def _start_gvisor(config: Config) -> tuple[PodmanService | None, PodmanRuntime | None]:
+    """A second podman service whose containers run under gVisor, when runsc is installed."""
+    wrapper = runsc_wrapper(config.runsc_binary, config.state_dir)
+    if wrapper is None:
+        if config.default_runtime == "gvisor":
+            raise ValueError(
+                f"default_runtime is gvisor but {config.runsc_binary!r} is not installed"
+            )
+        log.info("gVisor is not available: runsc is not installed", runsc=config.runsc_binary)
+        return None, None
+    service = PodmanService(
+        config.podman_binary,
+        config.runtime_dir / "podman-gvisor.sock",
+        config.state_dir / "podman-gvisor-service.log",
+        oci_runtime=wrapper,
+    )
+    await service.start()
+    return service, PodmanRuntime(service.socket_path)
+
+
 async def start_controller(config: Config) -> Controller:
     tokens = tokens_for(config)
     credentials = _server_credentials(config)
@@ -122,18 +145,20 @@ async def start_controller(config: Config) -> Controller:
         await podman_service.start()
         socket_path = podman_service.socket_path
     runtime = PodmanRuntime(socket_path)
+    gvisor_service, gvisor_runtime = await _start_gvisor(config)
     quotas = Quotas(
         config.max_sandboxes_per_project,
         config.max_executes_per_minute,
         config.max_concurrent_creates,
     )
-    manager = SandboxManager(config, registry, runtime, quotas)
+    manager = SandboxManager(config, registry, runtime, quotas, gvisor=gvisor_runtime)
     try:
         await manager.start()
     except BaseException:
         await runtime.close()
-        if podman_service is not None:
-            await podman_service.stop()
+        for service in (podman_service, gvisor_service):
+            if service is not None:
+                await service.stop()
         await registry.close()
         raise
     host = manager.host
@@ -192,7 +217,16 @@ async def start_controller(config: Config) -> Controller:
     host_part, _ = _host_port(config.listen)
     log.info("controller listening", address=f"{host_part}:{port}", **config.describe())
     return Controller(
-        config, server, port, manager, registry, runtime, podman_service, health_servicer, reaper
+        config,
+        server,
+        port,
+        manager,
+        registry,
+        runtime,
+        podman_service,
+        gvisor_service,
+        health_servicer,
+        reaper,
     )
 
 

@@ -110,7 +110,12 @@ async def run(socket_path: Path, workspace: Path) -> None:
     user_text = os.environ.get("PETRI_WORKER_UID", "")
     user = int(user_text) if user_text and os.geteuid() == 0 else None
     _prepare_for(user, socket_path, workspace)
-    supervisor = Supervisor(workspace, int(os.environ.get("PETRI_MEMORY_LIMIT") or 0), user)
+    supervisor = Supervisor(
+        workspace,
+        memory_limit=int(os.environ.get("PETRI_MEMORY_LIMIT") or 0),
+        user=user,
+        process_limit=int(os.environ.get("PETRI_PROCESS_LIMIT") or 0),
+    )
     await supervisor.start()
     server = grpc.aio.server(
         options=[

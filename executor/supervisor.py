@@ -33,6 +33,8 @@ from petri.v1 import execution_pb2, executor_pb2
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
 log = logging.getLogger("petri.executor")
 
+# Pauses between attempts to start a worker (see _ensure_worker).
+WORKER_START_RETRIES = (0.1, 0.3, 1.0, 2.0, 0.0)
 # How long a new worker may take to say it is ready.
 WORKER_READY_TIMEOUT = 60.0
 # After `done`, how long to wait for the end markers on stdout and stderr (user code may have
@@ -99,7 +101,11 @@ class WorkerProcess:
 
     @classmethod
     async def start(
-        cls, workspace_dir: Path, memory_limit: int = 0, user: int | None = None
+        cls,
+        workspace_dir: Path,
+        memory_limit: int = 0,
+        user: int | None = None,
+        process_limit: int = 0,
     ) -> "WorkerProcess":
         """Starts a worker; as `user` (uid = gid, no other groups) when given."""
         identity: dict[str, Any] = {}
@@ -122,6 +128,8 @@ class WorkerProcess:
                 str(workspace_dir),
                 "--memory-limit",
                 str(memory_limit),
+                "--process-limit",
+                str(process_limit),
                 cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -171,7 +179,11 @@ class WorkerProcess:
 def _worker_environment(user: int | None) -> dict[str, str]:
     """The daemon's environment, less what is the daemon's alone; for another user, the
     names libraries look for (getpass, ~/.cache)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PETRI_MEMORY_LIMIT",)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PETRI_MEMORY_LIMIT", "PETRI_PROCESS_LIMIT")
+    }
     if user is not None:
         env.update(USER="sandbox", LOGNAME="sandbox", HOME="/tmp")
     return env
@@ -202,10 +214,17 @@ class _Execution:
 class Supervisor:
     """Owns the current worker and runs executions through it in arrival order."""
 
-    def __init__(self, workspace: Path, memory_limit: int = 0, user: int | None = None) -> None:
+    def __init__(
+        self,
+        workspace: Path,
+        memory_limit: int = 0,
+        user: int | None = None,
+        process_limit: int = 0,
+    ) -> None:
         self.workspace = workspace
         self.memory_limit = memory_limit
         self.user = user
+        self.process_limit = process_limit
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
         self._drainers: set[asyncio.Task[None]] = set()
@@ -229,15 +248,21 @@ class Supervisor:
                 self._worker = None
 
     async def _ensure_worker(self) -> WorkerProcess:
-        if self._worker is None or self._worker.process.returncode is not None:
+        if self._worker is not None and self._worker.process.returncode is None:
+            return self._worker
+        self._worker = None
+        # Right after a kill, the old worker's processes may still count against its uid's
+        # process limit until they are reaped: the new one may need a moment.
+        for delay in WORKER_START_RETRIES:
             try:
                 self._worker = await WorkerProcess.start(
-                    self.workspace, self.memory_limit, self.user
+                    self.workspace, self.memory_limit, self.user, self.process_limit
                 )
+                return self._worker
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
-                self._worker = None
-                raise ExecutorBroken(f"cannot start the Python worker: {exc}") from exc
-        return self._worker
+                error = exc
+                await asyncio.sleep(delay)
+        raise ExecutorBroken(f"cannot start the Python worker: {error}") from error
 
     async def execute(
         self, request: executor_pb2.ExecuteRequest, inputs: InputStager | None = None
@@ -366,7 +391,9 @@ class Supervisor:
             await self._emit_text(stream, tail, emit, limit)
 
         # Inline, not in a thread: at the process limit no thread can be started.
-        pressure = phase is not _Phase.EXITED and _at_process_pressure(worker.process.pid)
+        pressure = phase is not _Phase.EXITED and _at_process_pressure(
+            worker.process.pid, self.process_limit
+        )
         if pressure:
             # What the code left running (a fork bomb, typically) holds the sandbox's process
             # limit: stop the interpreter and all of it, or the sandbox stays unusable.
@@ -540,10 +567,10 @@ async def _watch_cancel(cancelled: asyncio.Event, events: "asyncio.Queue[tuple[s
     events.put_nowait(("cancel", None))
 
 
-def _at_process_pressure(worker_pid: int) -> bool:
+def _at_process_pressure(worker_pid: int, process_limit: int) -> bool:
     """Whether the processes user code left in the worker's process group (zombies included:
     they count too) hold half the sandbox's process limit or more: a fork bomb, typically."""
-    soft_limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    soft_limit = process_limit or resource.getrlimit(resource.RLIMIT_NPROC)[0]
     if soft_limit == resource.RLIM_INFINITY:
         return False
     members = 0

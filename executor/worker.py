@@ -187,12 +187,15 @@ def main() -> None:
     parser.add_argument("--replies-fd", type=int, required=True)
     parser.add_argument("--workspace", default="/workspace")
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes")
+    parser.add_argument("--process-limit", type=int, default=0, help="RLIMIT_NPROC")
     args = parser.parse_args()
     worker_pid = os.getpid()
     if args.memory_limit:
         # Where no memory cgroup is delegated, this is the memory limit that holds: every
         # process of user code gets at most this much address space (MemoryError beyond).
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    if args.process_limit:
+        resource.setrlimit(resource.RLIMIT_NPROC, (args.process_limit, args.process_limit))
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)

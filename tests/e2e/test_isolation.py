@@ -11,7 +11,7 @@ import pytest
 from controller.server import Controller
 from petri.v1 import sandbox_pb2
 from tests.conftest import CreateSandbox
-from tests.e2e.helpers import execute, podman, value_of
+from tests.e2e.helpers import execute, kill_executor, podman, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -60,7 +60,7 @@ async def test_a_socket_redirected_to_a_neighbour_does_not_reach_it(
     )
     podman("unshare", "sh", "-c", redirect)
     # Its executor dies, so that the controller has to connect again.
-    podman("exec", f"petri-{attacker.uid}", "sh", "-c", "kill -9 $(cat /proc/1/task/1/children)")
+    kill_executor(f"petri-{attacker.uid}")
 
     for _ in range(30):  # each call must fail; none may run in the victim
         try:

@@ -15,7 +15,7 @@ from bench.harness import ControllerDirs, delete_all, start_controller_process
 from controller.server import Controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
-from tests.e2e.helpers import PARENT, PROJECT, execute, podman, value_of
+from tests.e2e.helpers import PARENT, PROJECT, execute, kill_executor, podman, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -57,7 +57,7 @@ async def test_killing_the_executor_inside_is_terminated_not_a_hang(
     await asyncio.sleep(1)
     # What user code cannot do (see test_isolation), the root of the sandbox can: kill -9
     # the executor (PID 1's child).
-    podman("exec", f"petri-{sandbox.uid}", "sh", "-c", "kill -9 $(cat /proc/1/task/1/children)")
+    kill_executor(f"petri-{sandbox.uid}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await asyncio.wait_for(running, 30)
     assert caught.value.code() in (

@@ -1,0 +1,27 @@
+"""gVisor for sandboxes that ask for it: runsc behind a second podman service.
+
+runsc runs rootless under podman with cgroups ignored (rootless podman on cgroups v1 cannot
+use them anyway), no network of its own, and `--host-uds=all` so that the host can reach the
+executor's unix socket in the sandbox (see PLATFORM.md). The flags go in a wrapper script,
+which the second service is told to use as its OCI runtime.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+WRAPPER = """#!/bin/sh
+# Written by petri's controller: runsc as the OCI runtime of its gVisor sandboxes.
+exec {runsc} --ignore-cgroups --network=none --host-uds=all "$@"
+"""
+
+
+def runsc_wrapper(runsc_binary: str, directory: Path) -> Path | None:
+    """Writes the wrapper when runsc is installed; None when it is not."""
+    runsc = shutil.which(runsc_binary)
+    if runsc is None:
+        return None
+    path = directory / "runsc-petri"
+    path.write_text(WRAPPER.format(runsc=runsc))
+    os.chmod(path, 0o755)
+    return path
