@@ -69,7 +69,7 @@ class Config:
     image_repository: str = _opt(
         "sandbox images are IMAGE_REPOSITORY:PROFILE", default="localhost/petri-sandbox"
     )
-    default_image_profile: str = _opt("image profile of a sandbox that names none", default="test")
+    default_image_profile: str = _opt("image profile of a sandbox that names none", default="full")
     default_ttl: timedelta = _opt(
         "time to live of a sandbox that sets none", parse_duration, default=timedelta(hours=1)
     )

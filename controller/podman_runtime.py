@@ -24,6 +24,7 @@ from controller.runtime import (
     ContainerSpec,
     ContainerStatus,
     HostCapabilities,
+    ImageInfo,
 )
 
 log = structlog.get_logger()
@@ -83,6 +84,25 @@ class PodmanRuntime:
     async def image_exists(self, image: str) -> bool:
         exists: bool = await self._call("look up an image", self._client.images.exists, image)
         return exists
+
+    async def list_images(self, repository: str) -> list[ImageInfo]:
+        return await self._call("list images", self._list_images, repository)
+
+    def _list_images(self, repository: str) -> list[ImageInfo]:
+        found = []
+        for image in self._client.images.list(name=repository):
+            for tag in image.tags or []:
+                if tag.startswith(repository + ":"):
+                    attrs = image.attrs
+                    found.append(
+                        ImageInfo(
+                            tag=tag.removeprefix(repository + ":"),
+                            labels=dict(attrs.get("Labels") or {}),
+                            size_bytes=int(attrs.get("Size") or 0),
+                            created=float(attrs.get("Created") or 0),
+                        )
+                    )
+        return found
 
     async def start(self, spec: ContainerSpec) -> None:
         await self._call("create and start a sandbox container", self._start, spec)

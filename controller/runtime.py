@@ -66,12 +66,24 @@ class HostCapabilities:
     pids: bool
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    tag: str
+    labels: dict[str, str]
+    size_bytes: int
+    created: float  # seconds since the epoch
+
+
 class ContainerRuntime(Protocol):
     async def check(self) -> HostCapabilities:
         """Answers when the runtime is reachable; raises Unavailable otherwise."""
         ...
 
     async def image_exists(self, image: str) -> bool: ...
+
+    async def list_images(self, repository: str) -> list[ImageInfo]:
+        """The tagged images of a repository (e.g. localhost/petri-sandbox)."""
+        ...
 
     async def start(self, spec: ContainerSpec) -> None:
         """Creates and starts a container; raises Unavailable or FailedPrecondition."""

@@ -9,6 +9,7 @@ without a registry row, or a row without its container.
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -56,6 +57,8 @@ log = structlog.get_logger()
 _PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # How often a starting sandbox's container is checked for an early exit.
 START_CHECK_INTERVAL = 0.5
+# The image label that lists what an image carries (written by sandbox-image/build.sh).
+LABEL_MANIFEST = "io.petri.manifest"
 # The uid that user code runs as inside every sandbox (the executor is the sandbox's root).
 WORKER_UID = 1000
 # Beyond an execution's timeout and kill grace, how long its executor may take to answer
@@ -81,6 +84,17 @@ class CreateParams:
     expire_time: datetime | None
     ttl: timedelta | None
     request_id: str
+
+
+@dataclass(frozen=True)
+class ImageProfile:
+    profile: str
+    python_version: str
+    os: str
+    packages: dict[str, str]
+    size_bytes: int
+    create_time: datetime
+    is_default: bool
 
 
 @dataclass(frozen=True)
@@ -431,6 +445,29 @@ class SandboxManager:
                     f"the sandbox's container {why} while starting"
                     + (f"; its last output:\n{logs}" if logs else "")
                 )
+
+    async def image_profiles(self) -> list[ImageProfile]:
+        """The profiles built on this server, with their manifests (the images' labels)."""
+        profiles = []
+        images = await self._runtime.list_images(self._config.image_repository)
+        for image in sorted(images, key=lambda i: i.tag):
+            try:
+                manifest = json.loads(image.labels.get(LABEL_MANIFEST, "{}"))
+            except ValueError:
+                manifest = {}
+            packages = manifest.get("packages") if isinstance(manifest, dict) else None
+            profiles.append(
+                ImageProfile(
+                    profile=image.tag,
+                    python_version=str(manifest.get("python", "")),
+                    os=str(manifest.get("os", "")),
+                    packages={str(k): str(v) for k, v in (packages or {}).items()},
+                    size_bytes=image.size_bytes,
+                    create_time=datetime.fromtimestamp(image.created, UTC),
+                    is_default=image.tag == self._config.default_image_profile,
+                )
+            )
+        return profiles
 
     # --- read -----------------------------------------------------------------------------
 

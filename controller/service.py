@@ -24,7 +24,7 @@ from controller.list_filter import compile_filter
 from controller.names import parse_parent, parse_sandbox_name
 from controller.page_tokens import decode_token, encode_token, request_digest
 from controller.registry import ListQuery, order_value
-from controller.sandboxes import CreateParams, SandboxManager, UpdateParams
+from controller.sandboxes import CreateParams, ImageProfile, SandboxManager, UpdateParams
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
@@ -252,6 +252,16 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             raise PetriError("the executor ended the execution without a result")
         return collector.response()
 
+    @_maps_errors
+    async def ListImageProfiles(
+        self, request: sandbox_pb2.ListImageProfilesRequest, context: Context
+    ) -> sandbox_pb2.ListImageProfilesResponse:
+        self._caller(context)  # any known caller may see what the images carry
+        profiles = await self._manager.image_profiles()
+        return sandbox_pb2.ListImageProfilesResponse(
+            image_profiles=[_image_profile_to_proto(p) for p in profiles]
+        )
+
     @_maps_stream_errors
     async def StreamExecuteCode(
         self,
@@ -295,6 +305,18 @@ def _timeout_of(
     if not request.HasField("timeout"):
         return None
     return convert.to_timedelta(request.timeout, "timeout")
+
+
+def _image_profile_to_proto(profile: ImageProfile) -> sandbox_pb2.ImageProfile:
+    return sandbox_pb2.ImageProfile(
+        name=f"imageProfiles/{profile.profile}",
+        python_version=profile.python_version,
+        os=profile.os,
+        packages=profile.packages,
+        size_bytes=profile.size_bytes,
+        create_time=convert.timestamp(profile.create_time),
+        is_default=profile.is_default,
+    )
 
 
 def _is_set(sandbox: sandbox_pb2.Sandbox, field: str) -> bool:

@@ -193,3 +193,15 @@ async def test_a_restarted_controller_adopts_running_sandboxes(
     finally:
         await second.stop(grace=1)
         await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+
+
+async def test_image_profiles_list_what_each_image_carries(
+    stub: Stub, controller: Controller
+) -> None:
+    listed = await stub.ListImageProfiles(sandbox_pb2.ListImageProfilesRequest())
+    profiles = {p.name: p for p in listed.image_profiles}
+    test = profiles["imageProfiles/test"]
+    assert test.python_version.startswith("3.13")
+    assert (test.packages["grpcio"], test.packages["protobuf"]) == ("1.80.0", "6.31.1")
+    assert "pandas" in test.packages and test.size_bytes > 0
+    assert test.is_default == (controller.config.default_image_profile == "test")

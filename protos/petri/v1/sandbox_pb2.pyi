@@ -29,6 +29,111 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ImageProfile(_message.Message):
+    """A sandbox image, as SandboxSpec.image_profile names it, and what is installed in it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PackagesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    OS_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """IDENTIFIER. imageProfiles/{profile}, e.g. imageProfiles/full."""
+    python_version: _builtins.str
+    """OUTPUT_ONLY. The interpreter's version, e.g. "3.13.5"."""
+    os: _builtins.str
+    """OUTPUT_ONLY. The operating system, e.g. "Debian GNU/Linux 13 (trixie)"."""
+    size_bytes: _builtins.int
+    """OUTPUT_ONLY. Size of the image in bytes."""
+    is_default: _builtins.bool
+    """OUTPUT_ONLY. Whether sandboxes that name no profile get this one."""
+    @_builtins.property
+    def packages(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """OUTPUT_ONLY. Installed Python distributions: name -> version."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """OUTPUT_ONLY. When the image was built."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        python_version: _builtins.str = ...,
+        os: _builtins.str = ...,
+        packages: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        size_bytes: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        is_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "is_default", b"is_default", "name", b"name", "os", b"os", "packages", b"packages", "python_version", b"python_version", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageProfile: _TypeAlias = ImageProfile  # noqa: Y015
+
+@_typing.final
+class ListImageProfilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImageProfilesRequest: _TypeAlias = ListImageProfilesRequest  # noqa: Y015
+
+@_typing.final
+class ListImageProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_PROFILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image_profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageProfile]: ...
+    def __init__(
+        self,
+        *,
+        image_profiles: _abc.Iterable[Global___ImageProfile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_profiles", b"image_profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImageProfilesResponse: _TypeAlias = ListImageProfilesResponse  # noqa: Y015
+
+@_typing.final
 class Sandbox(_message.Message):
     """An isolated, stateful interpreter with its own files."""
 

@@ -71,6 +71,11 @@ class SandboxServiceStub(object):
                 request_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
                 _registered_method=True)
+        self.ListImageProfiles = channel.unary_unary(
+                '/petri.v1.SandboxService/ListImageProfiles',
+                request_serializer=petri_dot_v1_dot_sandbox__pb2.ListImageProfilesRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_sandbox__pb2.ListImageProfilesResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer(object):
@@ -130,6 +135,13 @@ class SandboxServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListImageProfiles(self, request, context):
+        """Lists the image profiles sandboxes can use here, with every package each one carries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +179,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.StreamExecuteCode,
                     request_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.FromString,
                     response_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.SerializeToString,
+            ),
+            'ListImageProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImageProfiles,
+                    request_deserializer=petri_dot_v1_dot_sandbox__pb2.ListImageProfilesRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_sandbox__pb2.ListImageProfilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +376,33 @@ class SandboxService(object):
             '/petri.v1.SandboxService/StreamExecuteCode',
             petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
             petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImageProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.SandboxService/ListImageProfiles',
+            petri_dot_v1_dot_sandbox__pb2.ListImageProfilesRequest.SerializeToString,
+            petri_dot_v1_dot_sandbox__pb2.ListImageProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,8 @@ class SandboxServiceStub:
     Send `start`, then any input file chunks, then half-close: the code runs after that.
     Cancelling the call interrupts the code.
     """
+    ListImageProfiles: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ListImageProfilesRequest, _sandbox_pb2.ListImageProfilesResponse]
+    """Lists the image profiles sandboxes can use here, with every package each one carries."""
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -85,6 +87,8 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Send `start`, then any input file chunks, then half-close: the code runs after that.
     Cancelling the call interrupts the code.
     """
+    ListImageProfiles: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ListImageProfilesRequest, _sandbox_pb2.ListImageProfilesResponse]  # type: ignore[assignment]
+    """Lists the image profiles sandboxes can use here, with every package each one carries."""
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creates, inspects and deletes sandboxes, and runs code in them."""
@@ -150,5 +154,13 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         Send `start`, then any input file chunks, then half-close: the code runs after that.
         Cancelling the call interrupts the code.
         """
+
+    @_abc_1.abstractmethod
+    def ListImageProfiles(
+        self,
+        request: _sandbox_pb2.ListImageProfilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ListImageProfilesResponse, _abc.Awaitable[_sandbox_pb2.ListImageProfilesResponse]]:
+        """Lists the image profiles sandboxes can use here, with every package each one carries."""
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
