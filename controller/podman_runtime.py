@@ -110,8 +110,11 @@ class PodmanRuntime:
     def _start(self, spec: ContainerSpec) -> None:
         kwargs: dict[str, Any] = {
             "name": spec.name,
+            # Isolated (-I): the executor is root in the sandbox; nothing user code writes
+            # (/workspace is its working directory) may end up on its sys.path.
             "command": [
                 "python",
+                "-I",
                 "-m",
                 "executor",
                 "--socket",

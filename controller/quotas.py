@@ -2,9 +2,8 @@
 limit, rather than a slow or fallen-over service."""
 
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from controller.errors import ResourceExhausted
 
@@ -40,18 +39,19 @@ class Quotas:
                 f"{self.max_sandboxes_per_project}: delete some first"
             )
 
-    @contextlib.asynccontextmanager
-    async def create_slot(self) -> AsyncIterator[None]:
+    def take_create_slot(self) -> None:
+        """Claims one of the creates in progress; give it back with release_create_slot when
+        the sandbox is created or failed (not when its caller gives up: it is still being
+        created)."""
         if self._creating >= self.max_concurrent_creates:
             raise ResourceExhausted(
                 f"the server is already creating {self._creating} sandboxes, its limit of "
                 f"{self.max_concurrent_creates} at once: retry in a moment"
             )
         self._creating += 1
-        try:
-            yield
-        finally:
-            self._creating -= 1
+
+    def release_create_slot(self) -> None:
+        self._creating -= 1
 
     def count_execute(self, project: str) -> None:
         now = self._clock()

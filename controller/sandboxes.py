@@ -224,25 +224,32 @@ class SandboxManager:
             if previous is not None:
                 return await self._replay(previous, params.request_id)
         record = self._new_record(params, await self._effective_spec(params))
-        async with self._quotas.create_slot():
-            return await self._create(record, params)
-
-    async def _create(self, record: SandboxRecord, params: CreateParams) -> SandboxRecord:
+        self._quotas.take_create_slot()
         try:
             async with self._project_locks.setdefault(record.project, asyncio.Lock()):
                 live = await self._registry.count_live(record.project)
                 self._quotas.check_sandbox_count(record.project, live)
                 await self._registry.insert(record)
         except AlreadyExists:
+            self._quotas.release_create_slot()
             if params.request_id:  # a concurrent retry of the same request won the race
                 previous = await self._registry.get_by_request_id(params.project, params.request_id)
                 if previous is not None:
                     return await self._replay(previous, params.request_id)
             raise
-        # The caller may go away; provisioning finishes (or cleans up) regardless.
+        except BaseException:
+            self._quotas.release_create_slot()
+            raise
+        # The caller may go away; provisioning finishes (or cleans up) regardless, and holds
+        # its slot until then.
         future = asyncio.ensure_future(self._provision(record))
         self._provisioning[record.uid] = future
-        future.add_done_callback(lambda _: self._provisioning.pop(record.uid, None))
+
+        def done(_: object) -> None:
+            self._provisioning.pop(record.uid, None)
+            self._quotas.release_create_slot()
+
+        future.add_done_callback(done)
         return await asyncio.shield(future)
 
     async def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
@@ -276,22 +283,31 @@ class SandboxManager:
                 f"image profile {profile!r} is not available on this server (no image {image}); "
                 f"an operator can build it with sandbox-image/build.sh {profile}"
             )
-        return Spec(profile, runtime, self._effective_resources(params.resources))
+        return Spec(profile, runtime, self._effective_resources(params.resources, runtime))
 
-    def _effective_resources(self, requested: Resources) -> Resources:
+    def _cgroups_for(self, runtime: Runtime) -> HostCapabilities:
+        """What cgroups enforce for a sandbox of this runtime: runsc runs with
+        --ignore-cgroups, so a gVisor sandbox gets none, whatever the host delegates."""
+        if runtime is Runtime.GVISOR:
+            return HostCapabilities(self._host.cgroup_version, memory=False, cpu=False, pids=False)
+        return self._host
+
+    def _effective_resources(self, requested: Resources, runtime: Runtime) -> Resources:
+        cgroups = self._cgroups_for(runtime)
         for field_name in ("cpu_millis", "memory_bytes", "disk_bytes", "max_processes"):
             if getattr(requested, field_name) < 0:
                 raise InvalidArgument(f"resources.{field_name} must not be negative")
         unenforceable = [
             name
-            for name, asked, can in (("cpu_millis", requested.cpu_millis, self._host.cpu),)
+            for name, asked, can in (("cpu_millis", requested.cpu_millis, cgroups.cpu),)
             if asked and not can
         ]
         if unenforceable:
             raise FailedPrecondition(
-                f"this host cannot enforce resources.{', resources.'.join(unenforceable)} "
-                f"(rootless podman on cgroups {self._host.cgroup_version} without delegated "
-                "controllers); leave them unset"
+                f"this server cannot enforce resources.{', resources.'.join(unenforceable)} "
+                f"for a {runtime.name} sandbox (no delegated cgroup controller: rootless "
+                f"podman on cgroups {self._host.cgroup_version}, or gVisor, which runs without "
+                "cgroups); leave them unset"
             )
         disk = requested.disk_bytes or self._config.workspace_size
         if disk > self._config.workspace_size:
@@ -362,6 +378,7 @@ class SandboxManager:
 
     async def _provision(self, record: SandboxRecord) -> SandboxRecord:
         gvisor = record.spec.runtime is Runtime.GVISOR
+        cgroups = self._cgroups_for(record.spec.runtime)
         labels = {
             LABEL_MANAGED: "true",
             LABEL_REGISTRY: self.registry_label,
@@ -378,12 +395,12 @@ class SandboxManager:
             open_files=self._config.open_files,
             # The memory cgroup where the host delegates it; else the interpreter's address
             # space (RLIMIT_AS, set by the executor on the worker).
-            memory_bytes=record.spec.resources.memory_bytes if self._host.memory else 0,
+            memory_bytes=record.spec.resources.memory_bytes if cgroups.memory else 0,
             cpu_millis=record.spec.resources.cpu_millis,
             # RLIMIT_NPROC always (each sandbox has uids of its own); the pids cgroup as well
             # where the host delegates it.
             process_limit=0 if gvisor else record.spec.resources.max_processes,
-            max_processes=record.spec.resources.max_processes if self._host.pids else 0,
+            max_processes=record.spec.resources.max_processes if cgroups.pids else 0,
             userns_size=0 if gvisor else self._config.userns_size,
             # The executor answers only calls meant for this sandbox (see executor_client).
             environment={
@@ -392,7 +409,7 @@ class SandboxManager:
                 # The executor sets it on user code too: under gVisor it is the only one.
                 "PETRI_PROCESS_LIMIT": str(record.spec.resources.max_processes),
                 "PETRI_MEMORY_LIMIT": (
-                    "0" if self._host.memory else str(record.spec.resources.memory_bytes)
+                    "0" if cgroups.memory else str(record.spec.resources.memory_bytes)
                 ),
             },
         )

@@ -26,6 +26,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from executor import workspace
 from executor.framing import FrameError, encode, read_frame_async
+from executor.paths import InvalidPath
 from executor.stream_cutter import StreamCutter
 from executor.workspace import InputStager
 from petri.v1 import execution_pb2, executor_pb2
@@ -117,6 +118,10 @@ class WorkerProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                # Isolated (-I): no PYTHON* variables, no user site-packages and, above all,
+                # not /workspace on sys.path, where user code could plant an `executor`
+                # package that skips the limits the worker sets on itself.
+                "-I",
                 "-u",
                 "-m",
                 "executor.worker",
@@ -140,6 +145,10 @@ class WorkerProcess:
                 env=_worker_environment(user),
                 **identity,
             )
+        except BaseException:
+            os.close(requests_write)
+            os.close(replies_read)
+            raise
         finally:
             os.close(requests_read)
             os.close(replies_write)
@@ -418,6 +427,7 @@ class Supervisor:
         elif reset:
             error = _worker_gone_error(worker, killed, stop_reason, timeout, grace, protocol_error)
         if reset:
+            await worker.kill()  # whatever it left running in its process group goes with it
             self._worker = None
             with contextlib.suppress(ExecutorBroken):
                 await self._ensure_worker()
@@ -473,7 +483,7 @@ class Supervisor:
                 continue
             try:
                 await self._emit_file(change, emit)
-            except OSError as exc:
+            except (OSError, InvalidPath) as exc:  # changed under us (a background process)
                 omitted.append(
                     execution_pb2.OmittedFile(
                         path=change.path, size=change.size, reason=f"could not be read: {exc}"

@@ -196,6 +196,9 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     if args.process_limit:
         resource.setrlimit(resource.RLIMIT_NPROC, (args.process_limit, args.process_limit))
+    # Now, with the limits set and our modules loaded, user code may import its own files,
+    # as in a notebook (the worker started isolated: see supervisor.WorkerProcess.start).
+    sys.path.insert(0, args.workspace)
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)

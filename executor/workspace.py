@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,13 @@ class _StagedFile:
 
 @dataclass
 class InputStager:
-    """Receives input file chunks into a private directory; `commit` puts them in place."""
+    """Receives input file chunks into a private directory; `commit` puts them in place.
+
+    The staging directory sits in /workspace, which user code owns and may rearrange at any
+    moment (a background process): so it is reached through a descriptor opened once and
+    checked to be ours, never by its name, and the files are given away through their own
+    descriptors. Nothing user code renames or links can redirect a write or a chown.
+    """
 
     root: Path
     max_bytes: int
@@ -54,7 +59,8 @@ class InputStager:
     total_bytes: int = 0
     _files: list[_StagedFile] = field(default_factory=list)
     _paths: set[str] = field(default_factory=set)
-    _dir: Path | None = None
+    _dir_name: str = ""
+    _dir_fd: int | None = None
     _fd: int | None = None
 
     def add(self, chunk: execution_pb2.FileChunk) -> None:
@@ -84,20 +90,43 @@ class InputStager:
             raise _write_error(exc) from exc
         if chunk.final:
             current.final = True
-            os.close(self._fd)
-            self._fd = None
+            self._close_file()
 
     def _open(self, staged: _StagedFile) -> None:
-        if self._dir is None:
-            self._dir = self.root / (STAGING_PREFIX + secrets.token_hex(8))
-            os.mkdir(self._dir, 0o700)
-        if self._fd is not None:
-            os.close(self._fd)
+        if self._dir_fd is None:
+            self._dir_fd = self._make_staging_directory()
+        self._close_file()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self._fd = os.open(self._dir / staged.staged_name, flags, 0o644)
+            self._fd = os.open(staged.staged_name, flags, 0o644, dir_fd=self._dir_fd)
         except OSError as exc:
             raise _write_error(exc) from exc
+
+    def _make_staging_directory(self) -> int:
+        name = STAGING_PREFIX + secrets.token_hex(8)
+        root_fd = os.open(self.root, _DIRECTORY_FLAGS)
+        try:
+            try:
+                os.mkdir(name, 0o700, dir_fd=root_fd)
+                fd = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
+            except OSError as exc:
+                raise _write_error(exc) from exc
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+                os.close(fd)  # swapped between mkdir and open: not ours
+                raise InvalidPath("the staging directory was replaced while it was made")
+        finally:
+            os.close(root_fd)
+        self._dir_name = name
+        return fd
+
+    def _close_file(self) -> None:
+        if self._fd is None:
+            return
+        if self.owner is not None:
+            os.fchown(self._fd, *self.owner)  # the file itself: no name to be redirected
+        os.close(self._fd)
+        self._fd = None
 
     def finish(self) -> None:
         """Checks that the input ended cleanly (the last file's last chunk was marked final)."""
@@ -116,21 +145,18 @@ class InputStager:
             _check_target(self.root, staged.parts)
         if not self._files:
             return
-        assert self._dir is not None
+        assert self._dir_fd is not None
         root_fd = os.open(self.root, _DIRECTORY_FLAGS)
-        staging_fd = os.open(self._dir, _DIRECTORY_FLAGS | os.O_NOFOLLOW)
         try:
             for staged in self._files:
                 parent = open_directory_beneath(
                     root_fd, staged.parts[:-1], create=True, owner=self.owner
                 )
                 try:
-                    if self.owner is not None:
-                        os.chown(staged.staged_name, *self.owner, dir_fd=staging_fd)
                     os.rename(
                         staged.staged_name,
                         staged.parts[-1],
-                        src_dir_fd=staging_fd,
+                        src_dir_fd=self._dir_fd,
                         dst_dir_fd=parent,
                     )
                 except IsADirectoryError:
@@ -140,7 +166,6 @@ class InputStager:
                 finally:
                     os.close(parent)
         finally:
-            os.close(staging_fd)
             os.close(root_fd)
         self.discard()
 
@@ -148,9 +173,23 @@ class InputStager:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._dir_fd is None:
+            return
+        for staged in self._files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged.staged_name, dir_fd=self._dir_fd)
+        # The (now empty) directory goes by name only if the name is still ours.
+        with contextlib.suppress(OSError):
+            ours = os.fstat(self._dir_fd)
+            root_fd = os.open(self.root, _DIRECTORY_FLAGS)
+            try:
+                there = os.stat(self._dir_name, dir_fd=root_fd, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.rmdir(self._dir_name, dir_fd=root_fd)
+            finally:
+                os.close(root_fd)
+        os.close(self._dir_fd)
+        self._dir_fd = None
 
 
 def _write_error(exc: OSError) -> Exception:

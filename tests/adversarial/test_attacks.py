@@ -301,3 +301,27 @@ async def test_a_flood_of_a_thousand_executes(
     values = await flood
     assert sorted(int(v or 0) for v in values) == list(range(1, 1001))
     await assert_unharmed(stub, neighbour, victim)
+
+
+async def test_a_planted_executor_package_is_never_imported(
+    stub: Stub, neighbour: sandbox_pb2.Sandbox, victim: sandbox_pb2.Sandbox
+) -> None:
+    """User code plants `executor/` in /workspace (the interpreter's working directory) and
+    restarts its interpreter: the new one must not import it, so its limits stay."""
+    before = value_of(
+        await execute(stub, victim.name, "import resource\nresource.getrlimit(resource.RLIMIT_AS)")
+    )
+    plant = (
+        "import os\n"
+        "os.makedirs('executor', exist_ok=True)\n"
+        "open('executor/__init__.py', 'w').write('import resource; resource.setrlimit = lambda *a: None')\n"
+        "open('executor/worker.py', 'w').write('raise SystemExit(\"planted\")')\n"
+        "os._exit(0)"
+    )
+    crashed = await run_attack(stub, victim, plant)
+    assert crashed.namespace_reset
+    after = await execute(
+        stub, victim.name, "import resource\nresource.getrlimit(resource.RLIMIT_AS)"
+    )
+    assert value_of(after) == before and before != "(-1, -1)"
+    await assert_unharmed(stub, neighbour, victim)

@@ -108,3 +108,21 @@ def test_read_chunks_refuses_a_symlink_at_the_name(tmp_path: Path) -> None:
         list(read_chunks(tmp_path, "passwd", 100))
     (tmp_path / "big").write_bytes(b"x" * (3 << 20))
     assert [len(c) for c in read_chunks(tmp_path, "big", 3 << 20)] == [1 << 20] * 3
+
+
+def test_a_staging_directory_swapped_for_a_symlink_redirects_nothing(tmp_path: Path) -> None:
+    workspace, elsewhere = tmp_path / "workspace", tmp_path / "elsewhere"
+    workspace.mkdir()
+    elsewhere.mkdir()
+    stager = InputStager(workspace, max_bytes=100)
+    stager.add(chunk("a.txt", b"first"))
+    (staging,) = [p for p in workspace.iterdir() if p.name.startswith(".petri-incoming-")]
+    # What a racing process of the sandbox could do in a /workspace it owns:
+    staging.rename(workspace / "moved")
+    os.symlink(elsewhere, staging)
+    stager.add(chunk("b.txt", b"second"))
+    stager.finish()
+    stager.commit()
+    assert list(elsewhere.iterdir()) == []
+    assert (workspace / "a.txt").read_bytes() == b"first"
+    assert (workspace / "b.txt").read_bytes() == b"second"
