@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from controller.config import Config
+from controller.server import Controller
 from petri.v1 import sandbox_pb2
 
 if TYPE_CHECKING:
@@ -18,6 +21,19 @@ def podman(*args: str) -> str:
     """The podman CLI of the same user, as an operator would use it."""
     done = subprocess.run(["podman", *args], capture_output=True, text=True, check=True)
     return done.stdout
+
+
+def sibling_config(config: Config, controller: Controller, name: str, **overrides: Any) -> Config:
+    """The config of another controller beside the session's: same podman service, a port,
+    state and socket directory of its own (unless overridden)."""
+    assert controller.podman_service is not None
+    fields: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "runtime_dir": config.runtime_dir / name,
+        "podman_socket": controller.podman_service.socket_path,
+        **overrides,
+    }
+    return dataclasses.replace(config, **fields)
 
 
 def kill_executor(container: str) -> None:

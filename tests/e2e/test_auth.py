@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.config import Config
 from controller.server import Controller, start_controller
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
+from tests.e2e.helpers import sibling_config
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -38,13 +38,11 @@ async def guarded(
             for name, token, project in entries
         )
     )
-    assert controller.podman_service is not None
-    config = dataclasses.replace(
+    config = sibling_config(
         e2e_config,
-        listen="127.0.0.1:0",
+        controller,
+        "guarded",
         state_dir=state,
-        runtime_dir=e2e_config.runtime_dir / "guarded",
-        podman_socket=controller.podman_service.socket_path,
         tokens_file=tokens,
         max_sandboxes_per_project=2,
         max_executes_per_minute=5,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +13,7 @@ from controller.config import Config
 from controller.server import Controller, start_controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
-from tests.e2e.helpers import execute, value_of
+from tests.e2e.helpers import execute, sibling_config, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -95,13 +94,11 @@ def attempt(fn):
 async def test_gvisor_is_refused_clearly_where_runsc_is_missing(
     e2e_config: Config, controller: Controller, tmp_path: Path
 ) -> None:
-    assert controller.podman_service is not None
-    config = dataclasses.replace(
+    config = sibling_config(
         e2e_config,
-        listen="127.0.0.1:0",
+        controller,
+        "no-runsc",
         state_dir=tmp_path,
-        runtime_dir=e2e_config.runtime_dir / "no-runsc",
-        podman_socket=controller.podman_service.socket_path,
         runsc_binary="runsc-that-is-not-installed",
     )
     without = await start_controller(config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from controller.config import Config
 from controller.server import Controller, start_controller
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
-from tests.e2e.helpers import PARENT, execute, podman, value_of
+from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -178,9 +177,8 @@ async def test_a_restarted_controller_adopts_running_sandboxes(
     sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
     await execute(stub, sandbox.name, "x = 'before'\nopen('f.txt', 'w').write('file')")
     # The session's controller keeps running; the second one shares its registry and podman.
-    assert controller.podman_service is not None
-    second_config = dataclasses.replace(
-        e2e_config, listen="127.0.0.1:0", podman_socket=controller.podman_service.socket_path
+    second_config = sibling_config(
+        e2e_config, controller, "second", runtime_dir=e2e_config.runtime_dir
     )
     second: Controller = await start_controller(second_config)
     try:

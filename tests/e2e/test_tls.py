@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.config import Config
 from controller.server import Controller, start_controller
+from tests.e2e.helpers import sibling_config
 
 pytestmark = pytest.mark.e2e
 
@@ -80,13 +80,11 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def mutual_tls(
     e2e_config: Config, controller: Controller, certificates: Path
 ) -> AsyncIterator[Controller]:
-    assert controller.podman_service is not None
-    config = dataclasses.replace(
+    config = sibling_config(
         e2e_config,
-        listen="127.0.0.1:0",
+        controller,
+        "tls",
         state_dir=certificates / "state",
-        runtime_dir=e2e_config.runtime_dir / "tls",
-        podman_socket=controller.podman_service.socket_path,
         tls_cert=certificates / "server.pem",
         tls_key=certificates / "server.key",
         tls_client_ca=certificates / "ca.pem",

@@ -1,4 +1,3 @@
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,14 +27,6 @@ def record(sandbox_id: str, minute: int = 0, **changes: object) -> SandboxRecord
     }
     values.update(changes)
     return SandboxRecord(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    reg = Registry(tmp_path / "petri.db")
-    await reg.open()
-    yield reg
-    await reg.close()
 
 
 async def test_a_record_survives_reopening(tmp_path: Path) -> None:

@@ -1,8 +1,4 @@
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
-
-import pytest
 
 from controller.records import SandboxRecord
 from controller.registry import Registry
@@ -31,14 +27,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    reg = Registry(tmp_path / "petri.db")
-    await reg.open()
-    yield reg
-    await reg.close()
 
 
 async def test_expires_due_sandboxes_in_expiry_order_and_never_early(registry: Registry) -> None:

@@ -1,0 +1,14 @@
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controller.registry import Registry
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    reg = Registry(tmp_path / "petri.db")
+    await reg.open()
+    yield reg
+    await reg.close()
