@@ -35,7 +35,7 @@ from petri.v1 import execution_pb2, executor_pb2
 log = logging.getLogger("petri.executor")
 
 # Pauses between attempts to start a worker (see _ensure_worker).
-WORKER_START_RETRIES = (0.1, 0.3, 1.0, 2.0, 0.0)
+WORKER_START_RETRIES = (0.1, 0.3, 1.0, 2.0, 3.0, 4.0, 0.0)
 # How long a new worker may take to say it is ready.
 WORKER_READY_TIMEOUT = 60.0
 # After `done`, how long to wait for the end markers on stdout and stderr (user code may have
@@ -429,8 +429,10 @@ class Supervisor:
         if reset:
             await worker.kill()  # whatever it left running in its process group goes with it
             self._worker = None
-            with contextlib.suppress(ExecutorBroken):
+            try:
                 await self._ensure_worker()
+            except ExecutorBroken as exc:  # the next execution tries again
+                log.warning("no new worker after a reset: %s", exc)
         if not reset:
             assert done is not None
             error = done.error if done.HasField("error") else None
