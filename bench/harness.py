@@ -75,7 +75,17 @@ async def start_controller_process(dirs: ControllerDirs, **settings: str) -> Run
     with open(dirs.state_dir / "controller.log", "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stderr=log)
     running = RunningController(process, address, dirs.state_dir)
-    await wait_healthy(address, process)
+    try:
+        await wait_healthy(address, process)
+    except BaseException:
+        # Else it outlives the benchmark, holding its podman service and the caller's stdout.
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
     return running
 
 
@@ -95,7 +105,11 @@ async def delete_all(address: str, project: str) -> None:
 async def controller_process(**settings: str) -> AsyncIterator[RunningController]:
     """A controller with a fresh registry; stopped, with its sandboxes deleted, after."""
     dirs = ControllerDirs.fresh()
-    running = await start_controller_process(dirs, **settings)
+    try:
+        running = await start_controller_process(dirs, **settings)
+    except BaseException:
+        dirs.remove()
+        raise
     try:
         yield running
     finally:

@@ -6,6 +6,7 @@ by `python -m controller --help`, with its variable.
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.units import format_duration, parse_duration, parse_size
+from controller.warm_pool import PoolTarget, parse_pool
+from controller.worker_uids import FIRST as WORKER_UID_FIRST
 
 
 def _default_state_dir() -> Path:
@@ -33,6 +36,17 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"invalid boolean {text!r}: use true or false")
+
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _parse_modules(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if _MODULE.fullmatch(name) is None:
+            raise ValueError(f"{name!r} is not a module name")
+    return names
 
 
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
@@ -126,10 +140,13 @@ class Config:
     )
     max_processes: int = _opt("most processes and threads a sandbox may ask for", int, default=4096)
     userns_size: int = _opt(
-        "uids in each sandbox's own user namespace; the service user's subordinate id range "
-        "must hold this many per sandbox",
+        "uids in the sandboxes' user namespace (container uid 0 on the service user's first "
+        "subordinate id; the same for all, so they share one ID-mapped copy of each image); "
+        "user code in each sandbox runs as a uid of this range that no other sandbox has. "
+        "The service user needs this many subordinate uids and gids; sandbox-image/build.sh "
+        "prepares the images for it (PETRI_USERNS_SIZE)",
         int,
-        default=2048,
+        default=65536,
     )
     max_output_bytes: int = _opt(
         "cap on stdout and on stderr of one execution", parse_size, default=10 << 20
@@ -166,6 +183,26 @@ class Config:
         Path,
         default=None,
     )
+    preload: tuple[str, ...] = _opt(
+        "modules every sandbox's interpreter imports before its first execution (and after "
+        "a crash), comma-separated; empty for none. Modules an image lacks are skipped",
+        _parse_modules,
+        default=("numpy", "pandas", "matplotlib.pyplot"),
+    )
+    gvisor_preload: tuple[str, ...] = _opt(
+        "--preload for gVisor sandboxes, default none: under gVisor, forking an interpreter "
+        "that holds pandas is slow enough that a fork bomb wedges the sandbox",
+        _parse_modules,
+        default=(),
+    )
+    warm_pool: tuple[PoolTarget, ...] = _opt(
+        "sandboxes kept started and preloaded for CreateSandbox to claim, per kind: entries "
+        "separated by ';', each 'size=N' plus the spec a create must match: profile=, "
+        "runtime=, memory=, disk=, processes=, cpu= (unset: the server's defaults). "
+        "Empty for no pool",
+        parse_pool,
+        default=(PoolTarget(size=2),),
+    )
     max_sandboxes_per_project: int = _opt("live sandboxes per project", int, default=100)
     max_executes_per_minute: int = _opt("executions per project per minute", int, default=1200)
     max_concurrent_creates: int = _opt(
@@ -185,7 +222,12 @@ class Config:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = format_duration(value) if isinstance(value, timedelta) else str(value)
+            if isinstance(value, timedelta):
+                out[f.name] = format_duration(value)
+            elif isinstance(value, tuple):
+                out[f.name] = (";" if f.name == "warm_pool" else ",").join(map(str, value))
+            else:
+                out[f.name] = str(value)
         return out
 
 
@@ -255,6 +297,10 @@ def validate(config: Config) -> list[str]:
         problems.append("tls_cert and tls_key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if config.userns_size <= WORKER_UID_FIRST:
+        problems.append(
+            f"userns_size must exceed {WORKER_UID_FIRST} (user code's uids start there)"
+        )
     if config.default_runtime not in ("runc", "gvisor"):
         problems.append("default_runtime must be runc or gvisor")
     if config.log_format not in ("console", "json"):

@@ -12,6 +12,12 @@ from pathlib import Path
 
 WRAPPER = """#!/bin/sh
 # Written by petri's controller: runsc as the OCI runtime of its gVisor sandboxes.
+# podman passes runc's --no-new-keyring when containers.conf says keyring = false (see
+# scripts/bootstrap); runsc has no such flag, and no host keyrings to keep apart.
+for arg do
+  shift
+  [ "$arg" = "--no-new-keyring" ] || set -- "$@" "$arg"
+done
 exec {runsc} --ignore-cgroups --network=none --host-uds=all "$@"
 """
 

@@ -145,17 +145,13 @@ class PodmanRuntime:
                 },
             ],
             # Explicit ulimits: podman's defaults exceed our hosts' hard limits and runc fails.
-            # nproc counts per host uid: with a user namespace of its own (below), each
-            # sandbox's processes are counted apart, so a fork bomb starves only itself.
             "ulimits": [
                 {"Name": "nofile", "Soft": spec.open_files, "Hard": spec.open_files},
                 {"Name": "core", "Soft": 0, "Hard": 0},
-            ]
-            + (
-                [{"Name": "nproc", "Soft": spec.process_limit, "Hard": spec.process_limit}]
-                if spec.process_limit
-                else []
-            ),
+            ],
+            # No nproc: the executors of all sandboxes share a uid (see userns_size), so a
+            # container-wide RLIMIT_NPROC would be shared by all of them. The sandbox's
+            # process limit is the worker's own, on a uid that is the sandbox's alone.
             "stop_signal": 15,  # SIGTERM; the API wants the number
             # The container's own output (the executor's log, or whatever user code writes to
             # PID 1's descriptors) is capped on the host's disk.
@@ -170,14 +166,12 @@ class PodmanRuntime:
         if spec.max_processes:
             kwargs["pids_limit"] = spec.max_processes
         payload = self._client.containers._render_payload({"image": spec.image, **kwargs})
-        # A user namespace of its own per sandbox (podman's --userns=auto): its uids are
-        # nobody else's on the host. podman-py has no keyword for it; the API has.
+        # Container root on a subordinate id, not on the service user (podman's --uidmap
+        # 0:1:N --gidmap 0:1:N). podman-py has no keyword for it; the API has.
         if spec.userns_size:
-            payload["userns"] = {"nsmode": "auto"}
-            payload["idmappings"] = {
-                "AutoUserNs": True,
-                "AutoUserNsOpts": {"Size": spec.userns_size},
-            }
+            mapping = [{"container_id": 0, "host_id": 1, "size": spec.userns_size}]
+            payload["userns"] = {"nsmode": "private"}
+            payload["idmappings"] = {"UIDMap": mapping, "GIDMap": mapping}
         response = self._client.api.post(
             "/containers/create",
             headers={"content-type": "application/json"},

@@ -50,6 +50,13 @@ class Quotas:
             )
         self._creating += 1
 
+    def try_take_create_slot(self) -> bool:
+        """take_create_slot for the warm pool's refills: False instead of an error."""
+        if self._creating >= self.max_concurrent_creates:
+            return False
+        self._creating += 1
+        return True
+
     def release_create_slot(self) -> None:
         self._creating -= 1
 

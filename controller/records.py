@@ -4,6 +4,10 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# The project of warm pool members (no project name can be empty): invisible to List, counted
+# toward no quota, until a CreateSandbox claims one for its project.
+POOL_PROJECT = ""
+
 
 class State(enum.IntEnum):
     """Mirrors petri.v1.Sandbox.State, value for value."""

@@ -16,10 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from controller.errors import AlreadyExists
-from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 
 T = TypeVar("T")
+log = structlog.get_logger()
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -173,6 +176,11 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
     )
 
 
+def _log_failure(future: "asyncio.Future[bool]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a deferred registry write failed", error=str(future.exception()))
+
+
 @dataclass(frozen=True)
 class ListQuery:
     """A page of live sandboxes of one project.
@@ -259,6 +267,15 @@ class Registry:
         """
         return await self._run(self._set_fields, uid, fields)
 
+    def set_fields_soon(self, uid: str, **fields: Any) -> None:
+        """set_fields without waiting for it, for bookkeeping that must not delay a reply.
+        Statements run in the order they are submitted, so every read submitted after this
+        call sees the write; a failure is logged."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._thread, self._set_fields, uid, fields
+        )
+        future.add_done_callback(_log_failure)
+
     def _set_fields(self, uid: str, fields: dict[str, Any]) -> bool:
         unknown = set(fields) - set(_COLUMNS) - {"uid"}
         if unknown or "uid" in fields:
@@ -269,6 +286,30 @@ class Registry:
             f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND delete_time IS NULL",
             {**row, "uid": uid},
         )
+        return cursor.rowcount == 1
+
+    async def claim_pool_member(self, uid: str, **fields: Any) -> bool:
+        """Gives a warm pool member its owner's fields (project, sandbox_id, ...), if it is
+        still a RUNNING member; False when it is not. AlreadyExists when the name or the
+        request_id is taken in that project."""
+        return await self._run(self._claim_pool_member, uid, fields)
+
+    def _claim_pool_member(self, uid: str, fields: dict[str, Any]) -> bool:
+        row = {name: _column_value(name, value) for name, value in fields.items()}
+        if set(row) - set(_COLUMNS) or "uid" in row:
+            raise ValueError(f"cannot set {sorted(row)}")
+        assignments = ", ".join(f"{name} = :{name}" for name in row)
+        try:
+            cursor = self._conn.execute(
+                f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND project = :pool "
+                "AND state = :running AND delete_time IS NULL",
+                {**row, "uid": uid, "pool": POOL_PROJECT, "running": int(State.RUNNING)},
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(
+                f"sandbox projects/{fields.get('project')}/sandboxes/{fields.get('sandbox_id')} "
+                "already exists; pick another sandbox_id or delete it"
+            ) from exc
         return cursor.rowcount == 1
 
     async def forget(self, uid: str) -> None:

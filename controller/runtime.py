@@ -7,8 +7,11 @@ from typing import Protocol
 # Labels on every container the controller creates, so it can find its own.
 LABEL_MANAGED = "io.petri.managed"
 LABEL_REGISTRY = "io.petri.registry"  # which registry (controller instance) owns it
+# The sandbox's uid (its Sandbox.uid), not its name: a warm pool member gets its name when a
+# CreateSandbox claims it, and a container's labels cannot change.
 LABEL_UID = "io.petri.uid"
-LABEL_NAME = "io.petri.name"
+# The uid user code runs as in the sandbox (controller.worker_uids), for a restarted controller.
+LABEL_WORKER_UID = "io.petri.worker-uid"
 
 # Inside the container: where the socket directory is mounted, and the executor's socket.
 CONTAINER_SOCKET_DIR = "/run/petri"
@@ -24,12 +27,11 @@ class ContainerSpec:
     workspace_bytes: int
     tmp_bytes: int
     open_files: int
-    # RLIMIT_NPROC of the sandbox's uids (each sandbox has its own: see userns_size); 0 for
-    # none at the container's level (gVisor: its sandbox runs as our uid on the host).
-    process_limit: int = 1024
-    # How many uids the sandbox's own user namespace gets; 0 for the service's (gVisor: its
-    # gofer opens the socket directory on the host as the service user).
-    userns_size: int = 2048
+    # The user namespace: container uids 0..userns_size-1 on the service user's subordinate
+    # ids from the first; 0 for the service's own (gVisor: its gofer opens the socket
+    # directory on the host as the service user). The same for every sandbox, so all share
+    # one ID-mapped copy of an image (rootless overlay cannot map ids at mount time).
+    userns_size: int = 65536
     memory_bytes: int = 0  # 0: not limited by the runtime
     cpu_millis: int = 0
     max_processes: int = 0

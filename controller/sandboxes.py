@@ -36,13 +36,13 @@ from controller.executor_client import ExecuteCall, ExecutorClient
 from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
 from controller.quotas import Quotas
-from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry
 from controller.runtime import (
     LABEL_MANAGED,
-    LABEL_NAME,
     LABEL_REGISTRY,
     LABEL_UID,
+    LABEL_WORKER_UID,
     SOCKET_NAME,
     ContainerRuntime,
     ContainerSpec,
@@ -50,6 +50,8 @@ from controller.runtime import (
     HostCapabilities,
 )
 from controller.units import format_duration
+from controller.warm_pool import WarmPool
+from controller.worker_uids import WorkerUids
 from petri.v1 import execution_pb2, executor_pb2
 
 log = structlog.get_logger()
@@ -59,13 +61,15 @@ _PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 START_CHECK_INTERVAL = 0.5
 # The image label that lists what an image carries (written by sandbox-image/build.sh).
 LABEL_MANIFEST = "io.petri.manifest"
-# The uid that user code runs as inside every sandbox (the executor is the sandbox's root).
-WORKER_UID = 1000
 # Beyond an execution's timeout and kill grace, how long its executor may take to answer
 # (streaming the changed files back to a slow client included).
 EXECUTOR_SLACK = timedelta(seconds=120)
 # The longest unix socket path the kernel accepts is 107 bytes.
 MAX_SOCKET_PATH = 107
+# How often a new warm pool member is asked whether it has preloaded its modules.
+PRELOAD_POLL_INTERVAL = 0.02
+# At shutdown, how long deleting the warm pool's members may take (a restart removes the rest).
+POOL_DRAIN_TIMEOUT = 10.0
 
 
 def utcnow() -> datetime:
@@ -130,6 +134,10 @@ class SandboxManager:
         # Sandboxes being created, by uid: a retried Create or a Delete waits for them.
         self._provisioning: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._host = HostCapabilities("unknown", memory=False, cpu=False, pids=False)
+        self._pool = WarmPool({}, self._start_pool_member)
+        # The uid user code runs as, by sandbox uid (the executor is the sandbox's root).
+        self._worker_uids = WorkerUids(config.userns_size)
+        self._worker_uid_of: dict[str, int] = {}
         self._socket_root = config.runtime_dir / "s"
         # Tells this controller's containers from those of another registry on the same podman.
         self.registry_label = hashlib.sha256(
@@ -142,6 +150,10 @@ class SandboxManager:
     @property
     def host(self) -> HostCapabilities:
         return self._host
+
+    @property
+    def warm_pool(self) -> WarmPool:
+        return self._pool
 
     # --- startup and shutdown -------------------------------------------------------------
 
@@ -156,8 +168,38 @@ class SandboxManager:
             )
         self._socket_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self._adopt()
+        self._pool = WarmPool(await self._pool_sizes(), self._start_pool_member)
+        self._pool.start()
+
+    async def _pool_sizes(self) -> dict[Spec, int]:
+        """The warm pool's keys: each configured target as the spec a create must match."""
+        sizes: dict[Spec, int] = {}
+        for target in self._config.warm_pool:
+            params = CreateParams(
+                project=POOL_PROJECT,
+                sandbox_id="",
+                display_name="",
+                labels={},
+                image_profile=target.profile,
+                runtime=Runtime[target.runtime.upper()] if target.runtime else None,
+                resources=target.resources,
+                expire_time=None,
+                ttl=None,
+                request_id="",
+            )
+            try:
+                spec = await self._effective_spec(params, check_image=False)
+            except (InvalidArgument, FailedPrecondition) as exc:
+                raise ValueError(f"warm_pool entry {target}: {exc}") from exc
+            sizes[spec] = sizes.get(spec, 0) + target.size
+        return {spec: size for spec, size in sizes.items() if size > 0}
 
     async def close(self) -> None:
+        members = await self._pool.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POOL_DRAIN_TIMEOUT):
+                for member in members:
+                    await self._delete(member, "deleted")
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
@@ -167,6 +209,10 @@ class SandboxManager:
         containers = {c.name: c for c in await self._runtime.list_managed(self.registry_label)}
         for record in records:
             container = containers.pop(record.container_name, None)
+            worker_uid = container.labels.get(LABEL_WORKER_UID, "") if container else ""
+            if worker_uid.isdigit():
+                self._worker_uids.mark(int(worker_uid))
+                self._worker_uid_of[record.uid] = int(worker_uid)
             try:
                 await self._adopt_one(record, container)
             except Exception:  # one broken sandbox must not keep the service from starting
@@ -196,16 +242,23 @@ class SandboxManager:
             why = (
                 "its container is gone" if status is None else f"its container {status.describe()}"
             )
+            if record.project == POOL_PROJECT:
+                log.warning("a warm pool sandbox died", uid=record.uid, why=why)
+                await self._delete(record, "died")
+                continue
             await self._terminate(record, why)
 
     async def _adopt_one(self, record: SandboxRecord, container: ContainerStatus | None) -> None:
-        if record.state is State.DEPROVISIONING:
-            await self._finish_delete(record, "deleted")
-        elif record.state is State.PROVISIONING:
-            # Its Create call failed with the controller: it never existed for the caller.
+        if record.project == POOL_PROJECT or record.state is State.PROVISIONING:
+            # A warm pool member of the previous process (it may not match this one's
+            # settings: preload, images; a new pool starts from nothing), or a sandbox whose
+            # Create failed with the controller: it never existed for the caller.
             await self._runtime.remove(record.container_name)
             await self._remove_socket_dir(record)
+            self._release_worker_uid(record.uid)
             await self._registry.forget(record.uid)
+        elif record.state is State.DEPROVISIONING:
+            await self._finish_delete(record, "deleted")
         elif record.state is State.RUNNING and (container is None or not container.running):
             why = (
                 "its container is gone"
@@ -224,6 +277,16 @@ class SandboxManager:
             if previous is not None:
                 return await self._replay(previous, params.request_id)
         record = self._new_record(params, await self._effective_spec(params))
+        try:
+            claimed = await self._claim_from_pool(record)
+        except AlreadyExists:
+            if params.request_id:  # a concurrent retry of the same request won the race
+                previous = await self._registry.get_by_request_id(params.project, params.request_id)
+                if previous is not None:
+                    return await self._replay(previous, params.request_id)
+            raise
+        if claimed is not None:
+            return claimed
         self._quotas.take_create_slot()
         try:
             async with self._project_locks.setdefault(record.project, asyncio.Lock()):
@@ -252,6 +315,110 @@ class SandboxManager:
         future.add_done_callback(done)
         return await asyncio.shield(future)
 
+    async def _claim_from_pool(self, record: SandboxRecord) -> SandboxRecord | None:
+        """The sandbox `record` describes, made of a warm pool member of its spec; None when
+        the pool has none ready."""
+        while (member := self._pool.take(record.spec)) is not None:
+            try:
+                # Its channel is open: a status call costs a millisecond and proves it answers.
+                await self._client_for(member).status(timeout=1.0)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
+                await asyncio.shield(asyncio.ensure_future(self._delete(member, "died")))
+                continue
+            claimed = replace(
+                record,
+                uid=member.uid,
+                container_name=member.container_name,
+                socket_dir=member.socket_dir,
+                state=State.RUNNING,
+                incarnation=member.incarnation,
+            )
+            # Once the claim is written, the sandbox is the caller's even if the caller left:
+            # the claim runs on, shielded, so a member is never both claimed and given back.
+            if await asyncio.shield(asyncio.ensure_future(self._claim(member, claimed))):
+                log.info("sandbox created from the warm pool", sandbox=claimed.name, uid=member.uid)
+                return claimed
+        return None
+
+    async def _claim(self, member: SandboxRecord, claimed: SandboxRecord) -> bool:
+        try:
+            async with self._project_locks.setdefault(claimed.project, asyncio.Lock()):
+                live = await self._registry.count_live(claimed.project)
+                self._quotas.check_sandbox_count(claimed.project, live)
+                return await self._registry.claim_pool_member(
+                    member.uid,
+                    project=claimed.project,
+                    sandbox_id=claimed.sandbox_id,
+                    display_name=claimed.display_name,
+                    labels=claimed.labels,
+                    expire_time=claimed.expire_time,
+                    request_id=claimed.request_id,
+                    create_time=claimed.create_time,
+                    update_time=claimed.update_time,
+                    last_active_time=claimed.last_active_time,
+                )
+        except BaseException:  # over quota, name taken: the member is still unused
+            self._pool.give_back(member)
+            raise
+
+    async def _start_pool_member(self, spec: Spec) -> SandboxRecord:
+        """Starts a warm pool member of this spec; returns it once it has preloaded."""
+        image = self._config.image_for(spec.image_profile)
+        if not await self._runtime.image_exists(image):
+            raise FailedPrecondition(
+                f"no image {image}: build it with sandbox-image/build.sh {spec.image_profile}"
+            )
+        # A slot as users' creates leave one: the pool never takes their place.
+        while True:
+            if self._quotas.try_take_create_slot():
+                break
+            await asyncio.sleep(START_CHECK_INTERVAL)
+        try:
+            now = self._clock()
+            uid = secrets.token_hex(16)
+            record = SandboxRecord(
+                uid=uid,
+                project=POOL_PROJECT,
+                sandbox_id=uid,
+                spec=spec,
+                state=State.PROVISIONING,
+                create_time=now,
+                update_time=now,
+                # Past it, the reaper deletes the member and the pool starts a fresh one.
+                expire_time=now + self._config.max_ttl,
+                last_active_time=now,
+                container_name=f"petri-{uid}",
+                socket_dir=str(self._socket_root / uid),
+            )
+            await self._registry.insert(record)
+            future = asyncio.ensure_future(self._provision(record))
+            self._provisioning[uid] = future
+            future.add_done_callback(lambda _: self._provisioning.pop(uid, None))
+            record = await asyncio.shield(future)
+        finally:
+            self._quotas.release_create_slot()
+        try:
+            await self._wait_preloaded(record)
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(self._delete(record, "died")))
+            raise
+        return record
+
+    async def _wait_preloaded(self, record: SandboxRecord) -> None:
+        client = self._client_for(record)
+        try:
+            async with asyncio.timeout(self._config.start_timeout.total_seconds()):
+                while True:
+                    if (await client.status()).preloaded:
+                        break
+                    await asyncio.sleep(PRELOAD_POLL_INTERVAL)
+        except TimeoutError:
+            raise Unavailable(
+                "the sandbox did not preload its modules within "
+                f"{format_duration(self._config.start_timeout)}"
+            ) from None
+
     async def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
         """The answer to a retried Create: the sandbox the first request made, once RUNNING."""
         if previous.delete_time is not None:
@@ -264,7 +431,7 @@ class SandboxManager:
             return await asyncio.shield(pending)
         return previous
 
-    async def _effective_spec(self, params: CreateParams) -> Spec:
+    async def _effective_spec(self, params: CreateParams, check_image: bool = True) -> Spec:
         profile = params.image_profile or self._config.default_image_profile
         if _PROFILE.fullmatch(profile) is None:
             raise InvalidArgument(
@@ -278,7 +445,7 @@ class SandboxManager:
                 "installed); use RUNC or leave it unset"
             )
         image = self._config.image_for(profile)
-        if not await self._runtime.image_exists(image):
+        if check_image and not await self._runtime.image_exists(image):
             raise FailedPrecondition(
                 f"image profile {profile!r} is not available on this server (no image {image}); "
                 f"an operator can build it with sandbox-image/build.sh {profile}"
@@ -383,8 +550,10 @@ class SandboxManager:
             LABEL_MANAGED: "true",
             LABEL_REGISTRY: self.registry_label,
             LABEL_UID: record.uid,
-            LABEL_NAME: record.name,
         }
+        worker_uid = self._worker_uids.take()
+        self._worker_uid_of[record.uid] = worker_uid
+        labels[LABEL_WORKER_UID] = str(worker_uid)
         spec = ContainerSpec(
             name=record.container_name,
             image=self._config.image_for(record.spec.image_profile),
@@ -397,19 +566,21 @@ class SandboxManager:
             # space (RLIMIT_AS, set by the executor on the worker).
             memory_bytes=record.spec.resources.memory_bytes if cgroups.memory else 0,
             cpu_millis=record.spec.resources.cpu_millis,
-            # RLIMIT_NPROC always (each sandbox has uids of its own); the pids cgroup as well
-            # where the host delegates it.
-            process_limit=0 if gvisor else record.spec.resources.max_processes,
+            # The sandbox's process limit is the worker's RLIMIT_NPROC on a uid of its own
+            # (PETRI_PROCESS_LIMIT), plus the pids cgroup where the host delegates it.
             max_processes=record.spec.resources.max_processes if cgroups.pids else 0,
             userns_size=0 if gvisor else self._config.userns_size,
             # The executor answers only calls meant for this sandbox (see executor_client).
             environment={
                 "PETRI_SANDBOX_UID": record.uid,
-                "PETRI_WORKER_UID": str(WORKER_UID),
-                # The executor sets it on user code too: under gVisor it is the only one.
+                "PETRI_WORKER_UID": str(worker_uid),
+                # The executor sets it on user code's uid, which is this sandbox's alone.
                 "PETRI_PROCESS_LIMIT": str(record.spec.resources.max_processes),
                 "PETRI_MEMORY_LIMIT": (
                     "0" if cgroups.memory else str(record.spec.resources.memory_bytes)
+                ),
+                "PETRI_PRELOAD": ",".join(
+                    self._config.gvisor_preload if gvisor else self._config.preload
                 ),
             },
         )
@@ -428,6 +599,7 @@ class SandboxManager:
                 await self._runtime.remove(record.container_name)
             await self._forget_client(record.uid)
             await self._remove_socket_dir(record)
+            self._release_worker_uid(record.uid)
             # It never existed for the caller, who gets the error: a retry may start afresh.
             await self._registry.forget(record.uid)
             raise
@@ -556,7 +728,12 @@ class SandboxManager:
         await self._runtime.remove(record.container_name)
         await self._forget_client(record.uid)
         await self._remove_socket_dir(record)
-        await self._tombstone(record, reason)
+        self._release_worker_uid(record.uid)
+        if record.project == POOL_PROJECT:
+            self._pool.drop(record.uid)
+            await self._registry.forget(record.uid)  # it never was anyone's sandbox
+        else:
+            await self._tombstone(record, reason)
         self._locks.pop(record.uid, None)
         log.info("sandbox deleted", sandbox=record.name, reason=reason)
 
@@ -620,9 +797,11 @@ class SandboxManager:
         request.timeout.FromTimedelta(effective_timeout)
         request.kill_grace.FromTimedelta(self._config.kill_grace)
         lock = self._locks.setdefault(record.uid, asyncio.Lock())
+        queued = lock.locked()
         async with lock:
-            record = await self.get(name)  # it may have changed while queued
-            self._require_running(record)
+            if queued:  # it may have changed while this execution waited its turn
+                record = await self.get(name)
+                self._require_running(record)
             call = self._client_for(record).execute()
             # A stuck or stopped executor must not hold this sandbox's queue forever.
             answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
@@ -631,7 +810,7 @@ class SandboxManager:
                 async with asyncio.timeout(answer_within.total_seconds()):
                     async for event in call:
                         if event.HasField("result"):
-                            await self._record_execution(record, event.result)
+                            self._record_execution(record, event.result)
                         yield event
             except TimeoutError:
                 raise Unavailable(
@@ -667,14 +846,14 @@ class SandboxManager:
                 f"sandbox {record.name} is {record.state.name}{detail}; it cannot run code"
             )
 
-    async def _record_execution(
-        self, record: SandboxRecord, result: executor_pb2.ExecuteResult
-    ) -> None:
+    def _record_execution(self, record: SandboxRecord, result: executor_pb2.ExecuteResult) -> None:
         now = self._clock()
         # The executor's words are the sandbox's: keep them sane before storing them.
         record.execution_count = max(record.execution_count, min(result.execution_count, 2**62))
         record.incarnation = _checked_incarnation(result.incarnation)
-        await self._registry.set_fields(
+        # Bookkeeping, off the reply's path: queued on the registry's thread, so any read
+        # after this one sees it.
+        self._registry.set_fields_soon(
             record.uid,
             execution_count=record.execution_count,
             incarnation=record.incarnation,
@@ -721,6 +900,11 @@ class SandboxManager:
         client = self._clients.pop(uid, None)
         if client is not None:
             await client.close()
+
+    def _release_worker_uid(self, uid: str) -> None:
+        worker_uid = self._worker_uid_of.pop(uid, None)
+        if worker_uid is not None:
+            self._worker_uids.release(worker_uid)
 
     async def _remove_socket_dir(self, record: SandboxRecord) -> None:
         if record.socket_dir:

@@ -91,6 +91,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             incarnation=self._supervisor.incarnation,
             execution_count=self._supervisor.execution_count,
             python_version=platform.python_version(),
+            preloaded=self._supervisor.preloaded,
         )
 
 
@@ -115,6 +116,7 @@ async def run(socket_path: Path, workspace: Path) -> None:
         memory_limit=int(os.environ.get("PETRI_MEMORY_LIMIT") or 0),
         user=user,
         process_limit=int(os.environ.get("PETRI_PROCESS_LIMIT") or 0),
+        preload=[m for m in os.environ.get("PETRI_PRELOAD", "").split(",") if m],
     )
     await supervisor.start()
     server = grpc.aio.server(

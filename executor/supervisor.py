@@ -17,7 +17,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ class WorkerProcess:
         self.process = process
         self.incarnation = secrets.token_hex(6)
         self._requests = requests
+        self._preload: asyncio.Task[bool] | None = None
         self.replies = replies
         assert process.stdout is not None and process.stderr is not None
         self.stdout = _Stream("stdout", process.stdout)
@@ -107,8 +108,10 @@ class WorkerProcess:
         memory_limit: int = 0,
         user: int | None = None,
         process_limit: int = 0,
+        preload: Sequence[str] = (),
     ) -> "WorkerProcess":
-        """Starts a worker; as `user` (uid = gid, no other groups) when given."""
+        """Starts a worker; as `user` (uid = gid, no other groups) when given. It imports the
+        `preload` modules after it says it is ready."""
         identity: dict[str, Any] = {}
         if user is not None:
             identity = {"user": user, "group": user, "extra_groups": []}
@@ -135,6 +138,8 @@ class WorkerProcess:
                 str(memory_limit),
                 "--process-limit",
                 str(process_limit),
+                "--preload",
+                ",".join(preload),
                 cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -169,7 +174,45 @@ class WorkerProcess:
             await worker.kill()
             raise
         log.info("worker started: pid=%d incarnation=%s", process.pid, worker.incarnation)
+        # It preloads now; the first execution waits for that (wait_preloaded), nobody else.
+        worker._preload = asyncio.create_task(worker._read_preload_report())
         return worker
+
+    @property
+    def preloaded(self) -> bool:
+        """The worker has imported the modules it preloads (whether or not each succeeded)."""
+        return (
+            self._preload is not None
+            and self._preload.done()
+            and not self._preload.cancelled()
+            and self._preload.result()
+        )
+
+    async def wait_preloaded(self) -> bool:
+        """Waits for the preload to end; False when the worker died or hung during it."""
+        if self._preload is None:
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._preload), WORKER_READY_TIMEOUT)
+        except TimeoutError:
+            return False
+
+    async def _read_preload_report(self) -> bool:
+        try:
+            payload = await read_frame_async(self.replies)
+        except FrameError:
+            return False
+        if payload is None:
+            return False
+        reply = executor_pb2.WorkerReply.FromString(payload)
+        if not reply.HasField("preloaded"):
+            return False
+        for failure in reply.preloaded.failures:
+            log.warning("could not preload %s", failure)
+        log.info(
+            "worker preloaded in %.2f s", reply.preloaded.duration.ToTimedelta().total_seconds()
+        )
+        return True
 
     def send(self, request: executor_pb2.WorkerRequest) -> None:
         self._requests.write(encode(request))
@@ -191,7 +234,7 @@ def _worker_environment(user: int | None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PETRI_MEMORY_LIMIT", "PETRI_PROCESS_LIMIT")
+        if k not in ("PETRI_MEMORY_LIMIT", "PETRI_PROCESS_LIMIT", "PETRI_PRELOAD")
     }
     if user is not None:
         env.update(USER="sandbox", LOGNAME="sandbox", HOME="/tmp")
@@ -229,11 +272,13 @@ class Supervisor:
         memory_limit: int = 0,
         user: int | None = None,
         process_limit: int = 0,
+        preload: Sequence[str] = (),
     ) -> None:
         self.workspace = workspace
         self.memory_limit = memory_limit
         self.user = user
         self.process_limit = process_limit
+        self.preload = list(preload)
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
         self._drainers: set[asyncio.Task[None]] = set()
@@ -245,6 +290,10 @@ class Supervisor:
     @property
     def incarnation(self) -> str:
         return self._worker.incarnation if self._worker else ""
+
+    @property
+    def preloaded(self) -> bool:
+        return self._worker is not None and self._worker.preloaded
 
     async def start(self) -> None:
         async with self._lock:
@@ -265,13 +314,28 @@ class Supervisor:
         for delay in WORKER_START_RETRIES:
             try:
                 self._worker = await WorkerProcess.start(
-                    self.workspace, self.memory_limit, self.user, self.process_limit
+                    self.workspace, self.memory_limit, self.user, self.process_limit, self.preload
                 )
                 return self._worker
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
                 error = exc
                 await asyncio.sleep(delay)
         raise ExecutorBroken(f"cannot start the Python worker: {error}") from error
+
+    async def _preloaded_worker(self) -> WorkerProcess:
+        """The worker, once it has preloaded. One that dies or hangs preloading is replaced
+        by one that preloads nothing: a module that kills the interpreter on import must not
+        make the sandbox unusable."""
+        worker = await self._ensure_worker()
+        if await worker.wait_preloaded():
+            return worker
+        log.warning("the worker died or hung while preloading %s; preloading nothing", self.preload)
+        await worker.kill()
+        self._worker = None
+        self.preload = []
+        worker = await self._ensure_worker()
+        await worker.wait_preloaded()
+        return worker
 
     async def execute(
         self, request: executor_pb2.ExecuteRequest, inputs: InputStager | None = None
@@ -314,7 +378,7 @@ class Supervisor:
             return  # the caller left while queued: its input files are not written
         if execution.inputs is not None:
             execution.inputs.commit()
-        worker = await self._ensure_worker()
+        worker = await self._preloaded_worker()  # the timeout starts after the preload
         self.execution_count += 1
         marker = f"\0petri-end-{secrets.token_hex(8)}\0".encode()
         before = workspace.snapshot(self.workspace)

@@ -12,13 +12,17 @@ SIGINT interrupts user code (KeyboardInterrupt) and is ignored between execution
 import argparse
 import ast
 import builtins
+import contextlib
 import ctypes
+import importlib
+import io
 import linecache
 import os
 import resource
 import signal
 import sys
 import threading
+import time
 import traceback
 from types import FrameType, TracebackType
 from typing import Any
@@ -181,6 +185,24 @@ def _write_marker(fd: int, marker: bytes) -> None:
         pass  # user code closed or broke the descriptor; the daemon stops waiting after a grace
 
 
+def preload(modules: list[str]) -> executor_pb2.WorkerPreloaded:
+    """Imports the modules this sandbox preloads, so that user code's first `import pandas`
+    costs nothing. What they print is dropped (it belongs to no execution); what fails is
+    reported, and user code that imports it later sees the error itself."""
+    started = time.monotonic()
+    failures = []
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except BaseException as exc:  # SystemExit, MemoryError under a small RLIMIT_AS
+                failures.append(f"{name}: {type(exc).__name__}: {exc}"[:1000])
+    reply = executor_pb2.WorkerPreloaded(failures=failures)
+    reply.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+    return reply
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-fd", type=int, required=True)
@@ -188,6 +210,7 @@ def main() -> None:
     parser.add_argument("--workspace", default="/workspace")
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes")
     parser.add_argument("--process-limit", type=int, default=0, help="RLIMIT_NPROC")
+    parser.add_argument("--preload", default="", help="comma-separated modules to import")
     args = parser.parse_args()
     worker_pid = os.getpid()
     if args.memory_limit:
@@ -196,9 +219,6 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     if args.process_limit:
         resource.setrlimit(resource.RLIMIT_NPROC, (args.process_limit, args.process_limit))
-    # Now, with the limits set and our modules loaded, user code may import its own files,
-    # as in a notebook (the worker started isolated: see supervisor.WorkerProcess.start).
-    sys.path.insert(0, args.workspace)
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)
@@ -209,6 +229,14 @@ def main() -> None:
     builtins.display = worker.display  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, worker.on_sigint)
     worker.send(executor_pb2.WorkerReply(ready=executor_pb2.WorkerReady(pid=os.getpid())))
+    # Ready, then preloading: the daemon (and a sandbox's creation) need not wait for it; the
+    # first execution does. Before /workspace is on sys.path: a user's pandas.py found there
+    # after a crash must not be imported in the real one's place.
+    modules = [name for name in args.preload.split(",") if name]
+    worker.send(executor_pb2.WorkerReply(preloaded=preload(modules)))
+    # Now, with the limits set and our modules loaded, user code may import its own files,
+    # as in a notebook (the worker started isolated: see supervisor.WorkerProcess.start).
+    sys.path.insert(0, args.workspace)
     while True:
         payload = read_frame(args.requests_fd)
         if payload is None:

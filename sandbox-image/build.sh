@@ -12,8 +12,14 @@
 #      offline with pip's resolver, fails if `pip check` reports a problem, and
 #      writes /opt/petri/manifest.json; the image also carries that manifest as
 #      the label io.petri.manifest.
+#   4. the ID-mapped copy: sandboxes run in a user namespace whose root is the
+#      first subordinate id (the controller's --userns-size, PETRI_USERNS_SIZE),
+#      and rootless overlay cannot map ids at mount time, so podman makes one
+#      chowned copy of the image for that mapping, shared by every sandbox.
+#      Made here, once, so that no CreateSandbox waits for it.
 # env: PYTHON (python with pip for the downloads, default python3),
-#      XDG_CACHE_HOME (cache root, default ~/.cache).
+#      XDG_CACHE_HOME (cache root, default ~/.cache),
+#      PETRI_USERNS_SIZE (default 65536, as the controller's).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -160,7 +166,15 @@ wheels_sha="$(hash_dir "$ctx/wheels")"
 inputs="$( { podman image inspect -f '{{.Id}}' "$BASE"; echo "$profile $PY_VERSION $wheels_sha"
              sha256sum < "$ctx/Containerfile"; hash_dir "$ctx/code"; } | sha256sum | cut -c1-64)"
 old="$(podman image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
+userns_size="${PETRI_USERNS_SIZE:-65536}"
+prepare_mapping() {
+  local t0=$SECONDS
+  podman run --rm --network none --uidmap "0:1:$userns_size" --gidmap "0:1:$userns_size" \
+    "$IMAGE" true || die "cannot run $IMAGE in the sandboxes' user namespace (0:1:$userns_size): does user $(id -un) have $userns_size subordinate uids and gids?"
+  ((SECONDS - t0 < 2)) || log "made the ID-mapped copy for the sandboxes' user namespace in $((SECONDS - t0)) s"
+}
 if [[ -n "$old" && "$(podman image inspect -f '{{index .Labels "petri.inputs"}}' "$IMAGE")" == "$inputs" ]]; then
+  prepare_mapping
   log "$IMAGE is up to date ($((SECONDS - started)) s)"
   exit 0
 fi
@@ -183,5 +197,6 @@ podman build --network none -q -t "$IMAGE" --label io.petri.manifest="$manifest"
 if [[ -n "$old" && "$old" != "$(podman image inspect -f '{{.Id}}' "$IMAGE")" ]]; then
   podman rmi "$old" >/dev/null 2>&1 || true
 fi
+prepare_mapping
 size="$(podman image inspect -f '{{.Size}}' "$IMAGE")"
 log "built $IMAGE in $((SECONDS - t0)) s ($((SECONDS - started)) s in all), $((size / 1000000)) MB, $("$PYTHON" -c 'import json, sys; print(len(json.loads(sys.argv[1])["packages"]))' "$manifest") distributions"

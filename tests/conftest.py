@@ -53,6 +53,9 @@ def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
         max_executes_per_minute=100_000,
         max_sandboxes_per_project=1000,
         start_timeout=timedelta(seconds=60),
+        # Cold creates for the suite, so each test knows what it gets; the warm pool has
+        # tests of its own (test_warm_pool.py), with a controller of their own.
+        warm_pool=(),
     )
 
 

@@ -122,14 +122,24 @@ def write_root():
 caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapPrm"))]
 nnp = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0]
 ifaces = sorted(name for _, name in socket.if_nameindex())
-(tcp(), write_root(), caps, nnp, ifaces, os.getcwd(), os.getuid())
+(tcp(), write_root(), caps, nnp, ifaces, os.getcwd(), os.getuid() >= 10000)
 """
     response = await execute(stub, sandbox.name, code)
     assert not response.HasField("error"), response.error
     assert value_of(response) == (
         "('OSError', 'OSError', ['0000000000000000', '0000000000000000'], '1', ['lo'], "
-        "'/workspace', 1000)"
+        "'/workspace', True)"
     )
+
+
+async def test_user_code_of_each_sandbox_runs_as_a_uid_of_its_own(
+    create_sandbox: CreateSandbox, stub: Stub
+) -> None:
+    """Every sandbox shares one user namespace mapping (one copy of the image on disk); the
+    kernel tells their user code apart by uid: processes, limits and signals."""
+    sandboxes = [await create_sandbox() for _ in range(3)]
+    uids = [value_of(await execute(stub, s.name, "import os\nos.getuid()")) for s in sandboxes]
+    assert len(set(uids)) == 3
 
 
 async def test_a_segfault_is_reported_and_the_sandbox_works_after_it(

@@ -193,20 +193,26 @@ class ExecutorStatus(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    PRELOADED_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     execution_count: _builtins.int
     python_version: _builtins.str
     """Python version of the sandbox interpreter, e.g. "3.13.5"."""
+    preloaded: _builtins.bool
+    """The current worker has imported the modules it preloads (done, whether or not each
+    import succeeded): user code's first import of them costs nothing.
+    """
     def __init__(
         self,
         *,
         incarnation: _builtins.str = ...,
         execution_count: _builtins.int = ...,
         python_version: _builtins.str = ...,
+        preloaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "python_version", b"python_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,6 +257,7 @@ class WorkerReply(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    PRELOADED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___WorkerReady:
         """Sent once, when the worker is ready for requests."""
@@ -261,18 +268,23 @@ class WorkerReply(_message.Message):
     def done(self) -> Global___WorkerDone:
         """The code finished; its stdout/stderr end at the end marker."""
 
+    @_builtins.property
+    def preloaded(self) -> Global___WorkerPreloaded:
+        """Sent once, after `ready`, when the preloaded modules are imported (or failed to be)."""
+
     def __init__(
         self,
         *,
         ready: Global___WorkerReady | None = ...,
         output: _execution_pb2.Output | None = ...,
         done: Global___WorkerDone | None = ...,
+        preloaded: Global___WorkerPreloaded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done"]  # noqa: Y015
+    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done", "preloaded"]  # noqa: Y015
     _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_reply) -> _WhichOneofReturnType_reply | None: ...
 
@@ -296,6 +308,32 @@ class WorkerReady(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerReady: _TypeAlias = WorkerReady  # noqa: Y015
+
+@_typing.final
+class WorkerPreloaded(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILURES_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"module: error" for each module that could not be imported."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        failures: _abc.Iterable[_builtins.str] | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "failures", b"failures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerPreloaded: _TypeAlias = WorkerPreloaded  # noqa: Y015
 
 @_typing.final
 class WorkerDone(_message.Message):

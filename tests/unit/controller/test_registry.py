@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import AlreadyExists
-from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry, order_value
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -131,3 +131,24 @@ async def test_list_applies_a_compiled_filter(registry: Registry) -> None:
         )
     )
     assert [r.sandbox_id for r in page] == ["a"]
+
+
+async def test_a_pool_member_is_claimed_once(registry: Registry) -> None:
+    member = record("m1", project=POOL_PROJECT)
+    await registry.insert(member)
+    await registry.insert(record("taken"))
+    owner = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
+    with pytest.raises(AlreadyExists, match="projects/p/sandboxes/taken"):
+        await registry.claim_pool_member(member.uid, **{**owner, "sandbox_id": "taken"})
+    assert await registry.claim_pool_member(member.uid, **owner)
+    assert not await registry.claim_pool_member(member.uid, **{**owner, "sandbox_id": "again"})
+    claimed = await registry.get_live("p", "mine")
+    assert claimed is not None and claimed.uid == member.uid and claimed.labels == {"a": "b"}
+    assert await registry.count_live(POOL_PROJECT) == 0
+
+
+async def test_a_deferred_write_is_seen_by_the_next_read(registry: Registry) -> None:
+    await registry.insert(record("a"))
+    registry.set_fields_soon("uid-a", execution_count=7)
+    got = await registry.get_live("p", "a")
+    assert got is not None and got.execution_count == 7
