@@ -286,3 +286,23 @@ async def test_endless_output_is_not_forwarded_past_the_cap(supervisor: Supervis
     )
     assert 1_000_000 < len(ran.stdout) < 1_000_000 + 200_000
     assert ran.value == "'done'"
+
+
+async def test_the_worker_preloads_its_modules_before_the_first_execution(tmp_path: Path) -> None:
+    (tmp_path / "colorsys.py").write_text("raise SystemExit('the workspace copy was imported')")
+    sup = Supervisor(tmp_path, preload=["colorsys", "no_such_module_here"])
+    await sup.start()
+    try:
+        ran = await run(
+            sup, "import sys\n('colorsys' in sys.modules, sys.modules['colorsys'].__file__)"
+        )
+        assert ran.error is None and sup.preloaded
+        assert ran.value is not None and ran.value.startswith("(True, '/")
+        assert str(tmp_path) not in ran.value
+        assert (ran.stdout, ran.stderr) == ("", "")  # a failed preload prints nowhere
+        crashed = await run(sup, "import os\nos._exit(1)")
+        assert crashed.result.namespace_reset
+        again = await run(sup, "import sys\n'colorsys' in sys.modules")
+        assert again.value == "True"  # the new worker preloaded too
+    finally:
+        await sup.close()
