@@ -195,11 +195,15 @@ class SandboxManager:
         return {spec: size for spec, size in sizes.items() if size > 0}
 
     async def close(self) -> None:
-        members = await self._pool.close()
+        await self._pool.close()
+        # Every member goes, ready or still starting (its start runs on, shielded): the
+        # pool's are the only sandboxes that do not outlive the controller.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(POOL_DRAIN_TIMEOUT):
-                for member in members:
-                    await self._delete(member, "deleted")
+                await asyncio.gather(*self._provisioning.values(), return_exceptions=True)
+                for record in await self._registry.list_live():
+                    if record.project == POOL_PROJECT:
+                        await self._delete(record, "deleted")
         for client in self._clients.values():
             await client.close()
         self._clients.clear()

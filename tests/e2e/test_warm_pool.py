@@ -45,6 +45,7 @@ async def pooled(e2e_config: Config, controller: Controller) -> AsyncIterator[Co
     running = await start_controller(config)
     yield running
     await running.stop(grace=1)
+    assert not managed_uids(running)  # members, ready or starting, went with it
 
 
 @pytest.fixture
