@@ -276,15 +276,17 @@ class Registry:
         )
         future.add_done_callback(_log_failure)
 
-    def _set_fields(self, uid: str, fields: dict[str, Any]) -> bool:
+    def _set_fields(self, uid: str, fields: dict[str, Any], condition: str = "") -> bool:
+        """UPDATE of a live row; `condition` adds SQL over named parameters :pool, :running."""
         unknown = set(fields) - set(_COLUMNS) - {"uid"}
         if unknown or "uid" in fields:
             raise ValueError(f"cannot set {sorted(unknown | ({'uid'} & set(fields)))}")
         row = {name: _column_value(name, value) for name, value in fields.items()}
         assignments = ", ".join(f"{name} = :{name}" for name in row)
         cursor = self._conn.execute(
-            f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND delete_time IS NULL",
-            {**row, "uid": uid},
+            f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND delete_time IS NULL"
+            + (f" AND {condition}" if condition else ""),
+            {**row, "uid": uid, "pool": POOL_PROJECT, "running": int(State.RUNNING)},
         )
         return cursor.rowcount == 1
 
@@ -295,22 +297,13 @@ class Registry:
         return await self._run(self._claim_pool_member, uid, fields)
 
     def _claim_pool_member(self, uid: str, fields: dict[str, Any]) -> bool:
-        row = {name: _column_value(name, value) for name, value in fields.items()}
-        if set(row) - set(_COLUMNS) or "uid" in row:
-            raise ValueError(f"cannot set {sorted(row)}")
-        assignments = ", ".join(f"{name} = :{name}" for name in row)
         try:
-            cursor = self._conn.execute(
-                f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND project = :pool "
-                "AND state = :running AND delete_time IS NULL",
-                {**row, "uid": uid, "pool": POOL_PROJECT, "running": int(State.RUNNING)},
-            )
+            return self._set_fields(uid, fields, "project = :pool AND state = :running")
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(
                 f"sandbox projects/{fields.get('project')}/sandboxes/{fields.get('sandbox_id')} "
                 "already exists; pick another sandbox_id or delete it"
             ) from exc
-        return cursor.rowcount == 1
 
     async def forget(self, uid: str) -> None:
         """Removes a sandbox's row entirely: for one that never existed for its caller."""

@@ -276,18 +276,16 @@ class SandboxManager:
     # --- create ---------------------------------------------------------------------------
 
     async def create(self, params: CreateParams) -> SandboxRecord:
-        if params.request_id:
-            previous = await self._registry.get_by_request_id(params.project, params.request_id)
-            if previous is not None:
-                return await self._replay(previous, params.request_id)
+        earlier = await self._earlier_answer(params)
+        if earlier is not None:
+            return earlier
         record = self._new_record(params, await self._effective_spec(params))
         try:
             claimed = await self._claim_from_pool(record)
         except AlreadyExists:
-            if params.request_id:  # a concurrent retry of the same request won the race
-                previous = await self._registry.get_by_request_id(params.project, params.request_id)
-                if previous is not None:
-                    return await self._replay(previous, params.request_id)
+            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+            if earlier is not None:
+                return earlier
             raise
         if claimed is not None:
             return claimed
@@ -299,10 +297,9 @@ class SandboxManager:
                 await self._registry.insert(record)
         except AlreadyExists:
             self._quotas.release_create_slot()
-            if params.request_id:  # a concurrent retry of the same request won the race
-                previous = await self._registry.get_by_request_id(params.project, params.request_id)
-                if previous is not None:
-                    return await self._replay(previous, params.request_id)
+            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+            if earlier is not None:
+                return earlier
             raise
         except BaseException:
             self._quotas.release_create_slot()
@@ -422,6 +419,14 @@ class SandboxManager:
                 "the sandbox did not preload its modules within "
                 f"{format_duration(self._config.start_timeout)}"
             ) from None
+
+    async def _earlier_answer(self, params: CreateParams) -> SandboxRecord | None:
+        """The answer to a retried Create (its request_id made a sandbox already); None for
+        a first request."""
+        if not params.request_id:
+            return None
+        previous = await self._registry.get_by_request_id(params.project, params.request_id)
+        return None if previous is None else await self._replay(previous, params.request_id)
 
     async def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
         """The answer to a retried Create: the sandbox the first request made, once RUNNING."""
