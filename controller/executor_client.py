@@ -2,14 +2,15 @@
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
 
 from controller.errors import Unavailable
-from petri.v1 import executor_pb2, executor_pb2_grpc
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
-ExecuteCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent]
+SessionCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents]
 # How often to look for the executor's socket while a sandbox starts.
 READY_POLL_INTERVAL = 0.01
 STATUS_DEADLINE = 2.0
@@ -41,6 +42,13 @@ class ExecutorClient:
             ],
         )
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
+        # Executions without input files go through one long-lived Session call, opened on
+        # first use and again after one is cancelled or fails.
+        self._session: SessionCall | None = None
+        self._session_busy = False
+        # Until an executor older than Session says UNIMPLEMENTED (a sandbox started from an
+        # image that predates it, adopted after an upgrade).
+        self._has_session = True
 
     def __repr__(self) -> str:
         return f"<ExecutorClient {self.socket_path}>"
@@ -67,11 +75,87 @@ class ExecutorClient:
             f"the sandbox's executor did not become ready in {timeout:g} s ({last_error})"
         )
 
-    def execute(self) -> ExecuteCall:
-        """Starts an execution: write the request, then input chunks, then done_writing; read
-        the events. Cancelling the call interrupts the code."""
-        return self._stub.Execute(metadata=self._metadata)
+    async def execute(
+        self,
+        request: executor_pb2.ExecuteRequest,
+        inputs: AsyncIterator[execution_pb2.FileChunk] | None = None,
+    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+        """Runs one execution and yields its events, up to its result. Closing the generator
+        before the end interrupts the code. Errors are grpc.aio.AioRpcError."""
+        if inputs is None and self._has_session and not self._session_busy:
+            answered = False
+            try:
+                async for event in self._in_session(request):
+                    answered = True
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if answered or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._has_session = False  # nothing ran: a call of its own does it below
+        async for event in self._in_call(request, inputs):
+            yield event
+
+    async def _in_session(
+        self, request: executor_pb2.ExecuteRequest
+    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+        session = self._session
+        if session is None or session.done():
+            session = self._session = self._stub.Session(metadata=self._metadata)
+        self._session_busy = True
+        finished = False
+        try:
+            await _checked(session, session.write(request))
+            while not finished:
+                batch = await session.read()
+                if not isinstance(batch, executor_pb2.ExecuteEvents):  # EOF
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        "the executor ended its session before the result",
+                    )
+                for event in batch.events:
+                    finished = event.HasField("result")
+                    yield event
+        finally:
+            self._session_busy = False
+            if not finished:
+                # Left mid-way (the caller went away, a timeout, an error): cancelling the
+                # call interrupts the code, and the next execution opens a new session.
+                session.cancel()
+                if self._session is session:
+                    self._session = None
+
+    async def _in_call(
+        self,
+        request: executor_pb2.ExecuteRequest,
+        inputs: AsyncIterator[execution_pb2.FileChunk] | None,
+    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+        """An execution on an Execute call of its own: with input files, or when the session
+        is not available."""
+        call = self._stub.Execute(metadata=self._metadata)
+        try:
+            await _checked(call, call.write(executor_pb2.ExecuteInput(request=request)))
+            if inputs is not None:
+                async for chunk in inputs:
+                    await _checked(call, call.write(executor_pb2.ExecuteInput(file_chunk=chunk)))
+            await _checked(call, call.done_writing())
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()  # interrupts the code when left mid-way; a no-op once the call ended
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._channel.close()
+
+
+async def _checked(call: grpc.aio.Call, write: Awaitable[None]) -> None:
+    """A write, with a call the executor already ended reported as the error it ended with."""
+    try:
+        await write
+    except asyncio.InvalidStateError:
+        raise grpc.aio.AioRpcError(
+            await call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
+        ) from None

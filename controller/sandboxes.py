@@ -32,7 +32,7 @@ from controller.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from controller.executor_client import ExecuteCall, ExecutorClient
+from controller.executor_client import ExecutorClient
 from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
 from controller.quotas import Quotas
@@ -811,13 +811,16 @@ class SandboxManager:
             if queued:  # it may have changed while this execution waited its turn
                 record = await self.get(name)
                 self._require_running(record)
-            call = self._client_for(record).execute()
             # A stuck or stopped executor must not hold this sandbox's queue forever.
             answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
+            # Closing `events` cancels the call: a caller that went away interrupts the code.
+            events = self._client_for(record).execute(request, inputs)
             try:
-                await self._send(call, request, inputs)
-                async with asyncio.timeout(answer_within.total_seconds()):
-                    async for event in call:
+                async with (
+                    asyncio.timeout(answer_within.total_seconds()),
+                    contextlib.aclosing(events),
+                ):
+                    async for event in events:
                         if event.HasField("result"):
                             self._record_execution(record, event.result)
                         yield event
@@ -829,24 +832,6 @@ class SandboxManager:
                 ) from None
             except grpc.aio.AioRpcError as exc:
                 raise await self._executor_failed(record, exc.code(), exc.details()) from exc
-            except asyncio.InvalidStateError:  # the executor ended the call while we wrote
-                raise await self._executor_failed(
-                    record, await call.code(), await call.details()
-                ) from None
-            finally:
-                call.cancel()  # a caller that went away interrupts the code; no-op when done
-
-    @staticmethod
-    async def _send(
-        call: ExecuteCall,
-        request: executor_pb2.ExecuteRequest,
-        inputs: AsyncIterator[execution_pb2.FileChunk] | None,
-    ) -> None:
-        await call.write(executor_pb2.ExecuteInput(request=request))
-        if inputs is not None:
-            async for chunk in inputs:
-                await call.write(executor_pb2.ExecuteInput(file_chunk=chunk))
-        await call.done_writing()
 
     def _require_running(self, record: SandboxRecord) -> None:
         if record.state is not State.RUNNING:

@@ -69,15 +69,32 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 stager.discard()
                 raise
             # From here the supervisor owns the staged files: it commits or discards them.
-            async with contextlib.aclosing(self._supervisor.execute(request, stager)) as events:
-                async for event in events:
-                    yield event
+            async with contextlib.aclosing(self._supervisor.execute(request, stager)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        yield event
         except InvalidPath as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (InputTooLarge, WorkspaceFull) as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ExecutorBroken as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[executor_pb2.ExecuteRequest],
+        context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents],
+    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
+        await self._check_caller(context)
+        # One request at a time: the controller writes the next after the last one's result.
+        # A cancelled call cancels this generator, which interrupts the code (execute's close).
+        async for request in request_iterator:
+            try:
+                async with contextlib.aclosing(self._supervisor.execute(request)) as batches:
+                    async for batch in batches:
+                        yield executor_pb2.ExecuteEvents(events=batch)
+            except ExecutorBroken as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def GetStatus(
         self,

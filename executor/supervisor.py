@@ -49,6 +49,10 @@ DEFAULT_KILL_GRACE = 3.0
 STREAM_BUFFER_BYTES = 1 << 16
 # Events waiting for the consumer (each at most a pipe buffer or a file chunk).
 EMIT_QUEUE_SIZE = 16
+# Events that come within this long of the first one waiting go out together, in one message:
+# a short execution's output and result then cost one write instead of several. Output of a
+# longer one reaches the caller this much later, which nobody watching it will notice.
+BATCH_WINDOW = 0.005
 
 
 Emit = Callable[[executor_pb2.ExecuteEvent], Awaitable[None]]
@@ -91,6 +95,9 @@ class WorkerProcess:
         self._requests = requests
         self._preload: asyncio.Task[bool] | None = None
         self.replies = replies
+        # Done when the process has exited; executions listen to it instead of each starting
+        # a task of their own.
+        self.exited: asyncio.Task[int] = asyncio.create_task(process.wait())
         assert process.stdout is not None and process.stderr is not None
         self.stdout = _Stream("stdout", process.stdout)
         self.stderr = _Stream("stderr", process.stderr)
@@ -192,6 +199,8 @@ class WorkerProcess:
         """Waits for the preload to end; False when the worker died or hung during it."""
         if self._preload is None:
             return False
+        if self._preload.done():  # every execution but the first
+            return self.preloaded
         try:
             return await asyncio.wait_for(asyncio.shield(self._preload), WORKER_READY_TIMEOUT)
         except TimeoutError:
@@ -257,10 +266,45 @@ class _Execution:
     queue: "asyncio.Queue[executor_pb2.ExecuteEvent | None]" = field(
         default_factory=lambda: asyncio.Queue(maxsize=EMIT_QUEUE_SIZE)
     )
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # What happens while the code runs (output, the worker's replies, its exit, a cancel),
+    # in the order it happens: the one thing _run_locked waits on.
+    happenings: "asyncio.Queue[tuple[str, Any]]" = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
 
     async def emit(self, event: executor_pb2.ExecuteEvent) -> None:
         await self.queue.put(event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.happenings.put_nowait(("cancel", None))
+
+    async def batches(self) -> AsyncGenerator[list[executor_pb2.ExecuteEvent], None]:
+        """The emitted events, grouped: those that come within BATCH_WINDOW of the first of a
+        group go with it, except that a file chunk or a result ends its group."""
+        loop = asyncio.get_running_loop()
+        while True:
+            event = await self.queue.get()
+            if event is None:
+                return
+            batch = [event]
+            send_at = loop.time() + BATCH_WINDOW
+            while not (event.HasField("file_chunk") or event.HasField("result")):
+                try:
+                    event = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = send_at - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            event = await self.queue.get()
+                    except TimeoutError:
+                        break
+                if event is None:
+                    yield batch
+                    return
+                batch.append(event)
+            yield batch
 
 
 class Supervisor:
@@ -339,9 +383,10 @@ class Supervisor:
 
     async def execute(
         self, request: executor_pb2.ExecuteRequest, inputs: InputStager | None = None
-    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
+    ) -> AsyncGenerator[list[executor_pb2.ExecuteEvent], None]:
         """Puts the staged input files in place, runs the code, and yields output events as
-        they come, then the changed files' chunks, then one result.
+        they come, then the changed files' chunks, then one result; in groups of those that
+        come within BATCH_WINDOW of each other.
 
         Raises InvalidPath or WorkspaceFull, before anything ran, when the inputs cannot be
         put in place. If the consumer goes away, the execution is interrupted (and killed
@@ -350,15 +395,12 @@ class Supervisor:
         execution = _Execution(request, inputs)
         task = asyncio.create_task(self._run(execution))
         try:
-            while True:
-                event = await execution.queue.get()
-                if event is None:
-                    break
-                yield event
+            async for batch in execution.batches():
+                yield batch
             await task  # surfaces ExecutorBroken and input errors
         finally:
             if not task.done():
-                execution.cancelled.set()
+                execution.cancel()
                 drainer = asyncio.create_task(_drain(execution.queue))
                 self._drainers.add(drainer)
                 drainer.add_done_callback(self._drainers.discard)
@@ -374,7 +416,7 @@ class Supervisor:
 
     async def _run_locked(self, execution: _Execution) -> None:
         request = execution.request
-        if execution.cancelled.is_set():
+        if execution.cancelled:
             return  # the caller left while queued: its input files are not written
         if execution.inputs is not None:
             execution.inputs.commit()
@@ -384,7 +426,7 @@ class Supervisor:
         before = workspace.snapshot(self.workspace)
         started = time.monotonic()
         emit = execution.emit
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        events = execution.happenings
 
         worker.send(
             executor_pb2.WorkerRequest(
@@ -401,9 +443,12 @@ class Supervisor:
             asyncio.create_task(_pump_stream(worker.stdout, marker, events)),
             asyncio.create_task(_pump_stream(worker.stderr, marker, events)),
             asyncio.create_task(_pump_replies(worker.replies, events)),
-            asyncio.create_task(_watch_exit(worker.process, events)),
-            asyncio.create_task(_watch_cancel(execution.cancelled, events)),
         ]
+
+        def on_exit(exited: "asyncio.Task[int]") -> None:
+            events.put_nowait(("exit", exited.result() if not exited.cancelled() else None))
+
+        worker.exited.add_done_callback(on_exit)
 
         timeout = request.timeout.ToTimedelta().total_seconds() or None
         grace = request.kill_grace.ToTimedelta().total_seconds() or DEFAULT_KILL_GRACE
@@ -454,6 +499,7 @@ class Supervisor:
                     worker.interrupt()
                     phase, deadline = _Phase.INTERRUPTED, time.monotonic() + grace
         finally:
+            worker.exited.remove_done_callback(on_exit)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -629,18 +675,6 @@ async def _pump_replies(
                 raise FrameError(f"unexpected {which!r} reply during an execution")
     except (FrameError, ValueError) as exc:  # ValueError: a payload that is not a WorkerReply
         events.put_nowait(("protocol_error", str(exc)))
-
-
-async def _watch_exit(
-    process: asyncio.subprocess.Process, events: "asyncio.Queue[tuple[str, Any]]"
-) -> None:
-    await process.wait()
-    events.put_nowait(("exit", process.returncode))
-
-
-async def _watch_cancel(cancelled: asyncio.Event, events: "asyncio.Queue[tuple[str, Any]]") -> None:
-    await cancelled.wait()
-    events.put_nowait(("cancel", None))
 
 
 def _at_process_pressure(worker_pid: int, process_limit: int) -> bool:

@@ -131,6 +131,30 @@ class ExecuteEvent(_message.Message):
 Global___ExecuteEvent: _TypeAlias = ExecuteEvent  # noqa: Y015
 
 @_typing.final
+class ExecuteEvents(_message.Message):
+    """Events in the order they happened. The executor sends together those that come within a few
+    milliseconds of each other, so a short execution answers in one message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecuteEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ExecuteEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteEvents: _TypeAlias = ExecuteEvents  # noqa: Y015
+
+@_typing.final
 class ExecuteResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

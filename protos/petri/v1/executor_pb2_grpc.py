@@ -41,6 +41,11 @@ class ExecutorStub(object):
                 request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/petri.v1.Executor/Session',
+                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteEvents.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/petri.v1.Executor/GetStatus',
                 request_serializer=petri_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
@@ -63,6 +68,16 @@ class ExecutorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Executions without input files, one after another on one long-lived call: write a request,
+        read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
+        call interrupts the code running, if any. It saves the setup and teardown of a call per
+        execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Answers once the daemon and its worker are ready.
         """
@@ -77,6 +92,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.FromString,
                     response_serializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_executor__pb2.ExecuteEvents.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -113,6 +133,33 @@ class Executor(object):
             '/petri.v1.Executor/Execute',
             petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
             petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/petri.v1.Executor/Session',
+            petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+            petri_dot_v1_dot_executor__pb2.ExecuteEvents.FromString,
             options,
             channel_credentials,
             insecure,

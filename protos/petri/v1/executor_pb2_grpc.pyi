@@ -44,6 +44,12 @@ class ExecutorStub:
     Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
     (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
     """
+    Session: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]
+    """Executions without input files, one after another on one long-lived call: write a request,
+    read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
+    call interrupts the code running, if any. It saves the setup and teardown of a call per
+    execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]
     """Answers once the daemon and its worker are ready."""
 
@@ -59,6 +65,12 @@ class ExecutorAsyncStub(ExecutorStub):
     produced, then the changed files, and ends with one result. Cancelling interrupts the code.
     Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
     (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+    """
+    Session: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]  # type: ignore[assignment]
+    """Executions without input files, one after another on one long-lived call: write a request,
+    read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
+    call interrupts the code running, if any. It saves the setup and teardown of a call per
+    execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]  # type: ignore[assignment]
     """Answers once the daemon and its worker are ready."""
@@ -78,6 +90,18 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         produced, then the changed files, and ends with one result. Cancelling interrupts the code.
         Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
         (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvents], _abc.AsyncIterator[_executor_pb2.ExecuteEvents]]:
+        """Executions without input files, one after another on one long-lived call: write a request,
+        read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
+        call interrupts the code running, if any. It saves the setup and teardown of a call per
+        execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
         """
 
     @_abc_1.abstractmethod

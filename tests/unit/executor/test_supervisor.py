@@ -68,7 +68,7 @@ async def run(
     stager = InputStager(sup.workspace, max_bytes=1 << 30)
     for path, data in (inputs or {}).items():
         stager.add(execution_pb2.FileChunk(path=path, data=data, final=True))
-    return Ran([event async for event in sup.execute(request, stager)])
+    return Ran([event async for batch in sup.execute(request, stager) for event in batch])
 
 
 async def test_state_persists_and_the_last_expression_is_the_value(supervisor: Supervisor) -> None:
@@ -306,3 +306,30 @@ async def test_the_worker_preloads_its_modules_before_the_first_execution(tmp_pa
         assert again.value == "True"  # the new worker preloaded too
     finally:
         await sup.close()
+
+
+async def _batches(sup: Supervisor, code: str) -> list[list[executor_pb2.ExecuteEvent]]:
+    request = executor_pb2.ExecuteRequest(code=code, timeout=Duration(seconds=30))
+    return [batch async for batch in sup.execute(request)]
+
+
+async def test_events_that_come_together_go_out_together(supervisor: Supervisor) -> None:
+    batches = await _batches(supervisor, "for i in range(50): display(i)")
+    events = [event for batch in batches for event in batch]
+    shown = [e.output.text["text/plain"] for e in events if e.HasField("output")]
+    assert shown == [str(i) for i in range(50)]
+    assert len(batches) < 10  # fifty displays in a burst are not fifty messages
+    assert events[-1].HasField("result") and batches[-1][-1] is events[-1]
+
+
+async def test_output_still_streams_while_the_code_runs(supervisor: Supervisor) -> None:
+    request = executor_pb2.ExecuteRequest(
+        code="import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')",
+        timeout=Duration(seconds=30),
+    )
+    batches = aiter(supervisor.execute(request))
+    first = await asyncio.wait_for(anext(batches), 0.8)  # before the sleep ends
+    assert [e.stdout for e in first] == ["first\n"]
+    rest = [event async for batch in batches for event in batch]
+    assert "".join(e.stdout for e in rest) == "second\n"
+    assert rest[-1].HasField("result")

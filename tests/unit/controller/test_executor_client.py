@@ -1,0 +1,146 @@
+"""The controller's executor client against a stand-in executor on a unix socket: executions on
+one Session call, a new session after one is left mid-way, and Execute for input files and for
+executors that predate Session."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controller.executor_client import ExecutorClient
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
+
+UID = "sandbox-uid"
+
+
+def _events(code: str) -> list[executor_pb2.ExecuteEvent]:
+    return [
+        executor_pb2.ExecuteEvent(stdout=f"ran {code}\n"),
+        executor_pb2.ExecuteEvent(result=executor_pb2.ExecuteResult(execution_count=1)),
+    ]
+
+
+class StandIn(executor_pb2_grpc.ExecutorServicer):
+    """Answers with two events; without Session when `has_session` is false, like an older
+    image. Code "hang" never gets to its result."""
+
+    def __init__(self, has_session: bool) -> None:
+        self.has_session = has_session
+        self.sessions = 0
+        self.session_executions = 0
+        self.interrupted = 0
+        self.execute_calls = 0
+        self.files: list[str] = []
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[executor_pb2.ExecuteInput], context: Any
+    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        self.execute_calls += 1
+        code = ""
+        async for message in request_iterator:
+            if message.HasField("request"):
+                code = message.request.code
+            else:
+                self.files.append(message.file_chunk.path)
+        for event in _events(code):
+            yield event
+
+    async def Session(
+        self, request_iterator: AsyncIterator[executor_pb2.ExecuteRequest], context: Any
+    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
+        self.sessions += 1
+        if not self.has_session:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        async for request in request_iterator:
+            self.session_executions += 1
+            yield executor_pb2.ExecuteEvents(events=_events(request.code)[:1])
+            if request.code == "hang":
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    self.interrupted += 1
+                    raise
+            yield executor_pb2.ExecuteEvents(events=_events(request.code)[1:])
+
+    async def GetStatus(
+        self, request: executor_pb2.GetStatusRequest, context: Any
+    ) -> executor_pb2.ExecutorStatus:
+        return executor_pb2.ExecutorStatus()
+
+
+async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:
+    socket_path = tmp_path / "executor.sock"
+    server = grpc.aio.server()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    return server, ExecutorClient(socket_path, UID, 1 << 20)
+
+
+async def _run(
+    client: ExecutorClient, code: str, files: list[str] | None = None
+) -> list[str | None]:
+    async def chunks() -> AsyncIterator[execution_pb2.FileChunk]:
+        for path in files or []:
+            yield execution_pb2.FileChunk(path=path, data=b"x", size=1, final=True)
+
+    request = executor_pb2.ExecuteRequest(code=code)
+    inputs = chunks() if files is not None else None
+    return [event.WhichOneof("event") async for event in client.execute(request, inputs)]
+
+
+@pytest.mark.parametrize("has_session", [True, False])
+async def test_executions_yield_their_events_from_either_call(
+    tmp_path: Path, has_session: bool
+) -> None:
+    servicer = StandIn(has_session)
+    server, client = await _serve(tmp_path, servicer)
+    try:
+        for code in ("1+1", "2+2", "3+3"):
+            assert await _run(client, code) == ["stdout", "result"]
+    finally:
+        await client.close()
+        await server.stop(None)
+    if has_session:  # one session carries them all
+        assert (servicer.sessions, servicer.session_executions, servicer.execute_calls) == (1, 3, 0)
+    else:  # asked once, then a call per execution
+        assert (servicer.sessions, servicer.execute_calls) == (1, 3)
+
+
+async def test_an_execution_left_mid_way_ends_its_session(tmp_path: Path) -> None:
+    servicer = StandIn(has_session=True)
+    server, client = await _serve(tmp_path, servicer)
+    try:
+        events = client.execute(executor_pb2.ExecuteRequest(code="hang"))
+        assert (await anext(events)).HasField("stdout")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(events), 0.2)
+        await events.aclose()
+        for _ in range(100):  # the executor learns of it a moment later
+            if servicer.interrupted:
+                break
+            await asyncio.sleep(0.01)
+        assert servicer.interrupted == 1
+        # The next execution does not read the hung one's leftovers: it has a session of its own.
+        assert await _run(client, "1+1") == ["stdout", "result"]
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert servicer.sessions == 2
+
+
+async def test_input_files_go_through_execute(tmp_path: Path) -> None:
+    servicer = StandIn(has_session=True)
+    server, client = await _serve(tmp_path, servicer)
+    try:
+        assert await _run(client, "open('a.csv').read()", ["a.csv", "b.csv"]) == [
+            "stdout",
+            "result",
+        ]
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert servicer.files == ["a.csv", "b.csv"] and servicer.sessions == 0
