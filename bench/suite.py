@@ -59,11 +59,10 @@ def _met(ok: bool) -> str:
 
 def _ratio(petri: float, peer: float) -> str:
     """petri's time over the peer's: below 1, petri is faster (1/ratio times)."""
-    return (
-        f"{petri / peer:.4f} ({peer / petri:.0f}x faster)"
-        if petri < peer
-        else f"{petri / peer:.2f}"
-    )
+    if petri >= peer:
+        return f"{petri / peer:.2f}"
+    faster = peer / petri
+    return f"{petri / peer:.4f} ({faster:.{0 if faster >= 10 else 1}f}x faster)"
 
 
 def summary_rows(

@@ -2,8 +2,9 @@
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -79,33 +80,49 @@ class ExecutorClient:
         self,
         request: executor_pb2.ExecuteRequest,
         inputs: AsyncIterator[execution_pb2.FileChunk] | None = None,
+        sent: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        """Runs one execution and yields its events, up to its result. Closing the generator
-        before the end interrupts the code. Errors are grpc.aio.AioRpcError."""
+        """Runs one execution and yields its events, up to its result; calls `sent` once the
+        request and the inputs are all written. Closing the generator before the end
+        interrupts the code. Errors are grpc.aio.AioRpcError."""
+        if inputs is not None:  # a stream with no file in it (StreamExecuteCode) is none
+            first = await anext(inputs, None)
+            inputs = None if first is None else _chained(first, inputs)
         if inputs is None and self._has_session and not self._session_busy:
             answered = False
             try:
-                async for event in self._in_session(request):
-                    answered = True
-                    yield event
+                async with contextlib.aclosing(self._in_session(request, sent)) as events:
+                    async for event in events:
+                        answered = True
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 if answered or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 self._has_session = False  # nothing ran: a call of its own does it below
-        async for event in self._in_call(request, inputs):
-            yield event
+        async with contextlib.aclosing(self._in_call(request, inputs, sent)) as events:
+            async for event in events:
+                yield event
+
+    def end_idle_session(self) -> None:
+        """Ends the session unless an execution is using it: the executor then stops without
+        waiting for it (the sandbox is about to be removed)."""
+        if self._session is not None and not self._session_busy:
+            self._session.cancel()
+            self._session = None
 
     async def _in_session(
-        self, request: executor_pb2.ExecuteRequest
+        self, request: executor_pb2.ExecuteRequest, sent: Callable[[], None]
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         session = self._session
-        if session is None or session.done():
+        fresh = session is None or session.done()
+        if session is None or fresh:
             session = self._session = self._stub.Session(metadata=self._metadata)
         self._session_busy = True
         finished = False
         try:
-            await _checked(session, session.write(request))
+            await _write(session, request, first=fresh)
+            sent()
             while not finished:
                 batch = await session.read()
                 if not isinstance(batch, executor_pb2.ExecuteEvents):  # EOF
@@ -131,16 +148,18 @@ class ExecutorClient:
         self,
         request: executor_pb2.ExecuteRequest,
         inputs: AsyncIterator[execution_pb2.FileChunk] | None,
+        sent: Callable[[], None],
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         """An execution on an Execute call of its own: with input files, or when the session
         is not available."""
         call = self._stub.Execute(metadata=self._metadata)
         try:
-            await _checked(call, call.write(executor_pb2.ExecuteInput(request=request)))
+            await _write(call, executor_pb2.ExecuteInput(request=request), first=True)
             if inputs is not None:
                 async for chunk in inputs:
-                    await _checked(call, call.write(executor_pb2.ExecuteInput(file_chunk=chunk)))
-            await _checked(call, call.done_writing())
+                    await _write(call, executor_pb2.ExecuteInput(file_chunk=chunk))
+            await call.done_writing()  # a no-op on a call that ended: reading says how
+            sent()
             async for event in call:
                 yield event
         finally:
@@ -151,11 +170,53 @@ class ExecutorClient:
             await self._channel.close()
 
 
-async def _checked(call: grpc.aio.Call, write: Awaitable[None]) -> None:
-    """A write, with a call the executor already ended reported as the error it ended with."""
+async def _write(
+    call: grpc.aio.StreamStreamCall[Any, Any], message: Any, first: bool = False
+) -> None:
+    """call.write, less two faults of grpc.aio's. The first write of a call waits for the
+    call's metadata to go out, forever if the call ends before that (cancelled while it
+    connects, as when the sandbox is deleted): it also ends when the call does. A write to a
+    call that ended raises InvalidStateError or a made-up INTERNAL: it raises the status the
+    call ended with (UNIMPLEMENTED, say, which decides the fallback to Execute)."""
     try:
-        await write
-    except asyncio.InvalidStateError:
-        raise grpc.aio.AioRpcError(
-            await call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
-        ) from None
+        if not first:
+            await call.write(message)
+            return
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_done(_: object) -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        call.add_done_callback(on_done)
+        write = asyncio.ensure_future(call.write(message))
+        try:
+            await asyncio.wait((write, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not write.done():
+                write.cancel()  # it waits for metadata that will never go out
+        if not write.cancelled():
+            write.result()
+            return
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        pass
+    raise await _ended_with(call)
+
+
+async def _ended_with(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
+    """The error for a call that ended, or is ending, with its status."""
+    try:
+        async with asyncio.timeout(STATUS_DEADLINE):
+            code, details = await call.code(), await call.details()
+    except TimeoutError:
+        call.cancel()
+        code, details = grpc.StatusCode.UNAVAILABLE, "the executor stopped answering"
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+async def _chained(
+    first: execution_pb2.FileChunk, rest: AsyncIterator[execution_pb2.FileChunk]
+) -> AsyncIterator[execution_pb2.FileChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk

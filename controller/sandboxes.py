@@ -733,7 +733,11 @@ class SandboxManager:
 
     async def _finish_delete(self, record: SandboxRecord, reason: str) -> None:
         # The container first: executions in flight then end with a lost executor, which they
-        # report as "deleted during the execution", rather than with a closed channel.
+        # report as "deleted during the execution", rather than with a closed channel. An idle
+        # session would make the executor wait its stop grace for nothing: it goes before.
+        client = self._clients.get(record.uid)
+        if client is not None:
+            client.end_idle_session()
         await self._runtime.remove(record.container_name)
         await self._forget_client(record.uid)
         await self._remove_socket_dir(record)
@@ -811,15 +815,20 @@ class SandboxManager:
             if queued:  # it may have changed while this execution waited its turn
                 record = await self.get(name)
                 self._require_running(record)
-            # A stuck or stopped executor must not hold this sandbox's queue forever.
+            # A stuck or stopped executor must not hold this sandbox's queue forever: once the
+            # request and the input files are sent (their upload is not the code's time), it
+            # has this long to answer.
             answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
-            # Closing `events` cancels the call: a caller that went away interrupts the code.
-            events = self._client_for(record).execute(request, inputs)
+            deadline = asyncio.timeout(None)
+            loop = asyncio.get_running_loop()
+            events = self._client_for(record).execute(
+                request,
+                inputs,
+                sent=lambda: deadline.reschedule(loop.time() + answer_within.total_seconds()),
+            )
             try:
-                async with (
-                    asyncio.timeout(answer_within.total_seconds()),
-                    contextlib.aclosing(events),
-                ):
+                # Closing `events` interrupts the code: a caller that went away.
+                async with deadline, contextlib.aclosing(events):
                     async for event in events:
                         if event.HasField("result"):
                             self._record_execution(record, event.result)

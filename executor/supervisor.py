@@ -53,6 +53,9 @@ EMIT_QUEUE_SIZE = 16
 # a short execution's output and result then cost one write instead of several. Output of a
 # longer one reaches the caller this much later, which nobody watching it will notice.
 BATCH_WINDOW = 0.005
+# A group stops short of this size, so that messages stay within gRPC's limits (an event
+# bigger than this, a large figure say, goes alone, as it would ungrouped).
+BATCH_BYTES = 1 << 20
 
 
 Emit = Callable[[executor_pb2.ExecuteEvent], Awaitable[None]]
@@ -280,30 +283,38 @@ class _Execution:
 
     async def batches(self) -> AsyncGenerator[list[executor_pb2.ExecuteEvent], None]:
         """The emitted events, grouped: those that come within BATCH_WINDOW of the first of a
-        group go with it, except that a file chunk or a result ends its group."""
+        group go with it, up to BATCH_BYTES; a file chunk or a result ends its group."""
         loop = asyncio.get_running_loop()
+        carried: executor_pb2.ExecuteEvent | None = None
         while True:
-            event = await self.queue.get()
-            if event is None:
+            first = carried if carried is not None else await self.queue.get()
+            carried = None
+            if first is None:
                 return
-            batch = [event]
+            batch, size, last = [first], first.ByteSize(), first
             send_at = loop.time() + BATCH_WINDOW
-            while not (event.HasField("file_chunk") or event.HasField("result")):
+            while not (last.HasField("file_chunk") or last.HasField("result")):
+                following: executor_pb2.ExecuteEvent | None
                 try:
-                    event = self.queue.get_nowait()
+                    following = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = send_at - loop.time()
                     if remaining <= 0:
                         break
                     try:
                         async with asyncio.timeout(remaining):
-                            event = await self.queue.get()
+                            following = await self.queue.get()
                     except TimeoutError:
                         break
-                if event is None:
+                if following is None:
                     yield batch
                     return
-                batch.append(event)
+                if size + following.ByteSize() > BATCH_BYTES:
+                    carried = following  # it starts the next group
+                    break
+                batch.append(following)
+                size += following.ByteSize()
+                last = following
             yield batch
 
 

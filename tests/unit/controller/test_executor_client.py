@@ -144,3 +144,59 @@ async def test_input_files_go_through_execute(tmp_path: Path) -> None:
         await client.close()
         await server.stop(None)
     assert servicer.files == ["a.csv", "b.csv"] and servicer.sessions == 0
+
+
+async def test_a_stream_without_files_goes_through_the_session(tmp_path: Path) -> None:
+    servicer = StandIn(has_session=True)
+    server, client = await _serve(tmp_path, servicer)
+    try:
+        assert await _run(client, "1+1", files=[]) == ["stdout", "result"]
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert (servicer.sessions, servicer.execute_calls) == (1, 0)
+
+
+@pytest.mark.parametrize("files", [[], ["a.csv", "b.csv"]])
+async def test_sent_comes_after_the_last_input_and_before_the_first_event(
+    tmp_path: Path, files: list[str]
+) -> None:
+    """The controller starts its clock at `sent`: an upload is not the code's time."""
+    happened: list[str] = []
+
+    async def chunks() -> AsyncIterator[execution_pb2.FileChunk]:
+        for path in files:
+            happened.append(f"chunk {path}")
+            yield execution_pb2.FileChunk(path=path, data=b"x", size=1, final=True)
+
+    server, client = await _serve(tmp_path, StandIn(has_session=True))
+    try:
+        request = executor_pb2.ExecuteRequest(code="1+1")
+        async for event in client.execute(request, chunks(), lambda: happened.append("sent")):
+            happened.append(str(event.WhichOneof("event")))
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert happened == [f"chunk {path}" for path in files] + ["sent", "stdout", "result"]
+
+
+async def test_an_execution_ends_when_its_client_closes_as_it_starts(tmp_path: Path) -> None:
+    """Closing the client (a deleted or terminated sandbox) just as an execution opens its
+    call, before the call's metadata went out, ends the execution instead of leaving it
+    waiting forever (grpc.aio's first write waits for that metadata)."""
+    for attempt in range(20):
+        socket_dir = tmp_path / str(attempt)
+        socket_dir.mkdir()
+        server, client = await _serve(socket_dir, StandIn(has_session=True))
+        await client.wait_ready(5)
+        await server.stop(None)  # its executor is gone: the channel reconnects
+
+        async def execute(client: ExecutorClient = client) -> None:
+            async for _ in client.execute(executor_pb2.ExecuteRequest(code="1+1")):
+                pass
+
+        task = asyncio.create_task(execute())
+        await asyncio.sleep((attempt % 5) * 0.0002)
+        await client.close()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(task, 5)

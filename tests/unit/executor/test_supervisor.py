@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from executor.paths import InvalidPath
-from executor.supervisor import Supervisor
+from executor.supervisor import BATCH_BYTES, Supervisor
 from executor.workspace import InputStager
 from petri.v1 import execution_pb2, executor_pb2
 
@@ -333,3 +333,15 @@ async def test_output_still_streams_while_the_code_runs(supervisor: Supervisor) 
     rest = [event async for batch in batches for event in batch]
     assert "".join(e.stdout for e in rest) == "second\n"
     assert rest[-1].HasField("result")
+
+
+async def test_a_group_stays_within_its_size_and_big_outputs_go_alone(
+    supervisor: Supervisor,
+) -> None:
+    # Each displayed string is a third of a group's size: at most two go together.
+    code = f"for i in range(6): display('x' * {BATCH_BYTES // 3})"
+    batches = await _batches(supervisor, code)
+    outputs = [e for batch in batches for e in batch if e.HasField("output")]
+    assert len(outputs) == 6
+    for batch in batches:
+        assert sum(e.ByteSize() for e in batch) <= BATCH_BYTES or len(batch) == 1
