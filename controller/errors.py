@@ -8,6 +8,7 @@
     ├── AlreadyExists             ALREADY_EXISTS     sandbox_id taken in the project
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
     ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive
     └── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
@@ -50,6 +51,10 @@ class FailedPrecondition(PetriError):
 
 class ResourceExhausted(PetriError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(PetriError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unavailable(PetriError):

@@ -2,7 +2,7 @@
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +47,19 @@ class ExecutorClient:
         # first use and again after one is cancelled or fails.
         self._session: SessionCall | None = None
         self._session_busy = False
-        # Until an executor older than Session says UNIMPLEMENTED (a sandbox started from an
-        # image that predates it, adopted after an upgrade).
-        self._has_session = True
+        # Whether the executor serves Session (GetStatus says; not one started from an image
+        # that predates it, adopted after an upgrade); None until it was asked.
+        self._has_session: bool | None = None
 
     def __repr__(self) -> str:
         return f"<ExecutorClient {self.socket_path}>"
 
     async def status(self, timeout: float = STATUS_DEADLINE) -> executor_pb2.ExecutorStatus:
-        return await self._stub.GetStatus(
+        status: executor_pb2.ExecutorStatus = await self._stub.GetStatus(
             executor_pb2.GetStatusRequest(), timeout=timeout, metadata=self._metadata
         )
+        self._has_session = status.sessions
+        return status
 
     async def wait_ready(self, timeout: float) -> executor_pb2.ExecutorStatus:
         """Waits until the executor answers; Unavailable after `timeout` seconds."""
@@ -88,19 +90,13 @@ class ExecutorClient:
         if inputs is not None:  # a stream with no file in it (StreamExecuteCode) is none
             first = await anext(inputs, None)
             inputs = None if first is None else _chained(first, inputs)
+        if inputs is None and self._has_session is None:
+            await self.status()
         if inputs is None and self._has_session and not self._session_busy:
-            answered = False
-            try:
-                async with contextlib.aclosing(self._in_session(request, sent)) as events:
-                    async for event in events:
-                        answered = True
-                        yield event
-                return
-            except grpc.aio.AioRpcError as exc:
-                if answered or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                self._has_session = False  # nothing ran: a call of its own does it below
-        async with contextlib.aclosing(self._in_call(request, inputs, sent)) as events:
+            events = self._in_session(request, sent)
+        else:
+            events = self._in_call(request, inputs, sent)
+        async with contextlib.aclosing(events):
             async for event in events:
                 yield event
 
@@ -158,7 +154,7 @@ class ExecutorClient:
             if inputs is not None:
                 async for chunk in inputs:
                     await _write(call, executor_pb2.ExecuteInput(file_chunk=chunk))
-            await call.done_writing()  # a no-op on a call that ended: reading says how
+            await _guarded(call, call.done_writing())
             sent()
             async for event in call:
                 yield event
@@ -173,14 +169,18 @@ class ExecutorClient:
 async def _write(
     call: grpc.aio.StreamStreamCall[Any, Any], message: Any, first: bool = False
 ) -> None:
-    """call.write, less two faults of grpc.aio's. The first write of a call waits for the
-    call's metadata to go out, forever if the call ends before that (cancelled while it
-    connects, as when the sandbox is deleted): it also ends when the call does. A write to a
-    call that ended raises InvalidStateError or a made-up INTERNAL: it raises the status the
-    call ended with (UNIMPLEMENTED, say, which decides the fallback to Execute)."""
+    await _guarded(call, call.write(message), first)
+
+
+async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:
+    """A write or half-close on `call`, less two faults of grpc.aio's. The first write of a
+    call waits for the call's metadata to go out, forever if the call ends before that
+    (cancelled while it connects, as when the sandbox is deleted): it also ends when the call
+    does. An operation on a call that ended raises InvalidStateError, a CancelledError or an
+    internal error: it raises the status the call ended with."""
     try:
         if not first:
-            await call.write(message)
+            await operation
             return
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -189,16 +189,20 @@ async def _write(
                 ended.set_result(None)
 
         call.add_done_callback(on_done)
-        write = asyncio.ensure_future(call.write(message))
+        pending = asyncio.ensure_future(operation)
         try:
-            await asyncio.wait((write, ended), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((pending, ended), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not write.done():
-                write.cancel()  # it waits for metadata that will never go out
-        if not write.cancelled():
-            write.result()
+            if not pending.done():
+                pending.cancel()  # it waits for metadata that will never go out
+        if pending.done() and not pending.cancelled():
+            pending.result()
             return
-    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are cancelled, not just the call
+    except Exception:  # InvalidStateError, AioRpcError, cygrpc's InternalError
         pass
     raise await _ended_with(call)
 

@@ -26,6 +26,7 @@ import structlog
 from controller.config import Config
 from controller.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -816,16 +817,19 @@ class SandboxManager:
                 record = await self.get(name)
                 self._require_running(record)
             # A stuck or stopped executor must not hold this sandbox's queue forever: once the
-            # request and the input files are sent (their upload is not the code's time), it
-            # has this long to answer.
+            # request and the input files are sent, it has this long to answer. The upload
+            # has as long again, which is not the code's time.
             answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
-            deadline = asyncio.timeout(None)
             loop = asyncio.get_running_loop()
-            events = self._client_for(record).execute(
-                request,
-                inputs,
-                sent=lambda: deadline.reschedule(loop.time() + answer_within.total_seconds()),
-            )
+            deadline = asyncio.timeout(answer_within.total_seconds())
+            uploaded = False
+
+            def start_the_clock() -> None:
+                nonlocal uploaded
+                uploaded = True
+                deadline.reschedule(loop.time() + answer_within.total_seconds())
+
+            events = self._client_for(record).execute(request, inputs, start_the_clock)
             try:
                 # Closing `events` interrupts the code: a caller that went away.
                 async with deadline, contextlib.aclosing(events):
@@ -834,6 +838,12 @@ class SandboxManager:
                             self._record_execution(record, event.result)
                         yield event
             except TimeoutError:
+                if not uploaded:
+                    raise DeadlineExceeded(
+                        f"the input files of this execution did not all arrive within "
+                        f"{format_duration(answer_within)}: send them, then half-close the "
+                        "request stream; nothing ran"
+                    ) from None
                 raise Unavailable(
                     f"the executor of sandbox {record.name} did not finish within "
                     f"{format_duration(answer_within)} (the timeout, the kill grace and "

@@ -109,6 +109,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             execution_count=self._supervisor.execution_count,
             python_version=platform.python_version(),
             preloaded=self._supervisor.preloaded,
+            sessions=True,
         )
 
 

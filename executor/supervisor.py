@@ -293,7 +293,9 @@ class _Execution:
                 return
             batch, size, last = [first], first.ByteSize(), first
             send_at = loop.time() + BATCH_WINDOW
-            while not (last.HasField("file_chunk") or last.HasField("result")):
+            while not (
+                last.HasField("file_chunk") or last.HasField("result") or size >= BATCH_BYTES
+            ):
                 following: executor_pb2.ExecuteEvent | None
                 try:
                     following = self.queue.get_nowait()

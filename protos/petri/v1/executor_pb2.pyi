@@ -218,6 +218,7 @@ class ExecutorStatus(_message.Message):
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     PRELOADED_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     execution_count: _builtins.int
     python_version: _builtins.str
@@ -226,6 +227,8 @@ class ExecutorStatus(_message.Message):
     """The current worker has imported the modules it preloads (done, whether or not each
     import succeeded): user code's first import of them costs nothing.
     """
+    sessions: _builtins.bool
+    """This executor serves Session (older ones leave it false: the controller then uses Execute)."""
     def __init__(
         self,
         *,
@@ -233,10 +236,11 @@ class ExecutorStatus(_message.Message):
         execution_count: _builtins.int = ...,
         python_version: _builtins.str = ...,
         preloaded: _builtins.bool = ...,
+        sessions: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,7 +72,8 @@ class ExecutorServicer(object):
         """Executions without input files, one after another on one long-lived call: write a request,
         read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
         call interrupts the code running, if any. It saves the setup and teardown of a call per
-        execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+        execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
+        served (an executor from an older image answers UNIMPLEMENTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,8 @@ class ExecutorStub:
     """Executions without input files, one after another on one long-lived call: write a request,
     read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
     call interrupts the code running, if any. It saves the setup and teardown of a call per
-    execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+    execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
+    served (an executor from an older image answers UNIMPLEMENTED).
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]
     """Answers once the daemon and its worker are ready."""
@@ -70,7 +71,8 @@ class ExecutorAsyncStub(ExecutorStub):
     """Executions without input files, one after another on one long-lived call: write a request,
     read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
     call interrupts the code running, if any. It saves the setup and teardown of a call per
-    execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+    execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
+    served (an executor from an older image answers UNIMPLEMENTED).
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]  # type: ignore[assignment]
     """Answers once the daemon and its worker are ready."""
@@ -101,7 +103,8 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         """Executions without input files, one after another on one long-lived call: write a request,
         read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
         call interrupts the code running, if any. It saves the setup and teardown of a call per
-        execution, which is most of what a short one costs. Older executors answer UNIMPLEMENTED.
+        execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
+        served (an executor from an older image answers UNIMPLEMENTED).
         """
 
     @_abc_1.abstractmethod

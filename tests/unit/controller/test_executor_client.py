@@ -1,6 +1,6 @@
 """The controller's executor client against a stand-in executor on a unix socket: executions on
 one Session call, a new session after one is left mid-way, and Execute for input files and for
-executors that predate Session."""
+executors whose status says they predate Session."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -25,7 +25,8 @@ def _events(code: str) -> list[executor_pb2.ExecuteEvent]:
 
 class StandIn(executor_pb2_grpc.ExecutorServicer):
     """Answers with two events; without Session when `has_session` is false, like an older
-    image. Code "hang" never gets to its result."""
+    image (which says so in its status, and answers UNIMPLEMENTED). Code "hang" never gets to
+    its result."""
 
     def __init__(self, has_session: bool) -> None:
         self.has_session = has_session
@@ -68,7 +69,7 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
     async def GetStatus(
         self, request: executor_pb2.GetStatusRequest, context: Any
     ) -> executor_pb2.ExecutorStatus:
-        return executor_pb2.ExecutorStatus()
+        return executor_pb2.ExecutorStatus(sessions=self.has_session)
 
 
 async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:
@@ -106,8 +107,8 @@ async def test_executions_yield_their_events_from_either_call(
         await server.stop(None)
     if has_session:  # one session carries them all
         assert (servicer.sessions, servicer.session_executions, servicer.execute_calls) == (1, 3, 0)
-    else:  # asked once, then a call per execution
-        assert (servicer.sessions, servicer.execute_calls) == (1, 3)
+    else:  # an executor that says it has no Session gets a call per execution
+        assert (servicer.sessions, servicer.execute_calls) == (0, 3)
 
 
 async def test_an_execution_left_mid_way_ends_its_session(tmp_path: Path) -> None:

@@ -329,7 +329,7 @@ async def test_output_still_streams_while_the_code_runs(supervisor: Supervisor) 
     )
     batches = aiter(supervisor.execute(request))
     first = await asyncio.wait_for(anext(batches), 0.8)  # before the sleep ends
-    assert [e.stdout for e in first] == ["first\n"]
+    assert "".join(e.stdout for e in first) == "first\n"
     rest = [event async for batch in batches for event in batch]
     assert "".join(e.stdout for e in rest) == "second\n"
     assert rest[-1].HasField("result")
