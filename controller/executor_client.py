@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -112,12 +111,12 @@ class ExecutorClient:
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         session = self._session
         fresh = session is None or session.done()
-        if session is None or fresh:
+        if fresh or session is None:  # (`or`: for the type checker)
             session = self._session = self._stub.Session(metadata=self._metadata)
         self._session_busy = True
         finished = False
         try:
-            await _write(session, request, first=fresh)
+            await _guarded(session, session.write(request), first=fresh)
             sent()
             while not finished:
                 batch = await session.read()
@@ -150,10 +149,10 @@ class ExecutorClient:
         is not available."""
         call = self._stub.Execute(metadata=self._metadata)
         try:
-            await _write(call, executor_pb2.ExecuteInput(request=request), first=True)
+            await _guarded(call, call.write(executor_pb2.ExecuteInput(request=request)), first=True)
             if inputs is not None:
                 async for chunk in inputs:
-                    await _write(call, executor_pb2.ExecuteInput(file_chunk=chunk))
+                    await _guarded(call, call.write(executor_pb2.ExecuteInput(file_chunk=chunk)))
             await _guarded(call, call.done_writing())
             sent()
             async for event in call:
@@ -164,12 +163,6 @@ class ExecutorClient:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._channel.close()
-
-
-async def _write(
-    call: grpc.aio.StreamStreamCall[Any, Any], message: Any, first: bool = False
-) -> None:
-    await _guarded(call, call.write(message), first)
 
 
 async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:

@@ -311,11 +311,12 @@ class _Execution:
                 if following is None:
                     yield batch
                     return
-                if size + following.ByteSize() > BATCH_BYTES:
+                following_size = following.ByteSize()
+                if size + following_size > BATCH_BYTES:
                     carried = following  # it starts the next group
                     break
                 batch.append(following)
-                size += following.ByteSize()
+                size += following_size
                 last = following
             yield batch
 
