@@ -19,7 +19,8 @@
 #      Made here, once, so that no CreateSandbox waits for it.
 # env: PYTHON (python with pip for the downloads, default python3),
 #      XDG_CACHE_HOME (cache root, default ~/.cache),
-#      PETRI_USERNS_SIZE (default 65536, as the controller's).
+#      PETRI_USERNS_SIZE (default 65536, as the controller's),
+#      PETRI_IMAGE_REPOSITORY (default localhost/petri-sandbox).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -39,7 +40,8 @@ if [[ -f "$debs_file" ]]; then
   extra="$(grep -oE '^[^#[:space:]]+' "$debs_file" | paste -sd, -)"
   [[ -n "$extra" ]] && DEBS="$DEBS,$extra" BASE="localhost/petri-base:$SUITE-$profile"
 fi
-IMAGE="localhost/petri-sandbox:$profile"
+# PETRI_IMAGE_REPOSITORY: another repository, e.g. for a test run beside the service's images.
+IMAGE="${PETRI_IMAGE_REPOSITORY:-localhost/petri-sandbox}:$profile"
 PYTHON="${PYTHON:-python3}"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/petri"
 wheels="$cache/wheels/$profile"

@@ -48,6 +48,7 @@ def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
         state_dir=tmp_path_factory.mktemp("state"),
         runtime_dir=_short_temp_dir("petri-e2e-"),
         default_image_profile=os.environ.get("PETRI_TEST_IMAGE_PROFILE", "test"),
+        image_repository=os.environ.get("PETRI_IMAGE_REPOSITORY", "localhost/petri-sandbox"),
         kill_grace=timedelta(seconds=1),
         # The suites' own bursts (a flood of 1000 executes) must not meet the default quotas.
         max_executes_per_minute=100_000,
