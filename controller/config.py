@@ -133,6 +133,13 @@ class Config:
         default=8 << 30,
     )
     max_memory: int = _opt("most memory a sandbox may ask for", parse_size, default=16 << 30)
+    min_memory: int = _opt(
+        "least memory a sandbox may ask for: what Python with the preloaded modules needs "
+        "(importing numpy, pandas and matplotlib takes about 256 MiB of address space under "
+        "RLIMIT_AS, less under a memory cgroup)",
+        parse_size,
+        default=256 << 20,
+    )
     default_max_processes: int = _opt(
         "processes and threads per sandbox when it asks for no number (RLIMIT_NPROC)",
         int,
@@ -301,6 +308,8 @@ def validate(config: Config) -> list[str]:
         problems.append(
             f"userns_size must exceed {WORKER_UID_FIRST} (user code's uids start there)"
         )
+    if not config.min_memory <= config.default_memory <= config.max_memory:
+        problems.append("default_memory must be between min_memory and max_memory")
     if config.default_runtime not in ("runc", "gvisor"):
         problems.append("default_runtime must be runc or gvisor")
     if config.log_format not in ("console", "json"):

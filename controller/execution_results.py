@@ -5,22 +5,16 @@ within `max_output_bytes` each (cut with a marker), rich outputs within the same
 within the response's file limits and with valid paths; the caller is told what was cut.
 """
 
-import mimetypes
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from controller.mime_types import guess_mime_type
 from executor.paths import InvalidPath, check_relative_path
 from petri.v1 import execution_pb2, executor_pb2, sandbox_pb2
 
 TRUNCATION_MARKER = "\n[petri: output truncated: {stream} exceeded {limit} bytes]\n"
 # Names from the executor are shown to the caller: keep them reasonable.
 MAX_OMITTED_ENTRIES = 10_000
-# Built-in table only: the guess must not depend on the host's /etc/mime.types.
-_MIME_TYPES = mimetypes.MimeTypes(filenames=())
-
-
-def guess_mime_type(path: str) -> str:
-    return _MIME_TYPES.guess_type(path, strict=False)[0] or "application/octet-stream"
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,46 @@
 """Input files on their way into a sandbox: checked here, before any byte reaches it.
 
-Paths must be plain relative paths (executor.paths), each file's chunks consecutive and ended
-by a chunk marked final, each path sent once, and the total within the server's limit. A
-refused request writes nothing: the executor stages inputs and only puts them in place once
-the whole request was accepted.
+Paths must be plain relative paths (executor.paths) of at most MAX_PATH_BYTES bytes,
+MAX_PATH_DEPTH components and MAX_COMPONENT_BYTES bytes per component; each file's chunks
+consecutive and ended by a chunk marked final, each path sent once, and the total within the
+server's limit. A refused request writes nothing: the executor stages inputs and only puts them
+in place once the whole request was accepted.
 """
 
 from collections.abc import AsyncIterator, Sequence
 
 from controller.errors import InvalidArgument, ResourceExhausted
+from controller.quoting import quote
 from executor.paths import InvalidPath, check_relative_path
 from petri.v1 import execution_pb2
 
 # Unary requests are cut into chunks of this size on their way to the executor.
 CHUNK_BYTES = 1 << 20
+# A file name's limit on Linux (NAME_MAX).
+MAX_COMPONENT_BYTES = 255
+# Directories an input file may be nested in, plus one for its name.
+MAX_PATH_DEPTH = 64
+
+
+def check_input_path(path: str) -> None:
+    """InvalidArgument, quoting a bounded prefix of the path, unless `path` is a plain
+    relative path within every limit."""
+    try:
+        parts = check_relative_path(path)
+    except InvalidPath as exc:  # its message quotes the whole path: quote a prefix instead
+        raise InvalidArgument(str(exc).replace(repr(path), quote(path))) from None
+    if len(parts) > MAX_PATH_DEPTH:
+        raise InvalidArgument(
+            f"file path {quote(path)} has {len(parts)} components, more than the maximum of "
+            f"{MAX_PATH_DEPTH}"
+        )
+    for part in parts:
+        size = len(part.encode())
+        if size > MAX_COMPONENT_BYTES:
+            raise InvalidArgument(
+                f"file path {quote(path)} has a component of {size} bytes ({quote(part)}), "
+                f"more than the maximum of {MAX_COMPONENT_BYTES}"
+            )
 
 
 class InputChecker:
@@ -28,15 +55,12 @@ class InputChecker:
         if chunk.path != self._open_path:
             if self._open_path is not None:
                 raise InvalidArgument(
-                    f"file {self._open_path!r} ended without a chunk marked final "
-                    f"before chunks of {chunk.path!r}"
+                    f"file {quote(self._open_path)} ended without a chunk marked final "
+                    f"before chunks of {quote(chunk.path)}"
                 )
-            try:
-                check_relative_path(chunk.path)
-            except InvalidPath as exc:
-                raise InvalidArgument(str(exc)) from None
+            check_input_path(chunk.path)
             if chunk.path in self._paths:
-                raise InvalidArgument(f"file {chunk.path!r} is sent twice")
+                raise InvalidArgument(f"file {quote(chunk.path)} is sent twice")
             self._paths.add(chunk.path)
             self._open_path = chunk.path
         self.add_bytes(len(chunk.data))
@@ -54,7 +78,9 @@ class InputChecker:
 
     def finish(self) -> None:
         if self._open_path is not None:
-            raise InvalidArgument(f"file {self._open_path!r} ended without a chunk marked final")
+            raise InvalidArgument(
+                f"file {quote(self._open_path)} ended without a chunk marked final"
+            )
 
 
 def check_files(files: Sequence[execution_pb2.File], max_bytes: int) -> None:

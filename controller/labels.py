@@ -3,6 +3,7 @@
 import re
 
 from controller.errors import InvalidArgument
+from controller.quoting import quote
 
 LABEL_KEY_PATTERN = "[a-z][a-z0-9_-]{0,62}"
 LABEL_VALUE_PATTERN = "[a-z0-9_-]{0,63}"
@@ -22,12 +23,13 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if not is_valid_label_key(key):
             raise InvalidArgument(
-                f"invalid label key {key!r}: keys match {LABEL_KEY_PATTERN} "
+                f"invalid label key {quote(key)}: keys match {LABEL_KEY_PATTERN} "
                 "(lowercase letters, digits, '_' and '-', starting with a letter)"
             )
         if _VALUE.fullmatch(value) is None:
             raise InvalidArgument(
-                f"invalid value {value!r} of label {key!r}: values match {LABEL_VALUE_PATTERN}"
+                f"invalid value {quote(value)} of label {quote(key)}: "
+                f"values match {LABEL_VALUE_PATTERN}"
             )
     return dict(labels)
 

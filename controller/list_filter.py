@@ -6,7 +6,8 @@
                  | "labels." KEY ":" "*"            (the label is present)
     VALUE       := a bare word or a "double-quoted string"
 
-Anything else is INVALID_ARGUMENT with a message that names the offending part.
+A filter has at most MAX_FILTER_BYTES bytes and MAX_FILTER_TERMS comparisons. Anything else is
+INVALID_ARGUMENT with a message that names the offending part.
 """
 
 import json
@@ -16,7 +17,13 @@ from typing import Any
 
 from controller.errors import InvalidArgument
 from controller.labels import LABEL_KEY_PATTERN, is_valid_label_key
+from controller.quoting import quote
 from controller.records import State
+
+# A filter's bounds: checked before any work on it, so a huge filter costs the controller
+# nothing. SQLite refuses conditions nested deeper than 1000; a sandbox has at most 64 labels.
+MAX_FILTER_BYTES = 8192
+MAX_FILTER_TERMS = 128
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -45,11 +52,20 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         value = match.group(kind)
         if kind == "bad":
             raise InvalidArgument(
-                f"invalid filter {text!r}: unexpected {value!r}; supported: comparisons of "
-                f"{_FIELDS_HELP} with =, != or :*, joined by AND"
+                f"invalid filter {quote(text)}: unexpected {value!r}; supported: comparisons "
+                f"of {_FIELDS_HELP} with =, != or :*, joined by AND"
             )
         tokens.append((kind, value))
     return tokens
+
+
+def _check_bounds(text: str) -> None:
+    size = len(text.encode(errors="replace"))
+    if size > MAX_FILTER_BYTES:
+        raise InvalidArgument(
+            f"filter is {size} bytes, more than the maximum of {MAX_FILTER_BYTES}: "
+            "narrow it down to fewer comparisons"
+        )
 
 
 def _unquote(kind: str, value: str) -> str:
@@ -59,12 +75,13 @@ def _unquote(kind: str, value: str) -> str:
         result: str = json.loads(value)  # JSON string escapes are AIP-160's
         result.encode()  # a lone surrogate ("\ud800") is no text to compare with
     except (ValueError, UnicodeEncodeError):
-        raise InvalidArgument(f"invalid string {value} in filter: bad escape") from None
+        raise InvalidArgument(f"invalid string {quote(value)} in filter: bad escape") from None
     return result
 
 
 def compile_filter(text: str) -> CompiledFilter:
     """Compiles a filter into an SQL condition; the empty filter matches everything."""
+    _check_bounds(text)
     tokens = _tokens(text)
     if not tokens:
         return CompiledFilter("", ())
@@ -73,9 +90,11 @@ def compile_filter(text: str) -> CompiledFilter:
     position = 0
 
     def fail(reason: str) -> InvalidArgument:
-        return InvalidArgument(f"invalid filter {text!r}: {reason}")
+        return InvalidArgument(f"invalid filter {quote(text)}: {reason}")
 
     while True:
+        if len(conditions) == MAX_FILTER_TERMS:
+            raise fail(f"more than {MAX_FILTER_TERMS} comparisons")
         if position + 3 > len(tokens):
             raise fail("expected FIELD OPERATOR VALUE, e.g. state = RUNNING")
         (field_kind, field), (op_kind, op), (value_kind, raw_value) = tokens[
@@ -83,11 +102,11 @@ def compile_filter(text: str) -> CompiledFilter:
         ]
         position += 3
         if field_kind != "word":
-            raise fail(f"expected a field name ({_FIELDS_HELP}), got {field!r}")
+            raise fail(f"expected a field name ({_FIELDS_HELP}), got {quote(field)}")
         if op_kind != "op":
-            raise fail(f"expected =, != or : after {field!r}, got {op!r}")
+            raise fail(f"expected =, != or : after {quote(field)}, got {quote(op)}")
         if value_kind not in ("word", "string"):
-            raise fail(f"expected a value after {field} {op}")
+            raise fail(f"expected a value after {quote(field)} {op}")
         value = _unquote(value_kind, raw_value)
 
         if field == "state":
@@ -96,13 +115,13 @@ def compile_filter(text: str) -> CompiledFilter:
             try:
                 state = State[value]
             except KeyError:
-                raise fail(f"unknown state {value!r}; states are {_STATES}") from None
+                raise fail(f"unknown state {quote(value)}; states are {_STATES}") from None
             conditions.append("state = ?" if op == "=" else "state != ?")
             params.append(int(state))
         elif field.startswith("labels."):
             key = field.removeprefix("labels.")
             if not is_valid_label_key(key):
-                raise fail(f"invalid label key {key!r}: keys match {LABEL_KEY_PATTERN}")
+                raise fail(f"invalid label key {quote(key)}: keys match {LABEL_KEY_PATTERN}")
             path = f'$."{key}"'
             if op == ":":
                 if not (value_kind == "word" and value == "*"):
@@ -116,7 +135,7 @@ def compile_filter(text: str) -> CompiledFilter:
                 conditions.append("json_extract(labels, ?) IS NOT ?")
                 params.extend([path, value])
         else:
-            raise fail(f"unknown field {field!r}; filterable fields are {_FIELDS_HELP}")
+            raise fail(f"unknown field {quote(field)}; filterable fields are {_FIELDS_HELP}")
 
         if position == len(tokens):
             break
@@ -126,5 +145,5 @@ def compile_filter(text: str) -> CompiledFilter:
             continue
         if kind == "word" and word.upper() in ("OR", "NOT"):
             raise fail(f"{word.upper()} is not supported; join comparisons with AND")
-        raise fail(f"expected AND after a comparison, got {word!r}")
+        raise fail(f"expected AND after a comparison, got {quote(word)}")
     return CompiledFilter(" AND ".join(conditions), tuple(params))

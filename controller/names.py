@@ -5,6 +5,7 @@ import secrets
 from dataclasses import dataclass
 
 from controller.errors import InvalidArgument
+from controller.quoting import quote
 
 ID_PATTERN = "[a-z][a-z0-9-]{0,62}"
 _ID = re.compile(ID_PATTERN)
@@ -29,7 +30,7 @@ def parse_parent(parent: str) -> str:
     parts = parent.split("/")
     if len(parts) != 2 or parts[0] != "projects" or not _valid_id(parts[1]):
         raise InvalidArgument(
-            f"invalid parent {parent!r}: expected projects/{{project}}, the project id "
+            f"invalid parent {quote(parent)}: expected projects/{{project}}, the project id "
             f"matching {ID_PATTERN} (lowercase, not ending in '-')"
         )
     return parts[1]
@@ -45,7 +46,7 @@ def parse_sandbox_name(name: str) -> SandboxName:
         or not _valid_id(parts[3])
     ):
         raise InvalidArgument(
-            f"invalid sandbox name {name!r}: expected {_FORMAT}, each id matching "
+            f"invalid sandbox name {quote(name)}: expected {_FORMAT}, each id matching "
             f"{ID_PATTERN} (lowercase, not ending in '-')"
         )
     return SandboxName(parts[1], parts[3])
@@ -54,7 +55,7 @@ def parse_sandbox_name(name: str) -> SandboxName:
 def validate_sandbox_id(sandbox_id: str) -> str:
     if not _valid_id(sandbox_id):
         raise InvalidArgument(
-            f"invalid sandbox_id {sandbox_id!r}: it must match {ID_PATTERN} "
+            f"invalid sandbox_id {quote(sandbox_id)}: it must match {ID_PATTERN} "
             "(start with a lowercase letter; lowercase letters, digits and '-'; "
             "at most 63 characters; not ending in '-'), or be empty to let the server choose"
         )

@@ -14,6 +14,8 @@ from typing import Any
 from controller.errors import InvalidArgument
 
 _VERSION = 1
+# Ours are under 200 characters; a longer one is not ours, and is not decoded.
+MAX_TOKEN_CHARS = 1024
 
 
 def request_digest(parent: str, filter_text: str, order_by: str) -> str:
@@ -32,6 +34,8 @@ def decode_token(token: str, digest: str) -> tuple[Any, str]:
         "invalid page_token: pass the next_page_token of the previous ListSandboxes call, "
         "with the same parent, filter and order_by"
     )
+    if len(token) > MAX_TOKEN_CHARS:
+        raise invalid
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)

@@ -59,6 +59,8 @@ class SandboxRecord:
     execution_count: int = 0
     incarnation: str = ""
     request_id: str | None = None
+    # The Create that request_id names (JSON of its fields), to tell a retry from a reuse.
+    create_request: str | None = None
     container_name: str = ""
     # Host directory of the executor's socket, fixed when the container was created.
     socket_dir: str = ""

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     execution_count  INTEGER NOT NULL,
     incarnation      TEXT NOT NULL,
     request_id       TEXT,
+    create_request   TEXT,                   -- JSON: the Create that request_id names
     container_name   TEXT NOT NULL,
     socket_dir       TEXT NOT NULL,
     delete_time      INTEGER,
@@ -56,6 +57,8 @@ CREATE INDEX IF NOT EXISTS live_by_project
 CREATE INDEX IF NOT EXISTS live_by_expiry
     ON sandboxes (expire_time) WHERE delete_time IS NULL;
 """
+# Columns a version-1 registry written by an older controller may lack, with their types.
+_ADDED_COLUMNS = {"create_request": "TEXT"}
 
 _COLUMNS = [
     "uid",
@@ -73,6 +76,7 @@ _COLUMNS = [
     "execution_count",
     "incarnation",
     "request_id",
+    "create_request",
     "container_name",
     "socket_dir",
     "delete_time",
@@ -130,6 +134,7 @@ def _to_row(record: SandboxRecord) -> dict[str, Any]:
         "execution_count": record.execution_count,
         "incarnation": record.incarnation,
         "request_id": record.request_id,
+        "create_request": record.create_request,
         "container_name": record.container_name,
         "socket_dir": record.socket_dir,
         "delete_time": _micros(record.delete_time),
@@ -169,6 +174,7 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
         execution_count=row["execution_count"],
         incarnation=row["incarnation"],
         request_id=row["request_id"],
+        create_request=row["create_request"],
         container_name=row["container_name"],
         socket_dir=row["socket_dir"],
         delete_time=_time(row["delete_time"]),
@@ -231,6 +237,11 @@ class Registry:
                 f"controller's {_SCHEMA_VERSION}: upgrade the controller"
             )
         db.executescript(_SCHEMA)
+        # Columns added since version 1; older controllers read rows by name and ignore them.
+        present = {row["name"] for row in db.execute("PRAGMA table_info(sandboxes)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE sandboxes ADD COLUMN {column} {kind}")
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._db = db
 

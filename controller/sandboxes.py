@@ -37,6 +37,7 @@ from controller.executor_client import ExecutorClient
 from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
 from controller.quotas import Quotas
+from controller.quoting import quote
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry
 from controller.runtime import (
@@ -67,6 +68,11 @@ LABEL_MANIFEST = "io.petri.manifest"
 EXECUTOR_SLACK = timedelta(seconds=120)
 # The longest unix socket path the kernel accepts is 107 bytes.
 MAX_SOCKET_PATH = 107
+# The least of each resource a sandbox may ask for (memory: Config.min_memory): below these,
+# the executor, its worker and the preloaded interpreter cannot start or do nothing useful.
+MIN_CPU_MILLIS = 100
+MIN_DISK_BYTES = 16 << 20
+MIN_PROCESSES = 32
 # How often a new warm pool member is asked whether it has preloaded its modules.
 PRELOAD_POLL_INTERVAL = 0.02
 # At shutdown, how long deleting the warm pool's members may take (a restart removes the rest).
@@ -89,6 +95,31 @@ class CreateParams:
     expire_time: datetime | None
     ttl: timedelta | None
     request_id: str
+
+
+def create_request_json(params: CreateParams) -> str:
+    """The fields of a Create that a retry with its request_id must repeat, as JSON."""
+    resources = params.resources
+    fields: dict[str, object] = {
+        "sandbox_id": params.sandbox_id,
+        "sandbox.display_name": params.display_name,
+        "sandbox.labels": dict(sorted(params.labels.items())),
+        "sandbox.spec.image_profile": params.image_profile,
+        "sandbox.spec.runtime": params.runtime.name if params.runtime else "",
+        "sandbox.spec.resources.cpu_millis": resources.cpu_millis,
+        "sandbox.spec.resources.memory_bytes": resources.memory_bytes,
+        "sandbox.spec.resources.disk_bytes": resources.disk_bytes,
+        "sandbox.spec.resources.max_processes": resources.max_processes,
+        "sandbox.ttl": params.ttl.total_seconds() if params.ttl is not None else None,
+        "sandbox.expire_time": params.expire_time.isoformat() if params.expire_time else None,
+    }
+    return json.dumps(fields, sort_keys=True)
+
+
+def differing_fields(first: str, retry: str) -> list[str]:
+    """The fields in which two create_request_json values differ."""
+    before, after = json.loads(first), json.loads(retry)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 @dataclass(frozen=True)
@@ -356,6 +387,7 @@ class SandboxManager:
                     labels=claimed.labels,
                     expire_time=claimed.expire_time,
                     request_id=claimed.request_id,
+                    create_request=claimed.create_request,
                     create_time=claimed.create_time,
                     update_time=claimed.update_time,
                     last_active_time=claimed.last_active_time,
@@ -427,13 +459,25 @@ class SandboxManager:
         if not params.request_id:
             return None
         previous = await self._registry.get_by_request_id(params.project, params.request_id)
-        return None if previous is None else await self._replay(previous, params.request_id)
+        return None if previous is None else await self._replay(previous, params)
 
-    async def _replay(self, previous: SandboxRecord, request_id: str) -> SandboxRecord:
-        """The answer to a retried Create: the sandbox the first request made, once RUNNING."""
+    async def _replay(self, previous: SandboxRecord, params: CreateParams) -> SandboxRecord:
+        """The answer to a retried Create: the sandbox the first request made, once RUNNING.
+        AlreadyExists when the request_id was reused for a different request (AIP-155: a
+        request_id names one request)."""
+        request_id = quote(params.request_id)
+        if previous.create_request is not None:  # None: created before requests were kept
+            differing = differing_fields(previous.create_request, create_request_json(params))
+            if differing:
+                raise AlreadyExists(
+                    f"request_id {request_id} was already used by a different CreateSandbox "
+                    f"(which created {previous.name}); these fields differ: "
+                    f"{', '.join(differing)}. Retry with the same request, or use a new "
+                    "request_id for a new sandbox"
+                )
         if previous.delete_time is not None:
             raise AlreadyExists(
-                f"request_id {request_id!r} already created {previous.name}, which was "
+                f"request_id {request_id} already created {previous.name}, which was "
                 f"{previous.delete_reason} at {previous.delete_time.isoformat()}"
             )
         pending = self._provisioning.get(previous.uid)
@@ -445,7 +489,7 @@ class SandboxManager:
         profile = params.image_profile or self._config.default_image_profile
         if _PROFILE.fullmatch(profile) is None:
             raise InvalidArgument(
-                f"invalid image_profile {profile!r}: lowercase letters, digits, '.', '_', '-'"
+                f"invalid image_profile {quote(profile)}: lowercase letters, digits, '.', '_', '-'"
             )
         default = Runtime.GVISOR if self._config.default_runtime == "gvisor" else Runtime.RUNC
         runtime = params.runtime or default
@@ -471,9 +515,21 @@ class SandboxManager:
 
     def _effective_resources(self, requested: Resources, runtime: Runtime) -> Resources:
         cgroups = self._cgroups_for(runtime)
-        for field_name in ("cpu_millis", "memory_bytes", "disk_bytes", "max_processes"):
-            if getattr(requested, field_name) < 0:
+        minimums = {
+            "cpu_millis": MIN_CPU_MILLIS,
+            "memory_bytes": self._config.min_memory,
+            "disk_bytes": MIN_DISK_BYTES,
+            "max_processes": MIN_PROCESSES,
+        }
+        for field_name, minimum in minimums.items():
+            asked = getattr(requested, field_name)
+            if asked < 0:
                 raise InvalidArgument(f"resources.{field_name} must not be negative")
+            if 0 < asked < minimum:
+                raise InvalidArgument(
+                    f"resources.{field_name} {asked} is below this server's minimum {minimum}: "
+                    "ask for at least that much, or leave it unset for the default"
+                )
         unenforceable = [
             name
             for name, asked, can in (("cpu_millis", requested.cpu_millis, cgroups.cpu),)
@@ -549,6 +605,7 @@ class SandboxManager:
             expire_time=self.expiry(now, params.expire_time, params.ttl),
             last_active_time=now,
             request_id=params.request_id or None,
+            create_request=create_request_json(params) if params.request_id else None,
             container_name=f"petri-{uid}",
             socket_dir=str(self._socket_root / uid),
         )

@@ -23,6 +23,7 @@ from controller.file_inputs import check_files, checked_chunks, file_chunks
 from controller.list_filter import compile_filter
 from controller.names import parse_parent, parse_sandbox_name
 from controller.page_tokens import decode_token, encode_token, request_digest
+from controller.quoting import quote
 from controller.registry import ListQuery, order_value
 from controller.sandboxes import CreateParams, ImageProfile, SandboxManager, UpdateParams
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
@@ -91,7 +92,7 @@ def _parse_order_by(order_by: str) -> tuple[str, bool]:
     descending = len(words) == 2 and words[1] == "desc"
     if field not in _ORDER_COLUMNS or len(words) > 2 or (len(words) == 2 and not descending):
         raise InvalidArgument(
-            f"invalid order_by {order_by!r}: use one of {', '.join(_ORDER_COLUMNS)}, "
+            f"invalid order_by {quote(order_by)}: use one of {', '.join(_ORDER_COLUMNS)}, "
             "optionally followed by ' desc'"
         )
     return _ORDER_COLUMNS[field], descending
@@ -199,7 +200,8 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         unknown = [p for p in paths if p not in (*_UPDATABLE, "*")]
         if unknown:
             raise InvalidArgument(
-                f"update_mask: cannot update {', '.join(unknown)}; updatable fields are "
+                f"update_mask: cannot update {', '.join(quote(p) for p in unknown[:5])}"
+                f"{', ...' if len(unknown) > 5 else ''}; updatable fields are "
                 f"{', '.join(_UPDATABLE)}"
             )
         everything = "*" in paths

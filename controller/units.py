@@ -40,8 +40,20 @@ def parse_size(text: str) -> int:
 
 
 def format_duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    """A duration as a person reads it: "14d", "5m" when it is a whole number of one unit,
+    else every unit from the largest down to seconds: "14d 0h 0m 1s", "1m 30.5s"."""
+    micros = value // timedelta(microseconds=1)
+    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
+    units = (("d", 86400 * 10**6), ("h", 3600 * 10**6), ("m", 60 * 10**6))
+    for unit, size in units:
+        if micros >= size and micros % size == 0:
+            return f"{sign}{micros // size}{unit}"
+    parts: list[str] = []
+    for unit, size in units:
+        count, micros = divmod(micros, size)
+        if count or parts:
+            parts.append(f"{count}{unit}")
+    whole, fraction = divmod(micros, 10**6)
+    seconds = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
+    parts.append(f"{seconds}s")
+    return sign + " ".join(parts)

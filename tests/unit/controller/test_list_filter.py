@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from controller.errors import InvalidArgument
-from controller.list_filter import compile_filter
+from controller.list_filter import MAX_FILTER_BYTES, MAX_FILTER_TERMS, compile_filter
 
 
 @pytest.fixture
@@ -79,3 +79,40 @@ def test_label_values_are_bound_not_spliced(db: sqlite3.Connection) -> None:
 def test_bad_string_escapes_are_invalid_argument(value: str) -> None:
     with pytest.raises(InvalidArgument, match="bad escape"):
         compile_filter(f"labels.team = {value}")
+
+
+def test_the_most_terms_allowed_run_in_sqlite(db: sqlite3.Connection) -> None:
+    text = " AND ".join(["labels.team:*"] * MAX_FILTER_TERMS)
+    assert matching(db, text) == ["a", "b", "c"]
+
+
+def test_a_filter_of_a_thousand_terms_is_invalid_argument_not_an_sqlite_error() -> None:
+    with pytest.raises(InvalidArgument, match="filter is 17995 bytes, more than the maximum"):
+        compile_filter(" AND ".join(["state=RUNNING"] * 1000))
+
+
+def test_one_term_more_than_allowed_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match=f"more than {MAX_FILTER_TERMS} comparisons"):
+        compile_filter(" AND ".join(["labels.a:*"] * (MAX_FILTER_TERMS + 1)))
+
+
+def test_a_huge_filter_is_refused_by_its_length_before_it_is_read() -> None:
+    text = " AND ".join(["state = RUNNING"] * 1_000_000)  # 19 MiB
+    with pytest.raises(InvalidArgument, match=f"more than the maximum of {MAX_FILTER_BYTES}") as e:
+        compile_filter(text)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * (1 << 20),
+        "owner = " + "x" * (1 << 20),
+        "state = " + "X" * 5000,
+        '"' + "x" * 5000 + '" = x',
+    ],
+)
+def test_messages_quote_only_a_prefix_of_a_bad_filter(text: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        compile_filter(text)
+    assert len(str(caught.value)) < 500

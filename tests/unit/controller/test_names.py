@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import pytest
 
 from controller.errors import InvalidArgument
@@ -59,3 +61,13 @@ def test_generated_ids_are_valid_and_distinct() -> None:
     assert len(ids) == 100
     for sandbox_id in ids:
         assert validate_sandbox_id(sandbox_id) == sandbox_id
+
+
+@pytest.mark.parametrize(
+    "parse", [parse_parent, parse_sandbox_name, validate_sandbox_id], ids=lambda f: f.__name__
+)
+def test_a_huge_bad_name_is_quoted_by_a_short_prefix(parse: Callable[[str], object]) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse("projects/" + "A" * (1 << 20))
+    assert len(str(caught.value)) < 500
+    assert "1048585 characters" in str(caught.value)

@@ -25,3 +25,9 @@ def test_token_is_bound_to_its_request() -> None:
 def test_garbage_tokens_are_invalid_argument(garbage: str) -> None:
     with pytest.raises(InvalidArgument, match="invalid page_token"):
         decode_token(garbage, request_digest("projects/p", "", ""))
+
+
+def test_an_oversized_token_is_refused_without_being_decoded() -> None:
+    with pytest.raises(InvalidArgument, match="invalid page_token") as caught:
+        decode_token("A" * (1 << 20), "digest")
+    assert len(str(caught.value)) < 300

@@ -1,3 +1,4 @@
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -5,7 +6,7 @@ import pytest
 
 from controller.errors import AlreadyExists
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
-from controller.registry import ListQuery, Registry, order_value
+from controller.registry import _SCHEMA, ListQuery, Registry, order_value
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -32,7 +33,9 @@ def record(sandbox_id: str, minute: int = 0, **changes: object) -> SandboxRecord
 async def test_a_record_survives_reopening(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "petri.db")
     await reg.open()
-    original = record("a", labels={"team": "ml"}, display_name="A", request_id="r1")
+    original = record(
+        "a", labels={"team": "ml"}, display_name="A", request_id="r1", create_request="{}"
+    )
     await reg.insert(original)
     await reg.close()
 
@@ -152,3 +155,19 @@ async def test_a_deferred_write_is_seen_by_the_next_read(registry: Registry) -> 
     registry.set_fields_soon("uid-a", execution_count=7)
     got = await registry.get_live("p", "a")
     assert got is not None and got.execution_count == 7
+
+
+async def test_a_registry_of_an_older_controller_gains_the_create_request_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "petri.db"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA.replace("    create_request   TEXT,", ""))
+    old.execute("PRAGMA user_version = 1")
+    old.close()
+    reg = Registry(path)
+    await reg.open()
+    await reg.insert(record("a", request_id="r", create_request='{"x": 1}'))
+    found = await reg.get_by_request_id("p", "r")
+    await reg.close()
+    assert found is not None and found.create_request == '{"x": 1}'

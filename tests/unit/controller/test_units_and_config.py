@@ -30,9 +30,27 @@ def test_sizes() -> None:
         parse_size("lots")
 
 
-def test_format_duration_prefers_whole_units() -> None:
-    assert format_duration(timedelta(days=14)) == "14d"
-    assert format_duration(timedelta(seconds=90)) == "90s"
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (timedelta(days=14), "14d"),
+        (timedelta(minutes=5), "5m"),
+        (timedelta(days=14, seconds=1), "14d 0h 0m 1s"),
+        (timedelta(seconds=90), "1m 30s"),
+        (timedelta(hours=1, seconds=0.5), "1h 0m 0.5s"),
+        (timedelta(seconds=3.25), "3.25s"),
+        (timedelta(0), "0s"),
+        (timedelta(seconds=-5), "-5s"),
+    ],
+)
+def test_format_duration_reads_like_a_person_writes_it(value: timedelta, text: str) -> None:
+    assert format_duration(value) == text
+
+
+def test_min_memory_bounds_default_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_config(["--default-memory", "64MiB"], environ={})
+    assert "between min_memory and max_memory" in capsys.readouterr().err
 
 
 def test_defaults_listen_on_loopback() -> None:
