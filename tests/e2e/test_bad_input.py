@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
-from petri.v1 import sandbox_pb2
-from tests.e2e.helpers import PARENT
+from petri.v1 import execution_pb2, sandbox_pb2
+from tests.e2e.helpers import PARENT, execute, value_of
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -17,12 +19,14 @@ pytestmark = pytest.mark.e2e
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def expect(call: object, code: grpc.StatusCode, *fragments: str) -> None:
+async def expect(call: object, code: grpc.StatusCode, *fragments: str) -> str:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call  # type: ignore[misc]
-    assert caught.value.code() == code, caught.value.details()
+    details = caught.value.details() or ""
+    assert caught.value.code() == code, details[:1000]
     for fragment in fragments:
-        assert fragment in (caught.value.details() or "")
+        assert fragment in details, details[:1000]
+    return details
 
 
 @pytest.mark.parametrize(
@@ -147,7 +151,7 @@ async def test_update_of_an_immutable_field(stub: Stub) -> None:
         sandbox=sandbox_pb2.Sandbox(name=f"{PARENT}/sandboxes/x")
     )
     request.update_mask.paths.append("spec")
-    await expect(stub.UpdateSandbox(request), INVALID, "cannot update spec")
+    await expect(stub.UpdateSandbox(request), INVALID, "cannot update 'spec'")
 
 
 async def test_update_mask_must_name_the_expiration_that_is_set(stub: Stub) -> None:
@@ -165,4 +169,218 @@ async def test_filter_with_a_bad_escape(stub: Stub) -> None:
         ),
         INVALID,
         "bad escape",
+    )
+
+
+# --- bounds: paths, filters, echoed input, request_id reuse, resource minimums -----------------
+
+MiB = 1 << 20
+MINIMUM = sandbox_pb2.Resources(memory_bytes=256 * MiB, max_processes=32, disk_bytes=16 * MiB)
+
+
+@pytest.fixture(scope="module")
+async def small(stub: Stub) -> AsyncIterator[sandbox_pb2.CreateSandboxRequest]:
+    """One sandbox for this module's tests that need one: made with a request_id and the
+    least resources the server accepts; yields the request that created it."""
+    request = sandbox_pb2.CreateSandboxRequest(
+        parent=PARENT,
+        sandbox_id=f"small-{uuid.uuid4().hex[:8]}",
+        request_id=str(uuid.uuid4()),
+        sandbox=sandbox_pb2.Sandbox(
+            labels={"team": "ml"}, spec=sandbox_pb2.SandboxSpec(resources=MINIMUM)
+        ),
+    )
+    await stub.CreateSandbox(request)
+    yield request
+    name = f"{PARENT}/sandboxes/{request.sandbox_id}"
+    await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=name, allow_missing=True))
+
+
+def name_of(request: sandbox_pb2.CreateSandboxRequest) -> str:
+    return f"{PARENT}/sandboxes/{request.sandbox_id}"
+
+
+async def test_the_minimum_resources_run_pandas(
+    stub: Stub, small: sandbox_pb2.CreateSandboxRequest
+) -> None:
+    code = "import pandas as pd\nint(pd.DataFrame({'a': range(1000)}).a.sum())"
+    assert value_of(await execute(stub, name_of(small), code)) == "499500"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("memory_bytes", 1), ("memory_bytes", 255 * MiB), ("max_processes", 1), ("disk_bytes", 1)],
+)
+async def test_resources_below_the_minimum_are_invalid_argument(
+    stub: Stub, field: str, value: int
+) -> None:
+    resources = sandbox_pb2.Resources(**{field: value})
+    sandbox = sandbox_pb2.Sandbox(spec=sandbox_pb2.SandboxSpec(resources=resources))
+    await expect(
+        stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox)),
+        INVALID,
+        f"resources.{field} {value} is below this server's minimum",
+    )
+
+
+async def test_a_retried_create_returns_the_same_sandbox(
+    stub: Stub, small: sandbox_pb2.CreateSandboxRequest
+) -> None:
+    first = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of(small)))
+    again = await stub.CreateSandbox(small)
+    assert (again.name, again.uid) == (first.name, first.uid)
+
+
+async def test_a_request_id_reused_for_another_create_is_already_exists_naming_the_fields(
+    stub: Stub, small: sandbox_pb2.CreateSandboxRequest
+) -> None:
+    other = sandbox_pb2.CreateSandboxRequest()
+    other.CopyFrom(small)
+    other.sandbox.labels["team"] = "web"
+    other.sandbox.spec.resources.memory_bytes = 512 * MiB
+    other.sandbox.ttl.FromSeconds(60)
+    await expect(
+        stub.CreateSandbox(other),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "was already used by a different CreateSandbox",
+        "sandbox.labels, sandbox.spec.resources.memory_bytes, sandbox.ttl",
+        name_of(small),
+    )
+
+
+async def stream_requests(
+    name: str, files: list[execution_pb2.File]
+) -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+    yield sandbox_pb2.StreamExecuteCodeRequest(
+        start=sandbox_pb2.ExecuteCodeStart(name=name, code="1")
+    )
+    for file in files:
+        chunk = execution_pb2.FileChunk(path=file.path, data=file.content, final=True)
+        yield sandbox_pb2.StreamExecuteCodeRequest(input_chunk=chunk)
+
+
+async def test_input_paths_beyond_the_limits_are_invalid_argument_and_nothing_is_written(
+    stub: Stub, small: sandbox_pb2.CreateSandboxRequest
+) -> None:
+    name = name_of(small)
+    deep = "/".join(["d"] * 65)
+    for path, fragment in (("x" * 256, "component of 256 bytes"), (deep, "65 components")):
+        files = [
+            execution_pb2.File(path="fine.txt", content=b"ok"),
+            execution_pb2.File(path=path, content=b"x"),
+        ]
+        request = sandbox_pb2.ExecuteCodeRequest(name=name, code="1", files=files)
+        details = await expect(stub.ExecuteCode(request), INVALID, fragment)
+        assert len(details) < 500
+        # The bad path alone: a stream refused after a good file can still write that file
+        # (a race between the refusal and the executor's commit, reported on its own).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.StreamExecuteCode(stream_requests(name, files[1:])):
+                pass
+        assert caught.value.code() == INVALID, caught.value.details()
+        assert fragment in (caught.value.details() or "")
+    listing = "import os\nsorted(os.listdir('.'))"
+    assert value_of(await execute(stub, name, listing)) == "[]"
+    # The limits themselves are fine: a 255-byte name, 64 levels.
+    files = [
+        execution_pb2.File(path="y" * 255, content=b"1"),
+        execution_pb2.File(path="/".join(["e"] * 63 + ["f"]), content=b"2"),
+    ]
+    response = await execute(stub, name, listing, files=files)
+    assert value_of(response) == repr(["e", "y" * 255])
+    await execute(stub, name, "import shutil, os\nshutil.rmtree('e'); os.remove('y' * 255)")
+
+
+async def test_returned_files_get_mime_types_of_our_own_table(
+    stub: Stub, small: sandbox_pb2.CreateSandboxRequest
+) -> None:
+    names = ["notes.md", "book.xlsx", "memo.docx", "deck.pptx", "conf.yaml", "t.parquet"]
+    code = f"for n in {names!r}:\n    open(n, 'wb').write(b'x')"
+    response = await execute(stub, name_of(small), code)
+    types = {f.path: f.mime_type for f in response.files}
+    assert types["notes.md"] == "text/markdown"
+    assert types["book.xlsx"].endswith("spreadsheetml.sheet")
+    assert types["memo.docx"].endswith("wordprocessingml.document")
+    assert types["deck.pptx"].endswith("presentationml.presentation")
+    assert types["conf.yaml"] == "application/yaml"
+    assert types["t.parquet"] == "application/vnd.apache.parquet"
+    await execute(stub, name_of(small), f"import os\nfor n in {names!r}: os.remove(n)")
+
+
+async def test_filters_beyond_the_bounds_are_invalid_argument(stub: Stub) -> None:
+    thousand = " AND ".join(["state = RUNNING"] * 1000)
+    huge = " AND ".join(["state = RUNNING"] * 1_000_000)  # 19 MiB
+    for text in (thousand, huge):
+        details = await expect(
+            stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT, filter=text)),
+            INVALID,
+            "more than the maximum of",
+        )
+        assert len(details) < 500
+    many = " AND ".join(["labels.a:*"] * 129)
+    await expect(
+        stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT, filter=many)),
+        INVALID,
+        "more than 128 comparisons",
+    )
+
+
+HUGE = "x" * MiB
+HUGE_MASK = sandbox_pb2.UpdateSandboxRequest(
+    sandbox=sandbox_pb2.Sandbox(name=f"{PARENT}/sandboxes/x")
+)
+HUGE_MASK.update_mask.paths.append(HUGE)
+# A request per field whose bad value a message names, that value 1 MiB long.
+HUGE_FIELDS: dict[str, tuple[str, object]] = {
+    "name": ("GetSandbox", sandbox_pb2.GetSandboxRequest(name=HUGE)),
+    "parent": ("ListSandboxes", sandbox_pb2.ListSandboxesRequest(parent=HUGE)),
+    "sandbox_id": (
+        "CreateSandbox",
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox_id=HUGE),
+    ),
+    "label": (
+        "CreateSandbox",
+        sandbox_pb2.CreateSandboxRequest(
+            parent=PARENT, sandbox=sandbox_pb2.Sandbox(labels={"k": HUGE})
+        ),
+    ),
+    "image_profile": (
+        "CreateSandbox",
+        sandbox_pb2.CreateSandboxRequest(
+            parent=PARENT,
+            sandbox=sandbox_pb2.Sandbox(spec=sandbox_pb2.SandboxSpec(image_profile=HUGE)),
+        ),
+    ),
+    "order_by": ("ListSandboxes", sandbox_pb2.ListSandboxesRequest(parent=PARENT, order_by=HUGE)),
+    "page_token": (
+        "ListSandboxes",
+        sandbox_pb2.ListSandboxesRequest(parent=PARENT, page_token=HUGE),
+    ),
+    "filter": ("ListSandboxes", sandbox_pb2.ListSandboxesRequest(parent=PARENT, filter=HUGE)),
+    "update_mask": ("UpdateSandbox", HUGE_MASK),
+    "file path": (
+        "ExecuteCode",
+        sandbox_pb2.ExecuteCodeRequest(
+            name=f"{PARENT}/sandboxes/x", code="1", files=[execution_pb2.File(path="/" + HUGE)]
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("field", sorted(HUGE_FIELDS))
+async def test_a_huge_bad_field_is_invalid_argument_quoting_a_prefix(
+    stub: Stub, field: str
+) -> None:
+    method, request = HUGE_FIELDS[field]
+    details = await expect(getattr(stub, method)(request), INVALID)
+    assert len(details) < 1000
+
+
+async def test_a_ttl_over_the_maximum_reads_as_days_hours_minutes_seconds(stub: Stub) -> None:
+    sandbox = sandbox_pb2.Sandbox()
+    sandbox.ttl.FromSeconds(14 * 86400 + 1)
+    await expect(
+        stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox)),
+        INVALID,
+        "ttl 14d 0h 0m 1s exceeds the maximum of 14d",
     )
