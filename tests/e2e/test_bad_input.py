@@ -361,7 +361,7 @@ HUGE_FIELDS: dict[str, tuple[str, object]] = {
     "file path": (
         "ExecuteCode",
         sandbox_pb2.ExecuteCodeRequest(
-            name=f"{PARENT}/sandboxes/x", code="1", files=[execution_pb2.File(path="/" + HUGE)]
+            name=f"{PARENT}/sandboxes/x", code="1", files=[execution_pb2.File(path=HUGE + "\0")]
         ),
     ),
 }
