@@ -27,7 +27,8 @@ def _valid_id(value: str) -> bool:
 
 def parse_parent(parent: str) -> str:
     """Returns the project id of `projects/{project}`."""
-    parts = parent.split("/")
+    # At most one split too many: a name of a million slashes is not cut a million times.
+    parts = parent.split("/", 2)
     if len(parts) != 2 or parts[0] != "projects" or not _valid_id(parts[1]):
         raise InvalidArgument(
             f"invalid parent {quote(parent)}: expected projects/{{project}}, the project id "
@@ -37,7 +38,7 @@ def parse_parent(parent: str) -> str:
 
 
 def parse_sandbox_name(name: str) -> SandboxName:
-    parts = name.split("/")
+    parts = name.split("/", 4)
     if (
         len(parts) != 4
         or parts[0] != "projects"

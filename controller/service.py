@@ -85,7 +85,7 @@ def _log_internal(method_name: str) -> str:
 
 
 def _parse_order_by(order_by: str) -> tuple[str, bool]:
-    words = order_by.split()
+    words = order_by.split(maxsplit=2)  # a third word is already one too many
     if not words:
         return "create_time", False
     field = words[0]

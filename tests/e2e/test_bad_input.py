@@ -209,7 +209,13 @@ async def test_the_minimum_resources_run_pandas(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("memory_bytes", 1), ("memory_bytes", 255 * MiB), ("max_processes", 1), ("disk_bytes", 1)],
+    [
+        ("memory_bytes", 1),
+        ("memory_bytes", 255 * MiB),
+        ("max_processes", 1),
+        ("disk_bytes", 1),
+        ("cpu_millis", 1),
+    ],
 )
 async def test_resources_below_the_minimum_are_invalid_argument(
     stub: Stub, field: str, value: int
