@@ -1,6 +1,6 @@
 """Input files on their way into a sandbox: checked here, before any byte reaches it.
 
-Paths must be plain relative paths (executor.paths) of at most MAX_PATH_BYTES bytes,
+Paths must be plain relative paths (executor.paths: at most 4096 bytes) of at most
 MAX_PATH_DEPTH components and MAX_COMPONENT_BYTES bytes per component; each file's chunks
 consecutive and ended by a chunk marked final, each path sent once, and the total within the
 server's limit. A refused request writes nothing: the executor stages inputs and only puts them
