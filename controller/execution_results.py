@@ -13,8 +13,19 @@ from executor.paths import InvalidPath, check_relative_path
 from petri.v1 import execution_pb2, executor_pb2, sandbox_pb2
 
 TRUNCATION_MARKER = "\n[petri: output truncated: {stream} exceeded {limit} bytes]\n"
-# Names from the executor are shown to the caller: keep them reasonable.
-MAX_OMITTED_ENTRIES = 10_000
+# Omitted files from the executor are shown to the caller: at most this many entries (the rest
+# are counted in one more, with no path), each path and reason cut to these sizes.
+MAX_OMITTED_ENTRIES = 1000
+MAX_OMITTED_PATH_BYTES = 4096
+MAX_OMITTED_REASON_BYTES = 500
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, marked with "..." when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "..."
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,10 @@ class EventFilter:
     _file_paths: set[str] = field(default_factory=set)
     _file_bytes: int = 0
     _omitted: list[execution_pb2.OmittedFile] = field(default_factory=list)
+    _unlisted: int = 0  # omitted files beyond MAX_OMITTED_ENTRIES
+    _passed_on: set[str] = field(default_factory=set)  # files whose chunks were passed on
+    # Files passed on, then omitted (cut short): listed or not, they are not whole.
+    incomplete: set[str] = field(default_factory=set)
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -119,6 +134,7 @@ class EventFilter:
             out.size = current.size
             out.mime_type = guess_mime_type(current.path)
             current.started = True
+            self._passed_on.add(current.path)
         current.final = chunk.final
         yield sandbox_pb2.StreamExecuteCodeResponse(output_chunk=out)
 
@@ -150,16 +166,30 @@ class EventFilter:
         return sandbox_pb2.StreamExecuteCodeResponse(output_chunk=chunk)
 
     def _omit(self, path: str, size: int, reason: str) -> None:
-        if len(self._omitted) < MAX_OMITTED_ENTRIES:
-            self._omitted.append(
-                execution_pb2.OmittedFile(path=path[:4096], size=size, reason=reason)
+        if path in self._passed_on:
+            self.incomplete.add(path)
+        if len(self._omitted) >= MAX_OMITTED_ENTRIES:
+            self._unlisted += 1
+            return
+        self._omitted.append(
+            execution_pb2.OmittedFile(
+                path=_cut(path, MAX_OMITTED_PATH_BYTES),
+                size=max(0, size),
+                reason=_cut(reason, MAX_OMITTED_REASON_BYTES),
             )
+        )
 
     def _result(self, result: executor_pb2.ExecuteResult) -> sandbox_pb2.ExecuteCodeResult:
         if self._file is not None and not self._file.final and not self._file.dropped:
             self._omit(self._file.path, self._file.size, "the sandbox ended the file early")
         for omitted in result.omitted_files:
-            self._omit(omitted.path, omitted.size, omitted.reason[:500])
+            self._omit(omitted.path, omitted.size, omitted.reason)
+        if self._unlisted:
+            self._omitted.append(
+                execution_pb2.OmittedFile(
+                    reason=f"{self._unlisted} more omitted entries are not listed"
+                )
+            )
         self.finished = True
         out = sandbox_pb2.ExecuteCodeResult(
             execution_count=result.execution_count,
@@ -214,9 +244,8 @@ class ResponseCollector:
         response.namespace_reset = result.namespace_reset
         response.output_truncated = result.output_truncated
         response.omitted_files.extend(result.omitted_files)
-        incomplete = {o.path for o in result.omitted_files}
         for path, chunks in self._files.items():
-            if path in incomplete:
+            if path in self._filter.incomplete:
                 continue
             content = b"".join(chunks)
             chunks.clear()  # one copy of the bytes at a time

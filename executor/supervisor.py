@@ -53,6 +53,9 @@ EMIT_QUEUE_SIZE = 16
 # a short execution's output and result then cost one write instead of several. Output of a
 # longer one reaches the caller this much later, which nobody watching it will notice.
 BATCH_WINDOW = 0.005
+# Omitted files listed in a result (the rest are counted in one more entry, with no path):
+# a result must stay well within gRPC's message limit whatever the code left in /workspace.
+MAX_OMITTED_FILES = 1000
 # A group stops short of this size, so that messages stay within gRPC's limits (an event
 # bigger than this, a large figure say, goes alone, as it would ungrouped).
 BATCH_BYTES = 1 << 20
@@ -572,8 +575,19 @@ class Supervisor:
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
         if error is not None:
             result.error.CopyFrom(error)
-        changes = workspace.changed_files(before, workspace.snapshot(self.workspace))
-        result.omitted_files.extend(await self._emit_files(changes, request, emit))
+        after = workspace.snapshot(self.workspace)
+        omitted = [
+            execution_pb2.OmittedFile(path=problem.path, reason=problem.reason)
+            for problem in workspace.scan_problems(before, after)
+        ]
+        omitted += await self._emit_files(workspace.changed_files(before, after), request, emit)
+        if len(omitted) > MAX_OMITTED_FILES:
+            more = len(omitted) - MAX_OMITTED_FILES
+            del omitted[MAX_OMITTED_FILES:]
+            omitted.append(
+                execution_pb2.OmittedFile(reason=f"{more} more files were omitted; not listed")
+            )
+        result.omitted_files.extend(omitted)
         await emit(executor_pb2.ExecuteEvent(result=result))
 
     @staticmethod
@@ -594,42 +608,59 @@ class Supervisor:
         omitted = []
         total = count = 0
         for change in changes:
-            reason = ""
-            if request.max_output_files and count >= request.max_output_files:
-                reason = f"more than {request.max_output_files} files were created or changed"
-            elif total + change.size > request.max_output_file_bytes:
-                reason = (
-                    f"the files returned with it would exceed {request.max_output_file_bytes} "
-                    "bytes, the limit per response"
-                )
+            reason = change.problem or _over_limits(change.size, request, total, count)
             if reason:
                 omitted.append(
                     execution_pb2.OmittedFile(path=change.path, size=change.size, reason=reason)
                 )
                 continue
-            try:
-                await self._emit_file(change, emit)
-            except (OSError, InvalidPath) as exc:  # changed under us (a background process)
+            problem = await self._emit_file(change, emit)
+            if problem:  # changed under us (a background process)
                 omitted.append(
-                    execution_pb2.OmittedFile(
-                        path=change.path, size=change.size, reason=f"could not be read: {exc}"
-                    )
+                    execution_pb2.OmittedFile(path=change.path, size=change.size, reason=problem)
                 )
                 continue
             total += change.size
             count += 1
         return omitted
 
-    async def _emit_file(self, change: workspace.ChangedFile, emit: Emit) -> None:
+    async def _emit_file(self, change: workspace.ChangedFile, emit: Emit) -> str:
+        """Streams one file; when it cannot be read (to its end), says why: a file begun ends
+        with an empty final chunk, so the stream stays well formed."""
         # Look one chunk ahead so the last one carries `final`.
         pending: bytes | None = None
         first = True
-        for data in workspace.read_chunks(self.workspace, change.path, change.size):
-            if pending is not None:
-                await emit(_file_event(change, pending, first=first, final=False))
-                first = False
-            pending = data
+        try:
+            for data in workspace.read_chunks(self.workspace, change.path, change.size):
+                if pending is not None:
+                    await emit(_file_event(change, pending, first=first, final=False))
+                    first = False
+                pending = data
+        except (OSError, InvalidPath) as exc:
+            if not first:
+                await emit(_file_event(change, b"", first=False, final=True))
+            return f"could not be read{'' if first else ' to its end'}: {_why(exc)}"
         await emit(_file_event(change, pending or b"", first=first, final=True))
+        return ""
+
+
+def _over_limits(size: int, request: executor_pb2.ExecuteRequest, total: int, count: int) -> str:
+    """Why a file of `size` cannot join `count` files of `total` bytes in the response, if so."""
+    if request.max_output_files and count >= request.max_output_files:
+        return f"more than {request.max_output_files} files were created or changed"
+    if total + size > request.max_output_file_bytes:
+        return (
+            f"the files returned with it would exceed {request.max_output_file_bytes} "
+            "bytes, the limit per response"
+        )
+    return ""
+
+
+def _why(exc: OSError | InvalidPath) -> str:
+    """The error without the path it may quote (the caller has the path already)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)[:200]
 
 
 async def _drain(queue: "asyncio.Queue[executor_pb2.ExecuteEvent | None]") -> None:

@@ -264,3 +264,51 @@ async def test_stdout_over_the_cap_is_truncated_with_a_marker(
     assert response.stdout.endswith("[petri: output truncated: stdout exceeded 10485760 bytes]\n")
     assert len(response.stdout) < 10 * MiB + 200
     assert value_of(await execute(stub, sandbox.name, "'still fine'")) == "'still fine'"
+
+
+DEEP_CHAIN = (
+    "import os\n"
+    "fd = os.open('/workspace', os.O_RDONLY)\n"
+    "for _ in range(1500):\n"
+    "    os.mkdir('d', dir_fd=fd)\n"
+    "    fd, old = os.open('d', os.O_RDONLY, dir_fd=fd), fd\n"
+    "    os.close(old)\n"
+    "os.close(fd)\n"
+)
+
+
+async def test_a_directory_chain_too_deep_to_scan_is_reported_and_the_sandbox_keeps_working(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    made = await execute(
+        stub, sandbox.name, DEEP_CHAIN + "open('d/d/near.txt', 'w').write('n')\nprint('made')"
+    )
+    assert made.stdout == "made\n" and not made.HasField("error"), made.error
+    assert [(f.path, f.content) for f in made.files] == [("d/d/near.txt", b"n")]
+    deep = "/".join(["d"] * 64)
+    assert [(o.path, o.reason) for o in made.omitted_files] == [
+        (deep, "deeper than 64 levels: not scanned")
+    ]
+    later = await execute(stub, sandbox.name, "1 + 1")
+    assert value_of(later) == "2"
+    removed = await execute(
+        stub, sandbox.name, "import subprocess\nsubprocess.run(['rm', '-rf', 'd']).returncode"
+    )
+    assert value_of(removed) == "0" and not removed.omitted_files
+    assert await listing(stub, sandbox.name) == "[]"
+
+
+async def test_a_file_name_that_is_not_utf8_is_omitted_and_the_result_arrives(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    code = "open(b'/workspace/caf\\xe9.txt', 'wb').write(b'x')\nprint('written')"
+    streamed = await stream(stub, requests_for(sandbox.name, code, {}))
+    assert "".join(text for _, text in streamed.stdout) == "written\n"
+    assert streamed.result is not None and not streamed.files
+    assert [(o.path, o.size, o.reason) for o in streamed.result.omitted_files] == [
+        ("caf\\xe9.txt", 1, "its name is not valid UTF-8: not returned (rename it to return it)")
+    ]
+    later = await execute(stub, sandbox.name, "import os\nos.listdir(b'.')")
+    assert value_of(later) == "[b'caf\\xe9.txt']" and not later.omitted_files
+    renamed = await execute(stub, sandbox.name, "os.rename(b'caf\\xe9.txt', 'cafe.txt')")
+    assert [(f.path, f.content) for f in renamed.files] == [("cafe.txt", b"x")]

@@ -263,7 +263,11 @@ Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
 
 @_typing.final
 class OmittedFile(_message.Message):
-    """A file the code created or changed that was not returned, and why."""
+    """A file the code created or changed that was not returned, or a part of /workspace that was
+    not checked for changes (too deep, too many entries, the scan's time ran out), and why. At most
+    1000 per response (at most 4096 bytes of path and 500 of reason each); one more entry, with an
+    empty path, counts those not listed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -271,11 +275,13 @@ class OmittedFile(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """OUTPUT_ONLY. As File.path."""
+    """OUTPUT_ONLY. As File.path; a name that is not valid UTF-8 shows its bytes as \\xNN escapes."""
     size: _builtins.int
-    """OUTPUT_ONLY. Size in bytes."""
+    """OUTPUT_ONLY. Size in bytes (0 for a directory that was not scanned)."""
     reason: _builtins.str
-    """OUTPUT_ONLY. E.g. "the files returned already total 100 MiB, the limit per response"."""
+    """OUTPUT_ONLY. E.g. "the files returned already total 100 MiB, the limit per response",
+    "deeper than 64 levels: not scanned", "its name is not valid UTF-8: not returned ...".
+    """
     def __init__(
         self,
         *,

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from executor.paths import InvalidPath
-from executor.supervisor import BATCH_BYTES, Supervisor
+from executor.supervisor import BATCH_BYTES, MAX_OMITTED_FILES, Supervisor
 from executor.workspace import InputStager
 from petri.v1 import execution_pb2, executor_pb2
 
@@ -345,3 +345,63 @@ async def test_a_group_stays_within_its_size_and_big_outputs_go_alone(
     assert len(outputs) == 6
     for batch in batches:
         assert sum(e.ByteSize() for e in batch) <= BATCH_BYTES or len(batch) == 1
+
+
+DEEP_CHAIN = (
+    "import os\n"
+    "fd = os.open('.', os.O_RDONLY)\n"
+    "for _ in range(1500):\n"
+    "    os.mkdir('d', dir_fd=fd)\n"
+    "    fd, old = os.open('d', os.O_RDONLY, dir_fd=fd), fd\n"
+    "    os.close(old)\n"
+    "os.close(fd)\n"
+)
+
+
+async def test_a_hostile_tree_is_reported_and_the_result_still_arrives(
+    supervisor: Supervisor,
+) -> None:
+    ran = await run(
+        supervisor,
+        DEEP_CHAIN + "open(b'caf\\xe9.txt', 'wb').write(b'x')\n"
+        "open('fine.txt', 'w').write('ok')\nprint('done')",
+    )
+    assert ran.error is None, ran.error
+    assert ran.stdout == "done\n"
+    assert ran.files == {"fine.txt": b"ok"}
+    omitted = {f.path: f.reason for f in ran.result.omitted_files}
+    assert omitted == {
+        "/".join(["d"] * 64): "deeper than 64 levels: not scanned",
+        "caf\\xe9.txt": "its name is not valid UTF-8: not returned (rename it to return it)",
+    }
+    later = await run(supervisor, "1 + 1")
+    assert later.value == "2" and not later.files
+    assert [f.path for f in later.result.omitted_files] == ["/".join(["d"] * 64)]
+    removed = await run(
+        supervisor, "import subprocess\nsubprocess.run(['rm', '-rf', 'd']).returncode"
+    )
+    assert removed.value == "0" and not removed.result.omitted_files
+
+
+async def test_a_file_that_cannot_be_read_is_omitted_not_fatal(supervisor: Supervisor) -> None:
+    # Code left running swaps the file for a FIFO between the scan and the read: here, an
+    # unreadable file stands in for that race.
+    ran = await run(
+        supervisor,
+        "import os\nopen('secret', 'w').write('s')\nos.chmod('secret', 0)\nprint('hi')",
+    )
+    assert ran.stdout == "hi\n" and ran.files == {}
+    (omitted,) = ran.result.omitted_files
+    assert (omitted.path, omitted.reason) == ("secret", "could not be read: Permission denied")
+
+
+async def test_omitted_files_are_listed_up_to_a_bound(supervisor: Supervisor) -> None:
+    ran = await run(
+        supervisor,
+        f"for i in range({MAX_OMITTED_FILES + 10}):\n    open(f'{{i:05}}', 'w').write('x')",
+        max_output_files=1,
+    )
+    assert len(ran.files) == 1
+    omitted = ran.result.omitted_files
+    assert len(omitted) == MAX_OMITTED_FILES + 1
+    assert (omitted[-1].path, omitted[-1].reason) == ("", "9 more files were omitted; not listed")

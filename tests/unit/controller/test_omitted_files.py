@@ -1,0 +1,50 @@
+"""What the executor says it omitted reaches the caller bounded: it is as hostile as its code."""
+
+from controller.execution_results import (
+    MAX_OMITTED_ENTRIES,
+    MAX_OMITTED_PATH_BYTES,
+    MAX_OMITTED_REASON_BYTES,
+    OutputLimits,
+    ResponseCollector,
+)
+from petri.v1 import execution_pb2, executor_pb2
+
+LIMITS = OutputLimits(max_output_bytes=1 << 20, max_file_bytes=1 << 20, max_files=10)
+
+
+def chunk(path: str, data: bytes, final: bool) -> executor_pb2.ExecuteEvent:
+    return executor_pb2.ExecuteEvent(
+        file_chunk=execution_pb2.FileChunk(path=path, data=data, final=final, size=2)
+    )
+
+
+def result(*omitted: execution_pb2.OmittedFile) -> executor_pb2.ExecuteEvent:
+    return executor_pb2.ExecuteEvent(result=executor_pb2.ExecuteResult(omitted_files=omitted))
+
+
+def test_paths_and_reasons_are_cut_and_entries_counted_beyond_the_cap() -> None:
+    collector = ResponseCollector(LIMITS)
+    huge = execution_pb2.OmittedFile(path="é" * 10_000, size=-5, reason="ü" * 10_000)
+    many = [execution_pb2.OmittedFile(path=f"f{i}", reason="r") for i in range(MAX_OMITTED_ENTRIES)]
+    collector.add(result(huge, *many))
+    omitted = collector.response().omitted_files
+    assert len(omitted) == MAX_OMITTED_ENTRIES + 1
+    first = omitted[0]
+    assert len(first.path.encode()) <= MAX_OMITTED_PATH_BYTES and first.path.endswith("...")
+    assert len(first.reason.encode()) <= MAX_OMITTED_REASON_BYTES and first.size == 0
+    assert (omitted[-1].path, omitted[-1].reason) == ("", "1 more omitted entries are not listed")
+
+
+def test_a_file_cut_short_is_not_returned_even_when_its_entry_is_not_listed() -> None:
+    collector = ResponseCollector(LIMITS)
+    collector.add(chunk("half.txt", b"a", final=False))
+    collector.add(chunk("half.txt", b"", final=True))
+    collector.add(chunk("whole.txt", b"ok", final=True))
+    filler = [
+        execution_pb2.OmittedFile(path=f"f{i}", reason="r") for i in range(MAX_OMITTED_ENTRIES)
+    ]
+    cut = execution_pb2.OmittedFile(path="half.txt", reason="could not be read to its end: EIO")
+    collector.add(result(*filler, cut))
+    response = collector.response()
+    assert [(f.path, f.content) for f in response.files] == [("whole.txt", b"ok")]
+    assert "half.txt" not in {o.path for o in response.omitted_files}  # past the cap
