@@ -5,6 +5,7 @@ and the HTTP client's exceptions are translated here and nowhere else.
 """
 
 import asyncio
+import contextlib
 import functools
 import secrets
 from collections.abc import Callable
@@ -207,7 +208,8 @@ class PodmanRuntime:
         try:
             container.start()
         except Exception:
-            self._remove(name)
+            with contextlib.suppress(Exception):  # the start's error is the one to report
+                self._remove(name)
             raise
 
     async def probe(self, image: str, labels: dict[str, str], userns_size: int) -> None:
@@ -230,8 +232,11 @@ class PodmanRuntime:
         }
         try:
             self._create_and_start(name, image, userns_size, kwargs)
-        finally:
-            self._remove(name)
+        except Exception:
+            with contextlib.suppress(Exception):  # the start's error is the one to report
+                self._remove(name)
+            raise
+        self._remove(name)
 
     async def status(self, name: str) -> ContainerStatus | None:
         return await self._call("inspect a sandbox container", self._status, name)

@@ -258,8 +258,10 @@ class PodmanHealth:
                 return problem, True
         try:
             await ping(self._socket_path)
-        except (OSError, TimeoutError) as exc:
-            return f"podman does not answer on {self._socket_path}: {exc or 'timed out'}", True
+        except TimeoutError:  # before OSError, its base
+            return f"podman does not answer on {self._socket_path} within {PING_TIMEOUT} s", True
+        except OSError as exc:
+            return f"podman does not answer on {self._socket_path}: {exc}", True
         if not self._suspected:
             return None, False
         try:
@@ -282,11 +284,12 @@ class PodmanHealth:
         if healthy:
             log.info("podman can start containers again", runtime=self.name)
         else:
+            error = last_error(self._service.log_path) if self._service else ""
             log.error(
                 "podman cannot start containers: health is NOT_SERVING",
                 runtime=self.name,
                 reason=reason,
-                service_error=last_error(self._service.log_path) if self._service else "",
+                **({"service_log": error} if error else {}),
             )
         if healthy != was_healthy:
             await self._on_change()

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.harness import ControllerDirs, delete_all, start_controller_process
+from controller import podman_service
 from controller.config import Config
 from controller.server import Controller, start_controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
@@ -334,11 +336,17 @@ async def wait_status(seen: asyncio.Queue[int], status: int, within: float) -> N
             pass
 
 
-@pytest.mark.parametrize("how", ["killed", "socket deleted", "hung"])
-async def test_a_broken_podman_service_is_reported_and_healed(how: str, e2e_config: Config) -> None:
+@pytest.mark.parametrize("how", ["killed", "socket deleted", "hung", "working directory deleted"])
+async def test_a_broken_podman_service_is_reported_and_healed(
+    how: str, e2e_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dirs = ControllerDirs.fresh()
     config = dataclasses.replace(e2e_config, state_dir=dirs.state_dir, runtime_dir=dirs.runtime_dir)
+    doomed = Path(tempfile.mkdtemp(prefix="petri-doomed-"))
+    if how == "working directory deleted":  # as a service started from a re-staged copy was
+        monkeypatch.setattr(podman_service, "WORKING_DIRECTORY", str(doomed))
     controller = await start_controller(config)
+    monkeypatch.setattr(podman_service, "WORKING_DIRECTORY", "/")  # for the restart
     service = controller.podman_service
     assert service is not None and service.pid is not None
     address = f"127.0.0.1:{controller.port}"
@@ -351,8 +359,10 @@ async def test_a_broken_podman_service_is_reported_and_healed(how: str, e2e_conf
             os.kill(service.pid, signal.SIGKILL)
         elif how == "socket deleted":
             service.socket_path.unlink()
-        else:  # alive, its socket there, but it answers nothing
+        elif how == "hung":  # alive, its socket there, but it answers nothing
             os.kill(service.pid, signal.SIGSTOP)
+        else:  # conmon then fails every start: "Failed to get working directory"
+            shutil.rmtree(doomed)
         await wait_status(seen, NOT_SERVING, 15)
         await wait_status(seen, SERVING, 30)
         async with grpc.aio.insecure_channel(address) as channel:
@@ -371,6 +381,73 @@ async def test_a_broken_podman_service_is_reported_and_healed(how: str, e2e_conf
                 os.kill(service.pid, signal.SIGCONT)
         await controller.stop(grace=1)
         dirs.remove()
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+async def test_health_is_not_serving_while_an_outside_podman_cannot_start_containers(
+    e2e_config: Config,
+) -> None:
+    # A podman service the controller was given (--podman-socket), not its own to restart,
+    # that cannot start containers: its working directory was deleted.
+    dirs = ControllerDirs.fresh()
+    socket_path = dirs.runtime_dir / "outside.sock"
+    doomed = Path(tempfile.mkdtemp(prefix="petri-doomed-"))
+
+    def outside_service(cwd: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], cwd=cwd
+        )
+
+    async def wait_socket() -> None:
+        for _ in range(300):
+            if socket_path.exists():
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"podman did not create {socket_path} in 15 s")
+
+    outside = outside_service(doomed)
+    controller = None
+    watching = None
+    try:
+        await wait_socket()
+        config = dataclasses.replace(
+            e2e_config,
+            state_dir=dirs.state_dir,
+            runtime_dir=dirs.runtime_dir,
+            podman_socket=socket_path,
+        )
+        controller = await start_controller(config)
+        address = f"127.0.0.1:{controller.port}"
+        seen: asyncio.Queue[int] = asyncio.Queue()
+        watching = asyncio.create_task(health_statuses(address, seen))
+        await wait_status(seen, SERVING, 10)
+        shutil.rmtree(doomed)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            await wait_status(seen, NOT_SERVING, 15)
+            # Its operator restarts it, from a directory that stays.
+            outside.terminate()
+            outside.wait(30)
+            socket_path.unlink(missing_ok=True)
+            outside = outside_service(Path("/"))
+            await wait_socket()
+            await wait_status(seen, SERVING, 30)
+            sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+    finally:
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        if controller is not None:
+            await controller.stop(grace=1)
+        outside.terminate()
+        outside.wait(30)
+        dirs.remove()
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 async def test_sandboxes_start_after_the_controllers_working_directory_is_deleted(
