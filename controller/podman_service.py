@@ -273,6 +273,8 @@ class PodmanHealth:
             return f"a probe container cannot start: {exc}", True
         except TimeoutError:
             return f"a probe container did not start within {PROBE_TIMEOUT:.0f} s", True
+        except Exception as exc:  # podman refused the probe's request: ours to fix, not podman's
+            return f"a probe container cannot start: {exc!r}", False
         self._suspected = False
         return None, False
 
