@@ -50,7 +50,8 @@ from bench.workloads import CSV_NAME, PANDAS_CODE, ROUND_TRIP_CODE, sales_csv
 LLM_SANDBOX = "llm-sandbox (podman, stateful session)"
 JUPYTER = "jupyter kernel (local)"
 
-BASE_IMAGE = "localhost/petri-sandbox:full"
+# The `full` image of the repository the controllers here use (scripts/bench: the test slot's).
+BASE_IMAGE = os.environ.get("PETRI_IMAGE_REPOSITORY", "localhost/petri-sandbox") + ":full"
 LLM_SANDBOX_IMAGE = "localhost/petri-bench-peer:llm-sandbox"
 LLM_SANDBOX_IMAGE_DIR = Path(__file__).parent / "peer_images" / "llm-sandbox"
 # The hash of what the image was built from (FROM `full`, it inherits petri's own labels).

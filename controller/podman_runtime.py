@@ -5,7 +5,9 @@ and the HTTP client's exceptions are translated here and nowhere else.
 """
 
 import asyncio
+import contextlib
 import functools
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,9 +50,15 @@ class PodmanRuntime:
     def __init__(self, socket_path: Path) -> None:
         self._socket_path = socket_path
         self._client = podman.PodmanClient(base_url=f"unix://{socket_path}", timeout=60)
+        # Told of every failure that says podman itself may be unwell (see PodmanHealth).
+        self.on_unavailable: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"<PodmanRuntime {self._socket_path}>"
+
+    @property
+    def socket_path(self) -> Path:
+        return self._socket_path
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -58,14 +66,22 @@ class PodmanRuntime:
         except PetriError:
             raise
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise Unavailable(
+            error = Unavailable(
                 f"podman is not answering on {self._socket_path} ({what}); the controller "
                 "restarts its own podman service within seconds, so retry"
-            ) from exc
+            )
+            self._failed(error)
+            raise error from exc
         except podman.errors.APIError as exc:
             if exc.status_code is not None and 400 <= exc.status_code < 500:
                 raise  # a request podman rejects is our bug: INTERNAL, with the details logged
-            raise Unavailable(f"podman failed to {what}: {exc.explanation or exc}") from exc
+            error = Unavailable(f"podman failed to {what}: {exc.explanation or exc}")
+            self._failed(error)
+            raise error from exc
+
+    def _failed(self, error: Unavailable) -> None:
+        if self.on_unavailable is not None:
+            self.on_unavailable(str(error))
 
     async def check(self) -> HostCapabilities:
         info: dict[str, Any] = await self._call("report its info", self._client.info)
@@ -165,11 +181,16 @@ class PodmanRuntime:
             kwargs["nano_cpus"] = spec.cpu_millis * 1_000_000
         if spec.max_processes:
             kwargs["pids_limit"] = spec.max_processes
-        payload = self._client.containers._render_payload({"image": spec.image, **kwargs})
+        self._create_and_start(spec.name, spec.image, spec.userns_size, kwargs)
+
+    def _create_and_start(
+        self, name: str, image: str, userns_size: int, kwargs: dict[str, Any]
+    ) -> None:
+        payload = self._client.containers._render_payload({"image": image, **kwargs})
         # Container root on a subordinate id, not on the service user (podman's --uidmap
         # 0:1:N --gidmap 0:1:N). podman-py has no keyword for it; the API has.
-        if spec.userns_size:
-            mapping = [{"container_id": 0, "host_id": 1, "size": spec.userns_size}]
+        if userns_size:
+            mapping = [{"container_id": 0, "host_id": 1, "size": userns_size}]
             payload["userns"] = {"nsmode": "private"}
             payload["idmappings"] = {"UIDMap": mapping, "GIDMap": mapping}
         response = self._client.api.post(
@@ -181,14 +202,41 @@ class PodmanRuntime:
             response.raise_for_status(not_found=podman.errors.ImageNotFound)
         except podman.errors.ImageNotFound as exc:
             raise FailedPrecondition(
-                f"image {spec.image} is not built on this server: run sandbox-image/build.sh"
+                f"image {image} is not built on this server: run sandbox-image/build.sh"
             ) from exc
         container = self._client.containers.get(response.json()["Id"])
         try:
             container.start()
         except Exception:
-            self._remove(spec.name)
+            with contextlib.suppress(Exception):  # the start's error is the one to report
+                self._remove(name)
             raise
+
+    async def probe(self, image: str, labels: dict[str, str], userns_size: int) -> None:
+        """Creates, starts and removes a container that runs `true`, set up as a sandbox's is
+        (podman, conmon and the OCI runtime all take part): proof that sandboxes can start.
+        Raises Unavailable, or FailedPrecondition when the image is not built."""
+        await self._call("start a probe container", self._probe, image, labels, userns_size)
+
+    def _probe(self, image: str, labels: dict[str, str], userns_size: int) -> None:
+        name = f"petri-probe-{secrets.token_hex(6)}"
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "command": ["true"],
+            "labels": labels,  # a probe left behind by a crash is removed at the next start
+            "network_mode": "none",
+            "cap_drop": ["ALL"],
+            "no_new_privileges": True,
+            "read_only": True,
+            "ulimits": [{"Name": "nofile", "Soft": 64, "Hard": 64}],
+        }
+        try:
+            self._create_and_start(name, image, userns_size, kwargs)
+        except Exception:
+            with contextlib.suppress(Exception):  # the start's error is the one to report
+                self._remove(name)
+            raise
+        self._remove(name)
 
     async def status(self, name: str) -> ContainerStatus | None:
         return await self._call("inspect a sandbox container", self._status, name)

@@ -5,6 +5,7 @@ in-process); `serve(config)` runs one until SIGTERM or SIGINT, then shuts down g
 """
 
 import asyncio
+import functools
 import ipaddress
 import signal
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from controller.config import Config
 from controller.execution_results import OutputLimits
 from controller.gvisor import runsc_wrapper
 from controller.podman_runtime import PodmanRuntime
-from controller.podman_service import PodmanService
+from controller.podman_service import PodmanHealth, PodmanService
 from controller.quotas import Quotas
 from controller.registry import Registry
+from controller.runtime import LABEL_MANAGED, LABEL_REGISTRY
 from controller.sandboxes import SandboxManager
 from controller.service import SandboxService
 from controller.ttl_reaper import TtlReaper
@@ -30,6 +32,7 @@ from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 log = structlog.get_logger()
 
 SERVICE_NAME = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # On shutdown, in-flight calls get this long to finish before they are cancelled.
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -46,12 +49,16 @@ class Controller:
     gvisor_service: PodmanService | None
     health: health.aio.HealthServicer
     reaper: TtlReaper
+    # Whether each podman service can start containers; health is SERVING when all can.
+    podman_health: tuple[PodmanHealth, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
+        for watch in self.podman_health:  # nothing restarts a service being stopped
+            await watch.stop()
         self.reaper.stop()
         await self.server.stop(grace)
         await self.manager.close()
@@ -125,6 +132,32 @@ async def _start_gvisor(config: Config) -> tuple[PodmanService | None, PodmanRun
     )
     await service.start()
     return service, PodmanRuntime(service.socket_path)
+
+
+def _watch_podman(
+    config: Config,
+    manager: SandboxManager,
+    health_servicer: health.aio.HealthServicer,
+    runtimes: list[tuple[str, PodmanRuntime, PodmanService | None, int]],
+) -> tuple[PodmanHealth, ...]:
+    """A PodmanHealth per podman service (runc's, gVisor's), each probing with the default
+    image as a sandbox of its runtime would run it, and one health status for all."""
+    image = config.image_for(config.default_image_profile)
+    labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: manager.registry_label}
+    watches: list[PodmanHealth] = []
+
+    async def publish() -> None:
+        serving = all(watch.healthy for watch in watches)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    for name, runtime, service, userns_size in runtimes:
+        probe = functools.partial(runtime.probe, image, labels, userns_size)
+        watch = PodmanHealth(name, runtime.socket_path, service, probe, publish)
+        runtime.on_unavailable = watch.suspect
+        watches.append(watch)
+    return tuple(watches)
 
 
 async def start_controller(config: Config) -> Controller:
@@ -214,6 +247,15 @@ async def start_controller(config: Config) -> Controller:
     reaper.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    podman_health = _watch_podman(
+        config,
+        manager,
+        health_servicer,
+        [("runc", runtime, podman_service, config.userns_size)]
+        + ([("gvisor", gvisor_runtime, gvisor_service, 0)] if gvisor_runtime else []),
+    )
+    for watch in podman_health:
+        watch.start()
     host_part, _ = _host_port(config.listen)
     log.info("controller listening", address=f"{host_part}:{port}", **config.describe())
     return Controller(
@@ -227,6 +269,7 @@ async def start_controller(config: Config) -> Controller:
         gvisor_service,
         health_servicer,
         reaper,
+        podman_health=podman_health,
     )
 
 

@@ -78,6 +78,9 @@ async def test_the_readme_session_runs_as_written(controller: Controller) -> Non
 
     streamed = json_messages(outputs[service + "StreamExecuteCode"][0])
     assert "".join(m["stdout"] for m in streamed if "stdout" in m) == "0\n1\n2\n"
+    # The value of the last expression: what `.write()` returned, the characters written.
+    (value,) = [m["output"] for m in streamed if "output" in m]
+    assert value["kind"] == "RESULT" and value["text"]["text/plain"] == "1"
     chunks = [m["output_chunk"] for m in streamed if "output_chunk" in m]
     assert chunks[0]["path"] == "sum.txt" and base64.b64decode(chunks[0]["data"]) == b"6"
     assert "result" in streamed[-1]

@@ -1,18 +1,30 @@
 """Lifecycle you can trust: containers dying underneath, concurrency, cancellation, deletes
-during executions, and controller restarts (SIGTERM and SIGKILL) against real podman."""
+during executions, controller restarts (SIGTERM and SIGKILL), and a podman service that breaks,
+against real podman."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.harness import ControllerDirs, delete_all, start_controller_process
-from controller.server import Controller
+from controller import podman_service
+from controller.config import Config
+from controller.server import Controller, start_controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, PROJECT, execute, kill_executor, podman, value_of
@@ -20,8 +32,45 @@ from tests.e2e.helpers import PARENT, PROJECT, execute, kill_executor, podman, v
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
 
+    StreamCall = grpc.aio.StreamStreamCall[
+        sandbox_pb2.StreamExecuteCodeRequest, sandbox_pb2.StreamExecuteCodeResponse
+    ]
+
 pytestmark = pytest.mark.e2e
 RUNNING, TERMINATED = sandbox_pb2.Sandbox.RUNNING, sandbox_pb2.Sandbox.TERMINATED
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+IMAGE_REPOSITORY = os.environ.get("PETRI_IMAGE_REPOSITORY", "localhost/petri-sandbox")
+TEST_PROFILE = os.environ.get("PETRI_TEST_IMAGE_PROFILE", "test")
+# The checkout these tests run from, for a controller started elsewhere (protos/: `petri`).
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def running(stub: Stub, name: str, code: str) -> StreamCall:
+    """Starts code on a StreamExecuteCode call and returns the call once the code's first
+    stdout has arrived: from then on the code is running."""
+
+    async def requests() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+        message = sandbox_pb2.StreamExecuteCodeRequest(
+            start=sandbox_pb2.ExecuteCodeStart(name=name, code=code)
+        )
+        message.start.timeout.FromSeconds(120)
+        yield message
+
+    call = stub.StreamExecuteCode(requests())
+    first = await asyncio.wait_for(call.read(), 60)
+    assert isinstance(first, sandbox_pb2.StreamExecuteCodeResponse), first
+    assert first.WhichOneof("event") == "stdout", first
+    return call
+
+
+async def rest_of(call: StreamCall) -> list[sandbox_pb2.StreamExecuteCodeResponse]:
+    """The call's remaining events; raises its error status."""
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        assert isinstance(event, sandbox_pb2.StreamExecuteCodeResponse), event
+        events.append(event)
+    return events
 
 
 async def wait_state(stub: Stub, name: str, state: int, within: float = 15) -> sandbox_pb2.Sandbox:
@@ -53,13 +102,12 @@ async def test_a_container_removed_behind_our_back_shows_terminated(
 async def test_killing_the_executor_inside_is_terminated_not_a_hang(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
 ) -> None:
-    running = asyncio.create_task(execute(stub, sandbox.name, "import time\ntime.sleep(30)"))
-    await asyncio.sleep(1)
+    call = await running(stub, sandbox.name, "import time\nprint('go', flush=True)\ntime.sleep(30)")
     # What user code cannot do (see test_isolation), the root of the sandbox can: kill -9
     # the executor (PID 1's child).
     kill_executor(f"petri-{sandbox.uid}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await asyncio.wait_for(running, 30)
+        await asyncio.wait_for(rest_of(call), 30)
     assert caught.value.code() in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -115,13 +163,10 @@ async def test_a_cancelled_call_interrupts_its_code(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
 ) -> None:
     await execute(stub, sandbox.name, "import time\nn = 0")
-    running = asyncio.create_task(
-        execute(stub, sandbox.name, "while True:\n    n += 1\n    time.sleep(0.01)")
-    )
-    await asyncio.sleep(1.5)
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
+    loop = "while True:\n    n += 1\n    if n == 1: print('go', flush=True)\n    time.sleep(0.01)"
+    call = await running(stub, sandbox.name, loop)
+    call.cancel()
+    # Executions run one at a time: this one starts once the cancelled one has stopped.
     first = value_of(await execute(stub, sandbox.name, "n"))
     await asyncio.sleep(0.5)
     second = value_of(await execute(stub, sandbox.name, "n"))
@@ -132,12 +177,11 @@ async def test_delete_during_an_execution_ends_it_cleanly(
     stub: Stub, create_sandbox: CreateSandbox
 ) -> None:
     sandbox = await create_sandbox()
-    running = asyncio.create_task(execute(stub, sandbox.name, "import time\ntime.sleep(60)"))
-    await asyncio.sleep(1)
+    call = await running(stub, sandbox.name, "import time\nprint('go', flush=True)\ntime.sleep(60)")
     started = time.monotonic()
     await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running
+        await rest_of(call)
     assert time.monotonic() - started < 30
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "deleted during the execution" in (caught.value.details() or "")
@@ -211,7 +255,7 @@ async def test_a_restart_loses_nothing(how: str) -> None:
             "io.petri.managed=true",
             "--label",
             f"io.petri.registry={registry_label}",
-            "localhost/petri-sandbox:test",
+            f"{IMAGE_REPOSITORY}:{TEST_PROFILE}",
             "true",
         )
 
@@ -249,19 +293,23 @@ async def test_a_restart_loses_nothing(how: str) -> None:
 
 async def test_sigterm_lets_an_execution_in_flight_finish() -> None:
     dirs = ControllerDirs.fresh()
-    running = await start_controller_process(dirs)
+    started = await start_controller_process(dirs)
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with grpc.aio.insecure_channel(started.address) as channel:
             stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
             sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
-            call = asyncio.create_task(
-                execute(stub, sandbox.name, "import time\ntime.sleep(2)\n'finished'")
+            call = await running(
+                stub,
+                sandbox.name,
+                "import time\nprint('go', flush=True)\ntime.sleep(2)\n'finished'",
             )
-            await asyncio.sleep(0.5)
-            running.process.terminate()
-            response = await call
-            assert value_of(response) == "'finished'"
-        assert await asyncio.to_thread(running.process.wait, 30) == 0
+            started.process.terminate()
+            events = await rest_of(call)
+            values = [
+                e.output.text["text/plain"] for e in events if e.WhichOneof("event") == "output"
+            ]
+            assert values == ["'finished'"] and events[-1].WhichOneof("event") == "result"
+        assert await asyncio.to_thread(started.process.wait, 30) == 0
         # The sandbox outlives the controller, for the next one to adopt.
         assert f"petri-{sandbox.uid}" in containers()
         second = await start_controller_process(dirs)
@@ -269,6 +317,159 @@ async def test_sigterm_lets_an_execution_in_flight_finish() -> None:
         second.process.terminate()
         second.process.wait(30)
     finally:
-        if running.process.poll() is None:
-            running.process.kill()
+        if started.process.poll() is None:
+            started.process.kill()
+        dirs.remove()
+
+
+async def health_statuses(address: str, seen: asyncio.Queue[int]) -> None:
+    """Puts every status the health service's Watch reports on `seen`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        async for answer in watch:
+            await seen.put(answer.status)
+
+
+async def wait_status(seen: asyncio.Queue[int], status: int, within: float) -> None:
+    async with asyncio.timeout(within):
+        while await seen.get() != status:
+            pass
+
+
+@pytest.mark.parametrize("how", ["killed", "socket deleted", "hung", "working directory deleted"])
+async def test_a_broken_podman_service_is_reported_and_healed(
+    how: str, e2e_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs = ControllerDirs.fresh()
+    config = dataclasses.replace(e2e_config, state_dir=dirs.state_dir, runtime_dir=dirs.runtime_dir)
+    doomed = Path(tempfile.mkdtemp(prefix="petri-doomed-"))
+    if how == "working directory deleted":  # as a service started from a re-staged copy was
+        monkeypatch.setattr(podman_service, "WORKING_DIRECTORY", str(doomed))
+    controller = await start_controller(config)
+    monkeypatch.setattr(podman_service, "WORKING_DIRECTORY", "/")  # for the restart
+    service = controller.podman_service
+    assert service is not None and service.pid is not None
+    address = f"127.0.0.1:{controller.port}"
+    seen: asyncio.Queue[int] = asyncio.Queue()
+    watching = asyncio.create_task(health_statuses(address, seen))
+    try:
+        await wait_status(seen, SERVING, 10)
+        broken = time.monotonic()
+        if how == "killed":
+            os.kill(service.pid, signal.SIGKILL)
+        elif how == "socket deleted":
+            service.socket_path.unlink()
+        elif how == "hung":  # alive, its socket there, but it answers nothing
+            os.kill(service.pid, signal.SIGSTOP)
+        else:  # conmon then fails every start: "Failed to get working directory"
+            shutil.rmtree(doomed)
+        await wait_status(seen, NOT_SERVING, 15)
+        await wait_status(seen, SERVING, 30)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            assert value_of(await execute(stub, sandbox.name, "6 * 7")) == "42"
+            await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+        assert time.monotonic() - broken < 30
+        assert service.restarts == 1 and service.problem() is None
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        with contextlib.suppress(ProcessLookupError):
+            if service.pid is not None:
+                os.kill(service.pid, signal.SIGCONT)
+        await controller.stop(grace=1)
+        dirs.remove()
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+async def test_health_is_not_serving_while_an_outside_podman_cannot_start_containers(
+    e2e_config: Config,
+) -> None:
+    # A podman service the controller was given (--podman-socket), not its own to restart,
+    # that cannot start containers: its working directory was deleted.
+    dirs = ControllerDirs.fresh()
+    socket_path = dirs.runtime_dir / "outside.sock"
+    doomed = Path(tempfile.mkdtemp(prefix="petri-doomed-"))
+
+    def outside_service(cwd: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], cwd=cwd
+        )
+
+    async def wait_socket() -> None:
+        for _ in range(300):
+            if socket_path.exists():
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"podman did not create {socket_path} in 15 s")
+
+    outside = outside_service(doomed)
+    controller = None
+    watching = None
+    try:
+        await wait_socket()
+        config = dataclasses.replace(
+            e2e_config,
+            state_dir=dirs.state_dir,
+            runtime_dir=dirs.runtime_dir,
+            podman_socket=socket_path,
+        )
+        controller = await start_controller(config)
+        address = f"127.0.0.1:{controller.port}"
+        seen: asyncio.Queue[int] = asyncio.Queue()
+        watching = asyncio.create_task(health_statuses(address, seen))
+        await wait_status(seen, SERVING, 10)
+        shutil.rmtree(doomed)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            await wait_status(seen, NOT_SERVING, 15)
+            # Its operator restarts it, from a directory that stays.
+            outside.terminate()
+            outside.wait(30)
+            socket_path.unlink(missing_ok=True)
+            outside = outside_service(Path("/"))
+            await wait_socket()
+            await wait_status(seen, SERVING, 30)
+            sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+    finally:
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        if controller is not None:
+            await controller.stop(grace=1)
+        outside.terminate()
+        outside.wait(30)
+        dirs.remove()
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+async def test_sandboxes_start_after_the_controllers_working_directory_is_deleted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # scripts/up ran the controller from a staged copy that another script then replaced:
+    # conmon, started by a podman service that shares a deleted working directory, then
+    # fails every container start ("[conmon:e] Failed to get working directory").
+    staged = Path(tempfile.mkdtemp(prefix="petri-staged-"))
+    monkeypatch.chdir(staged)
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}:{REPO / 'protos'}" + (f":{path}" if path else ""))
+    dirs = ControllerDirs.fresh()
+    started = await start_controller_process(dirs, default_image_profile=TEST_PROFILE)
+    try:
+        shutil.rmtree(staged)
+        async with grpc.aio.insecure_channel(started.address) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+            assert value_of(await execute(stub, sandbox.name, "6 * 7")) == "42"
+            await delete_all(started.address, PROJECT)
+    finally:
+        started.process.terminate()
+        started.process.wait(30)
         dirs.remove()
