@@ -183,7 +183,10 @@ class Config:
         default=512 << 20,
     )
     max_request_bytes_in_flight_per_caller: int = _opt(
-        "request data held by the calls in progress of one caller", parse_size, default=256 << 20
+        "request data held by the calls in progress of one caller: by default one unary "
+        "ExecuteCode of the largest size at a time (StreamExecuteCode holds one chunk at a time)",
+        parse_size,
+        default=128 << 20,
     )
     tokens_file: Path | None = _opt(
         "TOML file of bearer tokens and the projects each may use (see controller/auth.py); "

@@ -42,8 +42,10 @@ OpenAnswer = Callable[[Context], Awaitable[Any]]
 Behaviour = Callable[[Any, Context], Any]
 
 MiB = 1 << 20
-# Freeing a request at least this big gives memory back to the OS (see _trim_memory).
+# Freeing a request at least this big gives memory back to the OS (see _trim_memory), as
+# does refusing a request unread (the transport buffered some of it); at most once a second.
 TRIM_AFTER_BYTES = 1 * MiB
+TRIM_DELAY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ class RequestBudget:
         self._caller_receives: dict[str, asyncio.Semaphore] = {}
         self._held = 0
         self._caller_held: Counter[str] = Counter()
-        self._trim_wanted = False
-        self._trimmer: asyncio.Task[None] | None = None
+        self._trim_scheduled = False
+        self._trimmer: asyncio.Task[None] | None = None  # referenced, so that it runs to its end
 
     def __repr__(self) -> str:
         return f"<RequestBudget held={self._held} callers={len(self._caller_held)}>"
@@ -125,17 +127,18 @@ class RequestBudget:
 
     def _let_go(self, size: int) -> None:
         """A request is being freed: after a big one, hand the memory back to the OS."""
-        if size < TRIM_AFTER_BYTES:
-            return
-        self._trim_wanted = True
-        if self._trimmer is None or self._trimmer.done():
-            self._trimmer = asyncio.get_running_loop().create_task(self._trim())
+        if size >= TRIM_AFTER_BYTES:
+            self.trim_soon()
 
-    async def _trim(self) -> None:
-        # One trim at a time; one more if a big request was let go meanwhile.
-        while self._trim_wanted:
-            self._trim_wanted = False
-            await asyncio.to_thread(_trim_memory)
+    def trim_soon(self) -> None:
+        """Hands freed memory back to the OS in a second, once for all the calls meanwhile."""
+        if not self._trim_scheduled:
+            self._trim_scheduled = True
+            asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._start_trim)
+
+    def _start_trim(self) -> None:
+        self._trim_scheduled = False  # what is freed from now on wants another trim
+        self._trimmer = asyncio.get_running_loop().create_task(asyncio.to_thread(_trim_memory))
 
 
 def _load_trim() -> Callable[[int], int] | None:
@@ -188,7 +191,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 caller = self._tokens.authenticate(handler_call_details.invocation_metadata or ())
             except Unauthenticated as exc:
                 answer = self._open_methods.get(handler_call_details.method) or _refusal(exc)
-                return _unread(handler, answer)
+                return _unread(handler, answer, self._budget)
         return _guarded(handler, caller, self._budget)
 
 
@@ -210,11 +213,14 @@ def _request_streaming(handler: Handler, behaviour: Callable[..., Any]) -> Handl
     )
 
 
-def _unread(handler: Handler, answer: OpenAnswer) -> Handler:
+def _unread(handler: Handler, answer: OpenAnswer, budget: RequestBudget) -> Handler:
     """Answers the call without reading its request."""
 
     async def unread(requests: AsyncIterator[bytes], context: Context) -> Any:
-        return await answer(context)
+        try:
+            return await answer(context)
+        finally:
+            budget.trim_soon()
 
     return _request_streaming(handler, unread)
 
@@ -244,7 +250,8 @@ class _Reader:
     async def one(self, context: Context) -> AsyncIterator[Any]:
         """A unary call's request, counted until the call ends."""
         raw = await self._read(context)
-        if raw is None:
+        if raw is None:  # gRPC refused it (too big), or the caller went away
+            self._budget.trim_soon()
             raise InvalidArgument("the call carried no request message")
         size = len(raw)
         self._budget.hold(self._caller, size)
