@@ -108,6 +108,11 @@ async def test_requests_without_a_token_are_refused_unread(
         health = health_pb2_grpc.HealthStub(channel)
         answer = await health.Check(health_pb2.HealthCheckRequest(service="x" * 1000))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(), metadata=(TOKEN,))
+        assert (await anext(aiter(watch))).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        code, _ = await _status_of(anext(aiter(health.Watch(health_pb2.HealthCheckRequest()))))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, _
         # Reflection reads its requests: it takes a token.
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         listing = reflection_pb2.ServerReflectionRequest(list_services="")
