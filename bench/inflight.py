@@ -70,9 +70,13 @@ async def _call(
 async def _scenario(name: str, profile: str) -> list[str]:
     dirs = ControllerDirs.fresh()
     tokens = _tokens_file(dirs.state_dir)
-    running: RunningController = await start_controller_process(
-        dirs, tokens_file=str(tokens), warm_pool="", default_image_profile=profile
-    )
+    try:
+        running: RunningController = await start_controller_process(
+            dirs, tokens_file=str(tokens), warm_pool="", default_image_profile=profile
+        )
+    except BaseException:
+        dirs.remove()
+        raise
     auth = (("authorization", f"Bearer {TOKEN}"),)
     try:
         pid = running.process.pid
