@@ -10,12 +10,16 @@ SHA-256 digests so the file is no secret worth stealing, to the projects they ma
 
 With no tokens file, authentication is off: allowed only on loopback addresses, or with an
 explicit --insecure-no-auth, and logged loudly either way.
+
+The token is checked once per call, by controller.interceptors.RequestGuard, before the call's
+request is read; the handlers find the caller in `current_caller()`.
 """
 
 import hashlib
 import hmac
 import tomllib
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +42,18 @@ class Principal:
 
 
 ANYONE = Principal("anyone (authentication is off)", frozenset({ALL_PROJECTS}))
+
+# Set by the interceptor for the handler of each call it let through.
+_CALLER: ContextVar[Principal] = ContextVar("petri_caller")
+
+
+def set_current_caller(principal: Principal) -> None:
+    _CALLER.set(principal)
+
+
+def current_caller() -> Principal | None:
+    """The caller of the call being handled, when the interceptor authenticated it."""
+    return _CALLER.get(None)
 
 
 class TokenTable:

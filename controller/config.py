@@ -171,6 +171,30 @@ class Config:
         default=192 << 20,
     )
     max_code_bytes: int = _opt("largest code of one execution", parse_size, default=10 << 20)
+    max_concurrent_receives: int = _opt(
+        "request messages read at once, server-wide (each up to max_input_bytes + "
+        "max_code_bytes + 1 MiB): other calls wait their turn, holding no memory meanwhile",
+        int,
+        default=4,
+    )
+    max_concurrent_receives_per_caller: int = _opt(
+        "request messages read at once for one caller (one token; everyone, when "
+        "authentication is off)",
+        int,
+        default=2,
+    )
+    max_request_bytes_in_flight: int = _opt(
+        "request data held by the calls in progress, server-wide: a call whose request would "
+        "exceed it is refused RESOURCE_EXHAUSTED before anything runs",
+        parse_size,
+        default=512 << 20,
+    )
+    max_request_bytes_in_flight_per_caller: int = _opt(
+        "request data held by the calls in progress of one caller: by default one unary "
+        "ExecuteCode of the largest size at a time (StreamExecuteCode holds one chunk at a time)",
+        parse_size,
+        default=128 << 20,
+    )
     tokens_file: Path | None = _opt(
         "TOML file of bearer tokens and the projects each may use (see controller/auth.py); "
         "when unset, authentication is off, which is allowed on loopback only unless "
@@ -217,6 +241,11 @@ class Config:
     )
     log_format: str = _opt("console or json", default="console")
     log_level: str = _opt("debug, info, warning or error", default="info")
+
+    @property
+    def max_request_message_bytes(self) -> int:
+        """The largest request the API needs: a unary ExecuteCode's input files and code."""
+        return self.max_input_bytes + self.max_code_bytes + (1 << 20)
 
     @property
     def database_path(self) -> Path:
@@ -317,11 +346,26 @@ def validate(config: Config) -> list[str]:
     # A unary response carries the files, stdout, stderr and rich outputs; a request the
     # input files and the code. Both must fit in one message.
     response = config.max_output_file_bytes + 3 * config.max_output_bytes + (1 << 20)
-    request = config.max_input_bytes + config.max_code_bytes + (1 << 20)
+    request = config.max_request_message_bytes
     if config.max_message_bytes < max(response, request):
         problems.append(
             f"max_message_bytes must be at least {max(response, request)} for these limits "
             "(max_output_file_bytes + 3 * max_output_bytes, max_input_bytes + max_code_bytes, "
             "plus 1 MiB)"
+        )
+    if not 1 <= config.max_concurrent_receives_per_caller <= config.max_concurrent_receives:
+        problems.append(
+            "max_concurrent_receives_per_caller must be at least 1 and at most "
+            "max_concurrent_receives"
+        )
+    if not (
+        request
+        <= config.max_request_bytes_in_flight_per_caller
+        <= config.max_request_bytes_in_flight
+    ):
+        problems.append(
+            f"max_request_bytes_in_flight_per_caller must be at least {request} (the largest "
+            "request: max_input_bytes + max_code_bytes + 1 MiB) and at most "
+            "max_request_bytes_in_flight"
         )
     return problems

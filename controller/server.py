@@ -19,6 +19,7 @@ from controller.auth import TokenTable
 from controller.config import Config
 from controller.execution_results import OutputLimits
 from controller.gvisor import runsc_wrapper
+from controller.interceptors import BudgetLimits, Context, OpenAnswer, RequestBudget, RequestGuard
 from controller.podman_runtime import PodmanRuntime
 from controller.podman_service import PodmanHealth, PodmanService
 from controller.quotas import Quotas
@@ -101,6 +102,20 @@ def tokens_for(config: Config) -> TokenTable | None:
         listen=config.listen,
     )
     return None
+
+
+def _open_methods(health_servicer: health.aio.HealthServicer) -> dict[str, OpenAnswer]:
+    """What a caller without a token may ask, answered without reading its request: whether
+    the server serves (for probes and load balancers, which send no token). Reflection, which
+    reads requests, and health's Watch need a token when tokens are on."""
+
+    async def check(context: Context) -> health_pb2.HealthCheckResponse:
+        answer: health_pb2.HealthCheckResponse = await health_servicer.Check(
+            health_pb2.HealthCheckRequest(), context
+        )
+        return answer
+
+    return {"/grpc.health.v1.Health/Check": check}
 
 
 def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -206,11 +221,22 @@ async def start_controller(config: Config) -> Controller:
         output="executor and controller caps",
     )
 
+    health_servicer = health.aio.HealthServicer()
+    budget = RequestBudget(
+        BudgetLimits(
+            receives=config.max_concurrent_receives,
+            receives_per_caller=config.max_concurrent_receives_per_caller,
+            bytes_in_flight=config.max_request_bytes_in_flight,
+            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller,
+        )
+    )
     server = grpc.aio.server(
+        interceptors=[RequestGuard(tokens, budget, _open_methods(health_servicer))],
         options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # No request needs more than a unary ExecuteCode; responses may be bigger.
+            ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+        ],
     )
     limits = OutputLimits(
         max_output_bytes=config.max_output_bytes,
@@ -220,7 +246,6 @@ async def start_controller(config: Config) -> Controller:
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
         SandboxService(manager, limits, config.max_input_bytes, tokens), server
     )
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

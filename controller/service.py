@@ -16,7 +16,7 @@ import structlog
 from google.protobuf import empty_pb2
 
 from controller import convert
-from controller.auth import ANYONE, Principal, TokenTable
+from controller.auth import ANYONE, Principal, TokenTable, current_caller
 from controller.errors import InvalidArgument, PetriError
 from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
 from controller.file_inputs import check_files, checked_chunks, file_chunks
@@ -112,7 +112,11 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         self._tokens = tokens
 
     def _caller(self, context: Context) -> Principal:
-        """Who calls (UNAUTHENTICATED without a known token, when authentication is on)."""
+        """Who calls: the interceptor authenticated the call before reading its request (else
+        UNAUTHENTICATED without a known token, when authentication is on)."""
+        principal = current_caller()
+        if principal is not None:
+            return principal
         if self._tokens is None:
             return ANYONE
         return self._tokens.authenticate(context.invocation_metadata() or ())
