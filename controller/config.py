@@ -178,8 +178,8 @@ class Config:
         default=4,
     )
     max_concurrent_receives_per_caller: int = _opt(
-        "request messages read at once for one caller (one token; everyone, when "
-        "authentication is off)",
+        "request messages read at once for one caller (one token; without tokens only the "
+        "server-wide limit applies)",
         int,
         default=2,
     )
@@ -191,7 +191,8 @@ class Config:
     )
     max_request_bytes_in_flight_per_caller: int = _opt(
         "request data held by the calls in progress of one caller: by default one unary "
-        "ExecuteCode of the largest size at a time (StreamExecuteCode holds one chunk at a time)",
+        "ExecuteCode of the largest size at a time (StreamExecuteCode holds one chunk at a time); "
+        "without tokens only the server-wide limit applies",
         parse_size,
         default=128 << 20,
     )

@@ -222,12 +222,19 @@ async def start_controller(config: Config) -> Controller:
     )
 
     health_servicer = health.aio.HealthServicer()
+    # Without tokens every caller is the same one (anyone): only the server-wide limits apply,
+    # or one client's big upload would hold back every other client's.
+    authenticated = tokens is not None
     budget = RequestBudget(
         BudgetLimits(
             receives=config.max_concurrent_receives,
-            receives_per_caller=config.max_concurrent_receives_per_caller,
+            receives_per_caller=config.max_concurrent_receives_per_caller
+            if authenticated
+            else config.max_concurrent_receives,
             bytes_in_flight=config.max_request_bytes_in_flight,
-            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller,
+            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller
+            if authenticated
+            else config.max_request_bytes_in_flight,
         )
     )
     server = grpc.aio.server(
