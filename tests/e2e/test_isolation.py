@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING
 
 import grpc
@@ -78,3 +79,54 @@ async def test_a_socket_redirected_to_a_neighbour_does_not_reach_it(
     got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=attacker.name))
     assert got.state == sandbox_pb2.Sandbox.TERMINATED
     assert value_of(await execute(stub, victim.name, "visits")) == "0"
+
+
+async def test_user_code_can_neither_call_its_executor_nor_read_its_key(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    """User code can reach its executor's socket (the controller needs it open to a uid the
+    container does not know), so the executor wants a key with every call, kept where user
+    code cannot read it. User code tries every id it can find (its sandbox's uid is in its
+    mountinfo) and reads what it can; the test knows the key from podman's side."""
+    code = r"""
+import glob, json, os, re
+import grpc
+from petri.v1 import executor_pb2, executor_pb2_grpc
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("latin-1")
+    except OSError as exc:
+        return type(exc).__name__
+
+paths = ["/proc/self/mountinfo", "/run/.containerenv", *glob.glob("/proc/[0-9]*/environ"),
+         *glob.glob("/proc/[0-9]*/cmdline"), "/proc/self/environ", "/proc/1/environ"]
+seen = {path: read(path) for path in paths}
+guesses = {""} | set(re.findall(r"[0-9a-f]{32}", "".join(seen.values())))
+guesses |= {v for k, v in os.environ.items() if k.startswith("PETRI")}
+answers = {}
+with grpc.insecure_channel("unix:/run/petri/executor.sock") as channel:
+    executor = executor_pb2_grpc.ExecutorStub(channel)
+    for guess in sorted(guesses):
+        for name in ("petri-sandbox-uid", "petri-executor-key"):
+            try:
+                request, metadata = executor_pb2.GetStatusRequest(), ((name, guess),)
+                executor.GetStatus(request, metadata=metadata, timeout=10)
+                answers[name + "=" + guess] = "answered"
+            except grpc.RpcError as exc:
+                answers[name + "=" + guess] = exc.code().name
+print(json.dumps({"seen": seen, "answers": answers}))
+"""
+    response = await execute(stub, sandbox.name, code)
+    assert not response.HasField("error"), response.error
+    found = json.loads(response.stdout)
+    assert f"petri-sandbox-uid={sandbox.uid}" in found["answers"]  # it found its uid, and
+    assert set(found["answers"].values()) == {"PERMISSION_DENIED"}  # nothing answered it
+    assert found["seen"]["/proc/1/environ"] == "PermissionError"
+    container = f"petri-{sandbox.uid}"
+    key = podman(
+        "inspect", "--format", '{{index .Config.Labels "io.petri.executor-key"}}', container
+    ).strip()
+    assert len(key) >= 32 and key not in response.stdout
+    assert value_of(await execute(stub, sandbox.name, "'still works'")) == "'still works'"
