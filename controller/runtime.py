@@ -19,6 +19,9 @@ LABEL_EXECUTOR_KEY = "io.petri.executor-key"
 # Inside the container: where the socket directory is mounted, and the executor's socket.
 CONTAINER_SOCKET_DIR = "/run/petri"
 SOCKET_NAME = "executor.sock"
+# In the socket directory before the container starts: the executor's key, readable by the
+# sandbox's root only (0600, and the directory is given to it); the executor reads and removes it.
+KEY_FILE_NAME = "executor.key"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from controller.quotas import Quotas
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry
 from controller.runtime import (
+    KEY_FILE_NAME,
     LABEL_EXECUTOR_KEY,
     LABEL_MANAGED,
     LABEL_REGISTRY,
@@ -568,8 +569,8 @@ class SandboxManager:
         worker_uid = self._worker_uids.take()
         self._worker_uid_of[record.uid] = worker_uid
         labels[LABEL_WORKER_UID] = str(worker_uid)
-        # In PID 1's environment, which user code (another uid) cannot read; a label keeps it
-        # for a restarted controller.
+        # A file only the sandbox's root can read (not the environment: gVisor shows PID 1's
+        # to every uid); a label keeps it for a restarted controller.
         key = self._executor_keys[record.uid] = secrets.token_urlsafe(32)
         labels[LABEL_EXECUTOR_KEY] = key
         spec = ContainerSpec(
@@ -588,9 +589,7 @@ class SandboxManager:
             # (PETRI_PROCESS_LIMIT), plus the pids cgroup where the host delegates it.
             max_processes=record.spec.resources.max_processes if cgroups.pids else 0,
             userns_size=0 if gvisor else self._config.userns_size,
-            # The executor answers only calls that carry this key (see executor_client).
             environment={
-                "PETRI_EXECUTOR_KEY": key,
                 "PETRI_SANDBOX_UID": record.uid,  # what executors of older images check
                 "PETRI_WORKER_UID": str(worker_uid),
                 # The executor sets it on user code's uid, which is this sandbox's alone.
@@ -607,6 +606,8 @@ class SandboxManager:
             # podman gives it to the sandbox's root (its own uids); nobody else can reach it:
             # its parent is ours alone (0700).
             os.mkdir(record.socket_dir, 0o700)  # on the runtime tmpfs: fine on the loop
+            # The executor answers only calls that carry this key (see executor_client).
+            _write_key(Path(record.socket_dir) / KEY_FILE_NAME, key)
             creator = self._gvisor if record.spec.runtime is Runtime.GVISOR else self._runtime
             assert creator is not None
             await creator.start(spec)
@@ -981,6 +982,12 @@ class SandboxManager:
     async def _remove_socket_dir(self, record: SandboxRecord) -> None:
         if record.socket_dir:
             await asyncio.to_thread(_remove_tree, record.socket_dir, self._config.podman_binary)
+
+
+def _write_key(path: Path, key: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key)
 
 
 def _remove_tree(path: str, podman_binary: str) -> None:

@@ -27,14 +27,15 @@ log = logging.getLogger("petri.executor")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-# The call metadata that carries the controller's secret for this executor.
+# The call metadata that carries the controller's secret for this executor, and the file in the
+# socket directory it comes in (controller.runtime.KEY_FILE_NAME).
 KEY_METADATA = "petri-executor-key"
+KEY_FILE_NAME = "executor.key"
 
 
 class CallerCheck(grpc.aio.ServerInterceptor):
     """Refuses every call that does not carry this executor's key, before any of its messages
-    is read: user code can reach the socket, but not the key (the daemon's environment is
-    readable only by the container's root, and the worker's environment never has it)."""
+    is read: user code can reach the socket, but not the key (see _take_key)."""
 
     def __init__(self, key: str) -> None:
         self._key = key.encode()
@@ -164,6 +165,22 @@ async def _check_request(
         )
 
 
+def _take_key(path: Path) -> str:
+    """The controller's secret for this sandbox, from a file only we (the sandbox's root) can
+    read, removed once read: it then lives in this process alone."""
+    try:
+        key = path.read_text().strip()
+        path.unlink()
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot take the executor's key from {path} ({exc}): refusing to serve a socket "
+            "that user code could call"
+        ) from None
+    if not key:
+        raise SystemExit(f"{path} is empty: refusing to serve a socket that user code could call")
+    return key
+
+
 def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
     """With user code under a uid of its own: /workspace is its, /tmp everyone's, and the
     socket's directory ours alone to write (a host directory: user code must not fill it)."""
@@ -177,13 +194,7 @@ def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
 
 async def run(socket_path: Path, workspace: Path) -> None:
     """Starts the worker, then serves until SIGTERM or SIGINT."""
-    # The controller's secret for this sandbox: out of os.environ at once, so that no child
-    # inherits it (the worker's environment leaves it out too).
-    key = os.environ.pop("PETRI_EXECUTOR_KEY", "")
-    if not key:
-        raise SystemExit(
-            "PETRI_EXECUTOR_KEY is required: refusing to serve a socket that user code could call"
-        )
+    key = _take_key(socket_path.parent / KEY_FILE_NAME)
     user_text = os.environ.get("PETRI_WORKER_UID", "")
     user = int(user_text) if user_text and os.geteuid() == 0 else None
     _prepare_for(user, socket_path, workspace)

@@ -242,7 +242,6 @@ class WorkerProcess:
 
 _DAEMON_ONLY = frozenset(
     (
-        "PETRI_EXECUTOR_KEY",
         "PETRI_SANDBOX_UID",
         "PETRI_MEMORY_LIMIT",
         "PETRI_PROCESS_LIMIT",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import TYPE_CHECKING
 
 import grpc
@@ -81,13 +82,20 @@ async def test_a_socket_redirected_to_a_neighbour_does_not_reach_it(
     assert value_of(await execute(stub, victim.name, "visits")) == "0"
 
 
+@pytest.mark.parametrize("runtime", ["RUNC", "GVISOR"])
 async def test_user_code_can_neither_call_its_executor_nor_read_its_key(
-    stub: Stub, sandbox: sandbox_pb2.Sandbox
+    stub: Stub, create_sandbox: CreateSandbox, controller: Controller, runtime: str
 ) -> None:
     """User code can reach its executor's socket (the controller needs it open to a uid the
     container does not know), so the executor wants a key with every call, kept where user
     code cannot read it. User code tries every id it can find (its sandbox's uid is in its
     mountinfo) and reads what it can; the test knows the key from podman's side."""
+    if runtime == "GVISOR" and controller.gvisor_service is None:
+        if os.environ.get("PETRI_REQUIRE_GVISOR"):
+            pytest.fail("PETRI_REQUIRE_GVISOR is set but runsc is not installed")
+        pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
+    spec = sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.Runtime.Value(runtime))
+    sandbox = await create_sandbox(spec=spec)
     code = r"""
 import glob, json, os, re
 import grpc
@@ -100,9 +108,17 @@ def read(path):
     except OSError as exc:
         return type(exc).__name__
 
-paths = ["/proc/self/mountinfo", "/run/.containerenv", *glob.glob("/proc/[0-9]*/environ"),
-         *glob.glob("/proc/[0-9]*/cmdline"), "/proc/self/environ", "/proc/1/environ"]
+paths = ["/proc/self/mountinfo", "/run/.containerenv", "/run/petri/executor.key",
+         *glob.glob("/proc/[0-9]*/environ"), *glob.glob("/proc/[0-9]*/cmdline")]
 seen = {path: read(path) for path in paths}
+others = [p for p in glob.glob("/proc/[0-9]*") if int(p[6:]) != os.getpid()]
+memory = {}
+for path in [p + "/mem" for p in others]:
+    try:
+        open(path, "rb").close()
+        memory[path] = "opened"
+    except OSError as exc:
+        memory[path] = type(exc).__name__
 guesses = {""} | set(re.findall(r"[0-9a-f]{32}", "".join(seen.values())))
 guesses |= {v for k, v in os.environ.items() if k.startswith("PETRI")}
 answers = {}
@@ -116,14 +132,15 @@ with grpc.insecure_channel("unix:/run/petri/executor.sock") as channel:
                 answers[name + "=" + guess] = "answered"
             except grpc.RpcError as exc:
                 answers[name + "=" + guess] = exc.code().name
-print(json.dumps({"seen": seen, "answers": answers}))
+print(json.dumps({"seen": seen, "answers": answers, "memory": memory}))
 """
     response = await execute(stub, sandbox.name, code)
     assert not response.HasField("error"), response.error
     found = json.loads(response.stdout)
     assert f"petri-sandbox-uid={sandbox.uid}" in found["answers"]  # it found its uid, and
     assert set(found["answers"].values()) == {"PERMISSION_DENIED"}  # nothing answered it
-    assert found["seen"]["/proc/1/environ"] == "PermissionError"
+    assert found["seen"]["/run/petri/executor.key"] in ("FileNotFoundError", "PermissionError")
+    assert "opened" not in found["memory"].values()  # the executor's memory, say
     container = f"petri-{sandbox.uid}"
     key = podman(
         "inspect", "--format", '{{index .Config.Labels "io.petri.executor-key"}}', container

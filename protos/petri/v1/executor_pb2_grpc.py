@@ -27,10 +27,10 @@ if _version_not_supported:
 
 class ExecutorStub(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel):
@@ -58,10 +58,10 @@ class ExecutorStub(object):
 
 class ExecutorServicer(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def Execute(self, request_iterator, context):
@@ -122,10 +122,10 @@ def add_ExecutorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Executor(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @staticmethod

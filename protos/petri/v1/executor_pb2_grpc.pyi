@@ -31,10 +31,10 @@ GRPC_VERSION: str
 
 class ExecutorStub:
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @_typing.overload
@@ -62,10 +62,10 @@ class ExecutorStub:
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,10 +89,10 @@ class ExecutorAsyncStub(ExecutorStub):
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-executor-key`, which must equal the secret the controller gave the daemon in its
-    environment (PETRI_EXECUTOR_KEY, out of user code's reach): any other call is refused with
-    PERMISSION_DENIED before its messages are read. Controllers also send `petri-sandbox-uid`,
-    which executors from older images check instead.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @_abc_1.abstractmethod

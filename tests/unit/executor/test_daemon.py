@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from executor.daemon import KEY_METADATA, CallerCheck, ExecutorService
+from executor.daemon import KEY_METADATA, CallerCheck, ExecutorService, _take_key
 from executor.supervisor import Supervisor
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
@@ -101,3 +101,11 @@ async def test_an_execution_without_a_timeout_is_refused(stub: Stub, tmp_path: P
         await session.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert os.listdir(tmp_path / "workspace") == []
+
+
+def test_the_key_is_taken_from_its_file_which_goes(tmp_path: Path) -> None:
+    (tmp_path / "executor.key").write_text("k3y")
+    assert _take_key(tmp_path / "executor.key") == "k3y"
+    assert not (tmp_path / "executor.key").exists()
+    with pytest.raises(SystemExit, match="refusing to serve"):
+        _take_key(tmp_path / "executor.key")
