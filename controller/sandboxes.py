@@ -950,6 +950,8 @@ class SandboxManager:
             # TERMINATED first: the container check must not find it RUNNING without a container.
             await self._terminate(current, why)
             await self._runtime.remove(record.container_name)
+        elif current.state_message:  # terminated meanwhile (its container died): say why
+            why = current.state_message
         return OutcomeUnknown(
             f"sandbox {record.name} is TERMINATED: {why}; {_MAY_HAVE_RUN}; create a new sandbox"
         )
