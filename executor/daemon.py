@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import signal
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,32 @@ def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
     os.chmod(workspace, 0o755)
     os.chmod("/tmp", 0o1777)
     os.chmod(socket_path.parent, 0o711)
+    try:
+        _deny_search(socket_path.parent, user)
+    except OSError as exc:  # no POSIX ACLs there (gVisor's gofer): the key alone guards
+        log.warning("user code can reach the socket (no ACL on its directory: %s)", exc)
+
+
+# POSIX ACL xattr (linux/posix_acl_xattr.h): a version, then (tag, permissions, id) entries.
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _deny_search(directory: Path, user: int) -> None:
+    """Denies `user` (user code's uid) the search permission that the directory's mode gives
+    everyone else (the controller on the host among them): user code then cannot even connect
+    to the socket in it."""
+    mode = os.stat(directory).st_mode
+    entries = [
+        (_ACL_USER_OBJ, (mode >> 6) & 7, _ACL_NO_ID),
+        (_ACL_USER, 0, user),
+        (_ACL_GROUP_OBJ, (mode >> 3) & 7, _ACL_NO_ID),
+        (_ACL_MASK, (mode >> 3) & 7, _ACL_NO_ID),
+        (_ACL_OTHER, mode & 7, _ACL_NO_ID),
+    ]
+    value = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(directory, "system.posix_acl_access", value)
 
 
 async def run(socket_path: Path, workspace: Path) -> None:
