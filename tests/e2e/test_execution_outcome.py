@@ -34,9 +34,9 @@ def _start(name: str, code: str, timeout: int) -> sandbox_pb2.StreamExecuteCodeR
     return message
 
 
-def _chunk(path: str) -> sandbox_pb2.StreamExecuteCodeRequest:
+def _chunk(path: str, data: bytes = b"g") -> sandbox_pb2.StreamExecuteCodeRequest:
     return sandbox_pb2.StreamExecuteCodeRequest(
-        input_chunk=execution_pb2.FileChunk(path=path, data=b"g", final=True)
+        input_chunk=execution_pb2.FileChunk(path=path, data=data, final=True)
     )
 
 
@@ -44,13 +44,15 @@ def _chunk(path: str) -> sandbox_pb2.StreamExecuteCodeRequest:
 async def impatient(
     e2e_config: Config, controller: Controller, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stub]:
-    """A controller that waits one second beyond an execution's timeout and kill grace."""
+    """A controller that waits one second beyond an execution's timeout and kill grace, and
+    takes 1 KiB of input files per execution."""
     config = sibling_config(
         e2e_config,
         controller,
         "impatient",
         state_dir=tmp_path_factory.mktemp("impatient"),
         executor_slack=timedelta(seconds=1),
+        max_input_bytes=1024,
     )
     running = await start_controller(config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -67,13 +69,27 @@ async def test_an_input_refused_at_a_file_boundary_writes_and_runs_nothing(
 ) -> None:
     """The controller refuses `../x` after `good.txt` went through to the executor; the
     executor used to take the cancelled call for a complete one (roughly 1 try in 3 to 12)."""
-    for _ in range(15):
+    for _ in range(30):
         requests = [_start(sandbox.name, WRITES_RAN, 30), _chunk("good.txt"), _chunk("../x")]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in stub.StreamExecuteCode(iter(requests)):
                 pass
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert value_of(await execute(stub, sandbox.name, LEFT_BEHIND)) == "(False, False)"
+
+
+async def test_an_upload_over_the_limit_writes_and_runs_nothing(impatient: Stub) -> None:
+    sandbox = await impatient.CreateSandbox(
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox_pb2.Sandbox())
+    )
+    for _ in range(30):
+        big = _chunk("big.bin", b"x" * 2048)
+        requests = [_start(sandbox.name, WRITES_RAN, 30), _chunk("good.txt"), big]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in impatient.StreamExecuteCode(iter(requests)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert value_of(await execute(impatient, sandbox.name, LEFT_BEHIND)) == "(False, False)"
 
 
 async def test_an_upload_that_stalls_writes_and_runs_nothing(impatient: Stub) -> None:
