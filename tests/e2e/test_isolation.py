@@ -1,4 +1,5 @@
-"""A sandbox cannot reach into another through the host side of its socket directory."""
+"""A sandbox cannot reach into another through the host side of its socket directory, nor
+call its own executor."""
 
 from __future__ import annotations
 
