@@ -116,6 +116,13 @@ class Config:
         parse_duration,
         default=timedelta(seconds=3),
     )
+    executor_slack: timedelta = _opt(
+        "beyond an execution's timeout and kill grace, how long its executor may keep the "
+        "controller waiting (for input files, for events) before the sandbox is marked "
+        "TERMINATED as stuck",
+        parse_duration,
+        default=timedelta(seconds=120),
+    )
     start_timeout: timedelta = _opt(
         "how long a new sandbox may take to become ready",
         parse_duration,
@@ -330,6 +337,8 @@ def validate(config: Config) -> list[str]:
         problems.append("default_ttl must be positive and at most max_ttl")
     if not timedelta(0) < config.default_timeout <= config.max_timeout:
         problems.append("default_timeout must be positive and at most max_timeout")
+    if config.executor_slack <= timedelta(0):
+        problems.append("executor_slack must be positive")
     if (config.tls_cert is None) != (config.tls_key is None):
         problems.append("tls_cert and tls_key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:

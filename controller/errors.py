@@ -9,7 +9,10 @@
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
     ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive
-    └── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable
+    ├── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable;
+    │                                                  nothing ran, so a retry is safe
+    └── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
+                                                     it may have run, a blind retry may repeat it
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
 user's code are not here: they are execution results. Foreign errors (podman, OS, gRPC to the
@@ -59,6 +62,10 @@ class DeadlineExceeded(PetriError):
 
 class Unavailable(PetriError):
     status = grpc.StatusCode.UNAVAILABLE
+
+
+class OutcomeUnknown(PetriError):
+    status = grpc.StatusCode.UNKNOWN
 
 
 def status_of(error: PetriError) -> grpc.StatusCode:

@@ -10,6 +10,8 @@ import grpc
 from controller.errors import Unavailable
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
+# The call metadata the executor checks (executor.daemon.CallerCheck).
+KEY_METADATA = "petri-executor-key"
 SessionCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents]
 # How often to look for the executor's socket while a sandbox starts.
 READY_POLL_INTERVAL = 0.01
@@ -25,11 +27,14 @@ def _visible(path: Path) -> bool:
 
 
 class ExecutorClient:
-    def __init__(self, socket_path: Path, sandbox_uid: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, socket_path: Path, sandbox_uid: str, key: str, max_message_bytes: int
+    ) -> None:
         self.socket_path = socket_path
-        # Sent with every call: the executor refuses calls for another sandbox, so a socket
-        # path that user code turned into a symlink to a neighbour's socket leads nowhere.
-        self._metadata = (("petri-sandbox-uid", sandbox_uid),)
+        # Sent with every call: the executor refuses calls without its sandbox's key, so
+        # neither user code (which can reach the socket) nor a socket path redirected to a
+        # neighbour's gets anything done. Executors of older images check the uid instead.
+        self._metadata = ((KEY_METADATA, key), ("petri-sandbox-uid", sandbox_uid))
         self._channel = grpc.aio.insecure_channel(
             f"unix:{socket_path}",
             options=[
@@ -49,6 +54,8 @@ class ExecutorClient:
         # Whether the executor serves Session (GetStatus says; not one started from an image
         # that predates it, adopted after an upgrade); None until it was asked.
         self._has_session: bool | None = None
+        # Whether it waits for EndOfInputs before it runs an Execute call's code (the same).
+        self._has_end_of_inputs = False
 
     def __repr__(self) -> str:
         return f"<ExecutorClient {self.socket_path}>"
@@ -58,6 +65,7 @@ class ExecutorClient:
             executor_pb2.GetStatusRequest(), timeout=timeout, metadata=self._metadata
         )
         self._has_session = status.sessions
+        self._has_end_of_inputs = status.end_of_inputs
         return status
 
     async def wait_ready(self, timeout: float) -> executor_pb2.ExecutorStatus:
@@ -84,12 +92,13 @@ class ExecutorClient:
         sent: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         """Runs one execution and yields its events, up to its result; calls `sent` once the
-        request and the inputs are all written. Closing the generator before the end
-        interrupts the code. Errors are grpc.aio.AioRpcError."""
+        request and the inputs are all written: before that, the executor has run nothing and
+        will not (an error from `inputs` cancels the call, which then writes nothing). Closing
+        the generator before the end interrupts the code. Errors are grpc.aio.AioRpcError."""
         if inputs is not None:  # a stream with no file in it (StreamExecuteCode) is none
             first = await anext(inputs, None)
             inputs = None if first is None else _chained(first, inputs)
-        if inputs is None and self._has_session is None:
+        if self._has_session is None:
             await self.status()
         if inputs is None and self._has_session and not self._session_busy:
             events = self._in_session(request, sent)
@@ -153,8 +162,14 @@ class ExecutorClient:
             if inputs is not None:
                 async for chunk in inputs:
                     await _guarded(call, call.write(executor_pb2.ExecuteInput(file_chunk=chunk)))
+            if self._has_end_of_inputs:
+                # Every input passed its checks: only now may the executor write and run.
+                end = executor_pb2.ExecuteInput(end_of_inputs=executor_pb2.EndOfInputs())
+                await _guarded(call, call.write(end))
+                sent()
             await _guarded(call, call.done_writing())
-            sent()
+            if not self._has_end_of_inputs:
+                sent()
             async for event in call:
                 yield event
         finally:

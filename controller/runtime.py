@@ -12,10 +12,16 @@ LABEL_REGISTRY = "io.petri.registry"  # which registry (controller instance) own
 LABEL_UID = "io.petri.uid"
 # The uid user code runs as in the sandbox (controller.worker_uids), for a restarted controller.
 LABEL_WORKER_UID = "io.petri.worker-uid"
+# The secret the sandbox's executor wants with every call, for a restarted controller: labels
+# are not visible inside the container.
+LABEL_EXECUTOR_KEY = "io.petri.executor-key"
 
 # Inside the container: where the socket directory is mounted, and the executor's socket.
 CONTAINER_SOCKET_DIR = "/run/petri"
 SOCKET_NAME = "executor.sock"
+# In the socket directory before the container starts: the executor's key, readable by the
+# sandbox's root only (0600, and the directory is given to it); the executor reads and removes it.
+KEY_FILE_NAME = "executor.key"
 
 
 @dataclass(frozen=True)

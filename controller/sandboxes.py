@@ -30,6 +30,7 @@ from controller.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutcomeUnknown,
     ResourceExhausted,
     Unavailable,
 )
@@ -41,6 +42,8 @@ from controller.quoting import quote
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.registry import ListQuery, Registry
 from controller.runtime import (
+    KEY_FILE_NAME,
+    LABEL_EXECUTOR_KEY,
     LABEL_MANAGED,
     LABEL_REGISTRY,
     LABEL_UID,
@@ -63,9 +66,6 @@ _PROFILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 START_CHECK_INTERVAL = 0.5
 # The image label that lists what an image carries (written by sandbox-image/build.sh).
 LABEL_MANIFEST = "io.petri.manifest"
-# Beyond an execution's timeout and kill grace, how long its executor may take to answer
-# (streaming the changed files back to a slow client included).
-EXECUTOR_SLACK = timedelta(seconds=120)
 # The longest unix socket path the kernel accepts is 107 bytes.
 MAX_SOCKET_PATH = 107
 # The least of each resource a sandbox may ask for (memory: Config.min_memory): below these,
@@ -170,6 +170,9 @@ class SandboxManager:
         # The uid user code runs as, by sandbox uid (the executor is the sandbox's root).
         self._worker_uids = WorkerUids(config.userns_size)
         self._worker_uid_of: dict[str, int] = {}
+        # The secret each sandbox's executor wants with every call, by sandbox uid (also a
+        # label of its container, for a restarted controller).
+        self._executor_keys: dict[str, str] = {}
         self._socket_root = config.runtime_dir / "s"
         # Tells this controller's containers from those of another registry on the same podman.
         self.registry_label = hashlib.sha256(
@@ -249,6 +252,8 @@ class SandboxManager:
             if worker_uid.isdigit():
                 self._worker_uids.mark(int(worker_uid))
                 self._worker_uid_of[record.uid] = int(worker_uid)
+            if container is not None and container.labels.get(LABEL_EXECUTOR_KEY):
+                self._executor_keys[record.uid] = container.labels[LABEL_EXECUTOR_KEY]
             try:
                 await self._adopt_one(record, container)
             except Exception:  # one broken sandbox must not keep the service from starting
@@ -621,6 +626,10 @@ class SandboxManager:
         worker_uid = self._worker_uids.take()
         self._worker_uid_of[record.uid] = worker_uid
         labels[LABEL_WORKER_UID] = str(worker_uid)
+        # A file only the sandbox's root can read (not the environment: gVisor shows PID 1's
+        # to every uid); a label keeps it for a restarted controller.
+        key = self._executor_keys[record.uid] = secrets.token_urlsafe(32)
+        labels[LABEL_EXECUTOR_KEY] = key
         spec = ContainerSpec(
             name=record.container_name,
             image=self._config.image_for(record.spec.image_profile),
@@ -637,9 +646,8 @@ class SandboxManager:
             # (PETRI_PROCESS_LIMIT), plus the pids cgroup where the host delegates it.
             max_processes=record.spec.resources.max_processes if cgroups.pids else 0,
             userns_size=0 if gvisor else self._config.userns_size,
-            # The executor answers only calls meant for this sandbox (see executor_client).
             environment={
-                "PETRI_SANDBOX_UID": record.uid,
+                "PETRI_SANDBOX_UID": record.uid,  # what executors of older images check
                 "PETRI_WORKER_UID": str(worker_uid),
                 # The executor sets it on user code's uid, which is this sandbox's alone.
                 "PETRI_PROCESS_LIMIT": str(record.spec.resources.max_processes),
@@ -655,6 +663,8 @@ class SandboxManager:
             # podman gives it to the sandbox's root (its own uids); nobody else can reach it:
             # its parent is ours alone (0700).
             os.mkdir(record.socket_dir, 0o700)  # on the runtime tmpfs: fine on the loop
+            # The executor answers only calls that carry this key (see executor_client).
+            _write_key(Path(record.socket_dir) / KEY_FILE_NAME, key)
             creator = self._gvisor if record.spec.runtime is Runtime.GVISOR else self._runtime
             assert creator is not None
             await creator.start(spec)
@@ -873,41 +883,53 @@ class SandboxManager:
             if queued:  # it may have changed while this execution waited its turn
                 record = await self.get(name)
                 self._require_running(record)
-            # A stuck or stopped executor must not hold this sandbox's queue forever: once the
-            # request and the input files are sent, it has this long to answer. The upload
-            # has as long again, which is not the code's time.
-            answer_within = effective_timeout + self._config.kill_grace + EXECUTOR_SLACK
+            # A stuck executor must not hold this sandbox's queue for ever: once the request
+            # and the input files are sent, it has this long to answer, not counting the time
+            # the caller takes to take each event. The upload has as long again, which is not
+            # the code's time.
+            answer_within = (
+                effective_timeout + self._config.kill_grace + self._config.executor_slack
+            )
+            seconds = answer_within.total_seconds()
             loop = asyncio.get_running_loop()
-            deadline = asyncio.timeout(answer_within.total_seconds())
-            uploaded = False
+            deadline = loop.time() + seconds
+            waiting: asyncio.Timeout | None = None
+            sent = False
 
             def start_the_clock() -> None:
-                nonlocal uploaded
-                uploaded = True
-                deadline.reschedule(loop.time() + answer_within.total_seconds())
+                nonlocal sent, deadline
+                sent = True
+                deadline = loop.time() + seconds
+                if waiting is not None and not waiting.expired():
+                    waiting.reschedule(deadline)
 
             events = self._client_for(record).execute(request, inputs, start_the_clock)
             try:
                 # Closing `events` interrupts the code: a caller that went away.
-                async with deadline, contextlib.aclosing(events):
-                    async for event in events:
+                async with contextlib.aclosing(events):
+                    while True:
+                        async with asyncio.timeout_at(deadline) as waiting:
+                            event = await anext(events, None)
+                        waiting = None
+                        if event is None:
+                            break
                         if event.HasField("result"):
                             self._record_execution(record, event.result)
+                        paused = loop.time()
                         yield event
+                        deadline += loop.time() - paused
             except TimeoutError:
-                if not uploaded:
+                if not sent:
                     raise DeadlineExceeded(
                         f"the input files of this execution did not all arrive within "
                         f"{format_duration(answer_within)}: send them, then half-close the "
                         "request stream; nothing ran"
                     ) from None
-                raise Unavailable(
-                    f"the executor of sandbox {record.name} did not finish within "
-                    f"{format_duration(answer_within)} (the timeout, the kill grace and "
-                    f"{format_duration(EXECUTOR_SLACK)}); it may be stuck: retry or delete it"
+                raise await asyncio.shield(
+                    asyncio.ensure_future(self._executor_stuck(record, answer_within))
                 ) from None
             except grpc.aio.AioRpcError as exc:
-                raise await self._executor_failed(record, exc.code(), exc.details()) from exc
+                raise await self._executor_failed(record, exc.code(), exc.details(), sent) from exc
 
     def _require_running(self, record: SandboxRecord) -> None:
         if record.state is not State.RUNNING:
@@ -932,15 +954,18 @@ class SandboxManager:
         )
 
     async def _executor_failed(
-        self, record: SandboxRecord, code: grpc.StatusCode, details: str | None
+        self, record: SandboxRecord, code: grpc.StatusCode, details: str | None, sent: bool
     ) -> Exception:
-        """The error for a call the executor ended without a result."""
+        """The error for a call the executor ended without a result; `sent`: the request and
+        its inputs were all sent, so the code may have run."""
         # The executor's words are the sandbox's: pass them on, but bounded.
         said = (details or "")[:1000]
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(said)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return ResourceExhausted(said)
+        # The executor refuses a call without its key before it reads a message.
+        may_have_run = sent and code != grpc.StatusCode.PERMISSION_DENIED
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.state is State.DEPROVISIONING:
             return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
@@ -950,9 +975,42 @@ class SandboxManager:
                 "its container is gone" if status is None else f"its container {status.describe()}"
             )
             await self._terminate(current, why)
-            return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
-        return Unavailable(
-            f"lost contact with the executor of sandbox {record.name} ({code.name}: {said}); retry"
+            return FailedPrecondition(
+                f"sandbox {record.name} is TERMINATED: {why}; "
+                + (_MAY_HAVE_RUN if may_have_run else "the code did not run")
+            )
+        if not may_have_run:
+            return Unavailable(
+                f"could not reach the executor of sandbox {record.name} ({code.name}: {said}); "
+                "the code did not run: retry"
+            )
+        return OutcomeUnknown(
+            f"lost contact with the executor of sandbox {record.name} during the execution "
+            f"({code.name}: {said}); {_MAY_HAVE_RUN}: check the sandbox before running it again"
+        )
+
+    async def _executor_stuck(self, record: SandboxRecord, waited: timedelta) -> Exception:
+        """Marks TERMINATED a sandbox whose executor did not answer in time, and removes its
+        container (a stuck executor cannot be trusted to stop what it runs); its last output
+        goes to the log. Returns the caller's error."""
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None or current.state is State.DEPROVISIONING:
+            return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
+        why = (
+            f"its executor stopped answering (an execution got no result within "
+            f"{format_duration(waited)}: its timeout, the kill grace and "
+            f"{format_duration(self._config.executor_slack)}); its container was removed"
+        )
+        if current.state is State.RUNNING:
+            logs = await self._runtime.logs_tail(record.container_name, 20)
+            log.warning("an executor stopped answering", sandbox=record.name, logs=logs)
+            # TERMINATED first: the container check must not find it RUNNING without a container.
+            await self._terminate(current, why)
+            await self._runtime.remove(record.container_name)
+        elif current.state_message:  # terminated meanwhile (its container died): say why
+            why = current.state_message
+        return OutcomeUnknown(
+            f"sandbox {record.name} is TERMINATED: {why}; {_MAY_HAVE_RUN}; create a new sandbox"
         )
 
     # --- executor clients -----------------------------------------------------------------
@@ -961,12 +1019,16 @@ class SandboxManager:
         client = self._clients.get(record.uid)
         if client is None:
             client = ExecutorClient(
-                Path(record.socket_dir) / SOCKET_NAME, record.uid, self._config.max_message_bytes
+                Path(record.socket_dir) / SOCKET_NAME,
+                record.uid,
+                self._executor_keys.get(record.uid, ""),
+                self._config.max_message_bytes,
             )
             self._clients[record.uid] = client
         return client
 
     async def _forget_client(self, uid: str) -> None:
+        self._executor_keys.pop(uid, None)
         client = self._clients.pop(uid, None)
         if client is not None:
             await client.close()
@@ -981,6 +1043,12 @@ class SandboxManager:
             await asyncio.to_thread(_remove_tree, record.socket_dir, self._config.podman_binary)
 
 
+def _write_key(path: Path, key: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key)
+
+
 def _remove_tree(path: str, podman_binary: str) -> None:
     """Removes a directory the sandbox could write into, however deep it made it, and
     whatever its own uids own in it."""
@@ -993,6 +1061,8 @@ def _remove_tree(path: str, podman_binary: str) -> None:
         command = [podman_binary, "unshare", "rm", "-rf", "--one-file-system", "--", path]
         subprocess.run(command, check=False, capture_output=True)
 
+
+_MAY_HAVE_RUN = "the code may have run (it had been sent to the sandbox)"
 
 _INCARNATION = re.compile(r"[0-9a-f]{1,32}")
 

@@ -1,12 +1,16 @@
 """The executor daemon: serves the Executor gRPC service on the sandbox's unix socket."""
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import platform
 import signal
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +28,56 @@ log = logging.getLogger("petri.executor")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-class ExecutorService(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, supervisor: Supervisor, sandbox_uid: str) -> None:
-        self._supervisor = supervisor
-        self._sandbox_uid = sandbox_uid
+# The call metadata that carries the controller's secret for this executor, and the file in the
+# socket directory it comes in (controller.runtime.KEY_FILE_NAME).
+KEY_METADATA = "petri-executor-key"
+KEY_FILE_NAME = "executor.key"
 
-    async def _check_caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Refuses calls meant for another sandbox (a socket path redirected by a symlink)."""
-        if not self._sandbox_uid:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("petri-sandbox-uid") != self._sandbox_uid:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this executor belongs to another sandbox; the caller's socket path was redirected",
-            )
+
+class CallerCheck(grpc.aio.ServerInterceptor):
+    """Refuses every call that does not carry this executor's key, before any of its messages
+    is read: user code can reach the socket, but not the key (see _take_key)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        given = dict(handler_call_details.invocation_metadata or ()).get(KEY_METADATA, "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._key):
+            return await continuation(handler_call_details)
+        # A streaming handler whatever the method: a unary one would read the request first.
+        return grpc.stream_stream_rpc_method_handler(_refuse)
+
+
+async def _refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "only the controller may call this executor (no or wrong petri-executor-key)",
+    )
+
+
+class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
 
     async def Execute(
         self,
         request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
         context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent],
     ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
-        await self._check_caller(context)
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("request"):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request"
             )
         request = first.request
+        await _check_request(request, context)
         user = self._supervisor.user
         stager = InputStager(
             self._supervisor.workspace,
@@ -60,10 +86,18 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         )
         try:
             try:
+                # A cancelled call may look like a half-closed one here (grpc.aio ends the
+                # iterator either way): only EndOfInputs says the controller sent everything.
+                complete = False
                 async for message in request_iterator:
+                    if message.HasField("end_of_inputs"):
+                        complete = True
+                        break
                     if not message.HasField("file_chunk"):
                         raise InvalidPath("only file chunks may follow the request")
                     stager.add(message.file_chunk)
+                if not complete:
+                    raise _Incomplete()
                 stager.finish()
             except BaseException:
                 stager.discard()
@@ -73,6 +107,11 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 async for batch in batches:
                     for event in batch:
                         yield event
+        except _Incomplete:
+            await context.abort(
+                grpc.StatusCode.CANCELLED,
+                "the inputs ended without end_of_inputs: nothing was written and nothing ran",
+            )
         except InvalidPath as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (InputTooLarge, WorkspaceFull) as exc:
@@ -85,10 +124,10 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[executor_pb2.ExecuteRequest],
         context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents],
     ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
-        await self._check_caller(context)
         # One request at a time: the controller writes the next after the last one's result.
         # A cancelled call cancels this generator, which interrupts the code (execute's close).
         async for request in request_iterator:
+            await _check_request(request, context)
             try:
                 async with contextlib.aclosing(self._supervisor.execute(request)) as batches:
                     async for batch in batches:
@@ -103,14 +142,44 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             executor_pb2.GetStatusRequest, executor_pb2.ExecutorStatus
         ],
     ) -> executor_pb2.ExecutorStatus:
-        await self._check_caller(context)
         return executor_pb2.ExecutorStatus(
             incarnation=self._supervisor.incarnation,
             execution_count=self._supervisor.execution_count,
             python_version=platform.python_version(),
             preloaded=self._supervisor.preloaded,
             sessions=True,
+            end_of_inputs=True,
         )
+
+
+class _Incomplete(Exception):
+    """An Execute call's inputs ended without EndOfInputs."""
+
+
+async def _check_request(
+    request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    # Without a timeout an execution could hold the sandbox's queue for ever.
+    if request.timeout.ToNanoseconds() <= 0:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "an execution needs a positive timeout"
+        )
+
+
+def _take_key(path: Path) -> str:
+    """The controller's secret for this sandbox, from a file only we (the sandbox's root) can
+    read, removed once read: it then lives in this process alone."""
+    try:
+        key = path.read_text().strip()
+        path.unlink()
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot take the executor's key from {path} ({exc}): refusing to serve a socket "
+            "that user code could call"
+        ) from None
+    if not key:
+        raise SystemExit(f"{path} is empty: refusing to serve a socket that user code could call")
+    return key
 
 
 def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
@@ -122,10 +191,37 @@ def _prepare_for(user: int | None, socket_path: Path, workspace: Path) -> None:
     os.chmod(workspace, 0o755)
     os.chmod("/tmp", 0o1777)
     os.chmod(socket_path.parent, 0o711)
+    try:
+        _deny_search(socket_path.parent, user)
+    except OSError as exc:  # no POSIX ACLs there (gVisor's gofer): the key alone guards
+        log.warning("user code can reach the socket (no ACL on its directory: %s)", exc)
+
+
+# POSIX ACL xattr (linux/posix_acl_xattr.h): a version, then (tag, permissions, id) entries.
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _deny_search(directory: Path, user: int) -> None:
+    """Denies `user` (user code's uid) the search permission that the directory's mode gives
+    everyone else (the controller on the host among them): user code then cannot even connect
+    to the socket in it."""
+    mode = os.stat(directory).st_mode
+    entries = [
+        (_ACL_USER_OBJ, (mode >> 6) & 7, _ACL_NO_ID),
+        (_ACL_USER, 0, user),
+        (_ACL_GROUP_OBJ, (mode >> 3) & 7, _ACL_NO_ID),
+        (_ACL_MASK, (mode >> 3) & 7, _ACL_NO_ID),
+        (_ACL_OTHER, mode & 7, _ACL_NO_ID),
+    ]
+    value = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(directory, "system.posix_acl_access", value)
 
 
 async def run(socket_path: Path, workspace: Path) -> None:
     """Starts the worker, then serves until SIGTERM or SIGINT."""
+    key = _take_key(socket_path.parent / KEY_FILE_NAME)
     user_text = os.environ.get("PETRI_WORKER_UID", "")
     user = int(user_text) if user_text and os.geteuid() == 0 else None
     _prepare_for(user, socket_path, workspace)
@@ -138,20 +234,21 @@ async def run(socket_path: Path, workspace: Path) -> None:
     )
     await supervisor.start()
     server = grpc.aio.server(
+        interceptors=[CallerCheck(key)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
     )
-    service = ExecutorService(supervisor, os.environ.get("PETRI_SANDBOX_UID", ""))
+    service = ExecutorService(supervisor)
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # a socket left by an earlier daemon of this container
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     # The controller on the host is not this container's root (each sandbox has a user
-    # namespace of its own): it needs write permission on the socket. Only it can reach the
-    # socket's directory on the host; calls for another sandbox are refused (_check_caller).
+    # namespace of its own): it needs write permission on the socket, which user code then
+    # has too. Calls without this sandbox's key are refused (CallerCheck).
     os.chmod(socket_path, 0o666)
     log.info("listening on %s, worker incarnation %s", socket_path, supervisor.incarnation)
 

@@ -243,14 +243,21 @@ class WorkerProcess:
         await self.process.wait()
 
 
+_DAEMON_ONLY = frozenset(
+    (
+        "PETRI_SANDBOX_UID",
+        "PETRI_MEMORY_LIMIT",
+        "PETRI_PROCESS_LIMIT",
+        "PETRI_PRELOAD",
+    )
+)
+
+
 def _worker_environment(user: int | None) -> dict[str, str]:
-    """The daemon's environment, less what is the daemon's alone; for another user, the
-    names libraries look for (getpass, ~/.cache)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PETRI_MEMORY_LIMIT", "PETRI_PROCESS_LIMIT", "PETRI_PRELOAD")
-    }
+    """The daemon's environment, less what is the daemon's alone (the executor's key above
+    all: user code must not be able to call its executor); for another user, the names
+    libraries look for (getpass, ~/.cache)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY}
     if user is not None:
         env.update(USER="sandbox", LOGNAME="sandbox", HOME="/tmp")
     return env

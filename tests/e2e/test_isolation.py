@@ -1,8 +1,11 @@
-"""A sandbox cannot reach into another through the host side of its socket directory."""
+"""A sandbox cannot reach into another through the host side of its socket directory, nor
+call its own executor."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from typing import TYPE_CHECKING
 
 import grpc
@@ -78,3 +81,81 @@ async def test_a_socket_redirected_to_a_neighbour_does_not_reach_it(
     got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=attacker.name))
     assert got.state == sandbox_pb2.Sandbox.TERMINATED
     assert value_of(await execute(stub, victim.name, "visits")) == "0"
+
+
+@pytest.mark.parametrize("runtime", ["RUNC", "GVISOR"])
+async def test_user_code_can_neither_call_its_executor_nor_read_its_key(
+    stub: Stub, create_sandbox: CreateSandbox, controller: Controller, runtime: str
+) -> None:
+    """User code can reach its executor's socket (the controller needs it open to a uid the
+    container does not know), so the executor wants a key with every call, kept where user
+    code cannot read it. User code tries every id it can find (its sandbox's uid is in its
+    mountinfo) and reads what it can; the test knows the key from podman's side."""
+    if runtime == "GVISOR" and controller.gvisor_service is None:
+        if os.environ.get("PETRI_REQUIRE_GVISOR"):
+            pytest.fail("PETRI_REQUIRE_GVISOR is set but runsc is not installed")
+        pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
+    spec = sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.Runtime.Value(runtime))
+    sandbox = await create_sandbox(spec=spec)
+    code = r"""
+import glob, json, os, re, socket
+import grpc
+from petri.v1 import executor_pb2, executor_pb2_grpc
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("latin-1")
+    except OSError as exc:
+        return type(exc).__name__
+
+paths = ["/proc/self/mountinfo", "/run/.containerenv", "/run/petri/executor.key",
+         *glob.glob("/proc/[0-9]*/environ"), *glob.glob("/proc/[0-9]*/cmdline")]
+seen = {path: read(path) for path in paths}
+others = [p for p in glob.glob("/proc/[0-9]*") if int(p[6:]) != os.getpid()]
+memory = {}
+for path in [p + "/mem" for p in others]:
+    try:
+        open(path, "rb").close()
+        memory[path] = "opened"
+    except OSError as exc:
+        memory[path] = type(exc).__name__
+guesses = {""} | set(re.findall(r"[0-9a-f]{32}", "".join(seen.values())))
+guesses |= {v for k, v in os.environ.items() if k.startswith("PETRI")}
+try:
+    socket.socket(socket.AF_UNIX).connect("/run/petri/executor.sock")
+    connect = "connected"
+except OSError as exc:
+    connect = type(exc).__name__
+answers = {}
+with grpc.insecure_channel("unix:/run/petri/executor.sock") as channel:
+    executor = executor_pb2_grpc.ExecutorStub(channel)
+    for guess in sorted(guesses):
+        for name in ("petri-sandbox-uid", "petri-executor-key"):
+            try:
+                request, metadata = executor_pb2.GetStatusRequest(), ((name, guess),)
+                executor.GetStatus(request, metadata=metadata, timeout=10)
+                answers[name + "=" + guess] = "answered"
+            except grpc.RpcError as exc:
+                answers[name + "=" + guess] = exc.code().name
+print(json.dumps({"seen": seen, "answers": answers, "memory": memory, "connect": connect}))
+"""
+    response = await execute(stub, sandbox.name, code)
+    assert not response.HasField("error"), response.error
+    found = json.loads(response.stdout)
+    assert f"petri-sandbox-uid={sandbox.uid}" in found["answers"]  # it found its uid, and
+    if runtime == "RUNC":  # an ACL denies user code's uid the socket's directory
+        assert found["connect"] == "PermissionError"
+        assert set(found["answers"].values()) == {"UNAVAILABLE"}
+    elif found["connect"] == "connected":  # gVisor's gofer has no ACLs: no key, no answer
+        assert set(found["answers"].values()) == {"PERMISSION_DENIED"}
+    else:
+        assert set(found["answers"].values()) == {"UNAVAILABLE"}
+    assert found["seen"]["/run/petri/executor.key"] in ("FileNotFoundError", "PermissionError")
+    assert "opened" not in found["memory"].values()  # the executor's memory, say
+    container = f"petri-{sandbox.uid}"
+    key = podman(
+        "inspect", "--format", '{{index .Config.Labels "io.petri.executor-key"}}', container
+    ).strip()
+    assert len(key) >= 32 and key not in response.stdout
+    assert value_of(await execute(stub, sandbox.name, "'still works'")) == "'still works'"

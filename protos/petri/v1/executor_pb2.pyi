@@ -29,25 +29,46 @@ class ExecuteInput(_message.Message):
 
     REQUEST_FIELD_NUMBER: _builtins.int
     FILE_CHUNK_FIELD_NUMBER: _builtins.int
+    END_OF_INPUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def request(self) -> Global___ExecuteRequest: ...
     @_builtins.property
     def file_chunk(self) -> _execution_pb2.FileChunk: ...
+    @_builtins.property
+    def end_of_inputs(self) -> Global___EndOfInputs:
+        """After the last file chunk, sent only once every input passed the controller's checks."""
+
     def __init__(
         self,
         *,
         request: Global___ExecuteRequest | None = ...,
         file_chunk: _execution_pb2.FileChunk | None = ...,
+        end_of_inputs: Global___EndOfInputs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["request", "file_chunk"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["request", "file_chunk", "end_of_inputs"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___ExecuteInput: _TypeAlias = ExecuteInput  # noqa: Y015
+
+@_typing.final
+class EndOfInputs(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndOfInputs: _TypeAlias = EndOfInputs  # noqa: Y015
 
 @_typing.final
 class ExecuteRequest(_message.Message):
@@ -71,7 +92,9 @@ class ExecuteRequest(_message.Message):
     """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Interrupt (SIGINT) after this long; kill the worker if it does not stop within the grace."""
+        """Interrupt (SIGINT) after this long; kill the worker if it does not stop within the grace.
+        Required (positive): an execution without one is refused with INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def kill_grace(self) -> _duration_pb2.Duration: ...
@@ -219,6 +242,7 @@ class ExecutorStatus(_message.Message):
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     PRELOADED_FIELD_NUMBER: _builtins.int
     SESSIONS_FIELD_NUMBER: _builtins.int
+    END_OF_INPUTS_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     execution_count: _builtins.int
     python_version: _builtins.str
@@ -229,6 +253,10 @@ class ExecutorStatus(_message.Message):
     """
     sessions: _builtins.bool
     """This executor serves Session (older ones leave it false: the controller then uses Execute)."""
+    end_of_inputs: _builtins.bool
+    """This executor runs an Execute call's code only after EndOfInputs (older ones run it at
+    half-close, and refuse EndOfInputs: the controller then sends none).
+    """
     def __init__(
         self,
         *,
@@ -237,10 +265,11 @@ class ExecutorStatus(_message.Message):
         python_version: _builtins.str = ...,
         preloaded: _builtins.bool = ...,
         sessions: _builtins.bool = ...,
+        end_of_inputs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,10 @@ if _version_not_supported:
 
 class ExecutorStub(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel):
@@ -55,14 +58,19 @@ class ExecutorStub(object):
 
 class ExecutorServicer(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def Execute(self, request_iterator, context):
-        """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+        """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
         produced, then the changed files, and ends with one result. Cancelling interrupts the code.
-        Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
-        (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+        The staged files are put in place and the code runs only after EndOfInputs: a call that
+        ends without it (cancelled, as when the controller refused an input) writes and runs
+        nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
+        bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +122,10 @@ def add_ExecutorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Executor(object):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @staticmethod

@@ -31,7 +31,10 @@ GRPC_VERSION: str
 
 class ExecutorStub:
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @_typing.overload
@@ -39,10 +42,12 @@ class ExecutorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
     Execute: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]
-    """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+    """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
     produced, then the changed files, and ends with one result. Cancelling interrupts the code.
-    Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
-    (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+    The staged files are put in place and the code runs only after EndOfInputs: a call that
+    ends without it (cancelled, as when the controller refused an input) writes and runs
+    nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
+    bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
     """
     Session: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]
     """Executions without input files, one after another on one long-lived call: write a request,
@@ -57,15 +62,20 @@ class ExecutorStub:
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
-    """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+    """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
     produced, then the changed files, and ends with one result. Cancelling interrupts the code.
-    Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
-    (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+    The staged files are put in place and the code runs only after EndOfInputs: a call that
+    ends without it (cancelled, as when the controller refused an input) writes and runs
+    nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
+    bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
     """
     Session: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]  # type: ignore[assignment]
     """Executions without input files, one after another on one long-lived call: write a request,
@@ -79,7 +89,10 @@ class ExecutorAsyncStub(ExecutorStub):
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
-    `petri-sandbox-uid`, which must equal the daemon's PETRI_SANDBOX_UID.
+    `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
+    executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
+    it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
+    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @_abc_1.abstractmethod
@@ -88,10 +101,12 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteInput],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvent], _abc.AsyncIterator[_executor_pb2.ExecuteEvent]]:
-        """First an ExecuteRequest, then input file chunks, then half-close. Streams output as it is
+        """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
         produced, then the changed files, and ends with one result. Cancelling interrupts the code.
-        Input problems abort the call before anything is written: INVALID_ARGUMENT for a bad path
-        (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
+        The staged files are put in place and the code runs only after EndOfInputs: a call that
+        ends without it (cancelled, as when the controller refused an input) writes and runs
+        nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
+        bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
         """
 
     @_abc_1.abstractmethod

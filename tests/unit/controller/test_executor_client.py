@@ -14,6 +14,7 @@ from controller.executor_client import ExecutorClient
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 UID = "sandbox-uid"
+KEY = "sandbox-key"
 
 
 def _events(code: str) -> list[executor_pb2.ExecuteEvent]:
@@ -28,8 +29,11 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
     image (which says so in its status, and answers UNIMPLEMENTED). Code "hang" never gets to
     its result."""
 
-    def __init__(self, has_session: bool) -> None:
+    def __init__(self, has_session: bool, has_end_of_inputs: bool = True) -> None:
         self.has_session = has_session
+        self.has_end_of_inputs = has_end_of_inputs
+        self.ends_of_inputs = 0
+        self.metadata: list[dict[str, Any]] = []
         self.sessions = 0
         self.session_executions = 0
         self.interrupted = 0
@@ -40,10 +44,13 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
         self, request_iterator: AsyncIterator[executor_pb2.ExecuteInput], context: Any
     ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
         self.execute_calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
         code = ""
         async for message in request_iterator:
             if message.HasField("request"):
                 code = message.request.code
+            elif message.HasField("end_of_inputs"):
+                self.ends_of_inputs += 1
             else:
                 self.files.append(message.file_chunk.path)
         for event in _events(code):
@@ -69,7 +76,9 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
     async def GetStatus(
         self, request: executor_pb2.GetStatusRequest, context: Any
     ) -> executor_pb2.ExecutorStatus:
-        return executor_pb2.ExecutorStatus(sessions=self.has_session)
+        return executor_pb2.ExecutorStatus(
+            sessions=self.has_session, end_of_inputs=self.has_end_of_inputs
+        )
 
 
 async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:
@@ -78,7 +87,7 @@ async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, Ex
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
-    return server, ExecutorClient(socket_path, UID, 1 << 20)
+    return server, ExecutorClient(socket_path, UID, KEY, 1 << 20)
 
 
 async def _run(
@@ -145,6 +154,43 @@ async def test_input_files_go_through_execute(tmp_path: Path) -> None:
         await client.close()
         await server.stop(None)
     assert servicer.files == ["a.csv", "b.csv"] and servicer.sessions == 0
+    assert servicer.ends_of_inputs == 1
+    metadata = servicer.metadata[0]
+    assert (metadata["petri-executor-key"], metadata["petri-sandbox-uid"]) == (KEY, UID)
+
+
+async def test_inputs_that_fail_their_checks_never_reach_end_of_inputs(tmp_path: Path) -> None:
+    """The controller refuses an input at a file boundary (a bad path): the executor must
+    not take the call as complete, and `sent` (the code may have run) is never called."""
+    servicer = StandIn(has_session=True)
+    server, client = await _serve(tmp_path, servicer)
+    sent: list[bool] = []
+
+    async def chunks() -> AsyncIterator[execution_pb2.FileChunk]:
+        yield execution_pb2.FileChunk(path="good.txt", data=b"g", final=True)
+        raise ValueError("../x is not a relative path")
+
+    try:
+        with pytest.raises(ValueError):
+            request = executor_pb2.ExecuteRequest(code="1+1")
+            async for _ in client.execute(request, chunks(), lambda: sent.append(True)):
+                pass
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert servicer.ends_of_inputs == 0 and not sent
+
+
+async def test_an_executor_of_an_older_image_gets_no_end_of_inputs(tmp_path: Path) -> None:
+    """Its status says it runs at half-close (and would refuse the message it does not know)."""
+    servicer = StandIn(has_session=True, has_end_of_inputs=False)
+    server, client = await _serve(tmp_path, servicer)
+    try:
+        assert await _run(client, "1+1", ["a.csv"]) == ["stdout", "result"]
+    finally:
+        await client.close()
+        await server.stop(None)
+    assert servicer.files == ["a.csv"] and servicer.ends_of_inputs == 0
 
 
 async def test_a_stream_without_files_goes_through_the_session(tmp_path: Path) -> None:

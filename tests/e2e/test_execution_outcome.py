@@ -1,0 +1,150 @@
+"""What a failed execution tells its caller about its code: an upload refused or stalled ran
+nothing and wrote nothing; an executor that dies or stops answering after the code was sent
+says the code may have run (never "retry"), and a stuck one leaves its sandbox TERMINATED."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from controller.config import Config
+from controller.server import Controller, start_controller
+from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
+from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
+
+if TYPE_CHECKING:
+    from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
+
+pytestmark = pytest.mark.e2e
+
+WRITES_RAN = "open('ran', 'w').write('x')"
+LEFT_BEHIND = "import os\n(os.path.exists('good.txt'), os.path.exists('ran'))"
+
+
+def _start(name: str, code: str, timeout: int) -> sandbox_pb2.StreamExecuteCodeRequest:
+    message = sandbox_pb2.StreamExecuteCodeRequest(
+        start=sandbox_pb2.ExecuteCodeStart(name=name, code=code)
+    )
+    message.start.timeout.FromSeconds(timeout)
+    return message
+
+
+def _chunk(path: str, data: bytes = b"g") -> sandbox_pb2.StreamExecuteCodeRequest:
+    return sandbox_pb2.StreamExecuteCodeRequest(
+        input_chunk=execution_pb2.FileChunk(path=path, data=data, final=True)
+    )
+
+
+@pytest.fixture(scope="module")
+async def impatient(
+    e2e_config: Config, controller: Controller, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stub]:
+    """A controller that waits one second beyond an execution's timeout and kill grace, and
+    takes 1 KiB of input files per execution."""
+    config = sibling_config(
+        e2e_config,
+        controller,
+        "impatient",
+        state_dir=tmp_path_factory.mktemp("impatient"),
+        executor_slack=timedelta(seconds=1),
+        max_input_bytes=1024,
+    )
+    running = await start_controller(config)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+        yield stub
+        page = await stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT))
+        for sandbox in page.sandboxes:
+            await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+    await running.stop(grace=1)
+
+
+async def test_an_input_refused_at_a_file_boundary_writes_and_runs_nothing(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    """The controller refuses `../x` after `good.txt` went through to the executor; the
+    executor used to take the cancelled call for a complete one (roughly 1 try in 3 to 12)."""
+    for _ in range(30):
+        requests = [_start(sandbox.name, WRITES_RAN, 30), _chunk("good.txt"), _chunk("../x")]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.StreamExecuteCode(iter(requests)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert value_of(await execute(stub, sandbox.name, LEFT_BEHIND)) == "(False, False)"
+
+
+async def test_an_upload_over_the_limit_writes_and_runs_nothing(impatient: Stub) -> None:
+    sandbox = await impatient.CreateSandbox(
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox_pb2.Sandbox())
+    )
+    for _ in range(30):
+        big = _chunk("big.bin", b"x" * 2048)
+        requests = [_start(sandbox.name, WRITES_RAN, 30), _chunk("good.txt"), big]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in impatient.StreamExecuteCode(iter(requests)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert value_of(await execute(impatient, sandbox.name, LEFT_BEHIND)) == "(False, False)"
+
+
+async def test_an_upload_that_stalls_writes_and_runs_nothing(impatient: Stub) -> None:
+    sandbox = await impatient.CreateSandbox(
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox_pb2.Sandbox())
+    )
+    finished = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+        yield _start(sandbox.name, WRITES_RAN, 1)
+        yield _chunk("good.txt")
+        await finished.wait()  # never half-closes while the call lasts
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in impatient.StreamExecuteCode(stalled()):
+                pass
+    finally:
+        finished.set()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "nothing ran" in (caught.value.details() or "")
+    assert value_of(await execute(impatient, sandbox.name, LEFT_BEHIND)) == "(False, False)"
+
+
+async def test_an_executor_killed_mid_execution_says_the_code_may_have_run(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    code = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+    events = stub.StreamExecuteCode(iter([_start(sandbox.name, code, 120)]))
+    seen = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in events:
+            seen.append(event)
+            if "started" in event.stdout:
+                podman("kill", f"petri-{sandbox.uid}")  # PID 1, from the host
+    assert any("started" in event.stdout for event in seen), seen
+    details = caught.value.details() or ""
+    assert caught.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "may have run" in details and "retry" not in details, details
+
+
+async def test_a_stuck_executor_leaves_its_sandbox_terminated(impatient: Stub) -> None:
+    sandbox = await impatient.CreateSandbox(
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox_pb2.Sandbox())
+    )
+    assert value_of(await execute(impatient, sandbox.name, "1")) == "1"
+    container = f"petri-{sandbox.uid}"
+    # The executor (PID 1's child) stopped: alive, answering nothing.
+    podman("exec", container, "sh", "-c", "kill -STOP $(cat /proc/1/task/1/children)")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await execute(impatient, sandbox.name, "2", timeout={"seconds": 1})
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.UNKNOWN, details
+    assert "may have run" in details and "retry" not in details, details
+    got = await impatient.GetSandbox(sandbox_pb2.GetSandboxRequest(name=sandbox.name))
+    assert got.state == sandbox_pb2.Sandbox.TERMINATED
+    assert "executor stopped answering" in got.state_message
+    assert container not in podman("ps", "-a", "--format", "{{.Names}}").split()

@@ -1,0 +1,111 @@
+"""The executor's gRPC service with a real supervisor and worker (no container): only the
+controller's key opens it, an upload counts only once EndOfInputs says it is complete, and no
+execution goes without a timeout."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from executor.daemon import KEY_METADATA, CallerCheck, ExecutorService, _take_key
+from executor.supervisor import Supervisor
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
+
+if TYPE_CHECKING:
+    from petri.v1.executor_pb2_grpc import ExecutorAsyncStub as Stub
+
+KEY = "the-controllers-secret"
+CODE = "open('ran', 'w').write('x')"
+
+
+@pytest.fixture
+async def stub(tmp_path: Path) -> AsyncIterator[Stub]:
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    supervisor = Supervisor(workspace)
+    await supervisor.start()
+    server = grpc.aio.server(interceptors=[CallerCheck(KEY)])
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorService(supervisor), server)
+    server.add_insecure_port(f"unix:{tmp_path / 'executor.sock'}")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'executor.sock'}") as channel:
+        yield executor_pb2_grpc.ExecutorStub(channel)
+    await server.stop(None)
+    await supervisor.close()
+
+
+def _request(code: str = CODE, timeout: int = 10) -> executor_pb2.ExecuteRequest:
+    return executor_pb2.ExecuteRequest(
+        code=code, timeout=Duration(seconds=timeout), max_input_bytes=1 << 20
+    )
+
+
+def _chunk(path: str) -> executor_pb2.ExecuteInput:
+    return executor_pb2.ExecuteInput(
+        file_chunk=execution_pb2.FileChunk(path=path, data=b"g", final=True)
+    )
+
+
+async def test_calls_without_the_key_are_refused(stub: Stub) -> None:
+    for metadata in ((), ((KEY_METADATA, "guess"),), (("petri-sandbox-uid", "x"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        call = stub.Execute(metadata=metadata)
+        await call.write(executor_pb2.ExecuteInput(request=_request()))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=((KEY_METADATA, KEY),))
+    assert status.end_of_inputs and status.sessions
+
+
+async def test_inputs_ended_without_end_of_inputs_write_and_run_nothing(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """grpc.aio can show a cancelled call to the executor as a half-closed one: a half-close
+    alone must not commit the files sent so far, nor run the code."""
+    call = stub.Execute(metadata=((KEY_METADATA, KEY),))
+    await call.write(executor_pb2.ExecuteInput(request=_request()))
+    await call.write(_chunk("good.txt"))
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert "nothing ran" in str(caught.value.details())
+    assert os.listdir(tmp_path / "workspace") == []
+
+
+async def test_end_of_inputs_commits_and_runs(stub: Stub, tmp_path: Path) -> None:
+    call = stub.Execute(metadata=((KEY_METADATA, KEY),))
+    await call.write(executor_pb2.ExecuteInput(request=_request()))
+    await call.write(_chunk("good.txt"))
+    await call.write(executor_pb2.ExecuteInput(end_of_inputs=executor_pb2.EndOfInputs()))
+    await call.done_writing()
+    events = [event async for event in call]
+    assert events[-1].HasField("result") and not events[-1].result.HasField("error")
+    assert sorted(os.listdir(tmp_path / "workspace")) == ["good.txt", "ran"]
+
+
+async def test_an_execution_without_a_timeout_is_refused(stub: Stub, tmp_path: Path) -> None:
+    session = stub.Session(metadata=((KEY_METADATA, KEY),))
+    await session.write(_request(timeout=0))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await session.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert os.listdir(tmp_path / "workspace") == []
+
+
+def test_the_key_is_taken_from_its_file_which_goes(tmp_path: Path) -> None:
+    (tmp_path / "executor.key").write_text("k3y")
+    assert _take_key(tmp_path / "executor.key") == "k3y"
+    assert not (tmp_path / "executor.key").exists()
+    with pytest.raises(SystemExit, match="refusing to serve"):
+        _take_key(tmp_path / "executor.key")
