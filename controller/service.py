@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2
 
 from controller import convert
 from controller.auth import ANYONE, Principal, TokenTable, current_caller
-from controller.errors import InvalidArgument, PetriError
+from controller.errors import InvalidArgument, OutcomeUnknown, PetriError
 from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
 from controller.file_inputs import check_files, checked_chunks, file_chunks
 from controller.list_filter import compile_filter
@@ -255,7 +255,10 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             async for event in events:
                 collector.add(event)
         if not collector.finished:
-            raise PetriError("the executor ended the execution without a result")
+            raise OutcomeUnknown(
+                "the executor ended the execution without a result: the code may have run; "
+                "check the sandbox before running it again"
+            )
         return collector.response()
 
     @_maps_errors
@@ -291,7 +294,10 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
                 for out in event_filter.convert(event):
                     yield out
         if not event_filter.finished:
-            raise PetriError("the executor ended the execution without a result")
+            raise OutcomeUnknown(
+                "the executor ended the execution without a result: the code may have run; "
+                "check the sandbox before running it again"
+            )
 
 
 async def _input_chunks(
