@@ -217,15 +217,15 @@ class PodmanRuntime:
         except podman.errors.NotFound:
             pass
 
-    async def list_managed(self, registry_label: str) -> list[ContainerStatus]:
+    async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return await self._call("list sandbox containers", self._list_managed, registry_label)
 
-    def _list_managed(self, registry_label: str) -> list[ContainerStatus]:
-        containers = self._client.containers.list(
-            all=True,
-            # The list form: podman-py turns a dict's list value into one mangled string.
-            filters=[f"label={LABEL_MANAGED}=true", f"label={LABEL_REGISTRY}={registry_label}"],
-        )
+    def _list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
+        # The list form: podman-py turns a dict's list value into one mangled string.
+        filters = [f"label={LABEL_MANAGED}=true"]
+        if registry_label is not None:
+            filters.append(f"label={LABEL_REGISTRY}={registry_label}")
+        containers = self._client.containers.list(all=True, filters=filters)
         statuses = []
         for container in containers:
             attrs = container.attrs
