@@ -44,9 +44,15 @@ EXECUTOR_CAPABILITIES = (
 )
 
 
+# podman's default profile, less new namespaces and unusual socket families (docs/security.md);
+# scripts/seccomp-profiles writes it. The podman service reads it: it runs on this host.
+SECCOMP_PROFILE = Path(__file__).parent / "seccomp" / "runc.json"
+
+
 class PodmanRuntime:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, seccomp_profile: Path = SECCOMP_PROFILE) -> None:
         self._socket_path = socket_path
+        self._seccomp_profile = seccomp_profile
         self._client = podman.PodmanClient(base_url=f"unix://{socket_path}", timeout=60)
 
     def __repr__(self) -> str:
@@ -131,7 +137,10 @@ class PodmanRuntime:
             "cap_drop": ["ALL"],
             "cap_add": list(EXECUTOR_CAPABILITIES),
             "no_new_privileges": True,
+            # Also the executor's: it needs no namespaces or unusual sockets either.
+            "seccomp_profile_path": str(self._seccomp_profile),
             "read_only": True,
+            "shm_size": spec.shm_bytes,
             "mounts": [
                 {"type": "tmpfs", "target": "/workspace", "size": str(spec.workspace_bytes)},
                 {"type": "tmpfs", "target": "/tmp", "size": str(spec.tmp_bytes)},

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.auth import TokenTable
 from controller.config import Config
 from controller.execution_results import OutputLimits
+from controller.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
 from controller.gvisor import runsc_wrapper
 from controller.podman_runtime import PodmanRuntime
 from controller.podman_service import PodmanService
@@ -124,7 +125,7 @@ async def _start_gvisor(config: Config) -> tuple[PodmanService | None, PodmanRun
         oci_runtime=wrapper,
     )
     await service.start()
-    return service, PodmanRuntime(service.socket_path)
+    return service, PodmanRuntime(service.socket_path, seccomp_profile=GVISOR_SECCOMP_PROFILE)
 
 
 async def start_controller(config: Config) -> Controller:
