@@ -169,7 +169,7 @@ async def start_controller(config: Config) -> Controller:
         memory="memory cgroup" if host.memory else "RLIMIT_AS per process of user code",
         cpu="cpu cgroup" if host.cpu else "not enforced (no cpu cgroup delegated)",
         processes="RLIMIT_NPROC per sandbox (own uids)" + (" + pids cgroup" if host.pids else ""),
-        disk="tmpfs size of /workspace and /tmp",
+        disk="tmpfs size of /workspace, /tmp and /dev/shm",
         open_files="RLIMIT_NOFILE",
         output="executor and controller caps",
     )
