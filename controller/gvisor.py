@@ -2,8 +2,9 @@
 
 runsc runs rootless under podman with cgroups ignored (rootless podman on cgroups v1 cannot
 use them anyway), no network of its own, and `--host-uds=all` so that the host can reach the
-executor's unix socket in the sandbox (see PLATFORM.md). The flags go in a wrapper script,
-which the second service is told to use as its OCI runtime.
+executor's unix socket in the sandbox (see PLATFORM.md), and with the container's seccomp
+profile applied inside gVisor (`--oci-seccomp`; runsc ignores it otherwise). The flags go in a
+wrapper script, which the second service is told to use as its OCI runtime.
 """
 
 import os
@@ -18,8 +19,11 @@ for arg do
   shift
   [ "$arg" = "--no-new-keyring" ] || set -- "$@" "$arg"
 done
-exec {runsc} --ignore-cgroups --network=none --host-uds=all "$@"
+exec {runsc} --ignore-cgroups --network=none --host-uds=all --oci-seccomp "$@"
 """
+# What user code may ask of gVisor's kernel (runsc applies it with --oci-seccomp): no new
+# namespaces, no unusual socket families; scripts/seccomp-profiles writes it.
+SECCOMP_PROFILE = Path(__file__).parent / "seccomp" / "gvisor.json"
 
 
 def runsc_wrapper(runsc_binary: str, directory: Path) -> Path | None:

@@ -46,9 +46,15 @@ EXECUTOR_CAPABILITIES = (
 )
 
 
+# podman's default profile, less new namespaces and unusual socket families (docs/security.md);
+# scripts/seccomp-profiles writes it. The podman service reads it: it runs on this host.
+SECCOMP_PROFILE = Path(__file__).parent / "seccomp" / "runc.json"
+
+
 class PodmanRuntime:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, seccomp_profile: Path = SECCOMP_PROFILE) -> None:
         self._socket_path = socket_path
+        self._seccomp_profile = seccomp_profile
         self._client = podman.PodmanClient(base_url=f"unix://{socket_path}", timeout=60)
         # Told of every failure that says podman itself may be unwell (see PodmanHealth).
         self.on_unavailable: Callable[[str], None] | None = None
@@ -147,7 +153,10 @@ class PodmanRuntime:
             "cap_drop": ["ALL"],
             "cap_add": list(EXECUTOR_CAPABILITIES),
             "no_new_privileges": True,
+            # Also the executor's: it needs no namespaces or unusual sockets either.
+            "seccomp_profile_path": str(self._seccomp_profile),
             "read_only": True,
+            "shm_size": spec.shm_bytes,
             "mounts": [
                 {"type": "tmpfs", "target": "/workspace", "size": str(spec.workspace_bytes)},
                 {"type": "tmpfs", "target": "/tmp", "size": str(spec.tmp_bytes)},
@@ -265,15 +274,15 @@ class PodmanRuntime:
         except podman.errors.NotFound:
             pass
 
-    async def list_managed(self, registry_label: str) -> list[ContainerStatus]:
+    async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return await self._call("list sandbox containers", self._list_managed, registry_label)
 
-    def _list_managed(self, registry_label: str) -> list[ContainerStatus]:
-        containers = self._client.containers.list(
-            all=True,
-            # The list form: podman-py turns a dict's list value into one mangled string.
-            filters=[f"label={LABEL_MANAGED}=true", f"label={LABEL_REGISTRY}={registry_label}"],
-        )
+    def _list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
+        # The list form: podman-py turns a dict's list value into one mangled string.
+        filters = [f"label={LABEL_MANAGED}=true"]
+        if registry_label is not None:
+            filters.append(f"label={LABEL_REGISTRY}={registry_label}")
+        containers = self._client.containers.list(all=True, filters=filters)
         statuses = []
         for container in containers:
             attrs = container.attrs

@@ -33,6 +33,8 @@ class ContainerSpec:
     workspace_bytes: int
     tmp_bytes: int
     open_files: int
+    # /dev/shm (POSIX shared memory and semaphores: multiprocessing's locks and queues).
+    shm_bytes: int = 64 << 20
     # The user namespace: container uids 0..userns_size-1 on the service user's subordinate
     # ids from the first; 0 for the service's own (gVisor: its gofer opens the socket
     # directory on the host as the service user). The same for every sandbox, so all share
@@ -105,7 +107,9 @@ class ContainerRuntime(Protocol):
         """Kills and removes a container; a missing one is not an error."""
         ...
 
-    async def list_managed(self, registry_label: str) -> list[ContainerStatus]: ...
+    async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
+        """The containers of one registry, or of every registry (None) on this podman."""
+        ...
 
     async def logs_tail(self, name: str, lines: int) -> str: ...
 

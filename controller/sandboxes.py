@@ -56,7 +56,7 @@ from controller.runtime import (
 )
 from controller.units import format_duration
 from controller.warm_pool import WarmPool
-from controller.worker_uids import WorkerUids
+from controller.worker_uids import WorkerUids, shared_directory
 from petri.v1 import execution_pb2, executor_pb2
 
 log = structlog.get_logger()
@@ -167,9 +167,6 @@ class SandboxManager:
         self._provisioning: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._host = HostCapabilities("unknown", memory=False, cpu=False, pids=False)
         self._pool = WarmPool({}, self._start_pool_member)
-        # The uid user code runs as, by sandbox uid (the executor is the sandbox's root).
-        self._worker_uids = WorkerUids(config.userns_size)
-        self._worker_uid_of: dict[str, int] = {}
         # The secret each sandbox's executor wants with every call, by sandbox uid (also a
         # label of its container, for a restarted controller).
         self._executor_keys: dict[str, str] = {}
@@ -178,6 +175,10 @@ class SandboxManager:
         self.registry_label = hashlib.sha256(
             str(config.database_path.resolve()).encode()
         ).hexdigest()[:12]
+        # The uid user code runs as, by sandbox uid (the executor is the sandbox's root):
+        # reserved host-wide, with every controller of this service user.
+        self._worker_uids = WorkerUids(config.userns_size, shared_directory(), self.registry_label)
+        self._worker_uid_of: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<SandboxManager registry={self.registry_label} clients={len(self._clients)}>"
@@ -202,7 +203,9 @@ class SandboxManager:
                 f"({len(str(longest))} > {MAX_SOCKET_PATH} bytes): choose a shorter --runtime-dir"
             )
         self._socket_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._worker_uids.open()
         await self._adopt()
+        await self._reconcile_worker_uids()
         self._pool = WarmPool(await self._pool_sizes(), self._start_pool_member)
         self._pool.start()
 
@@ -623,7 +626,7 @@ class SandboxManager:
             LABEL_REGISTRY: self.registry_label,
             LABEL_UID: record.uid,
         }
-        worker_uid = self._worker_uids.take()
+        worker_uid = await self._take_worker_uid()
         self._worker_uid_of[record.uid] = worker_uid
         labels[LABEL_WORKER_UID] = str(worker_uid)
         # A file only the sandbox's root can read (not the environment: gVisor shows PID 1's
@@ -1032,6 +1035,24 @@ class SandboxManager:
         client = self._clients.pop(uid, None)
         if client is not None:
             await client.close()
+
+    async def _take_worker_uid(self) -> int:
+        try:
+            return self._worker_uids.take()
+        except ResourceExhausted:
+            # Controllers that died may still hold some: reclaim those and look again.
+            await self._reconcile_worker_uids()
+            return self._worker_uids.take()
+
+    async def _reconcile_worker_uids(self) -> None:
+        # The stale ones first, the containers after: a controller that is gone makes none.
+        stale = await asyncio.to_thread(self._worker_uids.stale)
+        in_containers = {
+            int(value)
+            for container in await self._runtime.list_managed(None)
+            if (value := container.labels.get(LABEL_WORKER_UID, "")).isdigit()
+        }
+        await asyncio.to_thread(self._worker_uids.reconcile, stale, in_containers)
 
     def _release_worker_uid(self, uid: str) -> None:
         worker_uid = self._worker_uid_of.pop(uid, None)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.auth import TokenTable
 from controller.config import Config
 from controller.execution_results import OutputLimits
+from controller.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
 from controller.gvisor import runsc_wrapper
 from controller.interceptors import BudgetLimits, Context, OpenAnswer, RequestBudget, RequestGuard
 from controller.podman_runtime import PodmanRuntime
@@ -146,7 +147,7 @@ async def _start_gvisor(config: Config) -> tuple[PodmanService | None, PodmanRun
         oci_runtime=wrapper,
     )
     await service.start()
-    return service, PodmanRuntime(service.socket_path)
+    return service, PodmanRuntime(service.socket_path, seccomp_profile=GVISOR_SECCOMP_PROFILE)
 
 
 def _watch_podman(
@@ -216,7 +217,7 @@ async def start_controller(config: Config) -> Controller:
         memory="memory cgroup" if host.memory else "RLIMIT_AS per process of user code",
         cpu="cpu cgroup" if host.cpu else "not enforced (no cpu cgroup delegated)",
         processes="RLIMIT_NPROC per sandbox (own uids)" + (" + pids cgroup" if host.pids else ""),
-        disk="tmpfs size of /workspace and /tmp",
+        disk="tmpfs size of /workspace, /tmp and /dev/shm",
         open_files="RLIMIT_NOFILE",
         output="executor and controller caps",
     )
