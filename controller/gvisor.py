@@ -23,7 +23,7 @@ exec {runsc} --ignore-cgroups --network=none --host-uds=all --oci-seccomp "$@"
 """
 # What user code may ask of gVisor's kernel (runsc applies it with --oci-seccomp): no new
 # namespaces, no unusual socket families; scripts/seccomp-profiles writes it.
-SECCOMP_PROFILE = Path(__file__).parent / "seccomp" / "gvisor.json"
+SECCOMP_PROFILE = Path(__file__).parent / "seccomp-gvisor.json"
 
 
 def runsc_wrapper(runsc_binary: str, directory: Path) -> Path | None:

@@ -48,7 +48,7 @@ EXECUTOR_CAPABILITIES = (
 
 # podman's default profile, less new namespaces and unusual socket families (docs/security.md);
 # scripts/seccomp-profiles writes it. The podman service reads it: it runs on this host.
-SECCOMP_PROFILE = Path(__file__).parent / "seccomp" / "runc.json"
+SECCOMP_PROFILE = Path(__file__).parent / "seccomp-runc.json"
 
 
 class PodmanRuntime:
