@@ -9,6 +9,7 @@
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
     ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive
+    ├── Cancelled                 CANCELLED          the caller cancelled an upload: nothing ran
     ├── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable;
     │                                                  nothing ran, so a retry is safe
     └── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
@@ -58,6 +59,10 @@ class ResourceExhausted(PetriError):
 
 class DeadlineExceeded(PetriError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(PetriError):
+    status = grpc.StatusCode.CANCELLED
 
 
 class Unavailable(PetriError):

@@ -1,17 +1,18 @@
 """Input files on their way into a sandbox: checked here, before any byte reaches it.
 
-Paths must be plain relative paths (executor.paths: at most 4096 bytes) of at most
+Paths must be plain relative paths (executor.paths: at most 4084 bytes) of at most
 MAX_PATH_DEPTH components and MAX_COMPONENT_BYTES bytes per component; each file's chunks
-consecutive and ended by a chunk marked final, each path sent once, and the total within the
-server's limit. A refused request writes nothing: the executor stages inputs and only puts them
-in place once the whole request was accepted.
+consecutive and ended by a chunk marked final, each path sent once and none inside another
+(executor.paths.RequestPaths), and the total within the server's limit. A refused request
+writes nothing: the executor stages inputs and only puts them in place once the whole request
+was accepted.
 """
 
 from collections.abc import AsyncIterator, Sequence
 
 from controller.errors import InvalidArgument, ResourceExhausted
 from controller.quoting import quote
-from executor.paths import InvalidPath, check_relative_path
+from executor.paths import InvalidPath, PathConflict, RequestPaths, check_relative_path
 from petri.v1 import execution_pb2
 
 # Unary requests are cut into chunks of this size on their way to the executor.
@@ -22,9 +23,9 @@ MAX_COMPONENT_BYTES = 255
 MAX_PATH_DEPTH = 64
 
 
-def check_input_path(path: str) -> None:
-    """InvalidArgument, quoting a bounded prefix of the path, unless `path` is a plain
-    relative path within every limit."""
+def check_input_path(path: str) -> tuple[str, ...]:
+    """The path's components; InvalidArgument, quoting a bounded prefix of the path, unless
+    `path` is a plain relative path within every limit."""
     try:
         parts = check_relative_path(path)
     except InvalidPath as exc:  # its message quotes the whole path: quote a prefix instead
@@ -41,13 +42,14 @@ def check_input_path(path: str) -> None:
                 f"file path {quote(path)} has a component of {size} bytes ({quote(part)}), "
                 f"more than the maximum of {MAX_COMPONENT_BYTES}"
             )
+    return parts
 
 
 class InputChecker:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._total = 0
-        self._paths: set[str] = set()
+        self._paths = RequestPaths()
         self._open_path: str | None = None
 
     def check(self, chunk: execution_pb2.FileChunk) -> execution_pb2.FileChunk:
@@ -58,10 +60,11 @@ class InputChecker:
                     f"file {quote(self._open_path)} ended without a chunk marked final "
                     f"before chunks of {quote(chunk.path)}"
                 )
-            check_input_path(chunk.path)
-            if chunk.path in self._paths:
-                raise InvalidArgument(f"file {quote(chunk.path)} is sent twice")
-            self._paths.add(chunk.path)
+            parts = check_input_path(chunk.path)
+            try:
+                self._paths.add(chunk.path, parts)
+            except PathConflict as conflict:
+                raise InvalidArgument(_conflict_message(conflict)) from None
             self._open_path = chunk.path
         self.add_bytes(len(chunk.data))
         if chunk.final:
@@ -81,6 +84,15 @@ class InputChecker:
             raise InvalidArgument(
                 f"file {quote(self._open_path)} ended without a chunk marked final"
             )
+
+
+def _conflict_message(conflict: PathConflict) -> str:
+    if conflict.path == conflict.other:
+        return f"file {quote(conflict.path)} is sent twice"
+    return (
+        f"files {quote(conflict.other)} and {quote(conflict.path)} cannot both be written: the "
+        "first would have to be a directory of the second; nothing was written"
+    )
 
 
 def check_files(files: Sequence[execution_pb2.File], max_bytes: int) -> None:

@@ -4,6 +4,7 @@ The logic lives in :class:`controller.sandboxes.SandboxManager`; this layer turn
 its calls and its errors into status codes (through :mod:`controller.errors`, in one decorator).
 """
 
+import asyncio
 import contextlib
 import functools
 import secrets
@@ -17,7 +18,7 @@ from google.protobuf import empty_pb2
 
 from controller import convert
 from controller.auth import ANYONE, Principal, TokenTable, current_caller
-from controller.errors import InvalidArgument, OutcomeUnknown, PetriError
+from controller.errors import Cancelled, InvalidArgument, OutcomeUnknown, PetriError
 from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
 from controller.file_inputs import check_files, checked_chunks, file_chunks
 from controller.list_filter import compile_filter
@@ -285,7 +286,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         start = first.start
         name = parse_sandbox_name(start.name)
         self._caller(context).check_project(name.project)
-        inputs = checked_chunks(_input_chunks(request_iterator), self._max_input_bytes)
+        inputs = checked_chunks(_input_chunks(request_iterator, context), self._max_input_bytes)
         event_filter = EventFilter(self._limits)
         async with contextlib.aclosing(
             self._manager.execute(name, start.code, _timeout_of(start), inputs)
@@ -300,15 +301,39 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             )
 
 
+# grpc.aio ends a request stream alike for a half-close and for a call the client cancelled
+# or let pass its deadline; the cancellation reaches the handler a moment later (measured: a
+# tenth of a millisecond). Input files are put in place only after a half-close, so an upload
+# waits this long before it counts as complete.
+HALF_CLOSE_SETTLE_SECONDS = 0.02
+
+
 async def _input_chunks(
-    requests: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest],
+    requests: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest], context: Context
 ) -> AsyncIterator[execution_pb2.FileChunk]:
+    sent_any = False
     async for message in requests:
         if not message.HasField("input_chunk"):
             raise InvalidArgument(
                 "after `start`, StreamExecuteCode takes only input_chunk messages"
             )
+        sent_any = True
         yield message.input_chunk
+    if sent_any:  # without files there is nothing to put in place, and a cancel interrupts
+        await _check_half_closed(context)
+
+
+async def _check_half_closed(context: Context) -> None:
+    """Cancelled (or the call's cancellation itself) unless the client really half-closed."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 0:
+        await asyncio.sleep(HALF_CLOSE_SETTLE_SECONDS)
+        remaining = context.time_remaining()
+    if context.cancelled() or context.done() or (remaining is not None and remaining <= 0):
+        raise Cancelled(
+            "the request stream ended with the call cancelled or past its deadline, not "
+            "half-closed: no input file was written and nothing ran"
+        )
 
 
 def _timeout_of(

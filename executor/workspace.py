@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from executor.paths import MAX_PATH_BYTES, InvalidPath, check_relative_path
+from executor.paths import MAX_PATH_BYTES, InvalidPath, RequestPaths, check_relative_path
 from petri.v1 import execution_pb2
 
 STAGING_PREFIX = ".petri-incoming-"
@@ -68,7 +68,7 @@ class InputStager:
     owner: tuple[int, int] | None = None
     total_bytes: int = 0
     _files: list[_StagedFile] = field(default_factory=list)
-    _paths: set[str] = field(default_factory=set)
+    _paths: RequestPaths = field(default_factory=RequestPaths)
     _dir_name: str = ""
     _dir_fd: int | None = None
     _fd: int | None = None
@@ -80,11 +80,10 @@ class InputStager:
                 raise InvalidPath(
                     f"file {'/'.join(current.parts)!r} ended without a chunk marked final"
                 )
-            if chunk.path in self._paths:
-                raise InvalidPath(f"file {chunk.path!r} is sent twice")
-            current = _StagedFile(check_relative_path(chunk.path), str(len(self._files)))
+            parts = check_relative_path(chunk.path)
+            self._paths.add(chunk.path, parts)  # none twice, none inside another
+            current = _StagedFile(parts, str(len(self._files)))
             self._files.append(current)
-            self._paths.add(chunk.path)
             self._open(current)
         self.total_bytes += len(chunk.data)
         if self.total_bytes > self.max_bytes:
@@ -255,6 +254,10 @@ def _check_target(root: Path, parts: tuple[str, ...]) -> None:
             info = os.lstat(current)
         except FileNotFoundError:
             return  # the rest will be created
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES...: refused, nothing written
+            raise InvalidPath(
+                f"file path {path[:64]!r}... cannot be checked: {exc.strerror}"
+            ) from None
         last = index == len(parts) - 1
         if stat.S_ISLNK(info.st_mode):
             raise InvalidPath(

@@ -114,6 +114,76 @@ async def test_an_upload_that_stalls_writes_and_runs_nothing(impatient: Stub) ->
     assert value_of(await execute(impatient, sandbox.name, LEFT_BEHIND)) == "(False, False)"
 
 
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_an_upload_its_client_abandons_writes_and_runs_nothing(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox, how: str
+) -> None:
+    """A client that cancels, or whose deadline passes, after a complete file but before its
+    half-close: grpc.aio ends the controller's request stream as if it had half-closed."""
+    for wait in (0.0, 0.01, 0.05, 0.2, 0.5):  # the call ends at various points of the upload
+        finished = asyncio.Event()
+
+        async def abandoned(
+            finished: asyncio.Event = finished,
+        ) -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+            yield _start(sandbox.name, WRITES_RAN, 30)
+            yield _chunk("good.txt")
+            await finished.wait()  # never half-closes while the call lasts
+
+        timeout = wait + 0.05 if how == "deadline" else None
+        call = stub.StreamExecuteCode(abandoned(), timeout=timeout)
+        try:
+            if how == "cancel":
+                await asyncio.sleep(wait)
+                call.cancel()
+            with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+                async for _ in call:
+                    pass
+        finally:
+            finished.set()
+        assert value_of(await execute(stub, sandbox.name, LEFT_BEHIND)) == "(False, False)"
+
+
+async def test_files_of_one_request_that_need_each_other_as_directories_write_nothing(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    for paths in (["a/b", "a/b/c"], ["a/b/c", "a/b"]):
+        request = sandbox_pb2.ExecuteCodeRequest(
+            name=sandbox.name,
+            code=WRITES_RAN,
+            files=[execution_pb2.File(path=path, content=b"x") for path in paths],
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ExecuteCode(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "cannot both be written" in (caught.value.details() or "")
+        check = "import os\n(os.path.exists('a'), os.path.exists('ran'))"
+        assert value_of(await execute(stub, sandbox.name, check)) == "(False, False)"
+
+
+async def test_an_input_path_at_the_length_limit_is_written_again_and_one_byte_more_refused(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    """/workspace/ and the longest path fit PATH_MAX: the second upload, whose directories
+    exist, used to fail in the executor (ENAMETOOLONG) and say the code may have run."""
+    longest = "/".join(["d" * 240] * 16) + "/" + "f" * (4084 - 16 * 241)
+    assert len(longest) == 4084
+    for attempt in range(2):
+        code = f"open('ran{attempt}', 'w').write('x')\nlen(open({longest!r}).read())"
+        request = sandbox_pb2.ExecuteCodeRequest(
+            name=sandbox.name, code=code, files=[execution_pb2.File(path=longest, content=b"xy")]
+        )
+        assert value_of(await stub.ExecuteCode(request)) == "2"
+    too_long = sandbox_pb2.ExecuteCodeRequest(
+        name=sandbox.name, code="1", files=[execution_pb2.File(path=longest + "g", content=b"")]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExecuteCode(too_long)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "longer than 4084 bytes" in (caught.value.details() or "")
+    await execute(stub, sandbox.name, "import shutil\nshutil.rmtree('d' * 240)")
+
+
 async def test_an_executor_killed_mid_execution_says_the_code_may_have_run(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
 ) -> None:

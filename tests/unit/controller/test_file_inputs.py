@@ -30,11 +30,11 @@ def test_paths_within_the_limits_pass(path: str) -> None:
         ("a" * (MAX_COMPONENT_BYTES + 1), "component of 256 bytes"),
         ("dir/" + "é" * 128, "component of 256 bytes"),
         ("/".join(["d"] * (MAX_PATH_DEPTH + 1)), "65 components, more than the maximum of 64"),
-        ("/".join(["d"] * 3000), "longer than 4096 bytes"),
+        ("/".join(["d"] * 3000), "longer than 4084 bytes"),
         ("/" + "x" * 4000, "is absolute"),
         ("a/../" + "x" * 4000, "contains '..'"),
         ("x" * 4000 + "\0", "NUL"),
-        ("x" * (1 << 20), "longer than 4096 bytes"),
+        ("x" * (1 << 20), "longer than 4084 bytes"),
     ],
 )
 def test_paths_beyond_a_limit_are_invalid_argument_quoting_a_prefix(
@@ -59,3 +59,17 @@ def test_a_file_left_open_is_named_by_a_prefix() -> None:
     with pytest.raises(InvalidArgument, match="without a chunk marked final") as caught:
         checker.check(execution_pb2.FileChunk(path="b", final=True))
     assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "paths", [("a/b", "a/b/c"), ("a/b/c", "a/b"), ("x", "x/y/z"), ("x/y/z", "x/y")]
+)
+def test_a_file_where_another_needs_a_directory_is_refused(paths: tuple[str, str]) -> None:
+    files = [execution_pb2.File(path=path, content=b"x") for path in paths]
+    with pytest.raises(InvalidArgument, match="cannot both be written"):
+        check_files(files, 1 << 20)
+
+
+def test_siblings_and_shared_directories_are_fine() -> None:
+    paths = ("a/b/c", "a/b/d", "a/e", "f")
+    check_files([execution_pb2.File(path=path, content=b"x") for path in paths], 1 << 20)
