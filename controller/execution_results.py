@@ -16,6 +16,9 @@ TRUNCATION_MARKER = "\n[petri: output truncated: {stream} exceeded {limit} bytes
 # Omitted files from the executor are shown to the caller: at most this many entries (the rest
 # are counted in one more, with no path), each path and reason cut to these sizes.
 MAX_OMITTED_ENTRIES = 1000
+# The count of entries not listed, the executor's own summary included, is capped at this
+# (an honest executor's is bounded by its scan, about 200,000).
+MAX_UNLISTED_COUNT = 1_000_000
 MAX_OMITTED_PATH_BYTES = 4096
 MAX_OMITTED_REASON_BYTES = 500
 
@@ -183,11 +186,15 @@ class EventFilter:
         if self._file is not None and not self._file.final and not self._file.dropped:
             self._omit(self._file.path, self._file.size, "the sandbox ended the file early")
         for omitted in result.omitted_files:
-            self._omit(omitted.path, omitted.size, omitted.reason)
+            if not omitted.path and omitted.size > 0:  # the executor's summary: size counts
+                self._unlisted += min(omitted.size, MAX_UNLISTED_COUNT)
+            else:
+                self._omit(omitted.path, omitted.size, omitted.reason)
         if self._unlisted:
+            unlisted = min(self._unlisted, MAX_UNLISTED_COUNT)
             self._omitted.append(
                 execution_pb2.OmittedFile(
-                    reason=f"{self._unlisted} more omitted entries are not listed"
+                    size=unlisted, reason=f"{unlisted} more omitted entries are not listed"
                 )
             )
         self.finished = True

@@ -53,7 +53,8 @@ EMIT_QUEUE_SIZE = 16
 # a short execution's output and result then cost one write instead of several. Output of a
 # longer one reaches the caller this much later, which nobody watching it will notice.
 BATCH_WINDOW = 0.005
-# Omitted files listed in a result (the rest are counted in one more entry, with no path):
+# Omitted files listed in a result (the rest are counted in one more entry, with no path and
+# the count as its size):
 # a result must stay well within gRPC's message limit whatever the code left in /workspace.
 MAX_OMITTED_FILES = 1000
 # A group stops short of this size, so that messages stay within gRPC's limits (an event
@@ -583,16 +584,21 @@ class Supervisor:
         if error is not None:
             result.error.CopyFrom(error)
         after = workspace.snapshot(self.workspace)
+        problems = workspace.scan_problems(before, after)
         omitted = [
             execution_pb2.OmittedFile(path=problem.path, reason=problem.reason)
-            for problem in workspace.scan_problems(before, after)
+            for problem in problems
+            if not problem.unlisted
         ]
         omitted += await self._emit_files(workspace.changed_files(before, after), request, emit)
-        if len(omitted) > MAX_OMITTED_FILES:
-            more = len(omitted) - MAX_OMITTED_FILES
-            del omitted[MAX_OMITTED_FILES:]
+        more = sum(problem.unlisted for problem in problems)
+        more += max(0, len(omitted) - MAX_OMITTED_FILES)
+        del omitted[MAX_OMITTED_FILES:]
+        if more:  # the summary entry: an empty path, and the count in size
             omitted.append(
-                execution_pb2.OmittedFile(reason=f"{more} more files were omitted; not listed")
+                execution_pb2.OmittedFile(
+                    size=more, reason=f"{more} more omitted entries are not listed"
+                )
             )
         result.omitted_files.extend(omitted)
         await emit(executor_pb2.ExecuteEvent(result=result))

@@ -277,6 +277,7 @@ class Unscanned:
 
     path: str  # as shown to the caller: valid UTF-8, at most MAX_PATH_BYTES bytes
     reason: str
+    unlisted: int = 0  # > 0: not a path but the count of problems not listed
 
 
 @dataclass
@@ -459,7 +460,7 @@ def scan_problems(before: Snapshot, after: Snapshot) -> list[Unscanned]:
     problems = list(after.unscanned)
     if after.unlisted:
         problems.append(
-            Unscanned("", f"{after.unlisted} more paths could not be scanned; not listed")
+            Unscanned("", f"{after.unlisted} more paths could not be scanned", after.unlisted)
         )
     stop = _first_stop(before, after)
     if stop is not None:

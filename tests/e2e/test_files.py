@@ -312,3 +312,20 @@ async def test_a_file_name_that_is_not_utf8_is_omitted_and_the_result_arrives(
     assert value_of(later) == "[b'caf\\xe9.txt']" and not later.omitted_files
     renamed = await execute(stub, sandbox.name, "os.rename(b'caf\\xe9.txt', 'cafe.txt')")
     assert [(f.path, f.content) for f in renamed.files] == [("cafe.txt", b"x")]
+
+
+async def test_files_beyond_the_listed_omitted_entries_are_counted_exactly(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    # 3,000 files, 1,000 returned (the default max_output_files): 2,000 omitted, of which the
+    # executor lists 1,000 and counts the other 1,000 in its summary entry.
+    code = "for i in range(3000):\n    open(f'{i:04}.txt', 'w').write('x')\nprint('made')"
+    made = await execute(stub, sandbox.name, code)
+    assert made.stdout == "made\n" and not made.HasField("error"), made.error
+    assert len(made.files) == 1000
+    *listed, summary = made.omitted_files
+    assert len(listed) == 1000 and all(o.path and o.size == 1 for o in listed)
+    assert (summary.path, summary.size) == ("", 1000)
+    assert summary.reason == "1000 more omitted entries are not listed"
+    returned = {f.path for f in made.files} | {o.path for o in listed}
+    assert len(returned) == 2000

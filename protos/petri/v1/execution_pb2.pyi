@@ -266,7 +266,8 @@ class OmittedFile(_message.Message):
     """A file the code created or changed that was not returned, or a part of /workspace that was
     not checked for changes (too deep, too many entries, the scan's time ran out), and why. At most
     1000 per response (at most 4096 bytes of path and 500 of reason each); one more entry, with an
-    empty path, counts those not listed.
+    empty path, counts those not listed: its size is that count (at most 1,000,000), its reason
+    says it in words. (An empty path with size 0 is /workspace itself, e.g. not scanned.)
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -277,7 +278,9 @@ class OmittedFile(_message.Message):
     path: _builtins.str
     """OUTPUT_ONLY. As File.path; a name that is not valid UTF-8 shows its bytes as \\xNN escapes."""
     size: _builtins.int
-    """OUTPUT_ONLY. Size in bytes (0 for a directory that was not scanned)."""
+    """OUTPUT_ONLY. Size in bytes (0 for a directory that was not scanned); in the entry that
+    counts those not listed (empty path), the count.
+    """
     reason: _builtins.str
     """OUTPUT_ONLY. E.g. "the files returned already total 100 MiB, the limit per response",
     "deeper than 64 levels: not scanned", "its name is not valid UTF-8: not returned ...".

@@ -404,4 +404,6 @@ async def test_omitted_files_are_listed_up_to_a_bound(supervisor: Supervisor) ->
     assert len(ran.files) == 1
     omitted = ran.result.omitted_files
     assert len(omitted) == MAX_OMITTED_FILES + 1
-    assert (omitted[-1].path, omitted[-1].reason) == ("", "9 more files were omitted; not listed")
+    summary = omitted[-1]
+    assert (summary.path, summary.size) == ("", 9)
+    assert summary.reason == "9 more omitted entries are not listed"

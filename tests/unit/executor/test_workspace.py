@@ -254,7 +254,7 @@ def test_problems_beyond_the_cap_are_counted_not_listed(tmp_path: Path) -> None:
     after = snapshot(tmp_path, max_depth=1)
     problems = scan_problems(snapshot(tmp_path, max_depth=1), after)
     assert len(problems) == MAX_SCAN_PROBLEMS + 1
-    assert problems[-1] == Unscanned("", "5 more paths could not be scanned; not listed")
+    assert problems[-1] == Unscanned("", "5 more paths could not be scanned", 5)
 
 
 def test_a_file_replaced_by_a_fifo_or_a_directory_is_not_read(tmp_path: Path) -> None:
