@@ -121,7 +121,7 @@ class Config:
         "controller waiting (for input files, for events) before the sandbox is marked "
         "TERMINATED as stuck",
         parse_duration,
-        default=timedelta(seconds=120),
+        default=timedelta(seconds=30),
     )
     start_timeout: timedelta = _opt(
         "how long a new sandbox may take to become ready",

@@ -77,6 +77,9 @@ MIN_PROCESSES = 32
 PRELOAD_POLL_INTERVAL = 0.02
 # At shutdown, how long deleting the warm pool's members may take (a restart removes the rest).
 POOL_DRAIN_TIMEOUT = 10.0
+# Beyond the kill grace, how long an executor whose caller left an execution may take to
+# answer a status call before its sandbox is marked TERMINATED as stuck.
+ANSWER_CHECK_SLACK = timedelta(seconds=5)
 
 
 def utcnow() -> datetime:
@@ -179,6 +182,9 @@ class SandboxManager:
         # reserved host-wide, with every controller of this service user.
         self._worker_uids = WorkerUids(config.userns_size, shared_directory(), self.registry_label)
         self._worker_uid_of: dict[str, int] = {}
+        # Checks that an executor still answers after an execution its caller left, by
+        # sandbox uid: held here so none is garbage-collected, and cancelled on close.
+        self._answer_checks: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<SandboxManager registry={self.registry_label} clients={len(self._clients)}>"
@@ -233,6 +239,10 @@ class SandboxManager:
         return {spec: size for spec, size in sizes.items() if size > 0}
 
     async def close(self) -> None:
+        checks = list(self._answer_checks.values())
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         await self._pool.close()
         # Every member goes, ready or still starting (its start runs on, shielded): the
         # pool's are the only sandboxes that do not outlive the controller.
@@ -907,6 +917,7 @@ class SandboxManager:
                     waiting.reschedule(deadline)
 
             events = self._client_for(record).execute(request, inputs, start_the_clock)
+            answered = False
             try:
                 # Closing `events` interrupts the code: a caller that went away.
                 async with contextlib.aclosing(events):
@@ -917,10 +928,17 @@ class SandboxManager:
                         if event is None:
                             break
                         if event.HasField("result"):
+                            answered = True
                             self._record_execution(record, event.result)
                         paused = loop.time()
                         yield event
                         deadline += loop.time() - paused
+            except (asyncio.CancelledError, GeneratorExit):
+                # The caller left before the result: nobody waits out the deadline below, so
+                # a stuck executor would go unnoticed; ask it, in the background, if it answers.
+                if not answered:
+                    self._check_answering(record)
+                raise
             except TimeoutError:
                 if not sent:
                     raise DeadlineExceeded(
@@ -994,8 +1012,7 @@ class SandboxManager:
 
     async def _executor_stuck(self, record: SandboxRecord, waited: timedelta) -> Exception:
         """Marks TERMINATED a sandbox whose executor did not answer in time, and removes its
-        container (a stuck executor cannot be trusted to stop what it runs); its last output
-        goes to the log. Returns the caller's error."""
+        container; returns the caller's error."""
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.state is State.DEPROVISIONING:
             return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
@@ -1005,15 +1022,57 @@ class SandboxManager:
             f"{format_duration(self._config.executor_slack)}); its container was removed"
         )
         if current.state is State.RUNNING:
-            logs = await self._runtime.logs_tail(record.container_name, 20)
-            log.warning("an executor stopped answering", sandbox=record.name, logs=logs)
-            # TERMINATED first: the container check must not find it RUNNING without a container.
-            await self._terminate(current, why)
-            await self._runtime.remove(record.container_name)
+            await self._remove_stuck(current, why)
         elif current.state_message:  # terminated meanwhile (its container died): say why
             why = current.state_message
         return OutcomeUnknown(
             f"sandbox {record.name} is TERMINATED: {why}; {_MAY_HAVE_RUN}; create a new sandbox"
+        )
+
+    async def _remove_stuck(self, current: SandboxRecord, why: str) -> None:
+        """Marks TERMINATED a RUNNING sandbox whose executor stopped answering and removes its
+        container (a stuck executor cannot be trusted to stop what it runs); its last output
+        goes to the log."""
+        logs = await self._runtime.logs_tail(current.container_name, 20)
+        log.warning("an executor stopped answering", sandbox=current.name, logs=logs)
+        # TERMINATED first: the container check must not find it RUNNING without a container.
+        await self._terminate(current, why)
+        await self._runtime.remove(current.container_name)
+
+    def _check_answering(self, record: SandboxRecord) -> None:
+        """Starts a check that the sandbox's executor answers, unless one is under way."""
+        if record.uid in self._answer_checks:
+            return
+        task = asyncio.get_running_loop().create_task(self._answering_or_terminated(record))
+        self._answer_checks[record.uid] = task
+        task.add_done_callback(lambda _: self._answer_checks.pop(record.uid, None))
+
+    async def _answering_or_terminated(self, record: SandboxRecord) -> None:
+        """Asks the executor of a sandbox whose caller left an execution for its status, and
+        marks the sandbox TERMINATED if it does not answer: a healthy one answers at once, even
+        while it interrupts the code or runs the next execution."""
+        client = self._clients.get(record.uid)
+        if client is None:
+            return  # terminated or deleted meanwhile: nothing left to check
+        waited = self._config.kill_grace + ANSWER_CHECK_SLACK
+        try:
+            await client.status(timeout=waited.total_seconds())
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Gone rather than stuck (a container that died, a delete that closed the
+                # channel): the container check and the delete deal with those.
+                log.info("executor check failed", sandbox=record.name, code=exc.code().name)
+                return
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None or current.state is not State.RUNNING:
+            return  # deleted, being deleted or terminated meanwhile
+        if self._clients.get(record.uid) is not client:
+            return  # a new client (an adopted sandbox): this answer is not about it
+        await self._remove_stuck(
+            current,
+            f"its executor stopped answering (no status within {format_duration(waited)} "
+            "after its caller left an execution); its container was removed",
         )
 
     # --- executor clients -----------------------------------------------------------------

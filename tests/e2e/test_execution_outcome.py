@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from controller.config import Config
 from controller.server import Controller, start_controller
@@ -218,3 +219,37 @@ async def test_a_stuck_executor_leaves_its_sandbox_terminated(impatient: Stub) -
     assert got.state == sandbox_pb2.Sandbox.TERMINATED
     assert "executor stopped answering" in got.state_message
     assert container not in podman("ps", "-a", "--format", "{{.Names}}").split()
+
+
+async def test_a_stuck_executor_is_found_when_its_caller_gives_up_first(
+    stub: Stub, sandbox: sandbox_pb2.Sandbox
+) -> None:
+    """The caller's deadline is far shorter than the execution's timeout, the kill grace and
+    the executor slack: the controller still finds the stuck executor, within the kill grace
+    and a few seconds of the caller leaving."""
+    assert value_of(await execute(stub, sandbox.name, "1")) == "1"
+    container = f"petri-{sandbox.uid}"
+    podman("exec", container, "sh", "-c", "kill -STOP $(cat /proc/1/task/1/children)")
+    loop = asyncio.get_running_loop()
+    left = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExecuteCode(
+            sandbox_pb2.ExecuteCodeRequest(
+                name=sandbox.name, code="2", timeout=Duration(seconds=20)
+            ),
+            timeout=3,
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Without the check it would take 20 s + kill grace + executor slack (30 s by default).
+    # A poll: the check runs in the controller's background; TERMINATED comes before the
+    # container's removal.
+    while True:
+        got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=sandbox.name))
+        removed = container not in podman("ps", "-a", "--format", "{{.Names}}").split()
+        if (got.state == sandbox_pb2.Sandbox.TERMINATED and removed) or loop.time() - left > 20:
+            break
+        await asyncio.sleep(0.2)
+    assert got.state == sandbox_pb2.Sandbox.TERMINATED, got
+    assert "executor stopped answering" in got.state_message
+    assert "caller left" in got.state_message
+    assert removed

@@ -166,11 +166,16 @@ async def test_a_cancelled_call_interrupts_its_code(
     loop = "while True:\n    n += 1\n    if n == 1: print('go', flush=True)\n    time.sleep(0.01)"
     call = await running(stub, sandbox.name, loop)
     call.cancel()
-    # Executions run one at a time: this one starts once the cancelled one has stopped.
-    first = value_of(await execute(stub, sandbox.name, "n"))
+    # Executions run one at a time: this one starts once the cancelled one has stopped. It
+    # outlasts the controller's check that the executor still answers (kill grace of 1 s and
+    # 5 s), which asks it while the code runs.
+    first = value_of(await execute(stub, sandbox.name, "time.sleep(7)\nn"))
     await asyncio.sleep(0.5)
     second = value_of(await execute(stub, sandbox.name, "n"))
     assert first == second and int(first or 0) > 0  # stopped, and its variables kept
+    # That check found it answering.
+    got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=sandbox.name))
+    assert got.state == sandbox_pb2.Sandbox.RUNNING, got.state_message
 
 
 async def test_delete_during_an_execution_ends_it_cleanly(
