@@ -99,8 +99,7 @@ def check_files(files: Sequence[execution_pb2.File], max_bytes: int) -> None:
     """Checks whole files (paths, duplicates, total size) before anything is sent."""
     checker = InputChecker(max_bytes)
     checker.add_bytes(sum(len(f.content) for f in files))
-    checker = InputChecker(max_bytes)
-    for file in files:
+    for file in files:  # paths only: the chunks carry no data, the total is counted above
         checker.check(execution_pb2.FileChunk(path=file.path, final=True))
 
 
