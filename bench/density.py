@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from bench.harness import channel_to, controller_process, median, print_table
-from controller.runtime import LABEL_UID
+from controller.runtime.container import LABEL_UID
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from controller.log_setup import configure
 def main() -> None:
     config = load_config()
     configure(config.log_format, config.log_level)
-    from controller.server import serve
+    from controller.app import serve
 
     try:
         asyncio.run(serve(config))

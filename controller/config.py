@@ -13,9 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from controller.sandboxes.warm_pool import PoolTarget, parse_pool
+from controller.sandboxes.worker_uids import FIRST as WORKER_UID_FIRST
 from controller.units import format_duration, parse_duration, parse_size
-from controller.warm_pool import PoolTarget, parse_pool
-from controller.worker_uids import FIRST as WORKER_UID_FIRST
 
 
 def _default_state_dir() -> Path:
@@ -204,7 +204,7 @@ class Config:
         default=128 << 20,
     )
     tokens_file: Path | None = _opt(
-        "TOML file of bearer tokens and the projects each may use (see controller/auth.py); "
+        "TOML file of bearer tokens and the projects each may use (see controller/api/auth.py); "
         "when unset, authentication is off, which is allowed on loopback only unless "
         "--insecure-no-auth",
         Path,

@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 
-from executor.paths import InvalidPath
 from executor.supervisor import ExecutorBroken, Supervisor
 from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
+from petri.paths import InvalidPath
 from petri.v1 import executor_pb2, executor_pb2_grpc
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
@@ -29,7 +29,7 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 # The call metadata that carries the controller's secret for this executor, and the file in the
-# socket directory it comes in (controller.runtime.KEY_FILE_NAME).
+# socket directory it comes in (controller.runtime.container.KEY_FILE_NAME).
 KEY_METADATA = "petri-executor-key"
 KEY_FILE_NAME = "executor.key"
 

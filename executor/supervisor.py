@@ -26,9 +26,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from executor import workspace
 from executor.framing import FrameError, encode, read_frame_async
-from executor.paths import InvalidPath
 from executor.stream_cutter import StreamCutter
 from executor.workspace import InputStager
+from petri.paths import InvalidPath
 from petri.v1 import execution_pb2, executor_pb2
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.

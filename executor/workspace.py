@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from executor.paths import MAX_PATH_BYTES, InvalidPath, RequestPaths, check_relative_path
+from petri.paths import MAX_PATH_BYTES, InvalidPath, RequestPaths, check_relative_path
 from petri.v1 import execution_pb2
 
 STAGING_PREFIX = ".petri-incoming-"

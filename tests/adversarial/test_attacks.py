@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from controller.server import Controller
+from controller.app import Controller
 from petri.v1 import execution_pb2, sandbox_pb2
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, execute, value_of

@@ -6,8 +6,8 @@ import dataclasses
 import subprocess
 from typing import TYPE_CHECKING, Any
 
+from controller.app import Controller
 from controller.config import Config
-from controller.server import Controller
 from petri.v1 import sandbox_pb2
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import sibling_config
 

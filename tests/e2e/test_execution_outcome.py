@@ -13,8 +13,8 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import execute, sibling_config, value_of

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from controller.server import Controller
+from controller.app import Controller
 from petri.v1 import sandbox_pb2
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import execute, kill_executor, podman, value_of

@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from controller.server import Controller
+from controller.app import Controller
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[2] / "README.md"

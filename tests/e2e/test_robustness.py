@@ -22,9 +22,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.harness import ControllerDirs, delete_all, start_controller_process
-from controller import podman_service
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
+from controller.runtime import podman_service
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.conftest import CreateSandbox
 from tests.e2e.helpers import PARENT, PROJECT, execute, kill_executor, podman, value_of

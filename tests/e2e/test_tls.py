@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
 from tests.e2e.helpers import sibling_config
 
 pytestmark = pytest.mark.e2e

@@ -18,9 +18,9 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from controller.app import Controller, start_controller
 from controller.config import Config
-from controller.server import Controller, start_controller
-from controller.warm_pool import PoolTarget
+from controller.sandboxes.warm_pool import PoolTarget
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
 

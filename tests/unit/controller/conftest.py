@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.registry import Registry
+from controller.store.registry import Registry
 
 
 @pytest.fixture

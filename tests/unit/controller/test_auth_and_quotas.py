@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.auth import TokenTable
+from controller.api.auth import TokenTable
+from controller.app import tokens_for
 from controller.config import load_config
 from controller.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from controller.quotas import Quotas
-from controller.server import tokens_for
+from controller.sandboxes.quotas import Quotas
 
 
 def tokens_file(tmp_path: Path) -> Path:

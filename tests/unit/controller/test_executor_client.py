@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from controller.executor_client import ExecutorClient
+from controller.runtime.executor_client import ExecutorClient
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 UID = "sandbox-uid"

@@ -1,13 +1,13 @@
 import pytest
 
-from controller.errors import InvalidArgument
-from controller.file_inputs import (
+from controller.api.file_inputs import (
     MAX_COMPONENT_BYTES,
     MAX_PATH_DEPTH,
     InputChecker,
     check_files,
     check_input_path,
 )
+from controller.errors import InvalidArgument
 from petri.v1 import execution_pb2
 
 

@@ -2,8 +2,8 @@ import sqlite3
 
 import pytest
 
+from controller.api.list_filter import MAX_FILTER_BYTES, MAX_FILTER_TERMS, compile_filter
 from controller.errors import InvalidArgument
-from controller.list_filter import MAX_FILTER_BYTES, MAX_FILTER_TERMS, compile_filter
 
 
 @pytest.fixture

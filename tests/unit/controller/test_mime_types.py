@@ -1,6 +1,6 @@
 import pytest
 
-from controller.mime_types import guess_mime_type
+from controller.sandboxes.mime_types import guess_mime_type
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """What the executor says it omitted reaches the caller bounded: it is as hostile as its code."""
 
-from controller.execution_results import (
+from controller.sandboxes.results import (
     MAX_OMITTED_ENTRIES,
     MAX_OMITTED_PATH_BYTES,
     MAX_OMITTED_REASON_BYTES,

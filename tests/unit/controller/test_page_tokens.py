@@ -1,7 +1,7 @@
 import pytest
 
+from controller.api.page_tokens import decode_token, encode_token, request_digest
 from controller.errors import InvalidArgument
-from controller.page_tokens import decode_token, encode_token, request_digest
 
 
 def test_token_round_trips_its_position() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import podman_service
 from controller.errors import FailedPrecondition, Unavailable
-from controller.podman_service import PodmanHealth, PodmanService
+from controller.runtime import podman_service
+from controller.runtime.podman_service import PodmanHealth, PodmanService
 
 FAKE_PODMAN = f"""#!{sys.executable}
 import asyncio, os, sys

@@ -6,7 +6,7 @@ import pytest
 
 from controller.errors import AlreadyExists
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
-from controller.registry import _SCHEMA, ListQuery, Registry, order_value
+from controller.store.registry import _SCHEMA, ListQuery, Registry, order_value
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

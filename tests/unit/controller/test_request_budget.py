@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
+from controller.api.interceptors import BudgetLimits, RequestBudget
 from controller.config import load_config
 from controller.errors import ResourceExhausted
-from controller.interceptors import BudgetLimits, RequestBudget
 
 MiB = 1 << 20
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from controller.gvisor import SECCOMP_PROFILE as GVISOR
-from controller.podman_runtime import SECCOMP_PROFILE as RUNC
+from controller.runtime.gvisor import SECCOMP_PROFILE as GVISOR
+from controller.runtime.podman import SECCOMP_PROFILE as RUNC
 
 ALLOW = "SCMP_ACT_ALLOW"
 NAMESPACE_FLAGS = [0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000]

@@ -1,8 +1,8 @@
 from datetime import datetime, timedelta
 
 from controller.records import SandboxRecord
-from controller.registry import Registry
-from controller.ttl_reaper import TtlReaper
+from controller.sandboxes.reaper import TtlReaper
+from controller.store.registry import Registry
 from tests.unit.controller.test_registry import T0, record
 
 

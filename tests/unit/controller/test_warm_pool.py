@@ -3,10 +3,10 @@ from collections.abc import Callable
 
 import pytest
 
-from controller import warm_pool
 from controller.config import load_config
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec
-from controller.warm_pool import PoolTarget, WarmPool, parse_pool
+from controller.sandboxes import warm_pool
+from controller.sandboxes.warm_pool import PoolTarget, WarmPool, parse_pool
 from tests.unit.controller.test_registry import record
 
 FULL = Spec("full", Runtime.RUNC, Resources(disk_bytes=1 << 30))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import ResourceExhausted
-from controller.worker_uids import FIRST, WorkerUids
+from controller.sandboxes.worker_uids import FIRST, WorkerUids
 
 
 def uids_in(directory: Path, size: int = 100, owner: str = "a") -> WorkerUids:
@@ -19,7 +19,7 @@ def take_in_a_process_that_exits(directory: Path) -> int:
     """A controller that reserved a uid and died before its container was made."""
     code = (
         "import sys\nfrom pathlib import Path\n"
-        "from controller.worker_uids import FIRST, WorkerUids\n"
+        "from controller.sandboxes.worker_uids import FIRST, WorkerUids\n"
         "uids = WorkerUids(FIRST + 100, Path(sys.argv[1]), 'crashed')\nprint(uids.take())"
     )
     done = subprocess.run(

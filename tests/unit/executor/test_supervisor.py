@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from executor.paths import InvalidPath
 from executor.supervisor import BATCH_BYTES, MAX_OMITTED_FILES, Supervisor
 from executor.workspace import InputStager
+from petri.paths import InvalidPath
 from petri.v1 import execution_pb2, executor_pb2
 
 Kind = execution_pb2.ExecutionError

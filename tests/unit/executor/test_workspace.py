@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from executor.paths import InvalidPath, check_relative_path
 from executor.workspace import (
     MAX_SCAN_DEPTH,
     MAX_SCAN_PROBLEMS,
@@ -18,6 +17,7 @@ from executor.workspace import (
     scan_problems,
     snapshot,
 )
+from petri.paths import InvalidPath, check_relative_path
 from petri.v1 import execution_pb2
 
 

@@ -34,14 +34,10 @@ from controller.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from controller.executor_client import ExecutorClient
-from controller.labels import validate_display_name, validate_labels
 from controller.names import SandboxName, generate_sandbox_id, validate_sandbox_id
-from controller.quotas import Quotas
 from controller.quoting import quote
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
-from controller.registry import ListQuery, Registry
-from controller.runtime import (
+from controller.runtime.container import (
     KEY_FILE_NAME,
     LABEL_EXECUTOR_KEY,
     LABEL_MANAGED,
@@ -54,9 +50,13 @@ from controller.runtime import (
     ContainerStatus,
     HostCapabilities,
 )
+from controller.runtime.executor_client import ExecutorClient
+from controller.sandboxes.labels import validate_display_name, validate_labels
+from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.warm_pool import WarmPool
+from controller.sandboxes.worker_uids import WorkerUids, shared_directory
+from controller.store.registry import ListQuery, Registry
 from controller.units import format_duration
-from controller.warm_pool import WarmPool
-from controller.worker_uids import WorkerUids, shared_directory
 from petri.v1 import execution_pb2, executor_pb2
 
 log = structlog.get_logger()

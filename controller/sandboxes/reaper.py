@@ -13,8 +13,8 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from controller.records import SandboxRecord
-from controller.registry import Registry
-from controller.sandboxes import utcnow
+from controller.sandboxes.manager import utcnow
+from controller.store.registry import Registry
 
 log = structlog.get_logger()
 

@@ -15,20 +15,26 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller.auth import TokenTable
+from controller.api.auth import TokenTable
+from controller.api.interceptors import (
+    BudgetLimits,
+    Context,
+    OpenAnswer,
+    RequestBudget,
+    RequestGuard,
+)
+from controller.api.servicer import SandboxService
 from controller.config import Config
-from controller.execution_results import OutputLimits
-from controller.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
-from controller.gvisor import runsc_wrapper
-from controller.interceptors import BudgetLimits, Context, OpenAnswer, RequestBudget, RequestGuard
-from controller.podman_runtime import PodmanRuntime
-from controller.podman_service import PodmanHealth, PodmanService
-from controller.quotas import Quotas
-from controller.registry import Registry
-from controller.runtime import LABEL_MANAGED, LABEL_REGISTRY
-from controller.sandboxes import SandboxManager
-from controller.service import SandboxService
-from controller.ttl_reaper import TtlReaper
+from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY
+from controller.runtime.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
+from controller.runtime.gvisor import runsc_wrapper
+from controller.runtime.podman import PodmanRuntime
+from controller.runtime.podman_service import PodmanHealth, PodmanService
+from controller.sandboxes.manager import SandboxManager
+from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.reaper import TtlReaper
+from controller.sandboxes.results import OutputLimits
+from controller.store.registry import Registry
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
@@ -96,7 +102,7 @@ def tokens_for(config: Config) -> TokenTable | None:
     if not _is_loopback(config.listen) and not config.insecure_no_auth:
         raise ValueError(
             f"refusing to listen on {config.listen} without authentication: pass "
-            "--tokens-file (see controller/auth.py), or --insecure-no-auth for development"
+            "--tokens-file (see controller/api/auth.py), or --insecure-no-auth for development"
         )
     log.warning(
         "AUTHENTICATION IS OFF: anyone who can reach this address can run code in any project",

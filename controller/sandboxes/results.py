@@ -8,8 +8,8 @@ within the response's file limits and with valid paths; the caller is told what 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from controller.mime_types import guess_mime_type
-from executor.paths import InvalidPath, check_relative_path
+from controller.sandboxes.mime_types import guess_mime_type
+from petri.paths import InvalidPath, check_relative_path
 from petri.v1 import execution_pb2, executor_pb2, sandbox_pb2
 
 TRUNCATION_MARKER = "\n[petri: output truncated: {stream} exceeded {limit} bytes]\n"

@@ -18,7 +18,7 @@ import requests.exceptions
 import structlog
 
 from controller.errors import FailedPrecondition, PetriError, Unavailable
-from controller.runtime import (
+from controller.runtime.container import (
     CONTAINER_SOCKET_DIR,
     LABEL_MANAGED,
     LABEL_REGISTRY,

@@ -1,7 +1,8 @@
 """The public gRPC service, petri.v1.SandboxService: validation and wire-format translation.
 
-The logic lives in :class:`controller.sandboxes.SandboxManager`; this layer turns requests into
-its calls and its errors into status codes (through :mod:`controller.errors`, in one decorator).
+The logic lives in :class:`controller.sandboxes.manager.SandboxManager`; this layer turns
+requests into its calls and its errors into status codes (through :mod:`controller.errors`, in
+one decorator).
 """
 
 import asyncio
@@ -16,17 +17,17 @@ import grpc
 import structlog
 from google.protobuf import empty_pb2
 
-from controller import convert
-from controller.auth import ANYONE, Principal, TokenTable, current_caller
+from controller.api import convert
+from controller.api.auth import ANYONE, Principal, TokenTable, current_caller
+from controller.api.file_inputs import check_files, checked_chunks, file_chunks
+from controller.api.list_filter import compile_filter
+from controller.api.page_tokens import decode_token, encode_token, request_digest
 from controller.errors import Cancelled, InvalidArgument, OutcomeUnknown, PetriError
-from controller.execution_results import EventFilter, OutputLimits, ResponseCollector
-from controller.file_inputs import check_files, checked_chunks, file_chunks
-from controller.list_filter import compile_filter
 from controller.names import parse_parent, parse_sandbox_name
-from controller.page_tokens import decode_token, encode_token, request_digest
 from controller.quoting import quote
-from controller.registry import ListQuery, order_value
-from controller.sandboxes import CreateParams, ImageProfile, SandboxManager, UpdateParams
+from controller.sandboxes.manager import CreateParams, ImageProfile, SandboxManager, UpdateParams
+from controller.sandboxes.results import EventFilter, OutputLimits, ResponseCollector
+from controller.store.registry import ListQuery, order_value
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()

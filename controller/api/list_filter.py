@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.errors import InvalidArgument
-from controller.labels import LABEL_KEY_PATTERN, is_valid_label_key
 from controller.quoting import quote
 from controller.records import State
+from controller.sandboxes.labels import LABEL_KEY_PATTERN, is_valid_label_key
 
 # A filter's bounds: checked before any work on it, so a huge filter costs the controller
 # nothing. SQLite refuses conditions nested deeper than 1000; a sandbox has at most 64 labels.

@@ -10,7 +10,8 @@ LABEL_REGISTRY = "io.petri.registry"  # which registry (controller instance) own
 # The sandbox's uid (its Sandbox.uid), not its name: a warm pool member gets its name when a
 # CreateSandbox claims it, and a container's labels cannot change.
 LABEL_UID = "io.petri.uid"
-# The uid user code runs as in the sandbox (controller.worker_uids), for a restarted controller.
+# The uid user code runs as in the sandbox (controller.sandboxes.worker_uids), for a restarted
+# controller.
 LABEL_WORKER_UID = "io.petri.worker-uid"
 # The secret the sandbox's executor wants with every call, for a restarted controller: labels
 # are not visible inside the container.

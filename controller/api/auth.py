@@ -11,7 +11,7 @@ SHA-256 digests so the file is no secret worth stealing, to the projects they ma
 With no tokens file, authentication is off: allowed only on loopback addresses, or with an
 explicit --insecure-no-auth, and logged loudly either way.
 
-The token is checked once per call, by controller.interceptors.RequestGuard, before the call's
+The token is checked once per call, by controller.api.interceptors.RequestGuard, before the call's
 request is read; the handlers find the caller in `current_caller()`.
 """
 

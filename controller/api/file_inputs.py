@@ -1,9 +1,9 @@
 """Input files on their way into a sandbox: checked here, before any byte reaches it.
 
-Paths must be plain relative paths (executor.paths: at most 4084 bytes) of at most
+Paths must be plain relative paths (petri.paths: at most 4084 bytes) of at most
 MAX_PATH_DEPTH components and MAX_COMPONENT_BYTES bytes per component; each file's chunks
 consecutive and ended by a chunk marked final, each path sent once and none inside another
-(executor.paths.RequestPaths), and the total within the server's limit. A refused request
+(petri.paths.RequestPaths), and the total within the server's limit. A refused request
 writes nothing: the executor stages inputs and only puts them in place once the whole request
 was accepted.
 """
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from controller.errors import InvalidArgument, ResourceExhausted
 from controller.quoting import quote
-from executor.paths import InvalidPath, PathConflict, RequestPaths, check_relative_path
+from petri.paths import InvalidPath, PathConflict, RequestPaths, check_relative_path
 from petri.v1 import execution_pb2
 
 # Unary requests are cut into chunks of this size on their way to the executor.

@@ -31,7 +31,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from controller.auth import ANYONE, Principal, TokenTable, set_current_caller
+from controller.api.auth import ANYONE, Principal, TokenTable, set_current_caller
 from controller.errors import InvalidArgument, PetriError, ResourceExhausted, Unauthenticated
 
 Context = grpc.aio.ServicerContext[Any, Any]
