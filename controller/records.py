@@ -10,12 +10,19 @@ POOL_PROJECT = ""
 
 
 class State(enum.IntEnum):
-    """Mirrors petri.v1.Sandbox.State, value for value."""
+    """Where a sandbox is in its lifecycle (docs/lifecycle.md has the diagram). The first four
+    mirror petri.v1.Sandbox.State, value for value; the others are never shown to a caller."""
 
     PROVISIONING = 1
     RUNNING = 2
     DEPROVISIONING = 3
     TERMINATED = 4
+    # A warm pool member being started: no project yet, counted toward no quota.
+    WARMING = 5
+    # A warm pool member started and preloaded, waiting for a CreateSandbox to claim it.
+    POOLED = 6
+    # A tombstone: the sandbox is gone; the row says when and why until it is purged.
+    DELETED = 7
 
 
 class Runtime(enum.IntEnum):
