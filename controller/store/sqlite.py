@@ -107,7 +107,7 @@ class SqliteRegistry:
         self, uid: str, fields: dict[str, object], only_in: State | None = None
     ) -> bool:
         """UPDATE of a live row (and in state `only_in`, if given)."""
-        if "delete_time" in fields or fields.get("state") is State.DELETED:
+        if "delete_time" in fields or fields.get("state") == State.DELETED:
             # A tombstone is a state with a time: neither without the other.
             if fields.get("delete_time") is None:
                 raise ValueError("a tombstone needs a delete_time: use tombstone()")
