@@ -279,7 +279,8 @@ class SandboxManager:
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
         us (killed from outside, OOM, the executor killed inside it, podman lost it)."""
-        records = [r for r in await self._registry.list_live() if r.state is State.RUNNING]
+        started = (State.RUNNING, State.WARMING, State.POOLED)
+        records = [r for r in await self._registry.list_live() if r.state in started]
         if not records:
             return
         containers = {c.name: c for c in await self._runtime.list_managed(self.registry_label)}
@@ -434,7 +435,7 @@ class SandboxManager:
                 project=POOL_PROJECT,
                 sandbox_id=uid,
                 spec=spec,
-                state=State.PROVISIONING,
+                state=State.WARMING,
                 create_time=now,
                 update_time=now,
                 # Past it, the reaper deletes the member and the pool starts a fresh one.
@@ -452,6 +453,10 @@ class SandboxManager:
             self._quotas.release_create_slot()
         try:
             await self._wait_preloaded(record)
+            record.state = State.POOLED  # now a create may claim it
+            await self._registry.set_fields(
+                record.uid, state=record.state, update_time=self._clock()
+            )
         except BaseException:
             await asyncio.shield(asyncio.ensure_future(self._delete(record, "died")))
             raise
@@ -693,7 +698,8 @@ class SandboxManager:
             # It never existed for the caller, who gets the error: a retry may start afresh.
             await self._registry.forget(record.uid)
             raise
-        record.state = State.RUNNING
+        if record.state is State.PROVISIONING:  # a warm pool member is WARMING until preloaded
+            record.state = State.RUNNING
         record.incarnation = _checked_incarnation(status.incarnation)
         record.update_time = self._clock()
         await self._registry.set_fields(
