@@ -288,7 +288,7 @@ class Registry:
         future.add_done_callback(_log_failure)
 
     def _set_fields(self, uid: str, fields: dict[str, Any], condition: str = "") -> bool:
-        """UPDATE of a live row; `condition` adds SQL over named parameters :pool, :running."""
+        """UPDATE of a live row; `condition` adds SQL over named parameters :pool, :pooled."""
         unknown = set(fields) - set(_COLUMNS) - {"uid"}
         if unknown or "uid" in fields:
             raise ValueError(f"cannot set {sorted(unknown | ({'uid'} & set(fields)))}")
@@ -297,19 +297,19 @@ class Registry:
         cursor = self._conn.execute(
             f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND delete_time IS NULL"
             + (f" AND {condition}" if condition else ""),
-            {**row, "uid": uid, "pool": POOL_PROJECT, "running": int(State.RUNNING)},
+            {**row, "uid": uid, "pool": POOL_PROJECT, "pooled": int(State.POOLED)},
         )
         return cursor.rowcount == 1
 
     async def claim_pool_member(self, uid: str, **fields: Any) -> bool:
         """Gives a warm pool member its owner's fields (project, sandbox_id, ...), if it is
-        still a RUNNING member; False when it is not. AlreadyExists when the name or the
+        still a POOLED member; False when it is not. AlreadyExists when the name or the
         request_id is taken in that project."""
         return await self._run(self._claim_pool_member, uid, fields)
 
     def _claim_pool_member(self, uid: str, fields: dict[str, Any]) -> bool:
         try:
-            return self._set_fields(uid, fields, "project = :pool AND state = :running")
+            return self._set_fields(uid, fields, "project = :pool AND state = :pooled")
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(
                 f"sandbox projects/{fields.get('project')}/sandboxes/{fields.get('sandbox_id')} "

@@ -137,7 +137,7 @@ async def test_list_applies_a_compiled_filter(registry: Registry) -> None:
 
 
 async def test_a_pool_member_is_claimed_once(registry: Registry) -> None:
-    member = record("m1", project=POOL_PROJECT)
+    member = record("m1", project=POOL_PROJECT, state=State.POOLED)
     await registry.insert(member)
     await registry.insert(record("taken"))
     owner = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
