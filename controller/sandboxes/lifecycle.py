@@ -195,7 +195,6 @@ class Lifecycle:
         """PROVISIONING, WARMING or POOLED -> no row: removes a sandbox no caller was ever
         given (a warm pool member, a create that failed with a previous controller), its
         container and its row: it leaves no tombstone. Shield it."""
-        assert record.state in UNOWNED_STATES, record.state
         await self._provisioner.release(record)
         await self._registry.forget(record.uid)
         log.info("sandbox discarded", uid=record.uid, why=why)
