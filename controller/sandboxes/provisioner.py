@@ -246,6 +246,11 @@ class Provisioner:
             self._clients[record.uid] = client
         return client
 
+    async def check_answers(self, record: SandboxRecord, timeout: float) -> None:
+        """Raises unless the sandbox's executor answers a status call within `timeout`
+        seconds (its channel is open: it costs a millisecond)."""
+        await self.client_for(record).status(timeout=timeout)
+
     def current_client(self, uid: str) -> ExecutorClient | None:
         """The sandbox's client if it has one (none once it is terminated or deleted)."""
         return self._clients.get(uid)

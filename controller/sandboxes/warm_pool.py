@@ -102,8 +102,7 @@ class WarmPool:
         name or the request_id is taken."""
         while (member := self._members.take(record.spec)) is not None:
             try:
-                # Its channel is open: a status call costs a millisecond and proves it answers.
-                await self._provisioner.client_for(member).status(timeout=CLAIM_CHECK_TIMEOUT)
+                await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
             except Exception as exc:  # whatever the failure, it is not fit to hand out
                 log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
                 await _shielded(self._lifecycle.discard(member, "it did not answer"))
