@@ -16,8 +16,9 @@ each call to the noun that owns it:
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
+from controller.clock import utcnow
 from controller.config import Config
 from controller.names import SandboxName
 from controller.records import SandboxRecord
@@ -37,10 +38,6 @@ from controller.store.registry import ListQuery, Registry
 from petri.v1 import execution_pb2, executor_pb2
 
 __all__ = ["CreateParams", "ImageProfile", "SandboxManager", "UpdateParams", "utcnow"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SandboxManager:
