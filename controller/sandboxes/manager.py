@@ -11,6 +11,7 @@ each call to the noun that owns it:
     warm_pool    the whole pool
     execution    each sandbox's queue of executions, their deadlines and bookkeeping
     reconciler   adoption at start, containers that died
+    lookup       a sandbox by name, and what became of one that is gone
 """
 
 import asyncio
