@@ -207,7 +207,7 @@ async def start_controller(config: Config) -> Controller:
         config.max_executes_per_minute,
         config.max_concurrent_creates,
     )
-    manager = SandboxManager(config, registry, runtime, quotas, gvisor=gvisor_runtime)
+    manager = SandboxManager(config, registry, runtime, quotas, gvisor_containers=gvisor_runtime)
     try:
         await manager.start()
     except BaseException:
