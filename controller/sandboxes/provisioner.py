@@ -239,7 +239,6 @@ class Provisioner:
         if client is None:
             client = ExecutorClient(
                 Path(record.socket_dir) / SOCKET_NAME,
-                record.uid,
                 self._executor_keys.get(record.uid, ""),
                 self._config.max_message_bytes,
             )
