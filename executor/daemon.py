@@ -79,8 +79,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         # one's result. A cancelled call cancels this generator, which interrupts the code
         # (the supervisor's execute block is left before the result).
         try:
-            while (request := await _next_request(request_iterator, context)) is not None:
-                stager = await self._receive_inputs(request, request_iterator)
+            while (opening := await _next_request(request_iterator, context)) is not None:
+                request, inputs_end_here = opening
+                stager = await self._receive_inputs(request, request_iterator, inputs_end_here)
                 # From here the supervisor owns the staged files: it commits or discards them.
                 async with self._supervisor.execute(request, stager) as events:
                     async for batch in batches(events):
@@ -101,15 +102,20 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self,
         request: executor_pb2.ExecuteRequest,
         request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
+        inputs_end_here: bool,
     ) -> InputStager:
-        """Stages the file chunks that follow `request`, up to EndOfInputs; _Incomplete when
-        the call ends before it (cancelled or half-closed: nothing is written)."""
+        """Stages the file chunks that follow `request`, up to EndOfInputs (none when the
+        request said its inputs end with it); _Incomplete when the call ends before it
+        (cancelled or half-closed: nothing is written)."""
         user = self._supervisor.user
         stager = InputStager(
             self._supervisor.workspace,
             request.max_input_bytes,
             owner=(user, user) if user is not None else None,
         )
+        if inputs_end_here:
+            stager.finish()
+            return stager
         try:
             # A cancelled call may look like a half-closed one here (grpc.aio ends the
             # iterator either way): only EndOfInputs says the controller sent everything.
@@ -147,8 +153,9 @@ class _Incomplete(Exception):
 async def _next_request(
     request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
     context: grpc.aio.ServicerContext[Any, Any],
-) -> executor_pb2.ExecuteRequest | None:
-    """The next execution's request; None when the controller ended the session."""
+) -> tuple[executor_pb2.ExecuteRequest, bool] | None:
+    """The next execution's request, and whether its inputs end with it; None when the
+    controller ended the session."""
     message = await anext(request_iterator, None)
     if message is None:
         return None
@@ -161,7 +168,7 @@ async def _next_request(
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, "an execution needs a positive timeout"
         )
-    return message.request
+    return message.request, message.inputs_end_here
 
 
 def _take_key(path: Path) -> str:

@@ -200,12 +200,18 @@ async def _send(
     inputs: AsyncIterator[execution_pb2.FileChunk] | None,
     fresh: bool,
 ) -> None:
-    """Writes one execution's request, its input files and EndOfInputs."""
+    """Writes one execution's request, its input files and EndOfInputs: all in the request
+    when there is no file (a stream of inputs with none in it, as a StreamExecuteCode without
+    files sends, included)."""
     write = executor_pb2.ExecuteInput
+    first = None if inputs is None else await anext(inputs, None)
+    if first is None or inputs is None:  # (`or`: for the type checker)
+        await _guarded(session, session.write(write(request=request, inputs_end_here=True)), fresh)
+        return
     await _guarded(session, session.write(write(request=request)), first=fresh)
-    if inputs is not None:
-        async for chunk in inputs:
-            await _guarded(session, session.write(write(file_chunk=chunk)))
+    await _guarded(session, session.write(write(file_chunk=first)))
+    async for chunk in inputs:
+        await _guarded(session, session.write(write(file_chunk=chunk)))
     # Every input passed its checks: only now may the executor write and run.
     await _guarded(session, session.write(write(end_of_inputs=_END_OF_INPUTS)))
 

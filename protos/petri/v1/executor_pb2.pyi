@@ -30,6 +30,11 @@ class ExecuteInput(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     FILE_CHUNK_FIELD_NUMBER: _builtins.int
     END_OF_INPUTS_FIELD_NUMBER: _builtins.int
+    INPUTS_END_HERE_FIELD_NUMBER: _builtins.int
+    inputs_end_here: _builtins.bool
+    """On a request only: the execution has no input files and this message is also its end of
+    inputs (one message instead of two, for the executions that are most of the traffic).
+    """
     @_builtins.property
     def request(self) -> Global___ExecuteRequest: ...
     @_builtins.property
@@ -46,10 +51,11 @@ class ExecuteInput(_message.Message):
         request: Global___ExecuteRequest | None = ...,
         file_chunk: _execution_pb2.FileChunk | None = ...,
         end_of_inputs: Global___EndOfInputs | None = ...,
+        inputs_end_here: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "file_chunk", b"file_chunk", "input", b"input", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "file_chunk", b"file_chunk", "input", b"input", "inputs_end_here", b"inputs_end_here", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["request", "file_chunk", "end_of_inputs"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -59,7 +59,8 @@ class ExecutorServicer(object):
 
     def Session(self, request_iterator, context):
         """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
-        then its input file chunks (if any), then EndOfInputs; the executor answers with events
+        then its input file chunks (if any), then EndOfInputs (for an execution without files,
+        the request may say so itself: ExecuteInput.inputs_end_here); the executor answers with events
         (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
         result, the last event of that execution; then the controller writes the next request.
         The staged files are put in place and the code runs only after EndOfInputs: a call that

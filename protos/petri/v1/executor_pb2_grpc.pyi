@@ -42,7 +42,8 @@ class ExecutorStub:
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
     Session: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvents]
     """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
-    then its input file chunks (if any), then EndOfInputs; the executor answers with events
+    then its input file chunks (if any), then EndOfInputs (for an execution without files,
+    the request may say so itself: ExecuteInput.inputs_end_here); the executor answers with events
     (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
     result, the last event of that execution; then the controller writes the next request.
     The staged files are put in place and the code runs only after EndOfInputs: a call that
@@ -67,7 +68,8 @@ class ExecutorAsyncStub(ExecutorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Session: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvents]  # type: ignore[assignment]
     """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
-    then its input file chunks (if any), then EndOfInputs; the executor answers with events
+    then its input file chunks (if any), then EndOfInputs (for an execution without files,
+    the request may say so itself: ExecuteInput.inputs_end_here); the executor answers with events
     (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
     result, the last event of that execution; then the controller writes the next request.
     The staged files are put in place and the code runs only after EndOfInputs: a call that
@@ -95,7 +97,8 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvents], _abc.AsyncIterator[_executor_pb2.ExecuteEvents]]:
         """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
-        then its input file chunks (if any), then EndOfInputs; the executor answers with events
+        then its input file chunks (if any), then EndOfInputs (for an execution without files,
+        the request may say so itself: ExecuteInput.inputs_end_here); the executor answers with events
         (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
         result, the last event of that execution; then the controller writes the next request.
         The staged files are put in place and the code runs only after EndOfInputs: a call that

@@ -25,7 +25,8 @@ def _events(code: str) -> list[executor_pb2.ExecuteEvent]:
 
 
 class StandIn(executor_pb2_grpc.ExecutorServicer):
-    """Reads each execution as the executor does (request, file chunks, EndOfInputs) and
+    """Reads each execution as the executor does (request, file chunks, EndOfInputs; or a
+    request that says its inputs end with it) and
     answers with two events. Code "hang" never gets to its result; code "refuse" is refused
     with the status its `refusal` says, as the executor refuses a bad input."""
 
@@ -37,6 +38,7 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
         self.session_executions = 0
         self.interrupted = 0
         self.files: list[str] = []
+        self.messages = 0
 
     async def Session(
         self, request_iterator: AsyncIterator[executor_pb2.ExecuteInput], context: Any
@@ -45,10 +47,12 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
         self.metadata.append(dict(context.invocation_metadata()))
         code = ""
         async for message in request_iterator:
+            self.messages += 1
             if message.HasField("request"):
                 code = message.request.code
-                continue
-            if message.HasField("file_chunk"):
+                if not message.inputs_end_here:
+                    continue
+            elif message.HasField("file_chunk"):
                 self.files.append(message.file_chunk.path)
                 continue
             self.ends_of_inputs += 1
@@ -102,6 +106,8 @@ async def test_executions_with_and_without_files_share_one_session(tmp_path: Pat
         await server.stop(None)
     assert (servicer.sessions, servicer.session_executions) == (1, 3)
     assert servicer.files == ["a.csv", "b.csv"] and servicer.ends_of_inputs == 3
+    # Without files an execution is one message, its request saying its inputs end there.
+    assert servicer.messages == 1 + (1 + 2 + 1) + 1
     (metadata,) = servicer.metadata
     assert metadata["petri-executor-key"] == KEY and "petri-sandbox-uid" not in metadata
 

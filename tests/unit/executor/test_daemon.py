@@ -5,6 +5,7 @@ nothing written, and no execution goes without a timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -124,6 +125,24 @@ async def test_one_session_carries_executions_with_and_without_files(
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
     assert sorted(os.listdir(tmp_path / "workspace")) == ["in.txt"]
+
+
+async def test_a_request_that_ends_its_inputs_runs_at_once_and_takes_no_chunk(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """An execution without files may be one message: its request says its inputs end there.
+    A chunk after it is no part of it: it would start the next execution, which must begin
+    with a request."""
+    call = stub.Session(metadata=KEYED)
+    await call.write(executor_pb2.ExecuteInput(request=_request(), inputs_end_here=True))
+    async with asyncio.timeout(10):  # an executor waiting for EndOfInputs never answers
+        assert (await _events(call))[-1].result.execution_count == 1
+    await call.write(_chunk("late.txt"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _events(call)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must begin with its request" in str(caught.value.details())
+    assert sorted(os.listdir(tmp_path / "workspace")) == ["ran"]
 
 
 @pytest.mark.parametrize(
