@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from controller.errors import Unavailable
 from controller.runtime.container import (
     LABEL_REGISTRY,
+    LABEL_UID,
     ContainerSpec,
     ContainerStatus,
     HostCapabilities,
@@ -53,7 +54,10 @@ class FakeRuntime:
         # While cleared, start() waits: a slow podman, to hold creates in progress.
         self.starts_open = asyncio.Event()
         self.starts_open.set()
+        self.starts_waiting = 0
         self.starts = 0
+        # While set, a started container exits at once with this message (a broken image).
+        self.crash_on_start: str | None = None
         self.removed: list[str] = []
 
     def __repr__(self) -> str:
@@ -62,24 +66,39 @@ class FakeRuntime:
     def running(self) -> list[FakeContainer]:
         return [c for c in self.containers.values() if c.running]
 
-    def executor_of(self, container_name: str) -> StandInExecutor:
-        executor = self.containers[container_name].executor
-        assert executor is not None, f"{container_name} has no executor"
-        return executor
+    def container_of(self, uid: str) -> FakeContainer | None:
+        """The container of the sandbox with this uid (as its labels say)."""
+        for container in self.containers.values():
+            if container.spec.labels.get(LABEL_UID) == uid:
+                return container
+        return None
+
+    def executor_of(self, uid: str) -> StandInExecutor:
+        container = self.container_of(uid)
+        assert container is not None and container.executor is not None, f"{uid}: no executor"
+        return container.executor
+
+    def uids(self) -> set[str]:
+        """The sandbox uids of the running containers."""
+        return {c.spec.labels.get(LABEL_UID, "") for c in self.containers.values() if c.running}
 
     # --- what tests do to containers ------------------------------------------------------
 
-    async def exit(self, name: str, exit_code: int = 137, oom_killed: bool = False) -> None:
-        """The container stops (its executor killed, OOM, `podman kill`): it stays listed."""
-        container = self.containers[name]
+    async def exit(self, uid: str, exit_code: int = 137, oom_killed: bool = False) -> None:
+        """The sandbox's container stops (its executor killed, OOM, `podman kill`); podman
+        still lists it."""
+        container = self.container_of(uid)
+        assert container is not None, f"no container for {uid}"
         container.running, container.exit_code, container.oom_killed = False, exit_code, oom_killed
         if container.executor is not None:
             await container.executor.stop()
 
-    async def vanish(self, name: str) -> None:
-        """podman loses the container altogether."""
-        await self.exit(name)
-        del self.containers[name]
+    async def vanish(self, uid: str) -> None:
+        """podman loses the sandbox's container altogether."""
+        await self.exit(uid)
+        self.containers = {
+            n: c for n, c in self.containers.items() if c.spec.labels.get(LABEL_UID) != uid
+        }
 
     async def shutdown(self) -> None:
         """Stops every stand-in executor (the end of a test)."""
@@ -104,12 +123,20 @@ class FakeRuntime:
         ]
 
     async def start(self, spec: ContainerSpec) -> None:
-        await self.starts_open.wait()
+        self.starts_waiting += 1
+        try:
+            await self.starts_open.wait()
+        finally:
+            self.starts_waiting -= 1
         if self.start_error is not None:
             raise self.start_error
         if spec.name in self.containers:
             raise Unavailable(f"container {spec.name} exists already")
         self.starts += 1
+        if self.crash_on_start is not None:
+            exited = FakeContainer(spec, None, False, 1, error=self.crash_on_start)
+            self.containers[spec.name] = exited
+            return
         try:
             executor: StandInExecutor | None = StandInExecutor(spec.socket_dir, self.scripts)
         except KeyFileMissing as exc:  # the daemon exits: so does its container

@@ -36,17 +36,16 @@ T = TypeVar("T")
 
 
 def fast_config(state_dir: Path, runtime_dir: Path, **overrides: Any) -> Config:
-    config = Config(
-        listen="127.0.0.1:0",
-        state_dir=state_dir,
-        runtime_dir=runtime_dir,
-        image_repository=REPOSITORY,
-        default_image_profile=PROFILE,
-        warm_pool=(),
-        preload=(),
-        kill_grace=timedelta(milliseconds=200),
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "image_repository": REPOSITORY,
+        "default_image_profile": PROFILE,
+        "warm_pool": (),
+        "preload": (),
+        "kill_grace": timedelta(milliseconds=200),
         **overrides,
-    )
+    }
+    config = Config(state_dir=state_dir, runtime_dir=runtime_dir, **values)
     assert validate(config) == [], validate(config)
     return config
 
@@ -60,13 +59,21 @@ class Petri:
     runtime: FakeRuntime
     stub: Stub
 
-    async def create(self, sandbox_id: str = "", **fields: Any) -> sandbox_pb2.Sandbox:
+    async def create(
+        self, sandbox_id: str = "", request_id: str = "", **fields: Any
+    ) -> sandbox_pb2.Sandbox:
         sandbox: sandbox_pb2.Sandbox = await self.stub.CreateSandbox(
-            sandbox_pb2.CreateSandboxRequest(
-                parent=PARENT, sandbox_id=sandbox_id, sandbox=sandbox_pb2.Sandbox(**fields)
-            )
+            create_request(sandbox_id, request_id, **fields)
         )
         return sandbox
+
+    async def names(self) -> list[str]:
+        """The sandboxes ListSandboxes shows."""
+        listed = await self.stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT))
+        return sorted(sandbox.name for sandbox in listed.sandboxes)
+
+    async def delete(self, name: str) -> None:
+        await self.stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=name))
 
     async def get(self, name: str) -> sandbox_pb2.Sandbox:
         sandbox: sandbox_pb2.Sandbox = await self.stub.GetSandbox(
@@ -80,8 +87,16 @@ class Petri:
         )
         return response
 
-    def container_of(self, sandbox: sandbox_pb2.Sandbox) -> str:
-        return f"petri-{sandbox.uid}"
+
+def create_request(
+    sandbox_id: str = "", request_id: str = "", **fields: Any
+) -> sandbox_pb2.CreateSandboxRequest:
+    return sandbox_pb2.CreateSandboxRequest(
+        parent=PARENT,
+        sandbox_id=sandbox_id,
+        request_id=request_id,
+        sandbox=sandbox_pb2.Sandbox(**fields),
+    )
 
 
 @contextlib.asynccontextmanager
