@@ -62,7 +62,7 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, socket_dir: Path, scripts: dict[str, Script]) -> None:
         self.socket_path = socket_dir / SOCKET_NAME
         self._scripts = scripts
-        self._key = _take_key(socket_dir / KEY_FILE_NAME)
+        self.key = _take_key(socket_dir / KEY_FILE_NAME)
         self._server: grpc.aio.Server | None = None
         self.incarnation = secrets.token_hex(16)
         self.executions: list[Execution] = []
@@ -87,7 +87,7 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
     async def _check_key(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Before any message is read, as the daemon's CallerCheck does.
         given = dict(context.invocation_metadata() or ()).get(KEY_METADATA)
-        if given != self._key:
+        if given != self.key:
             self.refused_calls += 1
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no or wrong executor key")
 
