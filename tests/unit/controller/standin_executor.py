@@ -6,6 +6,7 @@ as user code that took over a sandbox: it sends whatever events it likes, in any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ async def echo(execution: Execution) -> AsyncIterator[Batch]:
     yield [Event(stdout=f"ran {execution.request.code}\n"), execution.result()]
 
 
+class NoResult(Exception):
+    """A script ended without a result: the stand-in ends the call."""
+
+
 class KeyFileMissing(Exception):
     """The daemon refuses to serve without the controller's key (it exits)."""
 
@@ -94,11 +99,16 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
     async def _run(
         self, request: executor_pb2.ExecuteRequest, files: dict[str, bytes]
     ) -> AsyncIterator[Batch]:
+        """The script's batches; NoResult after them when none carried a result."""
         execution = Execution(request, files, len(self.executions) + 1, self.incarnation)
         self.executions.append(execution)
         script = self._scripts.get(request.code, echo)
+        answered = False
         async for batch in script(execution):
+            answered = answered or any(event.HasField("result") for event in batch)
             yield batch
+        if not answered:
+            raise NoResult()
 
     async def Session(
         self,
@@ -106,9 +116,12 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents],
     ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
         await self._check_key(context)
-        async for request in request_iterator:
-            async for batch in self._run(request, {}):
-                yield executor_pb2.ExecuteEvents(events=batch)
+        try:
+            async for request in request_iterator:
+                async for batch in self._run(request, {}):
+                    yield executor_pb2.ExecuteEvents(events=batch)
+        except NoResult:
+            return  # a script without a result ends the call (an executor that gives up)
 
     async def Execute(
         self,
@@ -129,9 +142,10 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         else:  # no EndOfInputs: the controller gave up on the inputs; nothing runs
             await context.abort(grpc.StatusCode.CANCELLED, "inputs ended without end_of_inputs")
             return
-        async for batch in self._run(first.request, files):
-            for event in batch:
-                yield event
+        with contextlib.suppress(NoResult):
+            async for batch in self._run(first.request, files):
+                for event in batch:
+                    yield event
 
     async def GetStatus(
         self,
