@@ -12,8 +12,11 @@
     ├── Cancelled                 CANCELLED          the caller cancelled an upload: nothing ran
     ├── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable;
     │                                                  nothing ran, so a retry is safe
-    └── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
-                                                     it may have run, a blind retry may repeat it
+    ├── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
+    │                                                it may have run, a blind retry may repeat it
+    └── ExecutorFailed            INTERNAL           a call to a sandbox's executor ended without
+                                                     an answer: the sandboxes layer turns it into
+                                                     one of the above, never passed on as it is
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
 user's code are not here: they are execution results. Foreign errors (podman, OS, gRPC to the
@@ -71,6 +74,27 @@ class Unavailable(PetriError):
 
 class OutcomeUnknown(PetriError):
     status = grpc.StatusCode.UNKNOWN
+
+
+class ExecutorFailed(PetriError):
+    """A call to a sandbox's executor ended without its answer (runtime.executor_client).
+    Carries what the caller needs to decide what it means, without gRPC's types."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        # The name of the call's gRPC status code, e.g. "UNAVAILABLE"; `details`, bounded.
+        self.code = code
+        self.details = details
+
+    @property
+    def refused(self) -> bool:
+        """The executor refused the call before it read a message (no or a wrong key)."""
+        return self.code == "PERMISSION_DENIED"
+
+    @property
+    def timed_out(self) -> bool:
+        """No answer within the call's deadline: the executor may be stuck."""
+        return self.code == "DEADLINE_EXCEEDED"
 
 
 def status_of(error: PetriError) -> grpc.StatusCode:

@@ -1,4 +1,7 @@
-"""The executor daemon: serves the Executor gRPC service on the sandbox's unix socket."""
+"""The executor daemon: serves the Executor gRPC service on the sandbox's unix socket.
+
+It is the wire side: it reads each execution's request and input files off the Session call,
+hands them to the supervisor, and groups the events it gets back into messages."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from executor.batching import batches
 from executor.supervisor import ExecutorBroken, Supervisor
 from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
 from petri.paths import InvalidPath
@@ -66,47 +70,21 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
 
-    async def Execute(
+    async def Session(
         self,
         request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
-        context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent],
-    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
-        first = await anext(request_iterator, None)
-        if first is None or not first.HasField("request"):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request"
-            )
-        request = first.request
-        await _check_request(request, context)
-        user = self._supervisor.user
-        stager = InputStager(
-            self._supervisor.workspace,
-            request.max_input_bytes,
-            owner=(user, user) if user is not None else None,
-        )
+        context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvents],
+    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
+        # One execution at a time: the controller writes the next request after the last
+        # one's result. A cancelled call cancels this generator, which interrupts the code
+        # (the supervisor's execute block is left before the result).
         try:
-            try:
-                # A cancelled call may look like a half-closed one here (grpc.aio ends the
-                # iterator either way): only EndOfInputs says the controller sent everything.
-                complete = False
-                async for message in request_iterator:
-                    if message.HasField("end_of_inputs"):
-                        complete = True
-                        break
-                    if not message.HasField("file_chunk"):
-                        raise InvalidPath("only file chunks may follow the request")
-                    stager.add(message.file_chunk)
-                if not complete:
-                    raise _Incomplete()
-                stager.finish()
-            except BaseException:
-                stager.discard()
-                raise
-            # From here the supervisor owns the staged files: it commits or discards them.
-            async with contextlib.aclosing(self._supervisor.execute(request, stager)) as batches:
-                async for batch in batches:
-                    for event in batch:
-                        yield event
+            while (request := await _next_request(request_iterator, context)) is not None:
+                stager = await self._receive_inputs(request, request_iterator)
+                # From here the supervisor owns the staged files: it commits or discards them.
+                async with self._supervisor.execute(request, stager) as events:
+                    async for batch in batches(events):
+                        yield executor_pb2.ExecuteEvents(events=batch)
         except _Incomplete:
             await context.abort(
                 grpc.StatusCode.CANCELLED,
@@ -119,21 +97,33 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         except ExecutorBroken as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    async def Session(
+    async def _receive_inputs(
         self,
-        request_iterator: AsyncIterator[executor_pb2.ExecuteRequest],
-        context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents],
-    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
-        # One request at a time: the controller writes the next after the last one's result.
-        # A cancelled call cancels this generator, which interrupts the code (execute's close).
-        async for request in request_iterator:
-            await _check_request(request, context)
-            try:
-                async with contextlib.aclosing(self._supervisor.execute(request)) as batches:
-                    async for batch in batches:
-                        yield executor_pb2.ExecuteEvents(events=batch)
-            except ExecutorBroken as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        request: executor_pb2.ExecuteRequest,
+        request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
+    ) -> InputStager:
+        """Stages the file chunks that follow `request`, up to EndOfInputs; _Incomplete when
+        the call ends before it (cancelled or half-closed: nothing is written)."""
+        user = self._supervisor.user
+        stager = InputStager(
+            self._supervisor.workspace,
+            request.max_input_bytes,
+            owner=(user, user) if user is not None else None,
+        )
+        try:
+            # A cancelled call may look like a half-closed one here (grpc.aio ends the
+            # iterator either way): only EndOfInputs says the controller sent everything.
+            while (message := await anext(request_iterator, None)) is not None:
+                if message.HasField("end_of_inputs"):
+                    stager.finish()
+                    return stager
+                if not message.HasField("file_chunk"):
+                    raise InvalidPath("only file chunks may follow the request")
+                stager.add(message.file_chunk)
+            raise _Incomplete()
+        except BaseException:
+            stager.discard()
+            raise
 
     async def GetStatus(
         self,
@@ -147,23 +137,31 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             execution_count=self._supervisor.execution_count,
             python_version=platform.python_version(),
             preloaded=self._supervisor.preloaded,
-            sessions=True,
-            end_of_inputs=True,
         )
 
 
 class _Incomplete(Exception):
-    """An Execute call's inputs ended without EndOfInputs."""
+    """An execution's inputs ended without EndOfInputs."""
 
 
-async def _check_request(
-    request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
-) -> None:
+async def _next_request(
+    request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> executor_pb2.ExecuteRequest | None:
+    """The next execution's request; None when the controller ended the session."""
+    message = await anext(request_iterator, None)
+    if message is None:
+        return None
+    if not message.HasField("request"):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "each execution must begin with its request"
+        )
     # Without a timeout an execution could hold the sandbox's queue for ever.
-    if request.timeout.ToNanoseconds() <= 0:
+    if message.request.timeout.ToNanoseconds() <= 0:
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, "an execution needs a positive timeout"
         )
+    return message.request
 
 
 def _take_key(path: Path) -> str:

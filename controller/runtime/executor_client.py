@@ -7,12 +7,18 @@ from pathlib import Path
 
 import grpc
 
-from controller.errors import Unavailable
+from controller.errors import (
+    ExecutorFailed,
+    InvalidArgument,
+    PetriError,
+    ResourceExhausted,
+    Unavailable,
+)
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 # The call metadata the executor checks (executor.daemon.CallerCheck).
 KEY_METADATA = "petri-executor-key"
-SessionCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents]
+SessionCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvents]
 # How often to look for the executor's socket while a sandbox starts.
 READY_POLL_INTERVAL = 0.01
 STATUS_DEADLINE = 2.0
@@ -27,14 +33,16 @@ def _visible(path: Path) -> bool:
 
 
 class ExecutorClient:
-    def __init__(
-        self, socket_path: Path, sandbox_uid: str, key: str, max_message_bytes: int
-    ) -> None:
+    """Every execution goes through one long-lived Session call, opened on first use and
+    again after one is left mid-way or fails. gRPC stays in here: failures come out as the
+    controller's errors (controller.errors)."""
+
+    def __init__(self, socket_path: Path, key: str, max_message_bytes: int) -> None:
         self.socket_path = socket_path
         # Sent with every call: the executor refuses calls without its sandbox's key, so
         # neither user code (which can reach the socket) nor a socket path redirected to a
-        # neighbour's gets anything done. Executors of older images check the uid instead.
-        self._metadata = ((KEY_METADATA, key), ("petri-sandbox-uid", sandbox_uid))
+        # neighbour's gets anything done.
+        self._metadata = ((KEY_METADATA, key),)
         self._channel = grpc.aio.insecure_channel(
             f"unix:{socket_path}",
             options=[
@@ -47,25 +55,21 @@ class ExecutorClient:
             ],
         )
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
-        # Executions without input files go through one long-lived Session call, opened on
-        # first use and again after one is cancelled or fails.
         self._session: SessionCall | None = None
         self._session_busy = False
-        # Whether the executor serves Session (GetStatus says; not one started from an image
-        # that predates it, adopted after an upgrade); None until it was asked.
-        self._has_session: bool | None = None
-        # Whether it waits for EndOfInputs before it runs an Execute call's code (the same).
-        self._has_end_of_inputs = False
 
     def __repr__(self) -> str:
-        return f"<ExecutorClient {self.socket_path}>"
+        state = "none" if self._session is None else "busy" if self._session_busy else "idle"
+        return f"<ExecutorClient {self.socket_path} session={state}>"
 
     async def status(self, timeout: float = STATUS_DEADLINE) -> executor_pb2.ExecutorStatus:
-        status: executor_pb2.ExecutorStatus = await self._stub.GetStatus(
-            executor_pb2.GetStatusRequest(), timeout=timeout, metadata=self._metadata
-        )
-        self._has_session = status.sessions
-        self._has_end_of_inputs = status.end_of_inputs
+        """The executor's status; ExecutorFailed when it does not answer."""
+        try:
+            status: executor_pb2.ExecutorStatus = await self._stub.GetStatus(
+                executor_pb2.GetStatusRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from exc
         return status
 
     async def wait_ready(self, timeout: float) -> executor_pb2.ExecutorStatus:
@@ -78,8 +82,8 @@ class ExecutorClient:
                 remaining = max(0.1, min(STATUS_DEADLINE, deadline - loop.time()))
                 try:
                     return await self.status(timeout=remaining)
-                except grpc.aio.AioRpcError as exc:
-                    last_error = f"{exc.code().name}: {exc.details()}"
+                except ExecutorFailed as exc:
+                    last_error = str(exc)
             await asyncio.sleep(READY_POLL_INTERVAL)
         raise Unavailable(
             f"the sandbox's executor did not become ready in {timeout:g} s ({last_error})"
@@ -94,19 +98,18 @@ class ExecutorClient:
         """Runs one execution and yields its events, up to its result; calls `sent` once the
         request and the inputs are all written: before that, the executor has run nothing and
         will not (an error from `inputs` cancels the call, which then writes nothing). Closing
-        the generator before the end interrupts the code. Errors are grpc.aio.AioRpcError."""
-        if inputs is not None:  # a stream with no file in it (StreamExecuteCode) is none
-            first = await anext(inputs, None)
-            inputs = None if first is None else _chained(first, inputs)
-        if self._has_session is None:
-            await self.status()
-        if inputs is None and self._has_session and not self._session_busy:
-            events = self._in_session(request, sent)
-        else:
-            events = self._in_call(request, inputs, sent)
+        the generator before the end interrupts the code.
+
+        Raises InvalidArgument or ResourceExhausted when the executor refused the request or
+        its inputs (nothing ran), ExecutorFailed when the call ended otherwise without the
+        result, and whatever `inputs` raises."""
+        events = self._in_session(request, inputs, sent)
         async with contextlib.aclosing(events):
-            async for event in events:
-                yield event
+            try:
+                async for event in events:
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                raise _refusal(exc) or _failure(exc) from exc
 
     def end_idle_session(self) -> None:
         """Ends the session unless an execution is using it: the executor then stops without
@@ -116,16 +119,31 @@ class ExecutorClient:
             self._session = None
 
     async def _in_session(
-        self, request: executor_pb2.ExecuteRequest, sent: Callable[[], None]
+        self,
+        request: executor_pb2.ExecuteRequest,
+        inputs: AsyncIterator[execution_pb2.FileChunk] | None,
+        sent: Callable[[], None],
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        session = self._session
+        # The manager runs one execution at a time per sandbox; should two overlap, the
+        # second gets a call of its own, ended with it.
+        shared = not self._session_busy
+        session = self._session if shared else None
         fresh = session is None or session.done()
         if fresh or session is None:  # (`or`: for the type checker)
-            session = self._session = self._stub.Session(metadata=self._metadata)
-        self._session_busy = True
+            session = self._stub.Session(metadata=self._metadata)
+            if shared:
+                self._session = session
+        if shared:
+            self._session_busy = True
         finished = False
         try:
-            await _guarded(session, session.write(request), first=fresh)
+            write = executor_pb2.ExecuteInput
+            await _guarded(session, session.write(write(request=request)), first=fresh)
+            if inputs is not None:
+                async for chunk in inputs:
+                    await _guarded(session, session.write(write(file_chunk=chunk)))
+            # Every input passed its checks: only now may the executor write and run.
+            await _guarded(session, session.write(write(end_of_inputs=_END_OF_INPUTS)))
             sent()
             while not finished:
                 batch = await session.read()
@@ -140,44 +158,38 @@ class ExecutorClient:
                     finished = event.HasField("result")
                     yield event
         finally:
-            self._session_busy = False
-            if not finished:
-                # Left mid-way (the caller went away, a timeout, an error): cancelling the
-                # call interrupts the code, and the next execution opens a new session.
+            if shared:
+                self._session_busy = False
+            if not finished or not shared:
+                # Left mid-way (the caller went away, a timeout, an error, a refused input):
+                # cancelling the call interrupts the code or drops the inputs sent so far,
+                # and the next execution opens a new session.
                 session.cancel()
                 if self._session is session:
                     self._session = None
 
-    async def _in_call(
-        self,
-        request: executor_pb2.ExecuteRequest,
-        inputs: AsyncIterator[execution_pb2.FileChunk] | None,
-        sent: Callable[[], None],
-    ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        """An execution on an Execute call of its own: with input files, or when the session
-        is not available."""
-        call = self._stub.Execute(metadata=self._metadata)
-        try:
-            await _guarded(call, call.write(executor_pb2.ExecuteInput(request=request)), first=True)
-            if inputs is not None:
-                async for chunk in inputs:
-                    await _guarded(call, call.write(executor_pb2.ExecuteInput(file_chunk=chunk)))
-            if self._has_end_of_inputs:
-                # Every input passed its checks: only now may the executor write and run.
-                end = executor_pb2.ExecuteInput(end_of_inputs=executor_pb2.EndOfInputs())
-                await _guarded(call, call.write(end))
-                sent()
-            await _guarded(call, call.done_writing())
-            if not self._has_end_of_inputs:
-                sent()
-            async for event in call:
-                yield event
-        finally:
-            call.cancel()  # interrupts the code when left mid-way; a no-op once the call ended
-
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._channel.close()
+
+
+_END_OF_INPUTS = executor_pb2.EndOfInputs()
+# The executor's words are the sandbox's: pass them on, but bounded.
+MAX_DETAILS = 1000
+
+
+def _refusal(exc: grpc.aio.AioRpcError) -> PetriError | None:
+    """The caller's error when the executor refused an execution's request or inputs."""
+    details = (exc.details() or "")[:MAX_DETAILS]
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details)
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details)
+    return None
+
+
+def _failure(exc: grpc.aio.AioRpcError) -> ExecutorFailed:
+    return ExecutorFailed(exc.code().name, (exc.details() or "")[:MAX_DETAILS])
 
 
 async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:
@@ -224,11 +236,3 @@ async def _ended_with(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
         call.cancel()
         code, details = grpc.StatusCode.UNAVAILABLE, "the executor stopped answering"
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-async def _chained(
-    first: execution_pb2.FileChunk, rest: AsyncIterator[execution_pb2.FileChunk]
-) -> AsyncIterator[execution_pb2.FileChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk

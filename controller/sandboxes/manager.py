@@ -20,13 +20,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import structlog
 
 from controller.config import Config
 from controller.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    ExecutorFailed,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -373,7 +373,7 @@ class SandboxManager:
             try:
                 # Its channel is open: a status call costs a millisecond and proves it answers.
                 await self._client_for(member).status(timeout=1.0)
-            except grpc.aio.AioRpcError as exc:
+            except ExecutorFailed as exc:
                 log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
                 await asyncio.shield(asyncio.ensure_future(self._delete(member, "died")))
                 continue
@@ -949,8 +949,8 @@ class SandboxManager:
                 raise await asyncio.shield(
                     asyncio.ensure_future(self._executor_stuck(record, answer_within))
                 ) from None
-            except grpc.aio.AioRpcError as exc:
-                raise await self._executor_failed(record, exc.code(), exc.details(), sent) from exc
+            except ExecutorFailed as exc:
+                raise await self._executor_failed(record, exc, sent) from exc
 
     def _require_running(self, record: SandboxRecord) -> None:
         if record.state is not State.RUNNING:
@@ -975,18 +975,14 @@ class SandboxManager:
         )
 
     async def _executor_failed(
-        self, record: SandboxRecord, code: grpc.StatusCode, details: str | None, sent: bool
+        self, record: SandboxRecord, failure: ExecutorFailed, sent: bool
     ) -> Exception:
         """The error for a call the executor ended without a result; `sent`: the request and
-        its inputs were all sent, so the code may have run."""
-        # The executor's words are the sandbox's: pass them on, but bounded.
-        said = (details or "")[:1000]
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(said)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ResourceExhausted(said)
+        its inputs were all sent, so the code may have run. (The executor's refusals of a
+        request or its inputs come from the client as InvalidArgument or ResourceExhausted.)"""
+        code, said = failure.code, failure.details  # the client bounds the executor's words
         # The executor refuses a call without its key before it reads a message.
-        may_have_run = sent and code != grpc.StatusCode.PERMISSION_DENIED
+        may_have_run = sent and not failure.refused
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.state is State.DEPROVISIONING:
             return FailedPrecondition(f"sandbox {record.name} was deleted during the execution")
@@ -1002,12 +998,12 @@ class SandboxManager:
             )
         if not may_have_run:
             return Unavailable(
-                f"could not reach the executor of sandbox {record.name} ({code.name}: {said}); "
+                f"could not reach the executor of sandbox {record.name} ({code}: {said}); "
                 "the code did not run: retry"
             )
         return OutcomeUnknown(
             f"lost contact with the executor of sandbox {record.name} during the execution "
-            f"({code.name}: {said}); {_MAY_HAVE_RUN}: check the sandbox before running it again"
+            f"({code}: {said}); {_MAY_HAVE_RUN}: check the sandbox before running it again"
         )
 
     async def _executor_stuck(self, record: SandboxRecord, waited: timedelta) -> Exception:
@@ -1058,11 +1054,11 @@ class SandboxManager:
         try:
             await client.status(timeout=waited.total_seconds())
             return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+        except ExecutorFailed as exc:
+            if not exc.timed_out:
                 # Gone rather than stuck (a container that died, a delete that closed the
                 # channel): the container check and the delete deal with those.
-                log.info("executor check failed", sandbox=record.name, code=exc.code().name)
+                log.info("executor check failed", sandbox=record.name, code=exc.code)
                 return
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.state is not State.RUNNING:
@@ -1082,7 +1078,6 @@ class SandboxManager:
         if client is None:
             client = ExecutorClient(
                 Path(record.socket_dir) / SOCKET_NAME,
-                record.uid,
                 self._executor_keys.get(record.uid, ""),
                 self._config.max_message_bytes,
             )

@@ -36,7 +36,9 @@ class ExecuteInput(_message.Message):
     def file_chunk(self) -> _execution_pb2.FileChunk: ...
     @_builtins.property
     def end_of_inputs(self) -> Global___EndOfInputs:
-        """After the last file chunk, sent only once every input passed the controller's checks."""
+        """After the last file chunk (or right after the request when there is none), sent only
+        once every input passed the controller's checks.
+        """
 
     def __init__(
         self,
@@ -241,8 +243,6 @@ class ExecutorStatus(_message.Message):
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     PRELOADED_FIELD_NUMBER: _builtins.int
-    SESSIONS_FIELD_NUMBER: _builtins.int
-    END_OF_INPUTS_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     execution_count: _builtins.int
     python_version: _builtins.str
@@ -251,12 +251,6 @@ class ExecutorStatus(_message.Message):
     """The current worker has imported the modules it preloads (done, whether or not each
     import succeeded): user code's first import of them costs nothing.
     """
-    sessions: _builtins.bool
-    """This executor serves Session (older ones leave it false: the controller then uses Execute)."""
-    end_of_inputs: _builtins.bool
-    """This executor runs an Execute call's code only after EndOfInputs (older ones run it at
-    half-close, and refuse EndOfInputs: the controller then sends none).
-    """
     def __init__(
         self,
         *,
@@ -264,12 +258,10 @@ class ExecutorStatus(_message.Message):
         execution_count: _builtins.int = ...,
         python_version: _builtins.str = ...,
         preloaded: _builtins.bool = ...,
-        sessions: _builtins.bool = ...,
-        end_of_inputs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_inputs", b"end_of_inputs", "execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

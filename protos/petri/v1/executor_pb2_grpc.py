@@ -30,7 +30,6 @@ class ExecutorStub(object):
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel):
@@ -39,14 +38,9 @@ class ExecutorStub(object):
         Args:
             channel: A grpc.Channel.
         """
-        self.Execute = channel.stream_stream(
-                '/petri.v1.Executor/Execute',
-                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
-                response_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
-                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/petri.v1.Executor/Session',
-                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+                request_serializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteEvents.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
@@ -61,27 +55,20 @@ class ExecutorServicer(object):
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
-    def Execute(self, request_iterator, context):
-        """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
-        produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+    def Session(self, request_iterator, context):
+        """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
+        then its input file chunks (if any), then EndOfInputs; the executor answers with events
+        (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
+        result, the last event of that execution; then the controller writes the next request.
         The staged files are put in place and the code runs only after EndOfInputs: a call that
         ends without it (cancelled, as when the controller refused an input) writes and runs
-        nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
-        bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Session(self, request_iterator, context):
-        """Executions without input files, one after another on one long-lived call: write a request,
-        read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
-        call interrupts the code running, if any. It saves the setup and teardown of a call per
-        execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
-        served (an executor from an older image answers UNIMPLEMENTED).
+        nothing. Input problems end the call before anything is written: INVALID_ARGUMENT for a
+        bad path (including one through a symlink) or a malformed sequence, RESOURCE_EXHAUSTED
+        beyond max_input_bytes or when the workspace is full; the next execution opens a new call.
+        Cancelling the call interrupts the code running, if any. One call for many executions
+        saves the setup and teardown of a call per execution, most of what a short one costs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,14 +84,9 @@ class ExecutorServicer(object):
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Execute': grpc.stream_stream_rpc_method_handler(
-                    servicer.Execute,
-                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.FromString,
-                    response_serializer=petri_dot_v1_dot_executor__pb2.ExecuteEvent.SerializeToString,
-            ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
+                    request_deserializer=petri_dot_v1_dot_executor__pb2.ExecuteInput.FromString,
                     response_serializer=petri_dot_v1_dot_executor__pb2.ExecuteEvents.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
@@ -125,35 +107,7 @@ class Executor(object):
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
-
-    @staticmethod
-    def Execute(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/petri.v1.Executor/Execute',
-            petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
-            petri_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Session(request_iterator,
@@ -170,7 +124,7 @@ class Executor(object):
             request_iterator,
             target,
             '/petri.v1.Executor/Session',
-            petri_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+            petri_dot_v1_dot_executor__pb2.ExecuteInput.SerializeToString,
             petri_dot_v1_dot_executor__pb2.ExecuteEvents.FromString,
             options,
             channel_credentials,

@@ -34,27 +34,24 @@ class ExecutorStub:
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
-    Execute: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]
-    """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
-    produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+    Session: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvents]
+    """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
+    then its input file chunks (if any), then EndOfInputs; the executor answers with events
+    (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
+    result, the last event of that execution; then the controller writes the next request.
     The staged files are put in place and the code runs only after EndOfInputs: a call that
     ends without it (cancelled, as when the controller refused an input) writes and runs
-    nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
-    bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
-    """
-    Session: _grpc.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]
-    """Executions without input files, one after another on one long-lived call: write a request,
-    read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
-    call interrupts the code running, if any. It saves the setup and teardown of a call per
-    execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
-    served (an executor from an older image answers UNIMPLEMENTED).
+    nothing. Input problems end the call before anything is written: INVALID_ARGUMENT for a
+    bad path (including one through a symlink) or a malformed sequence, RESOURCE_EXHAUSTED
+    beyond max_input_bytes or when the workspace is full; the next execution opens a new call.
+    Cancelling the call interrupts the code running, if any. One call for many executions
+    saves the setup and teardown of a call per execution, most of what a short one costs.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]
     """Answers once the daemon and its worker are ready."""
@@ -65,24 +62,21 @@ class ExecutorAsyncStub(ExecutorStub):
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Execute: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
-    """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
-    produced, then the changed files, and ends with one result. Cancelling interrupts the code.
+    Session: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteInput, _executor_pb2.ExecuteEvents]  # type: ignore[assignment]
+    """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
+    then its input file chunks (if any), then EndOfInputs; the executor answers with events
+    (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
+    result, the last event of that execution; then the controller writes the next request.
     The staged files are put in place and the code runs only after EndOfInputs: a call that
     ends without it (cancelled, as when the controller refused an input) writes and runs
-    nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
-    bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
-    """
-    Session: _aio.StreamStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvents]  # type: ignore[assignment]
-    """Executions without input files, one after another on one long-lived call: write a request,
-    read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
-    call interrupts the code running, if any. It saves the setup and teardown of a call per
-    execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
-    served (an executor from an older image answers UNIMPLEMENTED).
+    nothing. Input problems end the call before anything is written: INVALID_ARGUMENT for a
+    bad path (including one through a symlink) or a malformed sequence, RESOURCE_EXHAUSTED
+    beyond max_input_bytes or when the workspace is full; the next execution opens a new call.
+    Cancelling the call interrupts the code running, if any. One call for many executions
+    saves the setup and teardown of a call per execution, most of what a short one costs.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]  # type: ignore[assignment]
     """Answers once the daemon and its worker are ready."""
@@ -92,34 +86,25 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     `petri-executor-key`, which must equal the secret the controller gave the daemon in the file
     executor.key of the socket directory (readable by the sandbox's root only; the daemon removes
     it at start): any other call is refused with PERMISSION_DENIED before its messages are read.
-    Controllers also send `petri-sandbox-uid`, which executors from older images check instead.
     """
-
-    @_abc_1.abstractmethod
-    def Execute(
-        self,
-        request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteInput],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvent], _abc.AsyncIterator[_executor_pb2.ExecuteEvent]]:
-        """First an ExecuteRequest, then input file chunks, then EndOfInputs. Streams output as it is
-        produced, then the changed files, and ends with one result. Cancelling interrupts the code.
-        The staged files are put in place and the code runs only after EndOfInputs: a call that
-        ends without it (cancelled, as when the controller refused an input) writes and runs
-        nothing. Input problems abort the call before anything is written: INVALID_ARGUMENT for a
-        bad path (including one through a symlink), RESOURCE_EXHAUSTED beyond max_input_bytes.
-        """
 
     @_abc_1.abstractmethod
     def Session(
         self,
-        request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteRequest],
+        request_iterator: _MaybeAsyncIterator[_executor_pb2.ExecuteInput],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvents], _abc.AsyncIterator[_executor_pb2.ExecuteEvents]]:
-        """Executions without input files, one after another on one long-lived call: write a request,
-        read events (grouped, see ExecuteEvents) up to its result, write the next. Cancelling the
-        call interrupts the code running, if any. It saves the setup and teardown of a call per
-        execution, which is most of what a short one costs. ExecutorStatus.sessions says it is
-        served (an executor from an older image answers UNIMPLEMENTED).
+        """Every execution, one after another on one long-lived call. For each: an ExecuteRequest,
+        then its input file chunks (if any), then EndOfInputs; the executor answers with events
+        (grouped, see ExecuteEvents) as the code produces them, then the changed files, up to one
+        result, the last event of that execution; then the controller writes the next request.
+        The staged files are put in place and the code runs only after EndOfInputs: a call that
+        ends without it (cancelled, as when the controller refused an input) writes and runs
+        nothing. Input problems end the call before anything is written: INVALID_ARGUMENT for a
+        bad path (including one through a symlink) or a malformed sequence, RESOURCE_EXHAUSTED
+        beyond max_input_bytes or when the workspace is full; the next execution opens a new call.
+        Cancelling the call interrupts the code running, if any. One call for many executions
+        saves the setup and teardown of a call per execution, most of what a short one costs.
         """
 
     @_abc_1.abstractmethod

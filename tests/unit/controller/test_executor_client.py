@@ -1,6 +1,6 @@
-"""The controller's executor client against a stand-in executor on a unix socket: executions on
-one Session call, a new session after one is left mid-way, and Execute for input files and for
-executors whose status says they predate Session."""
+"""The controller's executor client against a stand-in executor on a unix socket: every
+execution on one Session call, input files included, a new session after one is left mid-way
+or refused, and the executor's statuses turned into the controller's errors."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import pytest
 
+from controller.errors import ExecutorFailed, InvalidArgument, PetriError, ResourceExhausted
 from controller.runtime.executor_client import ExecutorClient
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
-UID = "sandbox-uid"
 KEY = "sandbox-key"
 
 
@@ -25,60 +25,49 @@ def _events(code: str) -> list[executor_pb2.ExecuteEvent]:
 
 
 class StandIn(executor_pb2_grpc.ExecutorServicer):
-    """Answers with two events; without Session when `has_session` is false, like an older
-    image (which says so in its status, and answers UNIMPLEMENTED). Code "hang" never gets to
-    its result."""
+    """Reads each execution as the executor does (request, file chunks, EndOfInputs) and
+    answers with two events. Code "hang" never gets to its result; code "refuse" is refused
+    with the status its `refusal` says, as the executor refuses a bad input."""
 
-    def __init__(self, has_session: bool, has_end_of_inputs: bool = True) -> None:
-        self.has_session = has_session
-        self.has_end_of_inputs = has_end_of_inputs
+    def __init__(self, refusal: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        self.refusal = refusal
         self.ends_of_inputs = 0
         self.metadata: list[dict[str, Any]] = []
         self.sessions = 0
         self.session_executions = 0
         self.interrupted = 0
-        self.execute_calls = 0
         self.files: list[str] = []
 
-    async def Execute(
+    async def Session(
         self, request_iterator: AsyncIterator[executor_pb2.ExecuteInput], context: Any
-    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
-        self.execute_calls += 1
+    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
+        self.sessions += 1
         self.metadata.append(dict(context.invocation_metadata()))
         code = ""
         async for message in request_iterator:
             if message.HasField("request"):
                 code = message.request.code
-            elif message.HasField("end_of_inputs"):
-                self.ends_of_inputs += 1
-            else:
+                continue
+            if message.HasField("file_chunk"):
                 self.files.append(message.file_chunk.path)
-        for event in _events(code):
-            yield event
-
-    async def Session(
-        self, request_iterator: AsyncIterator[executor_pb2.ExecuteRequest], context: Any
-    ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
-        self.sessions += 1
-        if not self.has_session:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-        async for request in request_iterator:
+                continue
+            self.ends_of_inputs += 1
             self.session_executions += 1
-            yield executor_pb2.ExecuteEvents(events=_events(request.code)[:1])
-            if request.code == "hang":
+            if code == "refuse":
+                await context.abort(self.refusal, "x" * 5000)
+            yield executor_pb2.ExecuteEvents(events=_events(code)[:1])
+            if code == "hang":
                 try:
                     await asyncio.sleep(60)
                 except asyncio.CancelledError:
                     self.interrupted += 1
                     raise
-            yield executor_pb2.ExecuteEvents(events=_events(request.code)[1:])
+            yield executor_pb2.ExecuteEvents(events=_events(code)[1:])
 
     async def GetStatus(
         self, request: executor_pb2.GetStatusRequest, context: Any
     ) -> executor_pb2.ExecutorStatus:
-        return executor_pb2.ExecutorStatus(
-            sessions=self.has_session, end_of_inputs=self.has_end_of_inputs
-        )
+        return executor_pb2.ExecutorStatus(incarnation="i")
 
 
 async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:
@@ -87,7 +76,7 @@ async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, Ex
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
-    return server, ExecutorClient(socket_path, UID, KEY, 1 << 20)
+    return server, ExecutorClient(socket_path, KEY, 1 << 20)
 
 
 async def _run(
@@ -102,26 +91,23 @@ async def _run(
     return [event.WhichOneof("event") async for event in client.execute(request, inputs)]
 
 
-@pytest.mark.parametrize("has_session", [True, False])
-async def test_executions_yield_their_events_from_either_call(
-    tmp_path: Path, has_session: bool
-) -> None:
-    servicer = StandIn(has_session)
+async def test_executions_with_and_without_files_share_one_session(tmp_path: Path) -> None:
+    servicer = StandIn()
     server, client = await _serve(tmp_path, servicer)
     try:
-        for code in ("1+1", "2+2", "3+3"):
-            assert await _run(client, code) == ["stdout", "result"]
+        for code, files in (("1+1", None), ("2+2", ["a.csv", "b.csv"]), ("3+3", [])):
+            assert await _run(client, code, files) == ["stdout", "result"]
     finally:
         await client.close()
         await server.stop(None)
-    if has_session:  # one session carries them all
-        assert (servicer.sessions, servicer.session_executions, servicer.execute_calls) == (1, 3, 0)
-    else:  # an executor that says it has no Session gets a call per execution
-        assert (servicer.sessions, servicer.execute_calls) == (0, 3)
+    assert (servicer.sessions, servicer.session_executions) == (1, 3)
+    assert servicer.files == ["a.csv", "b.csv"] and servicer.ends_of_inputs == 3
+    (metadata,) = servicer.metadata
+    assert metadata["petri-executor-key"] == KEY and "petri-sandbox-uid" not in metadata
 
 
 async def test_an_execution_left_mid_way_ends_its_session(tmp_path: Path) -> None:
-    servicer = StandIn(has_session=True)
+    servicer = StandIn()
     server, client = await _serve(tmp_path, servicer)
     try:
         events = client.execute(executor_pb2.ExecuteRequest(code="hang"))
@@ -142,27 +128,10 @@ async def test_an_execution_left_mid_way_ends_its_session(tmp_path: Path) -> Non
     assert servicer.sessions == 2
 
 
-async def test_input_files_go_through_execute(tmp_path: Path) -> None:
-    servicer = StandIn(has_session=True)
-    server, client = await _serve(tmp_path, servicer)
-    try:
-        assert await _run(client, "open('a.csv').read()", ["a.csv", "b.csv"]) == [
-            "stdout",
-            "result",
-        ]
-    finally:
-        await client.close()
-        await server.stop(None)
-    assert servicer.files == ["a.csv", "b.csv"] and servicer.sessions == 0
-    assert servicer.ends_of_inputs == 1
-    metadata = servicer.metadata[0]
-    assert (metadata["petri-executor-key"], metadata["petri-sandbox-uid"]) == (KEY, UID)
-
-
 async def test_inputs_that_fail_their_checks_never_reach_end_of_inputs(tmp_path: Path) -> None:
     """The controller refuses an input at a file boundary (a bad path): the executor must
     not take the call as complete, and `sent` (the code may have run) is never called."""
-    servicer = StandIn(has_session=True)
+    servicer = StandIn()
     server, client = await _serve(tmp_path, servicer)
     sent: list[bool] = []
 
@@ -181,27 +150,44 @@ async def test_inputs_that_fail_their_checks_never_reach_end_of_inputs(tmp_path:
     assert servicer.ends_of_inputs == 0 and not sent
 
 
-async def test_an_executor_of_an_older_image_gets_no_end_of_inputs(tmp_path: Path) -> None:
-    """Its status says it runs at half-close (and would refuse the message it does not know)."""
-    servicer = StandIn(has_session=True, has_end_of_inputs=False)
+@pytest.mark.parametrize(
+    ("refusal", "error"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+        (grpc.StatusCode.UNAVAILABLE, ExecutorFailed),
+    ],
+)
+async def test_the_executors_statuses_come_out_as_the_controllers_errors(
+    tmp_path: Path, refusal: grpc.StatusCode, error: type[PetriError]
+) -> None:
+    """Refused inputs are the caller's errors; anything else is an ExecutorFailed for the
+    manager to judge. Either way the executor's words are bounded, and the next execution
+    gets a session of its own."""
+    servicer = StandIn(refusal)
     server, client = await _serve(tmp_path, servicer)
     try:
-        assert await _run(client, "1+1", ["a.csv"]) == ["stdout", "result"]
+        with pytest.raises(error) as caught:
+            await _run(client, "refuse", ["a.csv"])
+        assert 1000 <= len(str(caught.value)) < 1100
+        if isinstance(caught.value, ExecutorFailed):
+            assert caught.value.code == "UNAVAILABLE" and not caught.value.refused
+        assert await _run(client, "1+1") == ["stdout", "result"]
     finally:
         await client.close()
         await server.stop(None)
-    assert servicer.files == ["a.csv"] and servicer.ends_of_inputs == 0
+    assert servicer.sessions == 2
 
 
-async def test_a_stream_without_files_goes_through_the_session(tmp_path: Path) -> None:
-    servicer = StandIn(has_session=True)
-    server, client = await _serve(tmp_path, servicer)
+async def test_status_failures_are_executor_failures(tmp_path: Path) -> None:
+    server, client = await _serve(tmp_path, StandIn())
+    await server.stop(None)
     try:
-        assert await _run(client, "1+1", files=[]) == ["stdout", "result"]
+        with pytest.raises(ExecutorFailed) as caught:
+            await client.status(timeout=0.5)
+        assert caught.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     finally:
         await client.close()
-        await server.stop(None)
-    assert (servicer.sessions, servicer.execute_calls) == (1, 0)
 
 
 @pytest.mark.parametrize("files", [[], ["a.csv", "b.csv"]])
@@ -216,7 +202,7 @@ async def test_sent_comes_after_the_last_input_and_before_the_first_event(
             happened.append(f"chunk {path}")
             yield execution_pb2.FileChunk(path=path, data=b"x", size=1, final=True)
 
-    server, client = await _serve(tmp_path, StandIn(has_session=True))
+    server, client = await _serve(tmp_path, StandIn())
     try:
         request = executor_pb2.ExecuteRequest(code="1+1")
         async for event in client.execute(request, chunks(), lambda: happened.append("sent")):
@@ -234,7 +220,7 @@ async def test_an_execution_ends_when_its_client_closes_as_it_starts(tmp_path: P
     for attempt in range(20):
         socket_dir = tmp_path / str(attempt)
         socket_dir.mkdir()
-        server, client = await _serve(socket_dir, StandIn(has_session=True))
+        server, client = await _serve(socket_dir, StandIn())
         await client.wait_ready(5)
         await server.stop(None)  # its executor is gone: the channel reconnects
 
@@ -245,5 +231,5 @@ async def test_an_execution_ends_when_its_client_closes_as_it_starts(tmp_path: P
         task = asyncio.create_task(execute())
         await asyncio.sleep((attempt % 5) * 0.0002)
         await client.close()
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(ExecutorFailed):
             await asyncio.wait_for(task, 5)

@@ -1,13 +1,14 @@
 """The executor's gRPC service with a real supervisor and worker (no container): only the
-controller's key opens it, an upload counts only once EndOfInputs says it is complete, and no
-execution goes without a timeout."""
+controller's key opens it, one Session call carries executions with and without files, an
+upload counts only once EndOfInputs says it is complete, an input problem ends the call with
+nothing written, and no execution goes without a timeout."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -52,18 +53,32 @@ def _chunk(path: str) -> executor_pb2.ExecuteInput:
     )
 
 
+END = executor_pb2.ExecuteInput(end_of_inputs=executor_pb2.EndOfInputs())
+KEYED = ((KEY_METADATA, KEY),)
+
+
+async def _events(call: Any) -> list[executor_pb2.ExecuteEvent]:
+    """One execution's events, read off a session up to its result."""
+    events: list[executor_pb2.ExecuteEvent] = []
+    while not (events and events[-1].HasField("result")):
+        batch = await call.read()
+        assert isinstance(batch, executor_pb2.ExecuteEvents), batch
+        events.extend(batch.events)
+    return events
+
+
 async def test_calls_without_the_key_are_refused(stub: Stub) -> None:
     for metadata in ((), ((KEY_METADATA, "guess"),), (("petri-sandbox-uid", "x"),)):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        call = stub.Execute(metadata=metadata)
+        call = stub.Session(metadata=metadata)
         await call.write(executor_pb2.ExecuteInput(request=_request()))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    status = await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=((KEY_METADATA, KEY),))
-    assert status.end_of_inputs and status.sessions
+    status = await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=KEYED)
+    assert status.incarnation and status.python_version
 
 
 async def test_inputs_ended_without_end_of_inputs_write_and_run_nothing(
@@ -71,7 +86,7 @@ async def test_inputs_ended_without_end_of_inputs_write_and_run_nothing(
 ) -> None:
     """grpc.aio can show a cancelled call to the executor as a half-closed one: a half-close
     alone must not commit the files sent so far, nor run the code."""
-    call = stub.Execute(metadata=((KEY_METADATA, KEY),))
+    call = stub.Session(metadata=KEYED)
     await call.write(executor_pb2.ExecuteInput(request=_request()))
     await call.write(_chunk("good.txt"))
     await call.done_writing()
@@ -84,19 +99,83 @@ async def test_inputs_ended_without_end_of_inputs_write_and_run_nothing(
 
 
 async def test_end_of_inputs_commits_and_runs(stub: Stub, tmp_path: Path) -> None:
-    call = stub.Execute(metadata=((KEY_METADATA, KEY),))
+    call = stub.Session(metadata=KEYED)
     await call.write(executor_pb2.ExecuteInput(request=_request()))
     await call.write(_chunk("good.txt"))
-    await call.write(executor_pb2.ExecuteInput(end_of_inputs=executor_pb2.EndOfInputs()))
+    await call.write(END)
     await call.done_writing()
-    events = [event async for event in call]
+    events = [event async for batch in call for event in batch.events]
     assert events[-1].HasField("result") and not events[-1].result.HasField("error")
     assert sorted(os.listdir(tmp_path / "workspace")) == ["good.txt", "ran"]
 
 
+async def test_one_session_carries_executions_with_and_without_files(
+    stub: Stub, tmp_path: Path
+) -> None:
+    call = stub.Session(metadata=KEYED)
+    for code, files in (("x = 1", []), ("x += len(open('in.txt').read())", ["in.txt"]), ("x", [])):
+        await call.write(executor_pb2.ExecuteInput(request=_request(code)))
+        for path in files:
+            await call.write(_chunk(path))
+        await call.write(END)
+        events = await _events(call)
+    shown = [e.output.text["text/plain"] for e in events if e.HasField("output")]
+    assert shown == ["2"] and events[-1].result.execution_count == 3
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+    assert sorted(os.listdir(tmp_path / "workspace")) == ["in.txt"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code", "says"),
+    [
+        ([_chunk("../escape")], grpc.StatusCode.INVALID_ARGUMENT, "'..'"),
+        ([_chunk("a.txt"), _chunk("a.txt")], grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+        ([executor_pb2.ExecuteInput(request=_request())], grpc.StatusCode.INVALID_ARGUMENT, "only"),
+        (
+            [
+                executor_pb2.ExecuteInput(
+                    file_chunk=execution_pb2.FileChunk(path="big", data=b"x" * 2048)
+                )
+            ],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "exceed",
+        ),
+    ],
+)
+async def test_an_input_problem_ends_the_session_and_nothing_is_written(
+    stub: Stub,
+    tmp_path: Path,
+    inputs: list[executor_pb2.ExecuteInput],
+    code: grpc.StatusCode,
+    says: str,
+) -> None:
+    call = stub.Session(metadata=KEYED)
+    await call.write(executor_pb2.ExecuteInput(request=_request()))
+    await call.write(END)
+    await _events(call)  # an execution before it leaves its file
+    request = _request("open('late', 'w').write('x')")
+    request.max_input_bytes = 1024
+    await call.write(executor_pb2.ExecuteInput(request=request))
+    for message in inputs:  # the last one is refused: nothing follows it
+        await call.write(message)
+    assert await call.code() == code
+    assert says in str(await call.details())
+    assert os.listdir(tmp_path / "workspace") == ["ran"]
+
+
+async def test_an_execution_must_begin_with_its_request(stub: Stub, tmp_path: Path) -> None:
+    call = stub.Session(metadata=KEYED)
+    await call.write(_chunk("a.txt"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert os.listdir(tmp_path / "workspace") == []
+
+
 async def test_an_execution_without_a_timeout_is_refused(stub: Stub, tmp_path: Path) -> None:
-    session = stub.Session(metadata=((KEY_METADATA, KEY),))
-    await session.write(_request(timeout=0))
+    session = stub.Session(metadata=KEYED)
+    await session.write(executor_pb2.ExecuteInput(request=_request(timeout=0)))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await session.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

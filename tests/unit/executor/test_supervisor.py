@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from executor.supervisor import BATCH_BYTES, MAX_OMITTED_FILES, Supervisor
+from executor.batching import BATCH_BYTES, batches
+from executor.outcome import MAX_OMITTED_FILES
+from executor.supervisor import Supervisor
 from executor.workspace import InputStager
 from petri.paths import InvalidPath
 from petri.v1 import execution_pb2, executor_pb2
@@ -68,7 +70,9 @@ async def run(
     stager = InputStager(sup.workspace, max_bytes=1 << 30)
     for path, data in (inputs or {}).items():
         stager.add(execution_pb2.FileChunk(path=path, data=data, final=True))
-    return Ran([event async for batch in sup.execute(request, stager) for event in batch])
+    async with sup.execute(request, stager) as events:
+        received = [event async for event in events]
+    return Ran(received)
 
 
 async def test_state_persists_and_the_last_expression_is_the_value(supervisor: Supervisor) -> None:
@@ -165,8 +169,9 @@ async def test_a_consumer_that_goes_away_interrupts_the_code(supervisor: Supervi
     )
 
     async def consume() -> None:
-        async for _ in supervisor.execute(request):
-            pass
+        async with supervisor.execute(request) as events:
+            async for _ in events:
+                pass
 
     task = asyncio.create_task(consume())
     await asyncio.sleep(0.5)
@@ -310,7 +315,8 @@ async def test_the_worker_preloads_its_modules_before_the_first_execution(tmp_pa
 
 async def _batches(sup: Supervisor, code: str) -> list[list[executor_pb2.ExecuteEvent]]:
     request = executor_pb2.ExecuteRequest(code=code, timeout=Duration(seconds=30))
-    return [batch async for batch in sup.execute(request)]
+    async with sup.execute(request) as events:
+        return [batch async for batch in batches(events)]
 
 
 async def test_events_that_come_together_go_out_together(supervisor: Supervisor) -> None:
@@ -327,10 +333,11 @@ async def test_output_still_streams_while_the_code_runs(supervisor: Supervisor) 
         code="import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')",
         timeout=Duration(seconds=30),
     )
-    batches = aiter(supervisor.execute(request))
-    first = await asyncio.wait_for(anext(batches), 0.8)  # before the sleep ends
-    assert "".join(e.stdout for e in first) == "first\n"
-    rest = [event async for batch in batches for event in batch]
+    async with supervisor.execute(request) as events:
+        grouped = aiter(batches(events))
+        first = await asyncio.wait_for(anext(grouped), 0.8)  # before the sleep ends
+        assert "".join(e.stdout for e in first) == "first\n"
+        rest = [event async for batch in grouped for event in batch]
     assert "".join(e.stdout for e in rest) == "second\n"
     assert rest[-1].HasField("result")
 
