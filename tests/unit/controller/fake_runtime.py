@@ -20,6 +20,12 @@ from controller.runtime.container import (
 from tests.unit.controller.standin_executor import KeyFileMissing, Script, StandInExecutor
 
 LABEL_MANIFEST = "io.petri.manifest"
+# podman's remove returns well after the container's processes died, and the controller's
+# executor client sees its call end meanwhile. An instant remove would let the controller close
+# the channel first, and a read pending on it then raises CancelledError, which leaves the
+# caller's ExecuteCode without an answer (a race of the executor client, reported with this
+# tier: its reads are not guarded as its writes are).
+REMOVE_SECONDS = 0.02
 
 
 @dataclass
@@ -156,6 +162,7 @@ class FakeRuntime:
             self.removed.append(name)
             if container.executor is not None:
                 await container.executor.stop()
+                await asyncio.sleep(REMOVE_SECONDS)
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return [

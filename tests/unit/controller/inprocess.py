@@ -31,6 +31,7 @@ PARENT = f"projects/{PROJECT}"
 PROFILE = "test"
 REPOSITORY = "localhost/petri-sandbox"
 WAIT_SECONDS = 5.0
+TEST_SECONDS = 20.0
 POLL_SECONDS = 0.005
 T = TypeVar("T")
 
@@ -117,9 +118,10 @@ async def serving(config: Config, runtime: FakeRuntime) -> AsyncIterator[Petri]:
                 f"127.0.0.1:{controller.port}",
                 options=[("grpc.max_receive_message_length", 256 << 20)],
             ) as channel:
-                yield Petri(
-                    config, controller, runtime, sandbox_pb2_grpc.SandboxServiceStub(channel)
-                )
+                # A call the controller never answers fails the test rather than hangs the tier.
+                async with asyncio.timeout(TEST_SECONDS):
+                    stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+                    yield Petri(config, controller, runtime, stub)
         finally:
             await controller.stop(grace=0.5)
 

@@ -6,7 +6,6 @@ as user code that took over a sandbox: it sends whatever events it likes, in any
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -112,40 +111,30 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
 
     async def Session(
         self,
-        request_iterator: AsyncIterator[executor_pb2.ExecuteRequest],
-        context: grpc.aio.ServicerContext[executor_pb2.ExecuteRequest, executor_pb2.ExecuteEvents],
+        request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
+        context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvents],
     ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
+        """Every execution on one call: a request, its file chunks, EndOfInputs, then the
+        script's events; a call that ends before EndOfInputs runs nothing."""
         await self._check_key(context)
+        request: executor_pb2.ExecuteRequest | None = None
+        files: dict[str, bytes] = {}
         try:
-            async for request in request_iterator:
-                async for batch in self._run(request, {}):
-                    yield executor_pb2.ExecuteEvents(events=batch)
+            async for message in request_iterator:
+                which = message.WhichOneof("input")
+                if which == "request" and request is None:
+                    request, files = message.request, {}
+                elif which == "file_chunk" and request is not None:
+                    chunk = message.file_chunk
+                    files[chunk.path] = files.get(chunk.path, b"") + chunk.data
+                elif which == "end_of_inputs" and request is not None:
+                    async for batch in self._run(request, files):
+                        yield executor_pb2.ExecuteEvents(events=batch)
+                    request = None
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed sequence")
         except NoResult:
             return  # a script without a result ends the call (an executor that gives up)
-
-    async def Execute(
-        self,
-        request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
-        context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvent],
-    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
-        await self._check_key(context)
-        first = await anext(request_iterator, None)
-        if first is None or not first.HasField("request"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request comes first")
-            return
-        files: dict[str, bytes] = {}
-        async for message in request_iterator:
-            if message.HasField("end_of_inputs"):
-                break
-            chunk: execution_pb2.FileChunk = message.file_chunk
-            files[chunk.path] = files.get(chunk.path, b"") + chunk.data
-        else:  # no EndOfInputs: the controller gave up on the inputs; nothing runs
-            await context.abort(grpc.StatusCode.CANCELLED, "inputs ended without end_of_inputs")
-            return
-        with contextlib.suppress(NoResult):
-            async for batch in self._run(first.request, files):
-                for event in batch:
-                    yield event
 
     async def GetStatus(
         self,
@@ -160,8 +149,6 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
             execution_count=len(self.executions),
             python_version="3.13.0",
             preloaded=True,
-            sessions=True,
-            end_of_inputs=True,
         )
 
 
