@@ -56,6 +56,15 @@ class NoResult(Exception):
     """A script ended without a result: the stand-in ends the call."""
 
 
+class Refuse(Exception):
+    """Raised by a script: the stand-in ends the call with this status, as the daemon does for
+    a bad input (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
 class KeyFileMissing(Exception):
     """The daemon refuses to serve without the controller's key (it exits)."""
 
@@ -135,6 +144,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed sequence")
         except NoResult:
             return  # a script without a result ends the call (an executor that gives up)
+        except Refuse as refusal:
+            await context.abort(refusal.code, refusal.details)
 
     async def GetStatus(
         self,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -20,8 +21,17 @@ from controller.sandboxes.results import (
 )
 from petri.v1 import execution_pb2, executor_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import Petri, expect, fast_petri
-from tests.unit.controller.standin_executor import Event, Execution, Script, file_chunk, sends
+from tests.unit.controller.standin_executor import (
+    Batch,
+    Event,
+    Execution,
+    Refuse,
+    Script,
+    file_chunk,
+    sends,
+)
 
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 OUTPUT_CAP = 1000
 FILE_BYTES = 4000
 FILES = 3
@@ -190,6 +200,34 @@ async def test_an_executor_that_ends_without_a_result_leaves_the_outcome_unknown
         assert caught.value.code() == grpc.StatusCode.UNKNOWN
         # The sandbox is fine: the next execution gets a new call.
         assert (await petri.execute(name, "1")).stdout == "ran 1\n"
+
+
+async def test_an_executor_refusal_reaches_the_caller_bounded(tmp_path: Path) -> None:
+    async def refuses(execution: Execution) -> AsyncIterator[Batch]:
+        raise Refuse(grpc.StatusCode.INVALID_ARGUMENT, "bad path " + "p" * 5000)
+        yield []  # (a generator)
+
+    async with scripted(tmp_path, refuses) as (petri, name):
+        details = await expect(petri.execute(name, "hostile"), INVALID, "bad path ppp")
+        assert len(details) <= 1000
+        assert (await petri.execute(name, "1")).stdout == "ran 1\n"  # a new call
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the executor client reads past a result that is not last in its batch, waits for "
+    "more, and the sandbox is TERMINATED as stuck when the deadline passes",
+)
+async def test_events_after_the_result_do_not_hold_the_caller(tmp_path: Path) -> None:
+    script = sends(lambda execution: [execution.result(), Event(stdout="after the result\n")])
+    async with fast_petri(tmp_path, executor_slack=timedelta(milliseconds=200)) as petri:
+        petri.runtime.scripts["hostile"] = script
+        sandbox = await petri.create()
+        request = sandbox_pb2.ExecuteCodeRequest(name=sandbox.name, code="hostile")
+        request.timeout.FromMilliseconds(100)
+        response = await petri.stub.ExecuteCode(request)
+        assert response.execution_count == 1
+        assert (await petri.get(sandbox.name)).state == sandbox_pb2.Sandbox.RUNNING
 
 
 async def test_hostile_counts_and_incarnations_are_not_stored(tmp_path: Path) -> None:
