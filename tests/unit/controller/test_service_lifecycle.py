@@ -222,3 +222,30 @@ async def test_list_shows_only_live_sandboxes(tmp_path: Path) -> None:
         gone = await petri.create("gone")
         await petri.delete(gone.name)
         assert await petri.names() == [kept.name]
+
+
+async def test_a_create_whose_caller_gives_up_finishes_for_its_retry(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        petri.runtime.starts_open.clear()
+        request = create_request("patient", request_id="req-gone")
+        call = petri.stub.CreateSandbox(request)
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the create to start")
+        call.cancel()  # the client went away mid-create
+        petri.runtime.starts_open.set()
+        retried = await petri.stub.CreateSandbox(request)
+        assert retried.state == RUNNING and petri.runtime.starts == 1
+        assert petri.runtime.uids() == {retried.uid}
+
+
+async def test_a_delete_during_the_create_waits_for_it_and_leaves_nothing(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        petri.runtime.starts_open.clear()
+        create = asyncio.ensure_future(petri.create("brief"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the create to start")
+        delete = asyncio.ensure_future(petri.delete(f"{PARENT}/sandboxes/brief"))
+        petri.runtime.starts_open.set()
+        made = await create
+        await delete
+        assert made.state == RUNNING
+        await expect(petri.get(made.name), grpc.StatusCode.NOT_FOUND, "was deleted at")
+        assert petri.runtime.uids() == set()
