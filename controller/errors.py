@@ -12,11 +12,12 @@
     ├── Cancelled                 CANCELLED          the caller cancelled an upload: nothing ran
     ├── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable;
     │                                                  nothing ran, so a retry is safe
-    ├── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
-    │                                                it may have run, a blind retry may repeat it
-    └── ExecutorFailed            INTERNAL           a call to a sandbox's executor ended without
-                                                     an answer: the sandboxes layer turns it into
-                                                     one of the above, never passed on as it is
+    └── OutcomeUnknown            UNKNOWN            the executor failed after the code was sent:
+                                                     it may have run, a blind retry may repeat it
+
+    ExecutorFailed (not a PetriError: not for the caller's eyes) a call to a sandbox's executor
+    ended without its answer; the sandboxes layer judges what it means and raises one of the
+    above. One that escapes is an internal error, like any other exception.
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
 user's code are not here: they are execution results. Foreign errors (podman, OS, gRPC to the
@@ -76,7 +77,7 @@ class OutcomeUnknown(PetriError):
     status = grpc.StatusCode.UNKNOWN
 
 
-class ExecutorFailed(PetriError):
+class ExecutorFailed(Exception):
     """A call to a sandbox's executor ended without its answer (runtime.executor_client).
     Carries what the caller needs to decide what it means, without gRPC's types."""
 

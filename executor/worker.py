@@ -235,7 +235,7 @@ def main() -> None:
     modules = [name for name in args.preload.split(",") if name]
     worker.send(executor_pb2.WorkerReply(preloaded=preload(modules)))
     # Now, with the limits set and our modules loaded, user code may import its own files,
-    # as in a notebook (the worker started isolated: see supervisor.WorkerProcess.start).
+    # as in a notebook (the worker started isolated: see worker_process.WorkerProcess.start).
     sys.path.insert(0, args.workspace)
     while True:
         payload = read_frame(args.requests_fd)

@@ -124,26 +124,10 @@ class ExecutorClient:
         inputs: AsyncIterator[execution_pb2.FileChunk] | None,
         sent: Callable[[], None],
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        # The manager runs one execution at a time per sandbox; should two overlap, the
-        # second gets a call of its own, ended with it.
-        shared = not self._session_busy
-        session = self._session if shared else None
-        fresh = session is None or session.done()
-        if fresh or session is None:  # (`or`: for the type checker)
-            session = self._stub.Session(metadata=self._metadata)
-            if shared:
-                self._session = session
-        if shared:
-            self._session_busy = True
+        session, fresh, shared = self._take_session()
         finished = False
         try:
-            write = executor_pb2.ExecuteInput
-            await _guarded(session, session.write(write(request=request)), first=fresh)
-            if inputs is not None:
-                async for chunk in inputs:
-                    await _guarded(session, session.write(write(file_chunk=chunk)))
-            # Every input passed its checks: only now may the executor write and run.
-            await _guarded(session, session.write(write(end_of_inputs=_END_OF_INPUTS)))
+            await _send(session, request, inputs, fresh)
             sent()
             while not finished:
                 batch = await session.read()
@@ -158,15 +142,33 @@ class ExecutorClient:
                     finished = event.HasField("result")
                     yield event
         finally:
-            if shared:
-                self._session_busy = False
-            if not finished or not shared:
-                # Left mid-way (the caller went away, a timeout, an error, a refused input):
-                # cancelling the call interrupts the code or drops the inputs sent so far,
-                # and the next execution opens a new session.
-                session.cancel()
-                if self._session is session:
-                    self._session = None
+            self._release(session, shared, finished)
+
+    def _take_session(self) -> tuple[SessionCall, bool, bool]:
+        """The session for the next execution: (call, whether it is new, whether it is the
+        shared one). The manager runs one execution at a time per sandbox; should two
+        overlap, the second gets a call of its own, ended with it."""
+        shared = not self._session_busy
+        session = self._session if shared else None
+        if session is not None and not session.done():
+            self._session_busy = True
+            return session, False, True
+        session = self._stub.Session(metadata=self._metadata)
+        if shared:
+            self._session, self._session_busy = session, True
+        return session, True, shared
+
+    def _release(self, session: SessionCall, shared: bool, finished: bool) -> None:
+        if shared:
+            self._session_busy = False
+        if finished and shared:
+            return
+        # Left mid-way (the caller went away, a timeout, an error, a refused input):
+        # cancelling the call interrupts the code or drops the inputs sent so far, and the
+        # next execution opens a new session.
+        session.cancel()
+        if self._session is session:
+            self._session = None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -190,6 +192,22 @@ def _refusal(exc: grpc.aio.AioRpcError) -> PetriError | None:
 
 def _failure(exc: grpc.aio.AioRpcError) -> ExecutorFailed:
     return ExecutorFailed(exc.code().name, (exc.details() or "")[:MAX_DETAILS])
+
+
+async def _send(
+    session: SessionCall,
+    request: executor_pb2.ExecuteRequest,
+    inputs: AsyncIterator[execution_pb2.FileChunk] | None,
+    fresh: bool,
+) -> None:
+    """Writes one execution's request, its input files and EndOfInputs."""
+    write = executor_pb2.ExecuteInput
+    await _guarded(session, session.write(write(request=request)), first=fresh)
+    if inputs is not None:
+        async for chunk in inputs:
+            await _guarded(session, session.write(write(file_chunk=chunk)))
+    # Every input passed its checks: only now may the executor write and run.
+    await _guarded(session, session.write(write(end_of_inputs=_END_OF_INPUTS)))
 
 
 async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:
