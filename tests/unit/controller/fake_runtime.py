@@ -23,8 +23,8 @@ LABEL_MANIFEST = "io.petri.manifest"
 # podman's remove returns well after the container's processes died, and the controller's
 # executor client sees its call end meanwhile. An instant remove would let the controller close
 # the channel first, and a read pending on it then raises CancelledError, which leaves the
-# caller's ExecuteCode without an answer (a race of the executor client, reported with this
-# tier: its reads are not guarded as its writes are).
+# caller's ExecuteCode without an answer (a race of the executor client: its reads are not
+# guarded as its writes are; test_service_execute.py shows it with executors_outlive_remove).
 REMOVE_SECONDS = 0.02
 
 
@@ -64,13 +64,13 @@ class FakeRuntime:
         self.starts = 0
         # While set, a started container exits at once with this message (a broken image).
         self.crash_on_start: str | None = None
-        self.removed: list[str] = []
+        # While set, a removed container's executor goes on serving until shutdown(): its
+        # connections stay open, as those of a process that takes its time to die.
+        self.executors_outlive_remove = False
+        self._lingering: list[StandInExecutor] = []
 
     def __repr__(self) -> str:
         return f"<FakeRuntime containers={len(self.containers)} starts={self.starts}>"
-
-    def running(self) -> list[FakeContainer]:
-        return [c for c in self.containers.values() if c.running]
 
     def container_of(self, uid: str) -> FakeContainer | None:
         """The container of the sandbox with this uid (as its labels say)."""
@@ -111,6 +111,8 @@ class FakeRuntime:
         for container in self.containers.values():
             if container.executor is not None:
                 await container.executor.stop()
+        for executor in self._lingering:
+            await executor.stop()
 
     # --- ContainerRuntime -----------------------------------------------------------------
 
@@ -159,8 +161,9 @@ class FakeRuntime:
     async def remove(self, name: str) -> None:
         container = self.containers.pop(name, None)
         if container is not None:
-            self.removed.append(name)
-            if container.executor is not None:
+            if container.executor is not None and self.executors_outlive_remove:
+                self._lingering.append(container.executor)
+            elif container.executor is not None:
                 await container.executor.stop()
                 await asyncio.sleep(REMOVE_SECONDS)
 
