@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -152,10 +152,6 @@ def short_runtime_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def with_config(config: Config, **overrides: Any) -> Config:
-    return replace(config, **overrides)
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], what: str) -> T:
