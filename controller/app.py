@@ -35,6 +35,7 @@ from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.reaper import TtlReaper
 from controller.sandboxes.results import OutputLimits
 from controller.store.registry import Registry
+from controller.store.sqlite import SqliteRegistry
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
@@ -189,7 +190,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     credentials = _server_credentials(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry = Registry(config.database_path)
+    registry: Registry = SqliteRegistry(config.database_path)
     await registry.open()
     podman_service: PodmanService | None = None
     gvisor_service: PodmanService | None = None
@@ -212,7 +213,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         config.max_executes_per_minute,
         config.max_concurrent_creates,
     )
-    manager = SandboxManager(config, registry, runtime, quotas, gvisor=gvisor_runtime)
+    manager = SandboxManager(config, registry, runtime, quotas, gvisor_containers=gvisor_runtime)
     try:
         await manager.start()
     except BaseException:

@@ -13,9 +13,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from controller.sandboxes.warm_pool import PoolTarget, parse_pool
-from controller.sandboxes.worker_uids import FIRST as WORKER_UID_FIRST
+from controller.pool_targets import PoolTarget, parse_pool
 from controller.units import format_duration, parse_duration, parse_size
+
+# The first uid user code may run as in a sandbox (controller.sandboxes.worker_uids): below
+# it, the image's system accounts, and room for them.
+WORKER_UID_FIRST = 10000
 
 
 def _default_state_dir() -> Path:

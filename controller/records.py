@@ -25,6 +25,10 @@ class State(enum.IntEnum):
     DELETED = 7
 
 
+# The states a caller may see and filter by; the others are the controller's own.
+PUBLIC_STATES = (State.PROVISIONING, State.RUNNING, State.DEPROVISIONING, State.TERMINATED)
+
+
 class Runtime(enum.IntEnum):
     """Mirrors petri.v1.SandboxSpec.Runtime."""
 

@@ -1,4 +1,5 @@
-"""The `filter` of ListSandboxes: a documented subset of AIP-160, compiled to SQL.
+"""The `filter` of ListSandboxes: a documented subset of AIP-160, parsed into the conditions
+of a controller.listing.ListQuery (the store compiles them to its query language).
 
     filter      := comparison ("AND" comparison)*
     comparison  := "state" ("=" | "!=") STATE
@@ -12,12 +13,11 @@ INVALID_ARGUMENT with a message that names the offending part.
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
 
 from controller.errors import InvalidArgument
+from controller.listing import Condition, LabelIs, LabelPresent, StateIs
 from controller.quoting import quote
-from controller.records import State
+from controller.records import PUBLIC_STATES
 from controller.sandboxes.labels import LABEL_KEY_PATTERN, is_valid_label_key
 
 # A filter's bounds: checked before any work on it, so a huge filter costs the controller
@@ -35,13 +35,7 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 _FIELDS_HELP = "state, labels.KEY"
-_STATES = ", ".join(s.name for s in State)
-
-
-@dataclass(frozen=True)
-class CompiledFilter:
-    where: str
-    params: tuple[Any, ...]
+_STATES = {state.name: state for state in PUBLIC_STATES}
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -79,14 +73,13 @@ def _unquote(kind: str, value: str) -> str:
     return result
 
 
-def compile_filter(text: str) -> CompiledFilter:
-    """Compiles a filter into an SQL condition; the empty filter matches everything."""
+def parse_filter(text: str) -> tuple[Condition, ...]:
+    """The conditions a filter names, all of which a sandbox must meet; none for ""."""
     _check_bounds(text)
     tokens = _tokens(text)
     if not tokens:
-        return CompiledFilter("", ())
-    conditions: list[str] = []
-    params: list[Any] = []
+        return ()
+    conditions: list[Condition] = []
     position = 0
 
     def fail(reason: str) -> InvalidArgument:
@@ -112,28 +105,20 @@ def compile_filter(text: str) -> CompiledFilter:
         if field == "state":
             if op == ":":
                 raise fail("state supports = and !=")
-            try:
-                state = State[value]
-            except KeyError:
-                raise fail(f"unknown state {quote(value)}; states are {_STATES}") from None
-            conditions.append("state = ?" if op == "=" else "state != ?")
-            params.append(int(state))
+            state = _STATES.get(value)
+            if state is None:
+                raise fail(f"unknown state {quote(value)}; states are {', '.join(_STATES)}")
+            conditions.append(StateIs(state, negated=op == "!="))
         elif field.startswith("labels."):
             key = field.removeprefix("labels.")
             if not is_valid_label_key(key):
                 raise fail(f"invalid label key {quote(key)}: keys match {LABEL_KEY_PATTERN}")
-            path = f'$."{key}"'
             if op == ":":
                 if not (value_kind == "word" and value == "*"):
                     raise fail(f"use labels.{key}:* to test that a label is present")
-                conditions.append("json_extract(labels, ?) IS NOT NULL")
-                params.append(path)
-            elif op == "=":
-                conditions.append("json_extract(labels, ?) = ?")
-                params.extend([path, value])
+                conditions.append(LabelPresent(key))
             else:
-                conditions.append("json_extract(labels, ?) IS NOT ?")
-                params.extend([path, value])
+                conditions.append(LabelIs(key, value, negated=op == "!="))
         else:
             raise fail(f"unknown field {quote(field)}; filterable fields are {_FIELDS_HELP}")
 
@@ -146,4 +131,4 @@ def compile_filter(text: str) -> CompiledFilter:
         if kind == "word" and word.upper() in ("OR", "NOT"):
             raise fail(f"{word.upper()} is not supported; join comparisons with AND")
         raise fail(f"expected AND after a comparison, got {quote(word)}")
-    return CompiledFilter(" AND ".join(conditions), tuple(params))
+    return tuple(conditions)

@@ -20,22 +20,21 @@ from google.protobuf import empty_pb2
 from controller.api import convert
 from controller.api.auth import ANYONE, Principal, TokenTable, current_caller
 from controller.api.file_inputs import check_files, checked_chunks, file_chunks
-from controller.api.list_filter import compile_filter
+from controller.api.list_filter import parse_filter
 from controller.api.page_tokens import decode_token, encode_token, request_digest
 from controller.errors import Cancelled, InvalidArgument, OutcomeUnknown, PetriError
+from controller.listing import ListQuery, SortKey, position_of
 from controller.names import parse_parent, parse_sandbox_name
 from controller.quoting import quote
 from controller.sandboxes.manager import CreateParams, ImageProfile, SandboxManager, UpdateParams
 from controller.sandboxes.results import EventFilter, OutputLimits, ResponseCollector
-from controller.store.registry import ListQuery, order_value
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# order_by value → registry column
-_ORDER_COLUMNS = {"create_time": "create_time", "expire_time": "expire_time", "name": "sandbox_id"}
+_SORT_KEYS = {key.value: key for key in SortKey}  # order_by's field names
 _UPDATABLE = ("display_name", "labels", "expire_time", "ttl")
 MAX_REQUEST_ID = 128
 
@@ -86,18 +85,18 @@ def _log_internal(method_name: str) -> str:
     return f"internal error (reference {reference}); the controller's log has the details"
 
 
-def _parse_order_by(order_by: str) -> tuple[str, bool]:
+def _parse_order_by(order_by: str) -> tuple[SortKey, bool]:
     words = order_by.split(maxsplit=2)  # a third word is already one too many
     if not words:
-        return "create_time", False
+        return SortKey.CREATE_TIME, False
     field = words[0]
     descending = len(words) == 2 and words[1] == "desc"
-    if field not in _ORDER_COLUMNS or len(words) > 2 or (len(words) == 2 and not descending):
+    if field not in _SORT_KEYS or len(words) > 2 or (len(words) == 2 and not descending):
         raise InvalidArgument(
-            f"invalid order_by {quote(order_by)}: use one of {', '.join(_ORDER_COLUMNS)}, "
+            f"invalid order_by {quote(order_by)}: use one of {', '.join(_SORT_KEYS)}, "
             "optionally followed by ' desc'"
         )
-    return _ORDER_COLUMNS[field], descending
+    return _SORT_KEYS[field], descending
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
@@ -172,16 +171,15 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         if request.page_size < 0:
             raise InvalidArgument(f"page_size must not be negative (got {request.page_size})")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        column, descending = _parse_order_by(request.order_by)
-        compiled = compile_filter(request.filter)
+        sort_key, descending = _parse_order_by(request.order_by)
+        conditions = parse_filter(request.filter)
         digest = request_digest(request.parent, request.filter, request.order_by)
         after = decode_token(request.page_token, digest) if request.page_token else None
         records = await self._manager.list_page(
             ListQuery(
                 project=project,
-                where=compiled.where,
-                params=compiled.params,
-                order_column=column,
+                conditions=conditions,
+                sort_key=sort_key,
                 descending=descending,
                 limit=page_size + 1,
                 after=after,
@@ -192,7 +190,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         )
         if len(records) > page_size:
             last = records[page_size - 1]
-            response.next_page_token = encode_token(digest, (order_value(last, column), last.uid))
+            response.next_page_token = encode_token(digest, position_of(last, sort_key))
         return response
 
     @_maps_errors

@@ -2,8 +2,9 @@
 
 runsc runs rootless under podman with cgroups ignored (rootless podman on cgroups v1 cannot
 use them anyway), no network of its own, and `--host-uds=all` so that the host can reach the
-executor's unix socket in the sandbox (see PLATFORM.md), and with the container's seccomp
-profile applied inside gVisor (`--oci-seccomp`; runsc ignores it otherwise). The flags go in a
+executor's unix socket in the sandbox (without it, a socket made inside a bind-mounted
+directory is invisible outside), and with the container's seccomp profile applied inside
+gVisor (`--oci-seccomp`; runsc ignores it otherwise). The flags go in a
 wrapper script, which the second service is told to use as its OCI runtime.
 """
 

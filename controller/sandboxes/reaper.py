@@ -12,8 +12,8 @@ from typing import Protocol
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from controller.clock import utcnow
 from controller.records import SandboxRecord
-from controller.sandboxes.manager import utcnow
 from controller.store.registry import Registry
 
 log = structlog.get_logger()

@@ -1,97 +1,199 @@
 """The warm pool: sandboxes started and preloaded ahead of any request, per kind of sandbox.
 
 A CreateSandbox whose effective spec (image profile, runtime, resources) matches a pool key
-takes a member instead of starting a container; one background task refills the pool, one
-sandbox at a time. Members belong to no project until claimed (see SandboxManager), so they
-are invisible to List and count toward no quota. A member is handed out at most once: `take`
-removes it, and nothing ever puts a used sandbox back.
+claims a member instead of starting a container; one background task refills the pool, one
+sandbox at a time. A member is WARMING while it starts and POOLED once it has preloaded; it
+belongs to no project until claimed, so it is invisible to List and counts toward no quota.
+A member is handed out at most once: `take` removes it, and nothing ever puts a used sandbox
+back. Every member goes when the controller stops: the pool's are the only sandboxes that do
+not outlive it.
 """
 
 import asyncio
 import collections
 import contextlib
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
 
 import structlog
 
-from controller.records import Resources, SandboxRecord, Spec
-from controller.units import parse_size
+from controller.config import Config
+from controller.errors import FailedPrecondition, InvalidArgument
+from controller.pool_targets import PoolTarget, parse_pool
+from controller.records import POOL_PROJECT, Runtime, SandboxRecord, Spec, State
+from controller.sandboxes.images import ImageCatalogue
+from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
+from controller.sandboxes.provisioner import START_CHECK_INTERVAL, Provisioner
+from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.specs import SpecPolicy
+from controller.store.registry import Registry
 
+__all__ = ["PoolMembers", "PoolTarget", "WarmPool", "parse_pool"]
+
+T = TypeVar("T")
 log = structlog.get_logger()
 
 # After a failed refill of a key, the first pause before the next try; it doubles up to the
 # longest, so a missing image does not make the service spin.
 RETRY_FIRST = 1.0
 RETRY_LONGEST = 60.0
-
-
-@dataclass(frozen=True)
-class PoolTarget:
-    """How many sandboxes of one kind to keep ready. Empty profile and runtime, and zero
-    resources, mean the server's defaults, as in a CreateSandbox that leaves them unset."""
-
-    size: int
-    profile: str = ""
-    runtime: str = ""
-    resources: Resources = Resources()
-
-    def __str__(self) -> str:
-        parts = [f"size={self.size}"]
-        if self.profile:
-            parts.append(f"profile={self.profile}")
-        if self.runtime:
-            parts.append(f"runtime={self.runtime}")
-        for key, value in (
-            ("memory", self.resources.memory_bytes),
-            ("disk", self.resources.disk_bytes),
-            ("processes", self.resources.max_processes),
-            ("cpu", self.resources.cpu_millis),
-        ):
-            if value:
-                parts.append(f"{key}={value}")
-        return ",".join(parts)
-
-
-def parse_pool(text: str) -> tuple[PoolTarget, ...]:
-    """Parses `size=2,profile=full; size=1,profile=test,runtime=gvisor,memory=1GiB`:
-    entries separated by ';', each of key=value pairs separated by ','. Keys: size (required),
-    profile, runtime (runc or gvisor), memory and disk (sizes), processes, cpu (millicores)."""
-    targets = []
-    for entry in text.split(";"):
-        if not entry.strip():
-            continue
-        values: dict[str, str] = {}
-        for pair in entry.split(","):
-            key, sep, value = pair.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not value:
-                raise ValueError(f"pool entry {entry.strip()!r}: {pair.strip()!r} is not key=value")
-            if key in values:
-                raise ValueError(f"pool entry {entry.strip()!r} sets {key} twice")
-            values[key] = value
-        unknown = set(values) - {"size", "profile", "runtime", "memory", "disk", "processes", "cpu"}
-        if unknown:
-            raise ValueError(f"pool entry {entry.strip()!r}: unknown keys {sorted(unknown)}")
-        if "size" not in values:
-            raise ValueError(f"pool entry {entry.strip()!r} has no size")
-        size = int(values["size"])
-        if size < 0:
-            raise ValueError(f"pool entry {entry.strip()!r}: size must not be negative")
-        runtime = values.get("runtime", "")
-        if runtime not in ("", "runc", "gvisor"):
-            raise ValueError(f"pool entry {entry.strip()!r}: runtime must be runc or gvisor")
-        resources = Resources(
-            cpu_millis=int(values.get("cpu", "0")),
-            memory_bytes=parse_size(values["memory"]) if "memory" in values else 0,
-            disk_bytes=parse_size(values["disk"]) if "disk" in values else 0,
-            max_processes=int(values.get("processes", "0")),
-        )
-        targets.append(PoolTarget(size, values.get("profile", ""), runtime, resources))
-    return tuple(targets)
+# At shutdown, how long discarding the members may take (a restart removes the rest).
+POOL_DRAIN_TIMEOUT = 10.0
+# How long a member may take to answer the status call that proves it alive before a claim.
+CLAIM_CHECK_TIMEOUT = 1.0
 
 
 class WarmPool:
+    """The whole pool: its keys (from the config's targets), its members' start, claim and
+    discard, and its shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        policy: SpecPolicy,
+        images: ImageCatalogue,
+        provisioner: Provisioner,
+        lifecycle: Lifecycle,
+        quotas: Quotas,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._policy = policy
+        self._images = images
+        self._provisioner = provisioner
+        self._lifecycle = lifecycle
+        self._quotas = quotas
+        self._clock = clock
+        self._members = PoolMembers({}, self._start_member)
+
+    def __repr__(self) -> str:
+        return f"<WarmPool {self._members!r}>"
+
+    def start(self) -> None:
+        """Starts filling the pool (the spec policy must know the host by now)."""
+        self._members = PoolMembers(self._sizes(), self._start_member)
+        self._members.start()
+
+    def _sizes(self) -> dict[Spec, int]:
+        """The pool's keys: each configured target as the spec a create must match."""
+        sizes: dict[Spec, int] = {}
+        for target in self._config.warm_pool:
+            try:
+                profile, runtime = self._policy.profile_and_runtime(
+                    target.profile, Runtime[target.runtime.upper()] if target.runtime else None
+                )
+                resources = self._policy.effective_resources(target.resources, runtime)
+            except (InvalidArgument, FailedPrecondition) as exc:
+                raise ValueError(f"warm_pool entry {target}: {exc}") from exc
+            spec = Spec(profile, runtime, resources)
+            sizes[spec] = sizes.get(spec, 0) + target.size
+        return {spec: size for spec, size in sizes.items() if size > 0}
+
+    def ready_uids(self) -> set[str]:
+        return self._members.ready_uids()
+
+    async def claim(self, record: SandboxRecord) -> SandboxRecord | None:
+        """The sandbox `record` describes, made of a member of its spec; None when the pool
+        has none ready. ResourceExhausted over the project's quota; AlreadyExists when the
+        name or the request_id is taken."""
+        while (member := self._members.take(record.spec)) is not None:
+            try:
+                await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
+            except Exception as exc:  # whatever the failure, it is not fit to hand out
+                log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
+                await _shielded(self._lifecycle.discard(member, "it did not answer"))
+                continue
+            # Once the claim is written, the sandbox is the caller's even if the caller left:
+            # the claim runs on, shielded, so a member is never both claimed and given back.
+            claimed = await _shielded(self._claim_or_give_back(member, record))
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def _claim_or_give_back(
+        self, member: SandboxRecord, record: SandboxRecord
+    ) -> SandboxRecord | None:
+        try:
+            return await self._lifecycle.claim(member, record)
+        except BaseException:  # over quota, name taken: the member is still unused
+            self._members.give_back(member)
+            raise
+
+    async def remove(self, record: SandboxRecord, why: str) -> None:
+        """Discards a member that died or expired, unless a claim or its start holds it:
+        those find out for themselves."""
+        member = self._members.take_uid(record.uid)
+        if member is not None:
+            log.warning("a warm pool sandbox is discarded", uid=member.uid, why=why)
+            await _shielded(self._lifecycle.discard(member, why))
+
+    async def _start_member(self, spec: Spec) -> SandboxRecord:
+        """Starts a member of this spec; returns it once it has preloaded (POOLED)."""
+        if not await self._images.exists(spec.image_profile):
+            raise FailedPrecondition(
+                f"no image {self._config.image_for(spec.image_profile)}: build it with "
+                f"sandbox-image/build.sh {spec.image_profile}"
+            )
+        # A slot as users' creates leave one: the pool never takes their place.
+        while True:
+            if self._quotas.try_take_create_slot():
+                break
+            await asyncio.sleep(START_CHECK_INTERVAL)
+        try:
+            now = self._clock()
+            uid = secrets.token_hex(16)
+            container_name, socket_dir = self._provisioner.place(uid)
+            member = SandboxRecord(
+                uid=uid,
+                project=POOL_PROJECT,
+                sandbox_id=uid,
+                spec=spec,
+                state=State.WARMING,
+                create_time=now,
+                update_time=now,
+                # Past it, the reaper discards the member and the pool starts a fresh one.
+                expire_time=now + self._config.max_ttl,
+                last_active_time=now,
+                container_name=container_name,
+                socket_dir=socket_dir,
+            )
+            await self._lifecycle.warm(member)
+            member = await asyncio.shield(self._lifecycle.provision(member))
+        finally:
+            self._quotas.release_create_slot()
+        try:
+            await self._provisioner.wait_preloaded(member)
+            await self._lifecycle.pool(member)
+        except BaseException:
+            await _shielded(self._lifecycle.discard(member, "it did not preload"))
+            raise
+        return member
+
+    async def close(self) -> None:
+        """Stops refilling and discards every member, ready or still starting (a start runs
+        on, shielded, and is waited for); a restart discards any left after the timeout."""
+        left = await self._members.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POOL_DRAIN_TIMEOUT):
+                for member in left:
+                    await self._lifecycle.discard(member, "the controller stopped")
+                await self._lifecycle.wait_provisioned()
+                # Members whose start was cut short by the stop, past their provisioning.
+                for record in await self._registry.list_live():
+                    if record.state in POOL_STATES:
+                        await self._lifecycle.discard(record, "the controller stopped")
+
+
+async def _shielded(step: Awaitable[T]) -> T:
+    """Runs `step` to its end even if the caller is cancelled meanwhile."""
+    return await asyncio.shield(asyncio.ensure_future(step))
+
+
+class PoolMembers:
     """Ready members by spec, and the task that keeps each spec at its size."""
 
     def __init__(
@@ -109,7 +211,7 @@ class WarmPool:
 
     def __repr__(self) -> str:
         counts = {spec.image_profile: len(ready) for spec, ready in self._ready.items()}
-        return f"<WarmPool ready={counts}>"
+        return f"<PoolMembers ready={counts}>"
 
     def start(self) -> None:
         if self._sizes and self._task is None:
@@ -141,20 +243,19 @@ class WarmPool:
         request failed before the claim): it is still unused."""
         self._ready[member.spec].appendleft(member)
 
-    def drop(self, uid: str) -> None:
-        """Forgets a member that is gone (deleted, expired, its container died)."""
+    def take_uid(self, uid: str) -> SandboxRecord | None:
+        """Removes and returns the ready member `uid` (one that died or expired), if it is
+        still ready: a member taken already is its taker's to deal with."""
         for ready in self._ready.values():
-            for member in list(ready):
+            for member in ready:
                 if member.uid == uid:
                     ready.remove(member)
                     self._wanted.set()
+                    return member
+        return None
 
     def count(self, spec: Spec) -> int:
         return len(self._ready.get(spec, ()))
-
-    @property
-    def keys(self) -> list[Spec]:
-        return list(self._sizes)
 
     def ready_uids(self) -> set[str]:
         return {member.uid for ready in self._ready.values() for member in ready}

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import structlog
 
+from controller.config import WORKER_UID_FIRST
 from controller.errors import ResourceExhausted
 
 log = structlog.get_logger()
 
 # Below it: the image's system accounts, and room for them.
-FIRST = 10000
+FIRST = WORKER_UID_FIRST
+
 # What a reservation says when no live process holds it, only a container.
 HELD_BY_A_CONTAINER = "container"
 

@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 
 from controller.store.registry import Registry
+from controller.store.sqlite import SqliteRegistry
 
 
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    reg = Registry(tmp_path / "petri.db")
+    reg = SqliteRegistry(tmp_path / "petri.db")
     await reg.open()
     yield reg
     await reg.close()

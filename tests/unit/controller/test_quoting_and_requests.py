@@ -6,7 +6,7 @@ from controller.errors import InvalidArgument
 from controller.quoting import quote
 from controller.records import Resources, Runtime
 from controller.sandboxes.labels import validate_labels
-from controller.sandboxes.manager import CreateParams, create_request_json, differing_fields
+from controller.sandboxes.specs import CreateParams, create_request_json, differing_fields
 
 
 def test_quote_keeps_short_values_whole_and_cuts_long_ones() -> None:

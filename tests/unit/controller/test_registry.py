@@ -1,12 +1,15 @@
-import sqlite3
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from controller.errors import AlreadyExists
+from controller.listing import LabelIs, ListQuery, SortKey, StateIs, position_of
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
-from controller.store.registry import _SCHEMA, ListQuery, Registry, order_value
+from controller.store.registry import Registry
+from controller.store.sqlite import SqliteRegistry
+from controller.store.table import NAMES
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -30,16 +33,38 @@ def record(sandbox_id: str, minute: int = 0, **changes: object) -> SandboxRecord
     return SandboxRecord(**values)  # type: ignore[arg-type]
 
 
+def query(**changes: object) -> ListQuery:
+    values: dict[str, object] = {
+        "project": "p",
+        "conditions": (),
+        "sort_key": SortKey.CREATE_TIME,
+        "descending": False,
+        "limit": 100,
+    }
+    values.update(changes)
+    return ListQuery(**values)  # type: ignore[arg-type]
+
+
+async def listed(registry: Registry, **changes: object) -> list[str]:
+    return [r.sandbox_id for r in await registry.list_page(query(**changes))]
+
+
+def test_the_table_stores_every_field_of_a_record() -> None:
+    assert sorted(f.name for f in fields(SandboxRecord)) == sorted(NAMES)
+
+
 async def test_a_record_survives_reopening(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "petri.db")
+    reg = SqliteRegistry(tmp_path / "petri.db")
     await reg.open()
     original = record(
         "a", labels={"team": "ml"}, display_name="A", request_id="r1", create_request="{}"
     )
+    # A time that float seconds cannot hold exactly comes back to the microsecond.
+    original.last_active_time = datetime(2026, 1, 1, 12, 0, 0, 123457, tzinfo=UTC)
     await reg.insert(original)
     await reg.close()
 
-    reopened = Registry(tmp_path / "petri.db")
+    reopened = SqliteRegistry(tmp_path / "petri.db")
     await reopened.open()
     assert await reopened.get_live("p", "a") == original
     await reopened.close()
@@ -55,15 +80,33 @@ async def test_a_deleted_name_can_be_reused_and_keeps_its_tombstone(registry: Re
     first = record("a")
     await registry.insert(first)
     deleted_at = T0 + timedelta(minutes=5)
-    assert await registry.set_fields(first.uid, delete_time=deleted_at, delete_reason="deleted")
+    assert await registry.tombstone(first.uid, "deleted", deleted_at)
     assert await registry.get_live("p", "a") is None
 
     await registry.insert(record("a", uid="uid-second"))
     live = await registry.get_live("p", "a")
     assert live is not None and live.uid == "uid-second"
     tombstone = await registry.get_latest_tombstone("p", "a")
-    assert tombstone is not None and tombstone.delete_time == deleted_at
-    assert tombstone.delete_reason == "deleted"
+    assert tombstone is not None and tombstone.state is State.DELETED
+    assert (tombstone.delete_time, tombstone.delete_reason) == (deleted_at, "deleted")
+    assert not await registry.tombstone(first.uid, "again", deleted_at)
+
+
+async def test_a_delete_time_written_the_old_way_makes_a_tombstone(registry: Registry) -> None:
+    await registry.insert(record("a"))
+    assert await registry.set_fields("uid-a", delete_time=T0, delete_reason="expired")
+    tombstone = await registry.get_latest_tombstone("p", "a")
+    assert tombstone is not None and tombstone.state is State.DELETED
+    assert await registry.list_live() == []
+
+
+async def test_a_tombstone_needs_a_time(registry: Registry) -> None:
+    await registry.insert(record("a"))
+    with pytest.raises(ValueError, match="tombstone"):
+        await registry.set_fields("uid-a", state=State.DELETED)
+    with pytest.raises(ValueError, match="tombstone"):
+        await registry.set_fields("uid-a", delete_time=None)
+    assert await registry.get_live("p", "a") is not None
 
 
 async def test_targeted_writes_keep_other_fields_and_never_touch_the_deleted(
@@ -78,9 +121,15 @@ async def test_targeted_writes_keep_other_fields_and_never_touch_the_deleted(
     assert live is not None
     assert (live.expire_time, live.labels, live.execution_count) == (later, {"team": "web"}, 5)
 
-    assert await registry.set_fields("uid-a", delete_time=later, delete_reason="deleted")
-    assert not await registry.set_fields("uid-a", state=State.RUNNING, delete_time=None)
+    assert await registry.tombstone("uid-a", "deleted", later)
+    assert not await registry.set_fields("uid-a", state=State.RUNNING)
     assert await registry.get_live("p", "a") is None
+
+
+async def test_unknown_fields_are_refused(registry: Registry) -> None:
+    await registry.insert(record("a"))
+    with pytest.raises(ValueError, match="owner"):
+        await registry.set_fields("uid-a", owner="bob")
 
 
 async def test_forget_removes_a_row(registry: Registry) -> None:
@@ -106,38 +155,61 @@ async def test_pages_are_ordered_and_resume_after_the_last_row(registry: Registr
     seen: list[str] = []
     after = None
     while True:
-        page = await registry.list_page(
-            ListQuery("p", "", (), "create_time", descending=False, limit=2, after=after)
-        )
+        page = await registry.list_page(query(limit=2, after=after))
         seen += [r.sandbox_id for r in page]
         if len(page) < 2:
             break
-        after = (order_value(page[-1], "create_time"), page[-1].uid)
+        after = position_of(page[-1], SortKey.CREATE_TIME)
     assert seen == ["c", "a", "b", "d", "e"]
 
-    by_name = await registry.list_page(ListQuery("p", "", (), "sandbox_id", True, 10))
-    assert [r.sandbox_id for r in by_name] == ["e", "d", "c", "b", "a"]
+    assert await listed(registry, sort_key=SortKey.NAME, descending=True) == list("edcba")
+    after_c = position_of(record("c", 0), SortKey.NAME)
+    assert await listed(registry, sort_key=SortKey.NAME, descending=True, after=after_c) == [
+        "b",
+        "a",
+    ]
 
 
-async def test_list_applies_a_compiled_filter(registry: Registry) -> None:
+async def test_equal_sort_values_page_by_uid(registry: Registry) -> None:
+    for sandbox_id in "abc":
+        await registry.insert(record(sandbox_id))  # the same expire_time
+    first = await registry.list_page(query(sort_key=SortKey.EXPIRE_TIME, limit=1))
+    after = position_of(first[0], SortKey.EXPIRE_TIME)
+    rest = await listed(registry, sort_key=SortKey.EXPIRE_TIME, after=after)
+    assert [first[0].sandbox_id, *rest] == ["a", "b", "c"]
+
+
+async def test_list_applies_the_conditions(registry: Registry) -> None:
     await registry.insert(record("a", labels={"team": "ml"}))
     await registry.insert(record("b", labels={"team": "web"}))
     await registry.insert(record("c", labels={"team": "ml"}, state=State.TERMINATED))
-    page = await registry.list_page(
-        ListQuery(
-            "p",
-            "state = ? AND json_extract(labels, ?) = ?",
-            (int(State.RUNNING), '$."team"', "ml"),
-            "create_time",
-            False,
-            10,
-        )
-    )
-    assert [r.sandbox_id for r in page] == ["a"]
+    await registry.insert(record("d"))
+    running_ml = (StateIs(State.RUNNING), LabelIs("team", "ml"))
+    assert await listed(registry, conditions=running_ml) == ["a"]
+    not_ml = (LabelIs("team", "ml", negated=True),)
+    assert await listed(registry, conditions=not_ml) == ["b", "d"]  # no label differs too
 
 
-async def test_a_pool_member_is_claimed_once(registry: Registry) -> None:
-    member = record("m1", project=POOL_PROJECT)
+async def test_list_and_quotas_see_no_pool_member_and_no_tombstone(registry: Registry) -> None:
+    # In project p on purpose: the state says what a row is, not a project.
+    await registry.insert(record("warming", state=State.WARMING))
+    await registry.insert(record("pooled", state=State.POOLED))
+    await registry.insert(record("gone"))
+    await registry.tombstone("uid-gone", "deleted", T0)
+    for state in (State.PROVISIONING, State.RUNNING, State.DEPROVISIONING, State.TERMINATED):
+        await registry.insert(record(state.name.lower(), state=state))
+
+    shown = ["provisioning", "running", "deprovisioning", "terminated"]
+    assert await listed(registry) == sorted(shown)  # all created at T0: by uid
+    assert await registry.count_live("p") == len(shown)
+    live = {r.sandbox_id for r in await registry.list_live()}
+    assert live == {"warming", "pooled", *shown}
+    expired = await registry.list_expired(T0 + timedelta(days=1), 100)
+    assert {r.sandbox_id for r in expired} == live  # pool members expire too
+
+
+async def test_a_pooled_member_is_claimed_once(registry: Registry) -> None:
+    member = record("m1", project=POOL_PROJECT, state=State.POOLED)
     await registry.insert(member)
     await registry.insert(record("taken"))
     owner = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
@@ -147,7 +219,16 @@ async def test_a_pool_member_is_claimed_once(registry: Registry) -> None:
     assert not await registry.claim_pool_member(member.uid, **{**owner, "sandbox_id": "again"})
     claimed = await registry.get_live("p", "mine")
     assert claimed is not None and claimed.uid == member.uid and claimed.labels == {"a": "b"}
-    assert await registry.count_live(POOL_PROJECT) == 0
+    assert claimed.state is State.RUNNING
+    assert await listed(registry) == ["mine", "taken"]
+
+
+async def test_a_member_still_warming_cannot_be_claimed(registry: Registry) -> None:
+    await registry.insert(record("m1", project=POOL_PROJECT, state=State.WARMING))
+    assert not await registry.claim_pool_member("uid-m1", project="p", sandbox_id="mine")
+    await registry.insert(record("r", project=POOL_PROJECT))  # RUNNING: no pool member
+    assert not await registry.claim_pool_member("uid-r", project="p", sandbox_id="mine")
+    assert await registry.get_live("p", "mine") is None
 
 
 async def test_a_deferred_write_is_seen_by_the_next_read(registry: Registry) -> None:
@@ -157,17 +238,13 @@ async def test_a_deferred_write_is_seen_by_the_next_read(registry: Registry) -> 
     assert got is not None and got.execution_count == 7
 
 
-async def test_a_registry_of_an_older_controller_gains_the_create_request_column(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "petri.db"
-    old = sqlite3.connect(path)
-    old.executescript(_SCHEMA.replace("    create_request   TEXT,", ""))
-    old.execute("PRAGMA user_version = 1")
-    old.close()
-    reg = Registry(path)
-    await reg.open()
-    await reg.insert(record("a", request_id="r", create_request='{"x": 1}'))
-    found = await reg.get_by_request_id("p", "r")
-    await reg.close()
-    assert found is not None and found.create_request == '{"x": 1}'
+async def test_only_old_tombstones_are_purged(registry: Registry) -> None:
+    await registry.insert(record("old"))
+    await registry.insert(record("recent"))
+    await registry.insert(record("live"))
+    await registry.tombstone("uid-old", "deleted", T0)
+    await registry.tombstone("uid-recent", "deleted", T0 + timedelta(days=2))
+    assert await registry.purge_tombstones(T0 + timedelta(days=1)) == 1
+    assert await registry.get_latest_tombstone("p", "old") is None
+    assert await registry.get_latest_tombstone("p", "recent") is not None
+    assert await registry.get_live("p", "live") is not None

@@ -4,9 +4,10 @@ from collections.abc import Callable
 import pytest
 
 from controller.config import load_config
+from controller.pool_targets import PoolTarget, parse_pool
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec
 from controller.sandboxes import warm_pool
-from controller.sandboxes.warm_pool import PoolTarget, WarmPool, parse_pool
+from controller.sandboxes.warm_pool import PoolMembers
 from tests.unit.controller.test_registry import record
 
 FULL = Spec("full", Runtime.RUNC, Resources(disk_bytes=1 << 30))
@@ -81,7 +82,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 async def test_the_pool_fills_each_key_and_refills_after_a_take() -> None:
     starter = Starter()
-    pool = WarmPool({FULL: 2, SMALL: 1}, starter)
+    pool = PoolMembers({FULL: 2, SMALL: 1}, starter)
     pool.start()
     try:
         await until(lambda: pool.count(FULL) == 2 and pool.count(SMALL) == 1)
@@ -96,9 +97,9 @@ async def test_the_pool_fills_each_key_and_refills_after_a_take() -> None:
         assert len(await pool.close()) == 3
 
 
-async def test_a_member_given_back_is_next_and_a_dropped_one_is_replaced() -> None:
+async def test_a_member_given_back_is_next_and_one_taken_by_uid_is_replaced() -> None:
     starter = Starter()
-    pool = WarmPool({FULL: 2}, starter)
+    pool = PoolMembers({FULL: 2}, starter)
     pool.start()
     try:
         await until(lambda: pool.count(FULL) == 2)
@@ -109,7 +110,9 @@ async def test_a_member_given_back_is_next_and_a_dropped_one_is_replaced() -> No
         await until(lambda: pool.count(FULL) == 2)
         assert len(starter.started) == 3
         dropped = sorted(pool.ready_uids())[0]
-        pool.drop(dropped)
+        taken = pool.take_uid(dropped)
+        assert taken is not None and taken.uid == dropped
+        assert pool.take_uid(dropped) is None  # handed out once
         await until(lambda: pool.count(FULL) == 2)
         assert dropped not in pool.ready_uids()
     finally:
@@ -128,7 +131,7 @@ async def test_failed_starts_back_off_then_recover(monkeypatch: pytest.MonkeyPat
         calls += 1
         return await original(spec)
 
-    pool = WarmPool({FULL: 1}, counting)
+    pool = PoolMembers({FULL: 1}, counting)
     pool.start()
     try:
         await asyncio.sleep(0.3)

@@ -1,0 +1,148 @@
+"""CreateSandbox: a retry answered from its request_id, else a warm pool member, else a new
+container; the server's limit on creates in progress, and the project's quota, hold for each.
+
+A request_id names one request (AIP-155): a retry with it gets the sandbox the first request
+made, once RUNNING, and a different request that reuses it is ALREADY_EXISTS, naming the
+fields that differ.
+"""
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+
+from controller.errors import AlreadyExists
+from controller.names import generate_sandbox_id, validate_sandbox_id
+from controller.quoting import quote
+from controller.records import SandboxRecord, Spec, State
+from controller.sandboxes.images import ImageCatalogue
+from controller.sandboxes.labels import validate_display_name, validate_labels
+from controller.sandboxes.lifecycle import Lifecycle
+from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.specs import (
+    CreateParams,
+    SpecPolicy,
+    create_request_json,
+    differing_fields,
+)
+from controller.sandboxes.warm_pool import WarmPool
+from controller.store.registry import Registry
+
+
+class Creation:
+    def __init__(
+        self,
+        registry: Registry,
+        policy: SpecPolicy,
+        images: ImageCatalogue,
+        provisioner: Provisioner,
+        lifecycle: Lifecycle,
+        pool: WarmPool,
+        quotas: Quotas,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._registry = registry
+        self._policy = policy
+        self._images = images
+        self._provisioner = provisioner
+        self._lifecycle = lifecycle
+        self._pool = pool
+        self._quotas = quotas
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"<Creation {self._lifecycle!r}>"
+
+    async def create(self, params: CreateParams) -> SandboxRecord:
+        """The RUNNING sandbox `params` asks for. Its provisioning runs on if the caller
+        leaves, and holds its create slot until it ends."""
+        earlier = await self._earlier_answer(params)
+        if earlier is not None:
+            return earlier
+        record = self._new_record(params, await self._effective_spec(params))
+        try:
+            claimed = await self._pool.claim(record)
+        except AlreadyExists:
+            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+            if earlier is not None:
+                return earlier
+            raise
+        if claimed is not None:
+            return claimed
+        self._quotas.take_create_slot()
+        try:
+            await self._lifecycle.admit(record)
+        except AlreadyExists:
+            self._quotas.release_create_slot()
+            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+            if earlier is not None:
+                return earlier
+            raise
+        except BaseException:
+            self._quotas.release_create_slot()
+            raise
+        future = self._lifecycle.provision(record)
+        future.add_done_callback(lambda _: self._quotas.release_create_slot())
+        return await asyncio.shield(future)
+
+    async def _effective_spec(self, params: CreateParams) -> Spec:
+        profile, runtime = self._policy.profile_and_runtime(params.image_profile, params.runtime)
+        await self._images.require(profile)
+        return Spec(profile, runtime, self._policy.effective_resources(params.resources, runtime))
+
+    def _new_record(self, params: CreateParams, spec: Spec) -> SandboxRecord:
+        now = self._clock()
+        sandbox_id = (
+            validate_sandbox_id(params.sandbox_id) if params.sandbox_id else generate_sandbox_id()
+        )
+        uid = secrets.token_hex(16)
+        container_name, socket_dir = self._provisioner.place(uid)
+        return SandboxRecord(
+            uid=uid,
+            project=params.project,
+            sandbox_id=sandbox_id,
+            display_name=validate_display_name(params.display_name),
+            labels=validate_labels(params.labels),
+            spec=spec,
+            state=State.PROVISIONING,
+            create_time=now,
+            update_time=now,
+            expire_time=self._policy.expiry(now, params.expire_time, params.ttl),
+            last_active_time=now,
+            request_id=params.request_id or None,
+            create_request=create_request_json(params) if params.request_id else None,
+            container_name=container_name,
+            socket_dir=socket_dir,
+        )
+
+    async def _earlier_answer(self, params: CreateParams) -> SandboxRecord | None:
+        """The answer to a retried Create (its request_id made a sandbox already); None for
+        a first request."""
+        if not params.request_id:
+            return None
+        previous = await self._registry.get_by_request_id(params.project, params.request_id)
+        return None if previous is None else await self._replay(previous, params)
+
+    async def _replay(self, previous: SandboxRecord, params: CreateParams) -> SandboxRecord:
+        """The answer to a retried Create: the sandbox the first request made, once RUNNING.
+        AlreadyExists when the request_id was reused for a different request."""
+        request_id = quote(params.request_id)
+        if previous.create_request is not None:  # None: created before requests were kept
+            differing = differing_fields(previous.create_request, create_request_json(params))
+            if differing:
+                raise AlreadyExists(
+                    f"request_id {request_id} was already used by a different CreateSandbox "
+                    f"(which created {previous.name}); these fields differ: "
+                    f"{', '.join(differing)}. Retry with the same request, or use a new "
+                    "request_id for a new sandbox"
+                )
+        if previous.state is State.DELETED and previous.delete_time is not None:
+            raise AlreadyExists(
+                f"request_id {request_id} already created {previous.name}, which was "
+                f"{previous.delete_reason} at {previous.delete_time.isoformat()}"
+            )
+        pending = self._lifecycle.provisioning(previous.uid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        return previous

@@ -1,0 +1,192 @@
+"""Every change of a sandbox's state, in one place: docs/lifecycle.md draws them.
+
+    admit       (nothing)                    -> PROVISIONING  a CreateSandbox's row
+    warm        (nothing)                    -> WARMING       a warm pool member's row
+    provision   PROVISIONING                 -> RUNNING       its container answers
+                WARMING                      -> WARMING       (the pool waits for its preload)
+    pool        WARMING                      -> POOLED        preloaded: ready to claim
+    claim       POOLED                       -> RUNNING       a CreateSandbox takes a member
+    terminate   RUNNING                      -> TERMINATED    its container or executor died
+    deprovision RUNNING, TERMINATED, ...     -> DEPROVISIONING -> DELETED (a tombstone)
+    discard     PROVISIONING, WARMING, POOLED -> (no row)     never anyone's sandbox
+
+Steps that must not be abandoned half-way run shielded from the caller's cancellation (the
+callers shield them: `provision` returns a future that runs on), so a client that gives up
+never leaves a container without a row, or a row without its container. Every write is a
+targeted one (Registry.set_fields): a transition never undoes another field's change.
+"""
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+
+import structlog
+
+from controller.records import POOL_PROJECT, SandboxRecord, State
+from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.quotas import Quotas
+from controller.store.registry import Registry
+from petri.v1 import executor_pb2
+
+log = structlog.get_logger()
+
+# The states of a warm pool member: it belongs to no project (POOL_PROJECT) until claimed.
+POOL_STATES = frozenset({State.WARMING, State.POOLED})
+# The states of a sandbox no caller was ever given: they leave no tombstone.
+UNOWNED_STATES = POOL_STATES | {State.PROVISIONING}
+
+
+def checked_incarnation(value: str) -> str:
+    """An incarnation the executor reported, or "invalid": its words are the sandbox's."""
+    ok = 0 < len(value) <= 32 and all(c in "0123456789abcdef" for c in value)
+    return value if ok else "invalid"
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        registry: Registry,
+        provisioner: Provisioner,
+        quotas: Quotas,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._registry = registry
+        self._provisioner = provisioner
+        self._quotas = quotas
+        self._clock = clock
+        # Counting a project's sandboxes and adding one happen together, per project.
+        self._project_locks: dict[str, asyncio.Lock] = {}
+        # Sandboxes being provisioned, by uid: a retried Create or a Delete waits for them.
+        self._provisioning: dict[str, asyncio.Future[SandboxRecord]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Lifecycle provisioning={len(self._provisioning)}>"
+
+    def provisioning(self, uid: str) -> "asyncio.Future[SandboxRecord] | None":
+        """The provisioning under way of sandbox `uid`, if any."""
+        return self._provisioning.get(uid)
+
+    async def wait_provisioned(self) -> None:
+        """Waits for every provisioning under way to end, however it ends."""
+        await asyncio.gather(*self._provisioning.values(), return_exceptions=True)
+
+    # --- into existence -------------------------------------------------------------------
+
+    async def admit(self, record: SandboxRecord) -> None:
+        """Adds a CreateSandbox's PROVISIONING row, within its project's quota.
+        ResourceExhausted over the quota; AlreadyExists when its name or request_id is taken."""
+        async with self._project_locks.setdefault(record.project, asyncio.Lock()):
+            live = await self._registry.count_live(record.project)
+            self._quotas.check_sandbox_count(record.project, live)
+            await self._registry.insert(record)
+
+    async def warm(self, record: SandboxRecord) -> None:
+        """Adds a warm pool member's WARMING row: no project's, counted toward no quota."""
+        assert record.state is State.WARMING and record.project == POOL_PROJECT
+        await self._registry.insert(record)
+
+    def provision(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
+        """Starts the sandbox of a PROVISIONING or WARMING row; the future runs on if its
+        caller leaves (shield it), and ends RUNNING (a member: still WARMING) or, on failure,
+        discarded: it never existed for its caller, whose retry may start afresh."""
+        future = asyncio.ensure_future(self._provision(record))
+        self._provisioning[record.uid] = future
+        future.add_done_callback(lambda _: self._provisioning.pop(record.uid, None))
+        return future
+
+    async def _provision(self, record: SandboxRecord) -> SandboxRecord:
+        try:
+            status: executor_pb2.ExecutorStatus = await self._provisioner.provision(record)
+        except BaseException:
+            await self._registry.forget(record.uid)  # the provisioner released the rest
+            raise
+        if record.state is State.PROVISIONING:
+            record.state = State.RUNNING
+        record.incarnation = checked_incarnation(status.incarnation)
+        record.update_time = self._clock()
+        await self._registry.set_fields(
+            record.uid,
+            state=record.state,
+            incarnation=record.incarnation,
+            update_time=record.update_time,
+        )
+        log.info("sandbox created", sandbox=record.name, uid=record.uid, state=record.state.name)
+        return record
+
+    async def pool(self, member: SandboxRecord) -> None:
+        """WARMING -> POOLED: the member has preloaded and may be claimed."""
+        member.state = State.POOLED
+        member.update_time = self._clock()
+        await self._registry.set_fields(
+            member.uid, state=member.state, update_time=member.update_time
+        )
+
+    async def claim(self, member: SandboxRecord, claimed: SandboxRecord) -> SandboxRecord | None:
+        """POOLED -> RUNNING: the member becomes the sandbox `claimed` describes (its owner's
+        name, labels, expiry...), within the project's quota; None when it is no longer a
+        POOLED member. ResourceExhausted over the quota; AlreadyExists when the name or
+        the request_id is taken. Shield it: once written, the sandbox is its caller's."""
+        owned = replace(
+            claimed,
+            uid=member.uid,
+            container_name=member.container_name,
+            socket_dir=member.socket_dir,
+            state=State.RUNNING,
+            incarnation=member.incarnation,
+        )
+        async with self._project_locks.setdefault(owned.project, asyncio.Lock()):
+            live = await self._registry.count_live(owned.project)
+            self._quotas.check_sandbox_count(owned.project, live)
+            done = await self._registry.claim_pool_member(  # POOLED -> RUNNING
+                member.uid,
+                project=owned.project,
+                sandbox_id=owned.sandbox_id,
+                display_name=owned.display_name,
+                labels=owned.labels,
+                expire_time=owned.expire_time,
+                request_id=owned.request_id,
+                create_request=owned.create_request,
+                create_time=owned.create_time,
+                update_time=owned.update_time,
+                last_active_time=owned.last_active_time,
+            )
+        if not done:
+            return None
+        log.info("sandbox created from the warm pool", sandbox=owned.name, uid=owned.uid)
+        return owned
+
+    # --- out of it ------------------------------------------------------------------------
+
+    async def terminate(self, record: SandboxRecord, why: str) -> None:
+        """RUNNING -> TERMINATED: its container or its executor died; `why` says which, to
+        the caller (state_message). Its row and container name stay until it is deleted."""
+        await self._provisioner.drop_client(record.uid)
+        await self._registry.set_fields(
+            record.uid, state=State.TERMINATED, state_message=why, update_time=self._clock()
+        )
+        log.warning("sandbox terminated", sandbox=record.name, why=why)
+
+    async def deprovision(self, record: SandboxRecord, reason: str) -> None:
+        """-> DEPROVISIONING -> DELETED: removes the sandbox's container and leaves a
+        tombstone that says when and why (`reason`: "deleted", "expired"). Nothing when it
+        was deleted by someone else meanwhile. Shield it."""
+        if not await self._registry.set_fields(
+            record.uid, state=State.DEPROVISIONING, update_time=self._clock()
+        ):
+            return
+        await self.finish_deprovisioning(record, reason)
+
+    async def finish_deprovisioning(self, record: SandboxRecord, reason: str) -> None:
+        """DEPROVISIONING -> DELETED (also for one a previous controller left half-way)."""
+        await self._provisioner.release(record)
+        await self._registry.tombstone(record.uid, reason, self._clock())
+        log.info("sandbox deleted", sandbox=record.name, reason=reason)
+
+    async def discard(self, record: SandboxRecord, why: str) -> None:
+        """PROVISIONING, WARMING or POOLED -> no row: removes a sandbox no caller was ever
+        given (a warm pool member, a create that failed with a previous controller), its
+        container and its row: it leaves no tombstone. Shield it."""
+        await self._provisioner.release(record)
+        await self._registry.forget(record.uid)
+        log.info("sandbox discarded", uid=record.uid, why=why)

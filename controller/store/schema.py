@@ -1,0 +1,72 @@
+"""The registry's schema: its version, the conditions that say which rows are live or shown,
+the indexes, and the migration of an older file in place."""
+
+import sqlite3
+from pathlib import Path
+
+from controller.records import PUBLIC_STATES, State
+from controller.store.table import BY_NAME, create_table_sql
+
+# Version 1 marked a tombstone by its delete_time and a warm pool member by the project "";
+# version 2 by its state (WARMING, POOLED, DELETED).
+SCHEMA_VERSION = 2
+
+# Literal values, not parameters: SQLite uses a partial index only for a query whose WHERE
+# contains the index's condition as written.
+LIVE = f"state != {int(State.DELETED)}"  # not a tombstone
+# What List and quotas see: no warm pool member, no tombstone.
+SHOWN = f"state IN ({', '.join(str(int(state)) for state in PUBLIC_STATES)})"
+
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS live_sandbox_names "
+    f"ON sandboxes (project, sandbox_id) WHERE {LIVE}",
+    "CREATE UNIQUE INDEX IF NOT EXISTS request_ids "
+    "ON sandboxes (project, request_id) WHERE request_id IS NOT NULL",
+    f"CREATE INDEX IF NOT EXISTS shown_by_project ON sandboxes (project, create_time, uid) "
+    f"WHERE {SHOWN}",
+    f"CREATE INDEX IF NOT EXISTS live_by_expiry ON sandboxes (expire_time) WHERE {LIVE}",
+)
+# Version 1's indexes whose conditions were `delete_time IS NULL`.
+_V1_INDEXES = ("live_sandbox_names", "live_by_project", "live_by_expiry")
+# Columns added while the schema was at version 1: a version-1 file may lack them.
+_ADDED_IN_V1 = ("create_request",)
+
+
+def prepare(db: sqlite3.Connection, path: Path) -> None:
+    """Creates the schema in a new file or brings an older one to this version, in one
+    transaction: a failed migration leaves the file as it was."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"registry {path} has schema version {version}, newer than this "
+                f"controller's {SCHEMA_VERSION}: upgrade the controller"
+            )
+        if version == 1:
+            _migrate_from_v1(db)
+        db.execute(create_table_sql())
+        for index in _INDEXES:
+            db.execute(index)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _migrate_from_v1(db: sqlite3.Connection) -> None:
+    present = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}
+    for name in _ADDED_IN_V1:
+        if name not in present:
+            db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {BY_NAME[name].sql_type}")
+    for index in _V1_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS {index}")
+    db.execute(
+        "UPDATE sandboxes SET state = ? WHERE delete_time IS NOT NULL", (int(State.DELETED),)
+    )
+    # Version 1's pool members: project "" (no project name is empty), not yet claimed.
+    for old, new in ((State.PROVISIONING, State.WARMING), (State.RUNNING, State.POOLED)):
+        db.execute(
+            "UPDATE sandboxes SET state = ? WHERE project = '' AND state = ?", (int(new), int(old))
+        )
