@@ -25,7 +25,7 @@ from controller.api.interceptors import (
 )
 from controller.api.servicer import SandboxService
 from controller.config import Config
-from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY
+from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY, ContainerRuntime
 from controller.runtime.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
 from controller.runtime.gvisor import runsc_wrapper
 from controller.runtime.podman import PodmanRuntime
@@ -53,7 +53,7 @@ class Controller:
     port: int
     manager: SandboxManager
     registry: Registry
-    runtime: PodmanRuntime
+    runtime: ContainerRuntime
     podman_service: PodmanService | None
     gvisor_service: PodmanService | None
     health: health.aio.HealthServicer
@@ -183,25 +183,31 @@ def _watch_podman(
     return tuple(watches)
 
 
-async def start_controller(config: Config) -> Controller:
+async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
+    """`runtime` replaces podman (the fast tests' fake): no podman service is then started or
+    watched, and gVisor is not available."""
     tokens = tokens_for(config)
     credentials = _server_credentials(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry: Registry = SqliteRegistry(config.database_path)
     await registry.open()
-    podman_service = None
-    socket_path = config.podman_socket
-    if socket_path is None:
-        podman_service = PodmanService(
-            config.podman_binary,
-            config.runtime_dir / "podman.sock",
-            config.state_dir / "podman-service.log",
-        )
-        await podman_service.start()
-        socket_path = podman_service.socket_path
-    runtime = PodmanRuntime(socket_path)
-    gvisor_service, gvisor_runtime = await _start_gvisor(config)
+    podman_service: PodmanService | None = None
+    gvisor_service: PodmanService | None = None
+    podman: PodmanRuntime | None = None
+    gvisor_runtime: PodmanRuntime | None = None
+    if runtime is None:
+        socket_path = config.podman_socket
+        if socket_path is None:
+            podman_service = PodmanService(
+                config.podman_binary,
+                config.runtime_dir / "podman.sock",
+                config.state_dir / "podman-service.log",
+            )
+            await podman_service.start()
+            socket_path = podman_service.socket_path
+        runtime = podman = PodmanRuntime(socket_path)
+        gvisor_service, gvisor_runtime = await _start_gvisor(config)
     quotas = Quotas(
         config.max_sandboxes_per_project,
         config.max_executes_per_minute,
@@ -287,12 +293,16 @@ async def start_controller(config: Config) -> Controller:
     reaper.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    podman_health = _watch_podman(
-        config,
-        manager,
-        health_servicer,
-        [("runc", runtime, podman_service, config.userns_size)]
-        + ([("gvisor", gvisor_runtime, gvisor_service, 0)] if gvisor_runtime else []),
+    podman_health = (
+        _watch_podman(
+            config,
+            manager,
+            health_servicer,
+            [("runc", podman, podman_service, config.userns_size)]
+            + ([("gvisor", gvisor_runtime, gvisor_service, 0)] if gvisor_runtime else []),
+        )
+        if podman is not None
+        else ()
     )
     for watch in podman_health:
         watch.start()
