@@ -130,7 +130,7 @@ class ExecutorClient:
             await _send(session, request, inputs, fresh)
             sent()
             while not finished:
-                batch = await session.read()
+                batch = await _read(session)
                 if not isinstance(batch, executor_pb2.ExecuteEvents):  # EOF
                     raise grpc.aio.AioRpcError(
                         grpc.StatusCode.UNAVAILABLE,
@@ -141,6 +141,8 @@ class ExecutorClient:
                 for event in batch.events:
                     finished = event.HasField("result")
                     yield event
+                    if finished:
+                        break  # the result ends the execution: whatever follows is not of it
         finally:
             self._release(session, shared, finished)
 
@@ -214,6 +216,19 @@ async def _send(
         await _guarded(session, session.write(write(file_chunk=chunk)))
     # Every input passed its checks: only now may the executor write and run.
     await _guarded(session, session.write(write(end_of_inputs=_END_OF_INPUTS)))
+
+
+async def _read(session: SessionCall) -> object:
+    """The session's next message. A call that ends while the read waits (its channel
+    closed: the sandbox is being deleted) raises CancelledError in grpc.aio although we are
+    not cancelled: it raises the status the call ended with instead."""
+    try:
+        return await session.read()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are cancelled, not just the call
+    raise await _ended_with(session)
 
 
 async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:

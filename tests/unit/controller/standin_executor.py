@@ -123,15 +123,19 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[executor_pb2.ExecuteInput],
         context: grpc.aio.ServicerContext[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvents],
     ) -> AsyncIterator[executor_pb2.ExecuteEvents]:
-        """Every execution on one call: a request, its file chunks, EndOfInputs, then the
-        script's events; a call that ends before EndOfInputs runs nothing."""
+        """Every execution on one call: a request, its file chunks, EndOfInputs (or a request
+        whose inputs end with it), then the script's events; a call that ends before
+        EndOfInputs runs nothing."""
         await self._check_key(context)
         request: executor_pb2.ExecuteRequest | None = None
         files: dict[str, bytes] = {}
         try:
             async for message in request_iterator:
                 which = message.WhichOneof("input")
-                if which == "request" and request is None:
+                if which == "request" and request is None and message.inputs_end_here:
+                    async for batch in self._run(message.request, {}):
+                        yield executor_pb2.ExecuteEvents(events=batch)
+                elif which == "request" and request is None:
                     request, files = message.request, {}
                 elif which == "file_chunk" and request is not None:
                     chunk = message.file_chunk

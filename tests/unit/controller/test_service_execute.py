@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
-import pytest
 
 from petri.v1 import execution_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import expect, fast_petri, wait_for_state
@@ -92,11 +91,6 @@ async def test_a_delete_during_an_execution_interrupts_it(tmp_path: Path) -> Non
         await expect(petri.get(sandbox.name), grpc.StatusCode.NOT_FOUND, "was deleted at")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read pending when the delete closes the executor's channel raises CancelledError "
-    "in the executor client, and the caller's ExecuteCode then gets no answer",
-)
 async def test_a_delete_answers_the_execution_even_when_the_channel_closes_first(
     tmp_path: Path,
 ) -> None:

@@ -213,11 +213,6 @@ async def test_an_executor_refusal_reaches_the_caller_bounded(tmp_path: Path) ->
         assert (await petri.execute(name, "1")).stdout == "ran 1\n"  # a new call
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the executor client reads past a result that is not last in its batch, waits for "
-    "more, and the sandbox is TERMINATED as stuck when the deadline passes",
-)
 async def test_events_after_the_result_do_not_hold_the_caller(tmp_path: Path) -> None:
     script = sends(lambda execution: [execution.result(), Event(stdout="after the result\n")])
     async with fast_petri(tmp_path, executor_slack=timedelta(milliseconds=200)) as petri:
