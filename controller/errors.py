@@ -1,6 +1,6 @@
 """The controller's exception tree, and its one mapping to gRPC status codes.
 
-    PetriError                    INTERNAL (never raised bare)
+    PetriError                    INTERNAL (abstract: only its subclasses are raised)
     ├── Unauthenticated           UNAUTHENTICATED    no, malformed or unknown bearer token
     ├── PermissionDenied          PERMISSION_DENIED  the token may not use that project
     ├── InvalidArgument           INVALID_ARGUMENT   bad name, filter, page token, ttl, ...
@@ -96,7 +96,3 @@ class ExecutorFailed(Exception):
     def timed_out(self) -> bool:
         """No answer within the call's deadline: the executor may be stuck."""
         return self.code == "DEADLINE_EXCEEDED"
-
-
-def status_of(error: PetriError) -> grpc.StatusCode:
-    return error.status
