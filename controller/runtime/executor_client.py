@@ -78,12 +78,14 @@ class ExecutorClient:
         return status
 
     async def check_protocol(self) -> None:
-        """FailedPrecondition unless the executor speaks this controller's protocol (asked
-        once): a sandbox of an image older than its controller (a stale image, or one that
-        outlived an upgrade) would refuse every execution as a malformed message."""
+        """FailedPrecondition when the executor speaks another protocol than this controller
+        (asked once): a sandbox of an image older than its controller (a stale image, or one
+        that outlived an upgrade) would refuse every execution as a malformed message. One
+        that does not answer is left to the call that follows, which finds out why."""
         if self._protocol is None:
-            await self.status()
-        if self._protocol != EXECUTOR_PROTOCOL:
+            with contextlib.suppress(ExecutorFailed):
+                await self.status()
+        if self._protocol is not None and self._protocol != EXECUTOR_PROTOCOL:
             raise FailedPrecondition(
                 f"the sandbox's executor speaks protocol version {self._protocol}, this "
                 f"controller {EXECUTOR_PROTOCOL}: its image was not built with this controller; "
