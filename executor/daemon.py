@@ -23,6 +23,7 @@ from executor.batching import batches
 from executor.supervisor import ExecutorBroken, Supervisor
 from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
 from petri.paths import InvalidPath
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import executor_pb2, executor_pb2_grpc
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
@@ -143,6 +144,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             execution_count=self._supervisor.execution_count,
             python_version=platform.python_version(),
             preloaded=self._supervisor.preloaded,
+            protocol=EXECUTOR_PROTOCOL,
         )
 
 

@@ -9,11 +9,13 @@ import grpc
 
 from controller.errors import (
     ExecutorFailed,
+    FailedPrecondition,
     InvalidArgument,
     PetriError,
     ResourceExhausted,
     Unavailable,
 )
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 # The call metadata the executor checks (executor.daemon.CallerCheck).
@@ -57,6 +59,8 @@ class ExecutorClient:
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._session: SessionCall | None = None
         self._session_busy = False
+        # The protocol version the executor reported, once a status call said it.
+        self._protocol: int | None = None
 
     def __repr__(self) -> str:
         state = "none" if self._session is None else "busy" if self._session_busy else "idle"
@@ -70,7 +74,23 @@ class ExecutorClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from exc
+        self._protocol = status.protocol
         return status
+
+    async def check_protocol(self) -> None:
+        """FailedPrecondition when the executor speaks another protocol than this controller
+        (asked once): a sandbox of an image older than its controller (a stale image, or one
+        that outlived an upgrade) would refuse every execution as a malformed message. One
+        that does not answer is left to the call that follows, which finds out why."""
+        if self._protocol is None:
+            with contextlib.suppress(ExecutorFailed):
+                await self.status()
+        if self._protocol is not None and self._protocol != EXECUTOR_PROTOCOL:
+            raise FailedPrecondition(
+                f"the sandbox's executor speaks protocol version {self._protocol}, this "
+                f"controller {EXECUTOR_PROTOCOL}: its image was not built with this controller; "
+                "nothing ran. Rebuild the image (sandbox-image/build.sh) and create a new sandbox"
+            )
 
     async def wait_ready(self, timeout: float) -> executor_pb2.ExecutorStatus:
         """Waits until the executor answers; Unavailable after `timeout` seconds."""
@@ -101,8 +121,10 @@ class ExecutorClient:
         the generator before the end interrupts the code.
 
         Raises InvalidArgument or ResourceExhausted when the executor refused the request or
-        its inputs (nothing ran), ExecutorFailed when the call ended otherwise without the
-        result, and whatever `inputs` raises."""
+        its inputs (nothing ran), FailedPrecondition when it speaks another protocol (nothing
+        ran), ExecutorFailed when the call ended otherwise without the result, and whatever
+        `inputs` raises."""
+        await self.check_protocol()
         events = self._in_session(request, inputs, sent)
         async with contextlib.aclosing(events):
             try:

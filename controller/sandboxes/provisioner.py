@@ -187,7 +187,9 @@ class Provisioner:
         deadline = loop.time() + self._config.start_timeout.total_seconds()
         while True:
             try:
-                return await client.wait_ready(START_CHECK_INTERVAL)
+                ready = await client.wait_ready(START_CHECK_INTERVAL)
+                await client.check_protocol()  # refuses a stale image before anyone gets it
+                return ready
             except Unavailable:
                 if loop.time() > deadline:
                     raise

@@ -65,8 +65,13 @@ def _migrate_from_v1(db: sqlite3.Connection) -> None:
     db.execute(
         "UPDATE sandboxes SET state = ? WHERE delete_time IS NOT NULL", (int(State.DELETED),)
     )
-    # Version 1's pool members: project "" (no project name is empty), not yet claimed.
-    for old, new in ((State.PROVISIONING, State.WARMING), (State.RUNNING, State.POOLED)):
-        db.execute(
-            "UPDATE sandboxes SET state = ? WHERE project = '' AND state = ?", (int(new), int(old))
-        )
+    # Version 1's pool members: project "" (no project name is empty), not yet claimed. One
+    # being discarded was DEPROVISIONING: as a member it is discarded at start, no tombstone.
+    db.execute(
+        "UPDATE sandboxes SET state = ? WHERE project = '' AND state = ?",
+        (int(State.WARMING), int(State.PROVISIONING)),
+    )
+    db.execute(
+        "UPDATE sandboxes SET state = ? WHERE project = '' AND state IN (?, ?, ?)",
+        (int(State.POOLED), int(State.RUNNING), int(State.DEPROVISIONING), int(State.TERMINATED)),
+    )

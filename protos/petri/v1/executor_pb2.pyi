@@ -249,6 +249,7 @@ class ExecutorStatus(_message.Message):
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     PRELOADED_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     execution_count: _builtins.int
     python_version: _builtins.str
@@ -257,6 +258,10 @@ class ExecutorStatus(_message.Message):
     """The current worker has imported the modules it preloads (done, whether or not each
     import succeeded): user code's first import of them costs nothing.
     """
+    protocol: _builtins.int
+    """The version of this protocol the executor speaks (petri.protocol.EXECUTOR_PROTOCOL); 0 from
+    an image older than the field. The controller talks only to an executor of its own version.
+    """
     def __init__(
         self,
         *,
@@ -264,10 +269,11 @@ class ExecutorStatus(_message.Message):
         execution_count: _builtins.int = ...,
         python_version: _builtins.str = ...,
         preloaded: _builtins.bool = ...,
+        protocol: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "python_version", b"python_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "preloaded", b"preloaded", "protocol", b"protocol", "python_version", b"python_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

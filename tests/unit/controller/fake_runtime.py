@@ -17,6 +17,7 @@ from controller.runtime.container import (
     HostCapabilities,
     ImageInfo,
 )
+from petri.protocol import EXECUTOR_PROTOCOL
 from tests.unit.controller.standin_executor import KeyFileMissing, Script, StandInExecutor
 
 LABEL_MANIFEST = "io.petri.manifest"
@@ -67,6 +68,8 @@ class FakeRuntime:
         # While set, a removed container's executor goes on serving until shutdown(): its
         # connections stay open, as those of a process that takes its time to die.
         self.executors_outlive_remove = False
+        # The protocol version the executors of containers started from now on report.
+        self.executor_protocol = EXECUTOR_PROTOCOL
         self._lingering: list[StandInExecutor] = []
 
     def __repr__(self) -> str:
@@ -146,7 +149,9 @@ class FakeRuntime:
             self.containers[spec.name] = exited
             return
         try:
-            executor: StandInExecutor | None = StandInExecutor(spec.socket_dir, self.scripts)
+            executor: StandInExecutor | None = StandInExecutor(
+                spec.socket_dir, self.scripts, self.executor_protocol
+            )
         except KeyFileMissing as exc:  # the daemon exits: so does its container
             self.containers[spec.name] = FakeContainer(spec, None, False, 1, error=str(exc))
             return

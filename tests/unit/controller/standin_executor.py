@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from controller.runtime.container import KEY_FILE_NAME, SOCKET_NAME
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 # The call metadata the real daemon checks (executor/daemon.py).
@@ -72,7 +73,9 @@ class KeyFileMissing(Exception):
 class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
     """Serves one sandbox's socket; runs `scripts[code]` for each execution (echo otherwise)."""
 
-    def __init__(self, socket_dir: Path, scripts: dict[str, Script]) -> None:
+    def __init__(
+        self, socket_dir: Path, scripts: dict[str, Script], protocol: int = EXECUTOR_PROTOCOL
+    ) -> None:
         self.socket_path = socket_dir / SOCKET_NAME
         self._scripts = scripts
         self.key = _take_key(socket_dir / KEY_FILE_NAME)
@@ -80,6 +83,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.incarnation = secrets.token_hex(16)
         self.executions: list[Execution] = []
         self.refused_calls = 0
+        # The protocol version GetStatus reports (0: an image older than the field).
+        self.protocol = protocol
 
     def __repr__(self) -> str:
         return f"<StandInExecutor {self.socket_path} executions={len(self.executions)}>"
@@ -164,6 +169,7 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
             execution_count=len(self.executions),
             python_version="3.13.0",
             preloaded=True,
+            protocol=self.protocol,
         )
 
 

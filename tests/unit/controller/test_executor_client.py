@@ -12,6 +12,7 @@ import pytest
 
 from controller.errors import ExecutorFailed, InvalidArgument, ResourceExhausted
 from controller.runtime.executor_client import ExecutorClient
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 KEY = "sandbox-key"
@@ -71,7 +72,7 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
     async def GetStatus(
         self, request: executor_pb2.GetStatusRequest, context: Any
     ) -> executor_pb2.ExecutorStatus:
-        return executor_pb2.ExecutorStatus(incarnation="i")
+        return executor_pb2.ExecutorStatus(incarnation="i", protocol=EXECUTOR_PROTOCOL)
 
 
 async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:

@@ -9,6 +9,8 @@ import pytest
 
 from controller.records import POOL_PROJECT, State
 from controller.store.sqlite import SqliteRegistry
+from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.inprocess import PROFILE, fast_config, serving, short_runtime_dir
 
 # Version 1's schema as that controller wrote it, verbatim: the file a user upgrades from.
 V1_SCHEMA = """
@@ -103,6 +105,8 @@ async def test_a_version_1_registry_keeps_its_sandboxes_as_states(tmp_path: Path
             ("u-warming", POOL_PROJECT, "u-warming", State.PROVISIONING, None),
             ("u-pooled", POOL_PROJECT, "u-pooled", State.RUNNING, None),
             ("u-pool-gone", POOL_PROJECT, "u-pool-gone", State.RUNNING, T0),
+            # A member whose discard a stopping version-1 controller left half-way.
+            ("u-pool-going", POOL_PROJECT, "u-pool-going", State.DEPROVISIONING, None),
         ],
         V1_SCHEMA,
     )
@@ -120,6 +124,7 @@ async def test_a_version_1_registry_keeps_its_sandboxes_as_states(tmp_path: Path
             "u-dead",
             "u-warming",
             "u-pooled",
+            "u-pool-going",
         }
         assert await registry.claim_pool_member("u-pooled", project="p", sandbox_id="mine")
         assert not await registry.claim_pool_member("u-warming", project="p", sandbox_id="x")
@@ -134,6 +139,7 @@ async def test_a_version_1_registry_keeps_its_sandboxes_as_states(tmp_path: Path
         "u-warming": State.WARMING,
         "u-pooled": State.RUNNING,  # claimed above
         "u-pool-gone": State.DELETED,
+        "u-pool-going": State.POOLED,  # a member still: discarded at start, no tombstone
     }
 
     db = sqlite3.connect(path)
@@ -182,3 +188,29 @@ async def test_a_registry_newer_than_the_controller_is_refused_untouched(
     assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
     assert states(path) == {"u-a": State.RUNNING}
+
+
+async def test_a_version_1_pool_member_left_mid_discard_leaves_no_tombstone(
+    tmp_path: Path,
+) -> None:
+    # Version 1 marked a member being discarded DEPROVISIONING (project "") and forgot its row
+    # at the next start; it must not become a tombstone of nobody's sandbox.
+    with short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir)
+        config.state_dir.mkdir(parents=True)
+        v1_file(
+            config.database_path,
+            [
+                ("u-going", POOL_PROJECT, "u-going", State.DEPROVISIONING, None),
+                ("u-mine", "p", "mine", State.DEPROVISIONING, None),
+            ],
+            V1_SCHEMA,
+        )
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime):
+                pass
+        finally:
+            await runtime.shutdown()
+        # The caller's sandbox deleted half-way is finished into a tombstone; the member is gone.
+        assert states(config.database_path) == {"u-mine": State.DELETED}

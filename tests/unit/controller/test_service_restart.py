@@ -117,3 +117,33 @@ async def test_the_reaper_deletes_sandboxes_when_their_time_is_up_never_before(
         assert (await petri.get(kept.name)).state == RUNNING
         assert await petri.names() == [kept.name]
         await expect(petri.execute(doomed.name, "1"), grpc.StatusCode.NOT_FOUND, "was expired at")
+
+
+async def test_an_executor_of_another_protocol_runs_nothing_and_says_why(tmp_path: Path) -> None:
+    """The image and the controller ship together: a sandbox whose image is older than its
+    controller (one that outlived an upgrade, or a stale image) is told apart from an executor
+    that failed, before anything is sent to it."""
+    with short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir)
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime) as first:
+                adopted = await first.create("adopted")
+            runtime.executor_of(adopted.uid).protocol = 0  # as an image before the upgrade
+            async with serving(config, runtime) as second:
+                await expect(
+                    second.execute(adopted.name, "1"),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "speaks protocol version 0, this controller 1",
+                    "nothing ran",
+                )
+                assert runtime.executor_of(adopted.uid).executions == []
+                runtime.executor_protocol = 0  # a stale image: no sandbox is made of it
+                await expect(
+                    second.create("stale"),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "Rebuild the image",
+                )
+                assert await second.names() == [adopted.name]
+        finally:
+            await runtime.shutdown()

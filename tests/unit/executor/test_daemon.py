@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from executor.daemon import KEY_METADATA, CallerCheck, ExecutorService, _take_key
 from executor.supervisor import Supervisor
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ async def test_calls_without_the_key_are_refused(stub: Stub) -> None:
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     status = await stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=KEYED)
     assert status.incarnation and status.python_version
+    assert status.protocol == EXECUTOR_PROTOCOL  # the controller talks to no other version
 
 
 async def test_inputs_ended_without_end_of_inputs_write_and_run_nothing(

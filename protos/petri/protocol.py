@@ -1,0 +1,10 @@
+"""The version of the controller <-> executor protocol (petri.v1.Executor), shared by both sides.
+
+The executor reports it (ExecutorStatus.protocol); the controller talks only to an executor of
+its own version: the image and the controller ship together, and a sandbox that outlived an
+upgrade of its controller, or a stale image, must be told apart from an executor that failed.
+"""
+
+# 1: every execution on one Session call (request, file chunks, EndOfInputs). Images built
+# before it report 0 (they have no such field).
+EXECUTOR_PROTOCOL = 1
