@@ -160,11 +160,17 @@ class Lifecycle:
 
     async def terminate(self, record: SandboxRecord, why: str) -> None:
         """RUNNING -> TERMINATED: its container or its executor died; `why` says which, to
-        the caller (state_message). Its row and container name stay until it is deleted."""
+        the caller (state_message). Its row and container name stay until it is deleted.
+        Nothing when it is no longer RUNNING: a delete under way (DEPROVISIONING) stays one."""
+        if not await self._registry.set_fields_in(
+            record.uid,
+            State.RUNNING,
+            state=State.TERMINATED,
+            state_message=why,
+            update_time=self._clock(),
+        ):
+            return
         await self._provisioner.drop_client(record.uid)
-        await self._registry.set_fields(
-            record.uid, state=State.TERMINATED, state_message=why, update_time=self._clock()
-        )
         log.warning("sandbox terminated", sandbox=record.name, why=why)
 
     async def deprovision(self, record: SandboxRecord, reason: str) -> None:

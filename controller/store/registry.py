@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Protocol
 
 from controller.listing import ListQuery as ListQuery  # re-exported: callers name it from here
-from controller.records import SandboxRecord
+from controller.records import SandboxRecord, State
 
 
 class Registry(Protocol):
@@ -30,6 +30,10 @@ class Registry(Protocol):
         False when there is none. Targeted writes, never a whole record: an execution finishing
         must not undo an update made meanwhile, nor an update bring a deleted sandbox back.
         A delete_time makes the row a tombstone (state DELETED), as tombstone() does."""
+
+    async def set_fields_in(self, uid: str, current: State, **fields: object) -> bool:
+        """set_fields of a sandbox in state `current` only: False in another (a transition
+        that raced another one)."""
 
     def set_fields_soon(self, uid: str, **fields: object) -> None:
         """set_fields without waiting, for bookkeeping that must not delay a reply: every read

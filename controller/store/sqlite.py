@@ -93,6 +93,9 @@ class SqliteRegistry:
     async def set_fields(self, uid: str, **fields: object) -> bool:
         return await self._run(self._set_fields, uid, fields)
 
+    async def set_fields_in(self, uid: str, current: State, **fields: object) -> bool:
+        return await self._run(self._set_fields, uid, fields, current)
+
     def set_fields_soon(self, uid: str, **fields: object) -> None:
         future = asyncio.get_running_loop().run_in_executor(
             self._thread, self._set_fields, uid, fields

@@ -144,6 +144,19 @@ async def test_terminating_keeps_the_row_and_says_why(parts: Parts) -> None:
     assert parts.containers.removed == []
 
 
+async def test_terminating_spares_a_sandbox_being_deleted(parts: Parts) -> None:
+    """A container check that read the sandbox RUNNING before a delete began must not write
+    TERMINATED over DEPROVISIONING: a controller stopping then would keep a dead row instead
+    of finishing the delete at its next start."""
+    sandbox = record("a")
+    await parts.registry.insert(sandbox)
+    assert await parts.registry.set_fields(sandbox.uid, state=State.DEPROVISIONING)
+    await parts.lifecycle.terminate(sandbox, "its container is gone")
+    current = await parts.registry.get_live("p", "a")
+    assert current is not None and current.state is State.DEPROVISIONING
+    assert current.state_message == ""
+
+
 async def test_a_claimed_member_is_running_and_a_stale_report_of_its_death_spares_it(
     parts: Parts,
 ) -> None:
