@@ -11,18 +11,27 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from executor.execution import EventStream, Execution
-from executor.framing import FrameError
+from executor.framing import MAX_FRAME_BYTES, FrameError, read_frame_async
 from executor.worker_process import ExecutorBroken, WorkerProcess
 from executor.workspace import InputStager
 from petri.v1 import executor_pb2
 
-__all__ = ["ExecutorBroken", "Supervisor"]
+__all__ = ["ExecutorBroken", "SnapshotFailed", "Supervisor"]
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
 log = logging.getLogger("petri.executor")
 
 # Pauses between attempts to start a worker (see _ensure_worker).
 WORKER_START_RETRIES = (0.1, 0.3, 1.0, 2.0, 3.0, 4.0, 0.0)
+# A saved namespace travels in one frame, with room left for the names that were lost.
+MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - 16 * 1024 * 1024
+# How long a worker may take to save or restore its namespace (user code's __reduce__ runs).
+SNAPSHOT_TIMEOUT = 120.0
+
+
+class SnapshotFailed(Exception):
+    """The namespace could not be saved or restored at all (the worker died, hung or sent
+    garbage; or the saved namespace is too large). The worker was replaced."""
 
 
 class Supervisor:
@@ -66,6 +75,66 @@ class Supervisor:
             if self._worker is not None:
                 await self._worker.kill()
                 self._worker = None
+
+    async def snapshot(self, limit_bytes: int) -> tuple[bytes, list[executor_pb2.LostName]]:
+        """The worker's namespace as opaque bytes (a SavedNamespace for a worker to restore;
+        never unpickled here), at most `limit_bytes` of values (and MAX_SNAPSHOT_BYTES), and
+        the names that could not be saved, each with its reason."""
+        limit = MAX_SNAPSHOT_BYTES if limit_bytes <= 0 else min(limit_bytes, MAX_SNAPSHOT_BYTES)
+        request = executor_pb2.WorkerSnapshotRequest(
+            limit_bytes=limit, execution_count=self.execution_count
+        )
+        async with self._lock:
+            worker = await self._preloaded_worker()
+            reply = await self._ask(worker, executor_pb2.WorkerRequest(snapshot=request))
+            if not reply.HasField("snapshot"):
+                raise await self._failed(worker, "the worker did not send its snapshot")
+            return reply.snapshot.saved_namespace, list(reply.snapshot.lost)
+
+    async def restore(self, saved_namespace: bytes) -> list[executor_pb2.LostName]:
+        """Restores a snapshot in a new worker (the current one, if it has run nothing yet),
+        and the execution count with it; gives the names that could not be restored."""
+        if len(saved_namespace) > MAX_SNAPSHOT_BYTES:
+            raise SnapshotFailed(f"a saved namespace is at most {MAX_SNAPSHOT_BYTES} bytes")
+        request = executor_pb2.WorkerRestoreRequest(saved_namespace=saved_namespace)
+        async with self._lock:
+            worker = await self._preloaded_worker()
+            if worker.used:
+                await worker.kill()
+                self._worker = None
+                worker = await self._preloaded_worker()
+            worker.used = True
+            reply = await self._ask(worker, executor_pb2.WorkerRequest(restore=request))
+            if not reply.HasField("restored"):
+                raise await self._failed(worker, "the worker did not say it restored")
+            self.execution_count = max(reply.restored.execution_count, 0)
+            return list(reply.restored.lost)
+
+    async def _ask(
+        self, worker: WorkerProcess, request: executor_pb2.WorkerRequest
+    ) -> executor_pb2.WorkerReply:
+        """Sends a request that is not an execution and gives the first reply that is not
+        output (a display() from a thread the user left running belongs to no one)."""
+        worker.send(request)
+        try:
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+                reply = await _next_answer(worker.replies)
+        except TimeoutError:
+            reason = f"no answer in {SNAPSHOT_TIMEOUT:.0f} s"
+        except (FrameError, ValueError) as exc:  # ValueError: not a WorkerReply
+            reason = f"a bad reply: {exc}"
+        else:
+            if reply is not None:
+                return reply
+            reason = "the worker exited"
+        raise await self._failed(worker, reason)
+
+    async def _failed(self, worker: WorkerProcess, reason: str) -> SnapshotFailed:
+        """A worker whose answers can no longer be trusted to line up with its requests is
+        replaced; the error to raise."""
+        log.warning("snapshot or restore failed: %s", reason)
+        await self._replace_worker(worker)
+        return SnapshotFailed(reason)
 
     async def _ensure_worker(self) -> WorkerProcess:
         if self._worker is not None and self._worker.process.returncode is None:
@@ -139,6 +208,7 @@ class Supervisor:
             execution.inputs.commit()
         worker = await self._preloaded_worker()  # the timeout starts after the preload
         self.execution_count += 1
+        worker.used = True
         if await execution.run(worker, self.execution_count):
             await self._replace_worker(worker)
         await execution.report(self.execution_count, self.incarnation)
@@ -151,3 +221,13 @@ class Supervisor:
             await self._ensure_worker()
         except ExecutorBroken as exc:  # the next execution tries again
             log.warning("no new worker after a reset: %s", exc)
+
+
+async def _next_answer(replies: asyncio.StreamReader) -> executor_pb2.WorkerReply | None:
+    while True:
+        payload = await read_frame_async(replies)
+        if payload is None:
+            return None
+        reply = executor_pb2.WorkerReply.FromString(payload)
+        if not reply.HasField("output"):
+            return reply

@@ -27,7 +27,7 @@ import traceback
 from types import FrameType, TracebackType
 from typing import Any
 
-from executor import formatting
+from executor import formatting, namespace_snapshot
 from executor.framing import read_frame, write_frame
 from petri.v1 import execution_pb2, executor_pb2
 
@@ -242,6 +242,20 @@ def main() -> None:
         if payload is None:
             return  # the daemon closed the pipe: it wants us gone
         request = executor_pb2.WorkerRequest.FromString(payload)
+        if request.HasField("snapshot"):
+            snapshot = namespace_snapshot.save(
+                worker.namespace, request.snapshot.execution_count, request.snapshot.limit_bytes
+            )
+            if os.getpid() != worker_pid:  # a child forked by a __reduce__: not the worker
+                os._exit(1)
+            worker.send(executor_pb2.WorkerReply(snapshot=snapshot))
+            continue
+        if request.HasField("restore"):
+            restored = namespace_snapshot.restore(worker.namespace, request.restore.saved_namespace)
+            if os.getpid() != worker_pid:
+                os._exit(1)
+            worker.send(executor_pb2.WorkerReply(restored=restored))
+            continue
         done = worker.run(request)
         if os.getpid() != worker_pid:
             # A child that user code forked and that returned here: it must not speak the

@@ -64,6 +64,8 @@ class WorkerProcess:
         self._requests = requests
         self._preload: asyncio.Task[bool] | None = None
         self.replies = replies
+        # It has run code or restored a namespace: a restore needs a new worker.
+        self.used = False
         # Done when the process has exited; executions listen to it instead of each starting
         # a task of their own.
         self.exited: asyncio.Task[int] = asyncio.create_task(process.wait())

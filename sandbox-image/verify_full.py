@@ -185,7 +185,7 @@ PINS = {
     "gast": ("0.7.0", ["gast"]),
 }
 # Pinned in profiles/full.txt though not on the supported list (DEVIATIONS.md): checked too.
-ADDED = {"absl-py": "2.5.1"}
+ADDED = {"absl-py": "2.5.1", "cloudpickle": "3.1.2"}
 # Pins that sandbox-image/DEVIATIONS.md documents as not met: distribution -> what is used
 # instead. Their version is not checked (their imports still are, if they are installed).
 DEVIATIONS = {}

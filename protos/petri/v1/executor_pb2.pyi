@@ -288,26 +288,183 @@ class WorkerRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     END_MARKER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    RESTORE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     execution_count: _builtins.int
     end_marker: _builtins.str
     """Written by the worker to stdout and stderr after the code finished, so the daemon knows
     where this execution's output ends.
     """
+    @_builtins.property
+    def snapshot(self) -> Global___WorkerSnapshotRequest: ...
+    @_builtins.property
+    def restore(self) -> Global___WorkerRestoreRequest: ...
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         execution_count: _builtins.int = ...,
         end_marker: _builtins.str = ...,
+        snapshot: Global___WorkerSnapshotRequest | None = ...,
+        restore: Global___WorkerRestoreRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["restore", b"restore", "snapshot", b"snapshot", "special", b"special"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "end_marker", b"end_marker", "execution_count", b"execution_count", "restore", b"restore", "snapshot", b"snapshot", "special", b"special"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_special: _TypeAlias = _typing.Literal["snapshot", "restore"]  # noqa: Y015
+    _WhichOneofArgType_special: _TypeAlias = _typing.Literal["special", b"special"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_special) -> _WhichOneofReturnType_special | None: ...
+
+Global___WorkerRequest: _TypeAlias = WorkerRequest  # noqa: Y015
+
+@_typing.final
+class WorkerSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    limit_bytes: _builtins.int
+    """The serialised values may take at most this many bytes; names beyond are lost."""
+    execution_count: _builtins.int
+    """Recorded in the snapshot, given back on restore."""
+    def __init__(
+        self,
+        *,
+        limit_bytes: _builtins.int = ...,
+        execution_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "end_marker", b"end_marker", "execution_count", b"execution_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "limit_bytes", b"limit_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WorkerRequest: _TypeAlias = WorkerRequest  # noqa: Y015
+Global___WorkerSnapshotRequest: _TypeAlias = WorkerSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class WorkerRestoreRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAVED_NAMESPACE_FIELD_NUMBER: _builtins.int
+    saved_namespace: _builtins.bytes
+    """A serialised SavedNamespace. Hostile data: only the worker that will run this
+    sandbox's code ever deserialises it, never the daemon or the controller.
+    """
+    def __init__(
+        self,
+        *,
+        saved_namespace: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saved_namespace", b"saved_namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRestoreRequest: _TypeAlias = WorkerRestoreRequest  # noqa: Y015
+
+@_typing.final
+class SavedNamespace(_message.Message):
+    """A worker's namespace, as saved: what a new worker restores."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    MODULES_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    execution_count: _builtins.int
+    @_builtins.property
+    def modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SavedModule]:
+        """Globals that are modules: re-imported by name, never pickled."""
+
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___SavedValue]:
+        """Every other global that could be serialised, each on its own (cloudpickle)."""
+
+    def __init__(
+        self,
+        *,
+        execution_count: _builtins.int = ...,
+        modules: _abc.Iterable[Global___SavedModule] | None = ...,
+        values: _abc.Iterable[Global___SavedValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "modules", b"modules", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SavedNamespace: _TypeAlias = SavedNamespace  # noqa: Y015
+
+@_typing.final
+class SavedModule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODULE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    module: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        module: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["module", b"module", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SavedModule: _TypeAlias = SavedModule  # noqa: Y015
+
+@_typing.final
+class SavedValue(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PICKLED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    pickled: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pickled: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pickled", b"pickled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SavedValue: _TypeAlias = SavedValue  # noqa: Y015
+
+@_typing.final
+class LostName(_message.Message):
+    """A global that could not be saved or restored, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostName: _TypeAlias = LostName  # noqa: Y015
 
 @_typing.final
 class WorkerReply(_message.Message):
@@ -319,6 +476,8 @@ class WorkerReply(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     PRELOADED_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___WorkerReady:
         """Sent once, when the worker is ready for requests."""
@@ -333,6 +492,10 @@ class WorkerReply(_message.Message):
     def preloaded(self) -> Global___WorkerPreloaded:
         """Sent once, after `ready`, when the preloaded modules are imported (or failed to be)."""
 
+    @_builtins.property
+    def snapshot(self) -> Global___WorkerSnapshot: ...
+    @_builtins.property
+    def restored(self) -> Global___WorkerRestored: ...
     def __init__(
         self,
         *,
@@ -340,16 +503,65 @@ class WorkerReply(_message.Message):
         output: _execution_pb2.Output | None = ...,
         done: Global___WorkerDone | None = ...,
         preloaded: Global___WorkerPreloaded | None = ...,
+        snapshot: Global___WorkerSnapshot | None = ...,
+        restored: Global___WorkerRestored | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done", "preloaded"]  # noqa: Y015
+    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done", "preloaded", "snapshot", "restored"]  # noqa: Y015
     _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_reply) -> _WhichOneofReturnType_reply | None: ...
 
 Global___WorkerReply: _TypeAlias = WorkerReply  # noqa: Y015
+
+@_typing.final
+class WorkerSnapshot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAVED_NAMESPACE_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    saved_namespace: _builtins.bytes
+    """A serialised SavedNamespace."""
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostName]: ...
+    def __init__(
+        self,
+        *,
+        saved_namespace: _builtins.bytes = ...,
+        lost: _abc.Iterable[Global___LostName] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "saved_namespace", b"saved_namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerSnapshot: _TypeAlias = WorkerSnapshot  # noqa: Y015
+
+@_typing.final
+class WorkerRestored(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    execution_count: _builtins.int
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostName]: ...
+    def __init__(
+        self,
+        *,
+        execution_count: _builtins.int = ...,
+        lost: _abc.Iterable[Global___LostName] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRestored: _TypeAlias = WorkerRestored  # noqa: Y015
 
 @_typing.final
 class WorkerReady(_message.Message):

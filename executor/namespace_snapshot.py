@@ -1,0 +1,163 @@
+"""Saves a worker's namespace to bytes and restores it in a new worker (worker side only).
+
+Each global is pickled on its own (cloudpickle), so one that cannot be saved costs only
+itself; modules are recorded by name and re-imported. The saved bytes are produced by user
+code and are hostile: only a worker, which runs that user's code anyway, ever unpickles them.
+"""
+
+import contextlib
+import importlib
+import io
+import pickle
+import types
+from typing import Any
+
+from petri.v1 import executor_pb2
+
+# Names the worker itself puts in the namespace: a new worker has its own.
+_OWN_NAMES = frozenset(("__builtins__", "__name__"))
+MAX_REASON_CHARS = 300
+MAX_LOST_NAMES = 1000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BoundedBuffer:
+    """A pickle's output that stops it as soon as it passes its share of the limit, so that
+    a huge value is not held in memory whole just to be refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        if len(self.data) + len(chunk) > self.limit:
+            raise _TooLarge
+        self.data += chunk
+        return len(chunk)
+
+
+def _reason(exc: BaseException) -> str:
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # an exception whose __str__ raises
+        text = type(exc).__name__
+    return text[:MAX_REASON_CHARS]
+
+
+def _lost(name: str, reason: str) -> executor_pb2.LostName:
+    return executor_pb2.LostName(name=name[:MAX_REASON_CHARS], reason=reason)
+
+
+def save(
+    namespace: dict[str, Any], execution_count: int, limit_bytes: int
+) -> executor_pb2.WorkerSnapshot:
+    """The namespace as a SavedNamespace, and the names that could not be saved."""
+    import cloudpickle  # here: only the worker needs it, not the daemon
+
+    saved = executor_pb2.SavedNamespace(execution_count=execution_count)
+    lost: list[executor_pb2.LostName] = []
+    left = max(limit_bytes, 0)
+    # What __reduce__ methods print belongs to no execution.
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        for name, value in list(namespace.items()):
+            if name in _OWN_NAMES:
+                continue
+            if isinstance(value, types.ModuleType):
+                module = str(value.__name__)
+                if len(name) + len(module) > left:
+                    lost.append(_lost(name, f"beyond the size limit ({limit_bytes} bytes in all)"))
+                    continue
+                left -= len(name) + len(module)
+                saved.modules.add(name=name, module=module)
+                continue
+            if isinstance(value, io.IOBase):  # cloudpickle would keep a reader's contents only
+                lost.append(_lost(name, "an open file"))
+                continue
+            buffer = _BoundedBuffer(left - len(name))
+            try:
+                cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+            except _TooLarge:
+                lost.append(_lost(name, f"beyond the size limit ({limit_bytes} bytes in all)"))
+                continue
+            except BaseException as exc:  # user code's __reduce__ may raise anything
+                lost.append(_lost(name, _reason(exc)))
+                continue
+            left -= len(name) + len(buffer.data)
+            saved.values.add(name=name, pickled=bytes(buffer.data))
+    return executor_pb2.WorkerSnapshot(saved_namespace=saved.SerializeToString(), lost=_few(lost))
+
+
+def _few(lost: list[executor_pb2.LostName]) -> list[executor_pb2.LostName]:
+    """At most MAX_LOST_NAMES entries: the reply must fit in one frame whatever the namespace."""
+    if len(lost) <= MAX_LOST_NAMES:
+        return lost
+    more = len(lost) - MAX_LOST_NAMES + 1
+    return [*lost[: MAX_LOST_NAMES - 1], _lost("...", f"and {more} more names not kept")]
+
+
+def restore(namespace: dict[str, Any], blob: bytes) -> executor_pb2.WorkerRestored:
+    """Puts a saved namespace's globals into `namespace`: what could not be restored is
+    listed, the rest kept."""
+    try:
+        saved = executor_pb2.SavedNamespace.FromString(blob)
+    except Exception as exc:  # protobuf's DecodeError, or worse on hostile bytes
+        unreadable = _lost("*", f"unreadable snapshot: {_reason(exc)}")
+        return executor_pb2.WorkerRestored(lost=[unreadable])
+    lost: list[executor_pb2.LostName] = []
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        for module in saved.modules:
+            try:
+                namespace[module.name] = importlib.import_module(module.module)
+            except BaseException as exc:
+                lost.append(_lost(module.name, f"cannot import {module.module}: {_reason(exc)}"))
+        for value in saved.values:
+            try:
+                namespace[value.name] = pickle.loads(value.pickled)
+            except BaseException as exc:
+                lost.append(_lost(value.name, _reason(exc)))
+    lost = _few(lost)
+    for name in list(namespace):
+        with contextlib.suppress(Exception):  # a hostile class's __module__ may raise
+            namespace[name] = _rebound(namespace[name], namespace)
+    return executor_pb2.WorkerRestored(execution_count=saved.execution_count, lost=lost)
+
+
+def _rebound(value: Any, namespace: dict[str, Any]) -> Any:
+    """A session's function (or its class's methods) reads its globals from the namespace
+    again: unpickled, each has a private copy of the globals it used when it was saved."""
+    if isinstance(value, types.FunctionType):
+        return _rebound_function(value, namespace)
+    if isinstance(value, type) and value.__module__ == "__main__":
+        for attr, member in list(vars(value).items()):
+            rebound: Any = None
+            if isinstance(member, types.FunctionType):
+                rebound = _rebound_function(member, namespace)
+            elif isinstance(member, staticmethod | classmethod) and isinstance(
+                member.__func__, types.FunctionType
+            ):
+                rebound = type(member)(_rebound_function(member.__func__, namespace))
+            if rebound is not None and rebound is not member:
+                with contextlib.suppress(Exception):  # a metaclass may refuse
+                    setattr(value, attr, rebound)
+    return value
+
+
+def _rebound_function(function: types.FunctionType, namespace: dict[str, Any]) -> Any:
+    if function.__module__ != "__main__" or function.__globals__ is namespace:
+        return function
+    rebound = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    rebound.__qualname__ = function.__qualname__
+    rebound.__doc__ = function.__doc__
+    rebound.__module__ = function.__module__
+    rebound.__dict__.update(function.__dict__)
+    with contextlib.suppress(Exception):
+        rebound.__annotations__ = function.__annotations__
+    return rebound

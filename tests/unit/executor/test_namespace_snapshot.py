@@ -1,0 +1,200 @@
+"""Saving a worker's namespace and restoring it in a new worker, with real worker processes
+(no container): what survives, what is listed as lost and why, the size limit, and that the
+saved bytes are only ever unpickled by the worker that restores them."""
+
+import os
+import pickle
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from executor.supervisor import MAX_SNAPSHOT_BYTES, SnapshotFailed, Supervisor
+from petri.v1 import executor_pb2
+from tests.unit.executor.test_supervisor import run
+
+SESSION = """
+import numpy as np
+import pandas as pd
+from os import path as ospath
+array = np.arange(12).reshape(3, 4)
+frame = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+scale = 3
+def times_scale(v):
+    return v * scale
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def norm2(self):
+        return self.x ** 2 + self.y ** 2 + offset
+    @staticmethod
+    def origin():
+        return Point(0, 0)
+offset = 0
+point = Point(3, 4)
+square = lambda v: v * v
+def make_adder(n):
+    def add(v):
+        return v + n
+    return add
+add5 = make_adder(5)
+"""
+
+
+@pytest.fixture
+async def supervisors(tmp_path: Path) -> AsyncIterator[tuple[Supervisor, Supervisor]]:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = Supervisor(tmp_path / "a"), Supervisor(tmp_path / "b")
+    await first.start()
+    await second.start()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+def lost_names(lost: list[executor_pb2.LostName]) -> dict[str, str]:
+    return {entry.name: entry.reason for entry in lost}
+
+
+async def test_every_kind_of_value_survives_in_a_new_worker(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    old, new = supervisors
+    assert (await run(old, SESSION)).error is None
+    assert (await run(old, "None")).error is None
+    saved, lost = await old.snapshot(1 << 20)
+    assert lost == []
+    old_pid = (await run(old, "import os; os.getpid()")).value
+
+    assert await new.restore(saved) == []
+    assert new.execution_count == 2  # that of the snapshot; the getpid above came after
+    checks = (
+        "(array.sum(), array.shape, frame['a'].sum(), list(frame['b']),"
+        " times_scale(2), point.norm2(), Point.origin().norm2(), square(7), add5(1),"
+        " np.__name__, pd.__name__, ospath.__name__)"
+    )
+    ran = await run(new, checks)
+    assert ran.error is None, ran.error
+    assert ran.value == (
+        "(np.int64(66), (3, 4), np.int64(6), ['x', 'y', 'z'], 6, 25, 0, 49, 6,"
+        " 'numpy', 'pandas', 'posixpath')"
+    )
+    assert ran.result.execution_count == 3
+    assert (await run(new, "import os; os.getpid()")).value != old_pid  # a new interpreter
+
+
+async def test_restored_functions_read_the_namespace_globals(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    old, new = supervisors
+    await run(old, SESSION)
+    saved, _ = await old.snapshot(1 << 20)
+    await new.restore(saved)
+    ran = await run(new, "scale = 10; offset = 1; (times_scale(2), point.norm2())")
+    assert ran.value == "(20, 26)"  # not the copies of scale and offset pickled with them
+
+
+async def test_unserialisable_names_are_listed_with_reasons_and_the_rest_kept(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    old, new = supervisors
+    code = (
+        "import socket, threading\n"
+        "kept = [1, 2, 3]\n"
+        "gen = (i for i in range(3))\n"
+        "lock = threading.Lock()\n"
+        "handle = open('notes.txt', 'w')\n"
+        "sock = socket.socket()\n"
+        "thread = threading.Thread(target=lambda: None)\n"
+        "also_kept = {'k': 'v'}\n"
+    )
+    assert (await run(old, code)).error is None
+    saved, lost = await old.snapshot(1 << 20)
+    reasons = lost_names(lost)
+    assert set(reasons) == {"gen", "lock", "handle", "sock", "thread"}
+    assert "generator" in reasons["gen"]
+    assert "lock" in reasons["lock"]
+    assert reasons["handle"] == "an open file"
+    assert "socket" in reasons["sock"]
+    assert all(reasons.values())
+    assert await new.restore(saved) == []
+    ran = await run(new, "(kept, also_kept, socket.__name__, 'gen' in globals())")
+    assert ran.value == "([1, 2, 3], {'k': 'v'}, 'socket', False)"
+
+
+async def test_the_size_limit_is_honoured(supervisors: tuple[Supervisor, Supervisor]) -> None:
+    old, new = supervisors
+    await run(old, "small = 'a' * 100\nbig = b'x' * 200_000\nafter = 'b' * 100")
+    saved, lost = await old.snapshot(100_000)
+    assert len(saved) < 100_000 + 1_000
+    assert list(lost_names(lost)) == ["big"]
+    assert "size limit" in lost[0].reason
+    await new.restore(saved)
+    ran = await run(new, "(len(small), len(after), 'big' in globals())")
+    assert ran.value == "(100, 100, False)"
+
+
+async def test_a_restore_goes_into_a_new_worker_and_a_too_large_one_is_refused(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    old, new = supervisors
+    await run(old, "kept = 1")
+    saved, _ = await old.snapshot(0)
+    await run(new, "stale = 1")
+    before = new.incarnation
+    await new.restore(saved)
+    assert new.incarnation != before
+    ran = await run(new, "(kept, 'stale' in globals())")
+    assert ran.value == "(1, False)"
+    with pytest.raises(SnapshotFailed):
+        await new.restore(b"\0" * (MAX_SNAPSHOT_BYTES + 1))
+
+
+class _Malicious:
+    """Unpickled, writes the pid of the process that unpickles it to a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        code = f"import os; open({str(self.marker)!r}, 'w').write(str(os.getpid()))"
+        return (exec, (code,))
+
+
+async def test_a_malicious_pickle_runs_only_in_the_restoring_worker(
+    supervisors: tuple[Supervisor, Supervisor], tmp_path: Path
+) -> None:
+    _, new = supervisors
+    marker = tmp_path / "unpickled-by"
+    saved = executor_pb2.SavedNamespace(execution_count=1)
+    saved.values.add(name="payload", pickled=pickle.dumps(_Malicious(marker)))
+    saved.values.add(name="fine", pickled=pickle.dumps([1, 2]))
+    blob = saved.SerializeToString()
+    assert not marker.exists()  # building the bytes ran nothing
+
+    lost = await new.restore(blob)
+    assert lost == []
+    worker_pid = (await run(new, "import os; os.getpid()")).value
+    assert marker.read_text() == worker_pid
+    assert marker.read_text() != str(os.getpid())
+    assert (await run(new, "fine")).value == "[1, 2]"
+
+
+async def test_garbage_and_unimportable_modules_are_reported_not_fatal(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    _, new = supervisors
+    saved = executor_pb2.SavedNamespace(execution_count=7)
+    saved.modules.add(name="gone", module="no_such_module_anywhere")
+    saved.values.add(name="broken", pickled=b"not a pickle")
+    saved.values.add(name="fine", pickled=pickle.dumps("ok"))
+    reasons = lost_names(await new.restore(saved.SerializeToString()))
+    assert set(reasons) == {"gone", "broken"}
+    assert "no_such_module_anywhere" in reasons["gone"]
+    ran = await run(new, "fine")
+    assert ran.value == "'ok'"
+    assert ran.result.execution_count == 8
+
+    unreadable = await new.restore(b"\xff\xff\xff")
+    assert len(unreadable) == 1 and "unreadable" in unreadable[0].reason
