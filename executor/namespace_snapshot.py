@@ -18,10 +18,17 @@ from petri.v1 import executor_pb2
 _OWN_NAMES = frozenset(("__builtins__", "__name__"))
 MAX_REASON_CHARS = 300
 MAX_LOST_NAMES = 1000
+# Counted against the limit for each entry besides its name and bytes: protobuf's tags and
+# lengths, so that a million tiny values cannot make the snapshot outgrow its frame.
+ENTRY_OVERHEAD = 16
 
 
 class _TooLarge(Exception):
     pass
+
+
+class _Unsaved(Exception):
+    """A value refused on purpose; its message is the reason."""
 
 
 class _BoundedBuffer:
@@ -40,6 +47,8 @@ class _BoundedBuffer:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, _Unsaved):
+        return str(exc)
     try:
         text = f"{type(exc).__name__}: {exc}"
     except Exception:  # an exception whose __str__ raises
@@ -48,47 +57,77 @@ def _reason(exc: BaseException) -> str:
 
 
 def _lost(name: str, reason: str) -> executor_pb2.LostName:
-    return executor_pb2.LostName(name=name[:MAX_REASON_CHARS], reason=reason)
+    return executor_pb2.LostName(name=_text(name[:MAX_REASON_CHARS]), reason=_text(reason))
+
+
+def _text(text: str) -> str:
+    """Text protobuf accepts: a lone surrogate (a name or message may hold one) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def import_pickler() -> None:
+    """Imports cloudpickle before /workspace is on sys.path: a user's cloudpickle.py there
+    must not take its place (restoring imports it too, by name)."""
+    with contextlib.suppress(ImportError):  # a snapshot then reports it, name by name
+        import cloudpickle  # noqa: F401
 
 
 def save(
     namespace: dict[str, Any], execution_count: int, limit_bytes: int
 ) -> executor_pb2.WorkerSnapshot:
     """The namespace as a SavedNamespace, and the names that could not be saved."""
-    import cloudpickle  # here: only the worker needs it, not the daemon
+    pickler: Any = pickle.Pickler  # without cloudpickle, session functions are lost
+    with contextlib.suppress(ImportError):  # imported here: only the worker needs it
+        import cloudpickle
 
+        pickler = cloudpickle.Pickler
     saved = executor_pb2.SavedNamespace(execution_count=execution_count)
     lost: list[executor_pb2.LostName] = []
     left = max(limit_bytes, 0)
+    beyond = f"beyond the size limit ({limit_bytes} bytes in all)"
     # What __reduce__ methods print belongs to no execution.
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         for name, value in list(namespace.items()):
             if name in _OWN_NAMES:
                 continue
-            if isinstance(value, types.ModuleType):
-                module = str(value.__name__)
-                if len(name) + len(module) > left:
-                    lost.append(_lost(name, f"beyond the size limit ({limit_bytes} bytes in all)"))
-                    continue
-                left -= len(name) + len(module)
-                saved.modules.add(name=name, module=module)
+            if not isinstance(name, str):  # globals()[1] = ... is possible, and unnamed
+                lost.append(_lost(_clipped_repr(name), "not a name (not a string)"))
                 continue
-            if isinstance(value, io.IOBase):  # cloudpickle would keep a reader's contents only
-                lost.append(_lost(name, "an open file"))
-                continue
-            buffer = _BoundedBuffer(left - len(name))
             try:
-                cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+                left -= _save_one(saved, name, value, left, pickler)
             except _TooLarge:
-                lost.append(_lost(name, f"beyond the size limit ({limit_bytes} bytes in all)"))
-                continue
+                lost.append(_lost(name, beyond))
             except BaseException as exc:  # user code's __reduce__ may raise anything
                 lost.append(_lost(name, _reason(exc)))
-                continue
-            left -= len(name) + len(buffer.data)
-            saved.values.add(name=name, pickled=bytes(buffer.data))
     return executor_pb2.WorkerSnapshot(saved_namespace=saved.SerializeToString(), lost=_few(lost))
+
+
+def _save_one(
+    saved: executor_pb2.SavedNamespace, name: str, value: Any, left: int, pickler: Any
+) -> int:
+    """Adds one global to `saved`; the bytes it takes of the limit."""
+    name.encode()  # a name protobuf would refuse (a lone surrogate) fails here, alone
+    if isinstance(value, types.ModuleType):
+        module = str(value.__name__)
+        size = ENTRY_OVERHEAD + len(name) + len(module)
+        if size > left:
+            raise _TooLarge
+        saved.modules.add(name=name, module=module)
+        return size
+    if isinstance(value, io.IOBase):  # cloudpickle would keep a reader's contents only
+        raise _Unsaved("an open file")
+    buffer = _BoundedBuffer(left - ENTRY_OVERHEAD - len(name))
+    pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    saved.values.add(name=name, pickled=bytes(buffer.data))
+    return ENTRY_OVERHEAD + len(name) + len(buffer.data)
+
+
+def _clipped_repr(value: Any) -> str:
+    try:
+        return repr(value)[:MAX_REASON_CHARS]
+    except Exception:
+        return f"<a {type(value).__name__}>"
 
 
 def _few(lost: list[executor_pb2.LostName]) -> list[executor_pb2.LostName]:
@@ -116,6 +155,8 @@ def restore(namespace: dict[str, Any], blob: bytes) -> executor_pb2.WorkerRestor
             except BaseException as exc:
                 lost.append(_lost(module.name, f"cannot import {module.module}: {_reason(exc)}"))
         for value in saved.values:
+            if value.name in _OWN_NAMES:  # never saved: the new worker's own stay
+                continue
             try:
                 namespace[value.name] = pickle.loads(value.pickled)
             except BaseException as exc:

@@ -234,6 +234,7 @@ def main() -> None:
     # after a crash must not be imported in the real one's place.
     modules = [name for name in args.preload.split(",") if name]
     worker.send(executor_pb2.WorkerReply(preloaded=preload(modules)))
+    namespace_snapshot.import_pickler()
     # Now, with the limits set and our modules loaded, user code may import its own files,
     # as in a notebook (the worker started isolated: see worker_process.WorkerProcess.start).
     sys.path.insert(0, args.workspace)

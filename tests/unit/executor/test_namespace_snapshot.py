@@ -108,11 +108,14 @@ async def test_unserialisable_names_are_listed_with_reasons_and_the_rest_kept(
         "sock = socket.socket()\n"
         "thread = threading.Thread(target=lambda: None)\n"
         "also_kept = {'k': 'v'}\n"
+        "globals()[1] = 'not a name'\n"
+        "globals()['\\ud800'] = 'a name protobuf refuses'\n"
     )
     assert (await run(old, code)).error is None
     saved, lost = await old.snapshot(1 << 20)
     reasons = lost_names(lost)
-    assert set(reasons) == {"gen", "lock", "handle", "sock", "thread"}
+    assert set(reasons) == {"gen", "lock", "handle", "sock", "thread", "1", "\\ud800"}
+    assert reasons["1"] == "not a name (not a string)"
     assert "generator" in reasons["gen"]
     assert "lock" in reasons["lock"]
     assert reasons["handle"] == "an open file"
@@ -149,6 +152,17 @@ async def test_a_restore_goes_into_a_new_worker_and_a_too_large_one_is_refused(
     assert ran.value == "(1, False)"
     with pytest.raises(SnapshotFailed):
         await new.restore(b"\0" * (MAX_SNAPSHOT_BYTES + 1))
+
+
+async def test_a_worker_that_dies_while_saving_fails_the_snapshot_and_is_replaced(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    old, _ = supervisors
+    code = "import os\nclass Bomb:\n    def __reduce__(self):\n        os._exit(3)\nbomb = Bomb()"
+    assert (await run(old, code)).error is None
+    with pytest.raises(SnapshotFailed, match="exited"):
+        await old.snapshot(0)
+    assert (await run(old, "1 + 1")).value == "2"
 
 
 class _Malicious:
