@@ -181,7 +181,9 @@ def _rebound(value: Any, namespace: dict[str, Any]) -> Any:
             elif isinstance(member, staticmethod | classmethod) and isinstance(
                 member.__func__, types.FunctionType
             ):
-                rebound = type(member)(_rebound_function(member.__func__, namespace))
+                function = _rebound_function(member.__func__, namespace)
+                if function is not member.__func__:
+                    rebound = type(member)(function)
             if rebound is not None and rebound is not member:
                 with contextlib.suppress(Exception):  # a metaclass may refuse
                     setattr(value, attr, rebound)
