@@ -212,3 +212,22 @@ async def test_garbage_and_unimportable_modules_are_reported_not_fatal(
 
     unreadable = await new.restore(b"\xff\xff\xff")
     assert len(unreadable) == 1 and "unreadable" in unreadable[0].reason
+
+
+class _Exit:
+    """Unpickled, ends the process that unpickles it."""
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return (os._exit, (3,))
+
+
+async def test_a_pickle_that_kills_the_worker_fails_the_restore_and_a_new_worker_follows(
+    supervisors: tuple[Supervisor, Supervisor],
+) -> None:
+    _, new = supervisors
+    saved = executor_pb2.SavedNamespace(execution_count=1)
+    saved.values.add(name="bomb", pickled=pickle.dumps(_Exit()))
+    with pytest.raises(SnapshotFailed, match="exited"):
+        await new.restore(saved.SerializeToString())
+    ran = await run(new, "'bomb' in globals()")
+    assert ran.error is None and ran.value == "False"
