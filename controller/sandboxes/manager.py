@@ -193,11 +193,7 @@ class SandboxManager:
         timeout: timedelta | None,
         inputs: AsyncIterator[execution_pb2.FileChunk] | None = None,
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
-        """Sends the input files, runs the code after the executions queued before it, and
-        yields the executor's events. `inputs` must be checked already (file_inputs).
-
-        Close the iterator (contextlib.aclosing) to interrupt the execution early.
-        """
+        """ExecuteCode: see Executions.execute."""
         return self._executions.execute(name, code, timeout, inputs)
 
     def execution_timeout(self, requested: timedelta | None) -> timedelta:
