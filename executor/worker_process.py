@@ -147,7 +147,10 @@ class WorkerProcess:
             payload = await asyncio.wait_for(read_frame_async(replies), WORKER_READY_TIMEOUT)
             ready = payload is not None and executor_pb2.WorkerReply.FromString(payload).ready
             if not ready:
-                raise ExecutorBroken("the worker exited before it was ready")
+                said = await _last_words(process)
+                raise ExecutorBroken(
+                    "the worker exited before it was ready" + (f": {said}" if said else "")
+                )
         except (TimeoutError, FrameError, ExecutorBroken):
             await worker.kill()
             raise
@@ -226,3 +229,15 @@ def _worker_environment(user: int | None) -> dict[str, str]:
     if user is not None:
         env.update(USER="sandbox", LOGNAME="sandbox", HOME="/tmp")
     return env
+
+
+async def _last_words(process: asyncio.subprocess.Process) -> str:
+    """The end of what a worker that died starting wrote to stderr (why it could not start:
+    a process limit, a broken import), bounded, for the log and the error."""
+    if process.stderr is None:
+        return ""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            data = await process.stderr.read(STREAM_BUFFER_BYTES)
+            return data[-500:].decode(errors="replace").strip()
+    return ""
