@@ -12,7 +12,7 @@ import pickle
 import types
 from typing import Any
 
-from petri.v1 import executor_pb2
+from petri.v1 import execution_pb2, executor_pb2
 
 # Names the worker itself puts in the namespace: a new worker has its own.
 _OWN_NAMES = frozenset(("__builtins__", "__name__"))
@@ -56,8 +56,8 @@ def _reason(exc: BaseException) -> str:
     return text[:MAX_REASON_CHARS]
 
 
-def _lost(name: str, reason: str) -> executor_pb2.LostName:
-    return executor_pb2.LostName(name=_text(name[:MAX_REASON_CHARS]), reason=_text(reason))
+def _lost(name: str, reason: str) -> execution_pb2.LostName:
+    return execution_pb2.LostName(name=_text(name[:MAX_REASON_CHARS]), reason=_text(reason))
 
 
 def _text(text: str) -> str:
@@ -82,7 +82,7 @@ def save(
 
         pickler = cloudpickle.Pickler
     saved = executor_pb2.SavedNamespace(execution_count=execution_count)
-    lost: list[executor_pb2.LostName] = []
+    lost: list[execution_pb2.LostName] = []
     left = max(limit_bytes, 0)
     beyond = f"beyond the size limit ({limit_bytes} bytes in all)"
     # What __reduce__ methods print belongs to no execution.
@@ -130,7 +130,7 @@ def _clipped_repr(value: Any) -> str:
         return f"<a {type(value).__name__}>"
 
 
-def _few(lost: list[executor_pb2.LostName]) -> list[executor_pb2.LostName]:
+def _few(lost: list[execution_pb2.LostName]) -> list[execution_pb2.LostName]:
     """At most MAX_LOST_NAMES entries: the reply must fit in one frame whatever the namespace."""
     if len(lost) <= MAX_LOST_NAMES:
         return lost
@@ -146,7 +146,7 @@ def restore(namespace: dict[str, Any], blob: bytes) -> executor_pb2.WorkerRestor
     except Exception as exc:  # protobuf's DecodeError, or worse on hostile bytes
         unreadable = _lost("*", f"unreadable snapshot: {_reason(exc)}")
         return executor_pb2.WorkerRestored(lost=[unreadable])
-    lost: list[executor_pb2.LostName] = []
+    lost: list[execution_pb2.LostName] = []
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         for module in saved.modules:

@@ -14,7 +14,7 @@ from executor.execution import EventStream, Execution
 from executor.framing import MAX_FRAME_BYTES, FrameError, read_frame_async
 from executor.worker_process import ExecutorBroken, WorkerProcess
 from executor.workspace import InputStager
-from petri.v1 import executor_pb2
+from petri.v1 import execution_pb2, executor_pb2
 
 __all__ = ["ExecutorBroken", "SnapshotFailed", "Supervisor"]
 
@@ -76,7 +76,7 @@ class Supervisor:
                 await self._worker.kill()
                 self._worker = None
 
-    async def snapshot(self, limit_bytes: int) -> tuple[bytes, list[executor_pb2.LostName]]:
+    async def snapshot(self, limit_bytes: int) -> tuple[bytes, list[execution_pb2.LostName]]:
         """The worker's namespace as opaque bytes (a SavedNamespace for a worker to restore;
         never unpickled here), at most `limit_bytes` of values (and MAX_SNAPSHOT_BYTES), and
         the names that could not be saved, each with its reason."""
@@ -91,7 +91,7 @@ class Supervisor:
                 raise await self._failed(worker, "the worker did not send its snapshot")
             return reply.snapshot.saved_namespace, list(reply.snapshot.lost)
 
-    async def restore(self, saved_namespace: bytes) -> list[executor_pb2.LostName]:
+    async def restore(self, saved_namespace: bytes) -> list[execution_pb2.LostName]:
         """Restores a snapshot in a new worker (the current one, if it has run nothing yet),
         and the execution count with it; gives the names that could not be restored."""
         if len(saved_namespace) > MAX_SNAPSHOT_BYTES:

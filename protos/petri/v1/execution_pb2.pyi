@@ -299,3 +299,31 @@ class OmittedFile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OmittedFile: _TypeAlias = OmittedFile  # noqa: Y015
+
+@_typing.final
+class LostName(_message.Message):
+    """A global of the interpreter's namespace that a pause or a resume could not keep, and why
+    (a generator, a lock, an open file, a socket, a thread, a value beyond the size limit...).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """OUTPUT_ONLY. The global's name (at most 300 characters); "..." counts those not listed."""
+    reason: _builtins.str
+    """OUTPUT_ONLY. E.g. "TypeError: cannot pickle 'generator' object"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostName: _TypeAlias = LostName  # noqa: Y015

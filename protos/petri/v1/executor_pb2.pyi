@@ -24,6 +24,126 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class CheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    namespace_limit_bytes: _builtins.int
+    """The namespace's serialised values may take at most this many bytes; the names beyond are
+    lost (listed in the summary). Required (positive).
+    """
+    def __init__(
+        self,
+        *,
+        namespace_limit_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_limit_bytes", b"namespace_limit_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointRequest: _TypeAlias = CheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CheckpointChunk(_message.Message):
+    """One message of a checkpoint: all `namespace` chunks, then all `workspace` chunks, then the
+    summary. Each chunk holds at most CHECKPOINT_CHUNK_BYTES (petri.protocol).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.bytes
+    """The next bytes of the serialised namespace."""
+    workspace: _builtins.bytes
+    """The next bytes of the workspace archive."""
+    @_builtins.property
+    def summary(self) -> Global___CheckpointSummary:
+        """The last message."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.bytes = ...,
+        workspace: _builtins.bytes = ...,
+        summary: Global___CheckpointSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "part", b"part", "summary", b"summary", "workspace", b"workspace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "part", b"part", "summary", b"summary", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["namespace", "workspace", "summary"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___CheckpointChunk: _TypeAlias = CheckpointChunk  # noqa: Y015
+
+@_typing.final
+class CheckpointSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    NAMESPACE_BYTES_FIELD_NUMBER: _builtins.int
+    WORKSPACE_BYTES_FIELD_NUMBER: _builtins.int
+    execution_count: _builtins.int
+    """The sandbox's execution count when it was saved (restored with the namespace)."""
+    namespace_bytes: _builtins.int
+    """The sizes of the two parts, as sent."""
+    workspace_bytes: _builtins.int
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]:
+        """The globals that could not be saved, each with its reason."""
+
+    def __init__(
+        self,
+        *,
+        execution_count: _builtins.int = ...,
+        lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
+        namespace_bytes: _builtins.int = ...,
+        workspace_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "lost", b"lost", "namespace_bytes", b"namespace_bytes", "workspace_bytes", b"workspace_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointSummary: _TypeAlias = CheckpointSummary  # noqa: Y015
+
+@_typing.final
+class RestoreResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    incarnation: _builtins.str
+    """The new worker's incarnation."""
+    execution_count: _builtins.int
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]:
+        """The globals that could not be restored, each with its reason."""
+
+    def __init__(
+        self,
+        *,
+        incarnation: _builtins.str = ...,
+        execution_count: _builtins.int = ...,
+        lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "incarnation", b"incarnation", "lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreResult: _TypeAlias = RestoreResult  # noqa: Y015
+
+@_typing.final
 class ExecuteInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -443,30 +563,6 @@ class SavedValue(_message.Message):
 Global___SavedValue: _TypeAlias = SavedValue  # noqa: Y015
 
 @_typing.final
-class LostName(_message.Message):
-    """A global that could not be saved or restored, and why."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    reason: _builtins.str
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        reason: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___LostName: _TypeAlias = LostName  # noqa: Y015
-
-@_typing.final
 class WorkerReply(_message.Message):
     """Worker → daemon."""
 
@@ -525,12 +621,12 @@ class WorkerSnapshot(_message.Message):
     saved_namespace: _builtins.bytes
     """A serialised SavedNamespace."""
     @_builtins.property
-    def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostName]: ...
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
         saved_namespace: _builtins.bytes = ...,
-        lost: _abc.Iterable[Global___LostName] | None = ...,
+        lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -548,12 +644,12 @@ class WorkerRestored(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     execution_count: _builtins.int
     @_builtins.property
-    def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostName]: ...
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
         execution_count: _builtins.int = ...,
-        lost: _abc.Iterable[Global___LostName] | None = ...,
+        lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

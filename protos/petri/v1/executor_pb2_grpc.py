@@ -48,6 +48,16 @@ class ExecutorStub(object):
                 request_serializer=petri_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_executor__pb2.ExecutorStatus.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_stream(
+                '/petri.v1.Executor/Checkpoint',
+                request_serializer=petri_dot_v1_dot_executor__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
+        self.Restore = channel.stream_unary(
+                '/petri.v1.Executor/Restore',
+                request_serializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_executor__pb2.RestoreResult.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer(object):
@@ -82,6 +92,30 @@ class ExecutorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Saves the sandbox, after the execution in progress if any: the interpreter's namespace
+        (serialised by the worker: hostile bytes, opaque to the daemon and the controller), then
+        every file under /workspace (an archive, byte-exact with modes), in chunks, then one
+        summary, the last message. The sandbox runs on, unchanged. FAILED_PRECONDITION when the
+        workspace cannot be archived whole (the details say which file): nothing is returned
+        rather than a checkpoint that would lose files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request_iterator, context):
+        """Restores a checkpoint into a sandbox that has run no execution yet: the messages exactly
+        as a Checkpoint call sent them, in order (its summary last). The files go back under
+        /workspace and a new worker restores the namespace (a new incarnation). Names that cannot
+        be restored are listed, never fatal; a namespace that cannot be read at all, too.
+        FAILED_PRECONDITION when the sandbox has run code already; INVALID_ARGUMENT for a
+        malformed sequence or an archive that cannot be extracted (the details say why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +128,16 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=petri_dot_v1_dot_executor__pb2.GetStatusRequest.FromString,
                     response_serializer=petri_dot_v1_dot_executor__pb2.ExecutorStatus.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=petri_dot_v1_dot_executor__pb2.CheckpointRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'Restore': grpc.stream_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.FromString,
+                    response_serializer=petri_dot_v1_dot_executor__pb2.RestoreResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,6 +198,60 @@ class Executor(object):
             '/petri.v1.Executor/GetStatus',
             petri_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
             petri_dot_v1_dot_executor__pb2.ExecutorStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/petri.v1.Executor/Checkpoint',
+            petri_dot_v1_dot_executor__pb2.CheckpointRequest.SerializeToString,
+            petri_dot_v1_dot_executor__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/petri.v1.Executor/Restore',
+            petri_dot_v1_dot_executor__pb2.CheckpointChunk.SerializeToString,
+            petri_dot_v1_dot_executor__pb2.RestoreResult.FromString,
             options,
             channel_credentials,
             insecure,

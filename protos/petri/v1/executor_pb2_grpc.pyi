@@ -56,6 +56,22 @@ class ExecutorStub:
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]
     """Answers once the daemon and its worker are ready."""
+    Checkpoint: _grpc.UnaryStreamMultiCallable[_executor_pb2.CheckpointRequest, _executor_pb2.CheckpointChunk]
+    """Saves the sandbox, after the execution in progress if any: the interpreter's namespace
+    (serialised by the worker: hostile bytes, opaque to the daemon and the controller), then
+    every file under /workspace (an archive, byte-exact with modes), in chunks, then one
+    summary, the last message. The sandbox runs on, unchanged. FAILED_PRECONDITION when the
+    workspace cannot be archived whole (the details say which file): nothing is returned
+    rather than a checkpoint that would lose files.
+    """
+    Restore: _grpc.StreamUnaryMultiCallable[_executor_pb2.CheckpointChunk, _executor_pb2.RestoreResult]
+    """Restores a checkpoint into a sandbox that has run no execution yet: the messages exactly
+    as a Checkpoint call sent them, in order (its summary last). The files go back under
+    /workspace and a new worker restores the namespace (a new incarnation). Names that cannot
+    be restored are listed, never fatal; a namespace that cannot be read at all, too.
+    FAILED_PRECONDITION when the sandbox has run code already; INVALID_ARGUMENT for a
+    malformed sequence or an archive that cannot be extracted (the details say why).
+    """
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
@@ -82,6 +98,22 @@ class ExecutorAsyncStub(ExecutorStub):
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetStatusRequest, _executor_pb2.ExecutorStatus]  # type: ignore[assignment]
     """Answers once the daemon and its worker are ready."""
+    Checkpoint: _aio.UnaryStreamMultiCallable[_executor_pb2.CheckpointRequest, _executor_pb2.CheckpointChunk]  # type: ignore[assignment]
+    """Saves the sandbox, after the execution in progress if any: the interpreter's namespace
+    (serialised by the worker: hostile bytes, opaque to the daemon and the controller), then
+    every file under /workspace (an archive, byte-exact with modes), in chunks, then one
+    summary, the last message. The sandbox runs on, unchanged. FAILED_PRECONDITION when the
+    workspace cannot be archived whole (the details say which file): nothing is returned
+    rather than a checkpoint that would lose files.
+    """
+    Restore: _aio.StreamUnaryMultiCallable[_executor_pb2.CheckpointChunk, _executor_pb2.RestoreResult]  # type: ignore[assignment]
+    """Restores a checkpoint into a sandbox that has run no execution yet: the messages exactly
+    as a Checkpoint call sent them, in order (its summary last). The files go back under
+    /workspace and a new worker restores the namespace (a new incarnation). Names that cannot
+    be restored are listed, never fatal; a namespace that cannot be read at all, too.
+    FAILED_PRECONDITION when the sandbox has run code already; INVALID_ARGUMENT for a
+    malformed sequence or an archive that cannot be extracted (the details say why).
+    """
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
@@ -117,5 +149,33 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.ExecutorStatus, _abc.Awaitable[_executor_pb2.ExecutorStatus]]:
         """Answers once the daemon and its worker are ready."""
+
+    @_abc_1.abstractmethod
+    def Checkpoint(
+        self,
+        request: _executor_pb2.CheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pb2.CheckpointChunk], _abc.AsyncIterator[_executor_pb2.CheckpointChunk]]:
+        """Saves the sandbox, after the execution in progress if any: the interpreter's namespace
+        (serialised by the worker: hostile bytes, opaque to the daemon and the controller), then
+        every file under /workspace (an archive, byte-exact with modes), in chunks, then one
+        summary, the last message. The sandbox runs on, unchanged. FAILED_PRECONDITION when the
+        workspace cannot be archived whole (the details say which file): nothing is returned
+        rather than a checkpoint that would lose files.
+        """
+
+    @_abc_1.abstractmethod
+    def Restore(
+        self,
+        request_iterator: _MaybeAsyncIterator[_executor_pb2.CheckpointChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.RestoreResult, _abc.Awaitable[_executor_pb2.RestoreResult]]:
+        """Restores a checkpoint into a sandbox that has run no execution yet: the messages exactly
+        as a Checkpoint call sent them, in order (its summary last). The files go back under
+        /workspace and a new worker restores the namespace (a new incarnation). Names that cannot
+        be restored are listed, never fatal; a namespace that cannot be read at all, too.
+        FAILED_PRECONDITION when the sandbox has run code already; INVALID_ARGUMENT for a
+        malformed sequence or an archive that cannot be extracted (the details say why).
+        """
 
 def add_ExecutorServicer_to_server(servicer: ExecutorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -154,6 +154,11 @@ class Sandbox(_message.Message):
         """The sandbox is being deleted."""
         TERMINATED: Sandbox._State.ValueType  # 4
         """The sandbox's runtime died underneath the service; `state_message` says why."""
+        PAUSED: Sandbox._State.ValueType  # 5
+        """The sandbox is saved to disk (`checkpoint`) with no process running: paused by a call,
+        by `auto_pause_after`, at the service's shutdown, or recovered from its checkpoint after
+        its container was lost. The next execution resumes it.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """The lifecycle of a sandbox."""
@@ -167,6 +172,11 @@ class Sandbox(_message.Message):
     """The sandbox is being deleted."""
     TERMINATED: Sandbox.State.ValueType  # 4
     """The sandbox's runtime died underneath the service; `state_message` says why."""
+    PAUSED: Sandbox.State.ValueType  # 5
+    """The sandbox is saved to disk (`checkpoint`) with no process running: paused by a call,
+    by `auto_pause_after`, at the service's shutdown, or recovered from its checkpoint after
+    its container was lost. The next execution resumes it.
+    """
 
     @_typing.final
     class LabelsEntry(_message.Message):
@@ -202,6 +212,8 @@ class Sandbox(_message.Message):
     LAST_ACTIVE_TIME_FIELD_NUMBER: _builtins.int
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    AUTO_PAUSE_AFTER_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """IDENTIFIER. projects/{project}/sandboxes/{sandbox}."""
     uid: _builtins.str
@@ -217,6 +229,7 @@ class Sandbox(_message.Message):
     incarnation: _builtins.str
     """OUTPUT_ONLY. Identifies the interpreter process holding the namespace. It changes when the
     interpreter is restarted (after a crash or a hard-killed timeout): variables are then gone.
+    It changes too when a resume restores the namespace into a new interpreter.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -250,6 +263,19 @@ class Sandbox(_message.Message):
     def last_active_time(self) -> _timestamp_pb2.Timestamp:
         """OUTPUT_ONLY. When code last ran in the sandbox (its creation time before that)."""
 
+    @_builtins.property
+    def auto_pause_after(self) -> _duration_pb2.Duration:
+        """OPTIONAL. Pause the sandbox after it has run no code for this long; 0s never. The server's
+        default when unset (see its configuration, 15 minutes unless changed), within its bounds.
+        """
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """OUTPUT_ONLY. The sandbox's latest checkpoint, if it has one: what a resume restores. The
+        service also saves a sandbox that has been idle a short while, so that one whose container
+        is lost (a crash, a reboot) comes back from it.
+        """
+
     def __init__(
         self,
         *,
@@ -267,16 +293,52 @@ class Sandbox(_message.Message):
         last_active_time: _timestamp_pb2.Timestamp | None = ...,
         execution_count: _builtins.int = ...,
         incarnation: _builtins.str = ...,
+        auto_pause_after: _duration_pb2.Duration | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expiration", b"expiration", "expire_time", b"expire_time", "last_active_time", b"last_active_time", "spec", b"spec", "ttl", b"ttl", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_pause_after", b"auto_pause_after", "checkpoint", b"checkpoint", "create_time", b"create_time", "expiration", b"expiration", "expire_time", b"expire_time", "last_active_time", b"last_active_time", "spec", b"spec", "ttl", b"ttl", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "execution_count", b"execution_count", "expiration", b"expiration", "expire_time", b"expire_time", "incarnation", b"incarnation", "labels", b"labels", "last_active_time", b"last_active_time", "name", b"name", "spec", b"spec", "state", b"state", "state_message", b"state_message", "ttl", b"ttl", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_pause_after", b"auto_pause_after", "checkpoint", b"checkpoint", "create_time", b"create_time", "display_name", b"display_name", "execution_count", b"execution_count", "expiration", b"expiration", "expire_time", b"expire_time", "incarnation", b"incarnation", "labels", b"labels", "last_active_time", b"last_active_time", "name", b"name", "spec", b"spec", "state", b"state", "state_message", b"state_message", "ttl", b"ttl", "uid", b"uid", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_expiration: _TypeAlias = _typing.Literal["expire_time", "ttl"]  # noqa: Y015
     _WhichOneofArgType_expiration: _TypeAlias = _typing.Literal["expiration", b"expiration"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_expiration) -> _WhichOneofReturnType_expiration | None: ...
 
 Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A sandbox saved to disk: its files and its interpreter's namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    LOST_NAMES_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
+    """OUTPUT_ONLY. Its size on disk in bytes."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """OUTPUT_ONLY. When it was saved."""
+
+    @_builtins.property
+    def lost_names(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]:
+        """OUTPUT_ONLY. The globals it could not keep, each with the reason."""
+
+    def __init__(
+        self,
+        *,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        size_bytes: _builtins.int = ...,
+        lost_names: _abc.Iterable[_execution_pb2.LostName] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lost_names", b"lost_names", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
 
 @_typing.final
 class SandboxSpec(_message.Message):
@@ -564,6 +626,46 @@ class DeleteSandboxRequest(_message.Message):
 Global___DeleteSandboxRequest: _TypeAlias = DeleteSandboxRequest  # noqa: Y015
 
 @_typing.final
+class PauseSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """REQUIRED. projects/{project}/sandboxes/{sandbox}."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseSandboxRequest: _TypeAlias = PauseSandboxRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """REQUIRED. projects/{project}/sandboxes/{sandbox}."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSandboxRequest: _TypeAlias = ResumeSandboxRequest  # noqa: Y015
+
+@_typing.final
 class ExecuteCodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -617,6 +719,8 @@ class ExecuteCodeResponse(_message.Message):
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     OMITTED_FILES_FIELD_NUMBER: _builtins.int
+    NAMESPACE_RESTORED_FIELD_NUMBER: _builtins.int
+    LOST_NAMES_FIELD_NUMBER: _builtins.int
     stdout: _builtins.str
     """OUTPUT_ONLY. Everything the code wrote to standard output, capped by the server."""
     stderr: _builtins.str
@@ -631,6 +735,11 @@ class ExecuteCodeResponse(_message.Message):
     """
     output_truncated: _builtins.bool
     """OUTPUT_ONLY. True when stdout, stderr or the rich outputs were cut at the server's cap."""
+    namespace_restored: _builtins.bool
+    """OUTPUT_ONLY. True when the sandbox was resumed from its checkpoint before this execution
+    (or since the previous one): a new interpreter holds the namespace the checkpoint saved;
+    files in /workspace are as they were saved.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.Output]:
         """OUTPUT_ONLY. Rich outputs in the order they were produced (display() calls, then the last
@@ -655,6 +764,10 @@ class ExecuteCodeResponse(_message.Message):
     def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]:
         """OUTPUT_ONLY. Created or changed files that did not fit in the response's file limits."""
 
+    @_builtins.property
+    def lost_names(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]:
+        """OUTPUT_ONLY. With namespace_restored: the globals that were not restored, and why."""
+
     def __init__(
         self,
         *,
@@ -669,10 +782,12 @@ class ExecuteCodeResponse(_message.Message):
         output_truncated: _builtins.bool = ...,
         files: _abc.Iterable[_execution_pb2.File] | None = ...,
         omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
+        namespace_restored: _builtins.bool = ...,
+        lost_names: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "files", b"files", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated", "outputs", b"outputs", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "files", b"files", "incarnation", b"incarnation", "lost_names", b"lost_names", "namespace_reset", b"namespace_reset", "namespace_restored", b"namespace_restored", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated", "outputs", b"outputs", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -753,10 +868,13 @@ class ExecuteCodeResult(_message.Message):
     NAMESPACE_RESET_FIELD_NUMBER: _builtins.int
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
     OMITTED_FILES_FIELD_NUMBER: _builtins.int
+    NAMESPACE_RESTORED_FIELD_NUMBER: _builtins.int
+    LOST_NAMES_FIELD_NUMBER: _builtins.int
     execution_count: _builtins.int
     incarnation: _builtins.str
     namespace_reset: _builtins.bool
     output_truncated: _builtins.bool
+    namespace_restored: _builtins.bool
     @_builtins.property
     def error(self) -> _execution_pb2.ExecutionError:
         """OUTPUT_ONLY. As ExecuteCodeResponse."""
@@ -765,6 +883,8 @@ class ExecuteCodeResult(_message.Message):
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]: ...
+    @_builtins.property
+    def lost_names(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
@@ -775,10 +895,12 @@ class ExecuteCodeResult(_message.Message):
         namespace_reset: _builtins.bool = ...,
         output_truncated: _builtins.bool = ...,
         omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
+        namespace_restored: _builtins.bool = ...,
+        lost_names: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "lost_names", b"lost_names", "namespace_reset", b"namespace_reset", "namespace_restored", b"namespace_restored", "omitted_files", b"omitted_files", "output_truncated", b"output_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,16 @@ class SandboxServiceStub(object):
                 request_serializer=petri_dot_v1_dot_sandbox__pb2.DeleteSandboxRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PauseSandbox = channel.unary_unary(
+                '/petri.v1.SandboxService/PauseSandbox',
+                request_serializer=petri_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
+        self.ResumeSandbox = channel.unary_unary(
+                '/petri.v1.SandboxService/ResumeSandbox',
+                request_serializer=petri_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
         self.ExecuteCode = channel.unary_unary(
                 '/petri.v1.SandboxService/ExecuteCode',
                 request_serializer=petri_dot_v1_dot_sandbox__pb2.ExecuteCodeRequest.SerializeToString,
@@ -112,6 +122,28 @@ class SandboxServiceServicer(object):
 
     def DeleteSandbox(self, request, context):
         """Deletes a sandbox and everything in it at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSandbox(self, request, context):
+        """Saves a RUNNING sandbox to disk and stops it: its files under /workspace, byte-exact, and
+        its interpreter's namespace (every global that can be serialised; `checkpoint.lost_names`
+        lists the others and why). A PAUSED sandbox holds no process and no memory. It waits for
+        the executions queued before it. Pausing a PAUSED sandbox returns it as it is.
+        RESOURCE_EXHAUSTED when the checkpoint cannot be written (disk full, over the size limit):
+        the sandbox is then still RUNNING, untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSandbox(self, request, context):
+        """Brings a PAUSED sandbox back to RUNNING from its checkpoint (a new interpreter: a new
+        incarnation). An execution on a PAUSED sandbox does the same by itself, so calling this
+        is never required; the first execution after a resume says what was restored
+        (namespace_restored, lost_names). Resuming a RUNNING sandbox returns it as it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +201,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.DeleteSandbox,
                     request_deserializer=petri_dot_v1_dot_sandbox__pb2.DeleteSandboxRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'PauseSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSandbox,
+                    request_deserializer=petri_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
+            ),
+            'ResumeSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSandbox,
+                    request_deserializer=petri_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
             ),
             'ExecuteCode': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteCode,
@@ -322,6 +364,60 @@ class SandboxService(object):
             '/petri.v1.SandboxService/DeleteSandbox',
             petri_dot_v1_dot_sandbox__pb2.DeleteSandboxRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.SandboxService/PauseSandbox',
+            petri_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.SerializeToString,
+            petri_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.SandboxService/ResumeSandbox',
+            petri_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.SerializeToString,
+            petri_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,20 @@ class SandboxServiceStub:
     """Updates a sandbox's display name, labels and expiration."""
     DeleteSandbox: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.DeleteSandboxRequest, _empty_pb2.Empty]
     """Deletes a sandbox and everything in it at once."""
+    PauseSandbox: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.PauseSandboxRequest, _sandbox_pb2.Sandbox]
+    """Saves a RUNNING sandbox to disk and stops it: its files under /workspace, byte-exact, and
+    its interpreter's namespace (every global that can be serialised; `checkpoint.lost_names`
+    lists the others and why). A PAUSED sandbox holds no process and no memory. It waits for
+    the executions queued before it. Pausing a PAUSED sandbox returns it as it is.
+    RESOURCE_EXHAUSTED when the checkpoint cannot be written (disk full, over the size limit):
+    the sandbox is then still RUNNING, untouched.
+    """
+    ResumeSandbox: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ResumeSandboxRequest, _sandbox_pb2.Sandbox]
+    """Brings a PAUSED sandbox back to RUNNING from its checkpoint (a new interpreter: a new
+    incarnation). An execution on a PAUSED sandbox does the same by itself, so calling this
+    is never required; the first execution after a resume says what was restored
+    (namespace_restored, lost_names). Resuming a RUNNING sandbox returns it as it is.
+    """
     ExecuteCode: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ExecuteCodeRequest, _sandbox_pb2.ExecuteCodeResponse]
     """Runs code in a sandbox and returns everything it produced in one message. Failures of the
     code itself (exceptions, timeouts, a crashed interpreter) are results with `error` set.
@@ -77,6 +91,20 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """Updates a sandbox's display name, labels and expiration."""
     DeleteSandbox: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.DeleteSandboxRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a sandbox and everything in it at once."""
+    PauseSandbox: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.PauseSandboxRequest, _sandbox_pb2.Sandbox]  # type: ignore[assignment]
+    """Saves a RUNNING sandbox to disk and stops it: its files under /workspace, byte-exact, and
+    its interpreter's namespace (every global that can be serialised; `checkpoint.lost_names`
+    lists the others and why). A PAUSED sandbox holds no process and no memory. It waits for
+    the executions queued before it. Pausing a PAUSED sandbox returns it as it is.
+    RESOURCE_EXHAUSTED when the checkpoint cannot be written (disk full, over the size limit):
+    the sandbox is then still RUNNING, untouched.
+    """
+    ResumeSandbox: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ResumeSandboxRequest, _sandbox_pb2.Sandbox]  # type: ignore[assignment]
+    """Brings a PAUSED sandbox back to RUNNING from its checkpoint (a new interpreter: a new
+    incarnation). An execution on a PAUSED sandbox does the same by itself, so calling this
+    is never required; the first execution after a resume says what was restored
+    (namespace_restored, lost_names). Resuming a RUNNING sandbox returns it as it is.
+    """
     ExecuteCode: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ExecuteCodeRequest, _sandbox_pb2.ExecuteCodeResponse]  # type: ignore[assignment]
     """Runs code in a sandbox and returns everything it produced in one message. Failures of the
     code itself (exceptions, timeouts, a crashed interpreter) are results with `error` set.
@@ -132,6 +160,32 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a sandbox and everything in it at once."""
+
+    @_abc_1.abstractmethod
+    def PauseSandbox(
+        self,
+        request: _sandbox_pb2.PauseSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.Sandbox, _abc.Awaitable[_sandbox_pb2.Sandbox]]:
+        """Saves a RUNNING sandbox to disk and stops it: its files under /workspace, byte-exact, and
+        its interpreter's namespace (every global that can be serialised; `checkpoint.lost_names`
+        lists the others and why). A PAUSED sandbox holds no process and no memory. It waits for
+        the executions queued before it. Pausing a PAUSED sandbox returns it as it is.
+        RESOURCE_EXHAUSTED when the checkpoint cannot be written (disk full, over the size limit):
+        the sandbox is then still RUNNING, untouched.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSandbox(
+        self,
+        request: _sandbox_pb2.ResumeSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.Sandbox, _abc.Awaitable[_sandbox_pb2.Sandbox]]:
+        """Brings a PAUSED sandbox back to RUNNING from its checkpoint (a new interpreter: a new
+        incarnation). An execution on a PAUSED sandbox does the same by itself, so calling this
+        is never required; the first execution after a resume says what was restored
+        (namespace_restored, lost_names). Resuming a RUNNING sandbox returns it as it is.
+        """
 
     @_abc_1.abstractmethod
     def ExecuteCode(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from executor.supervisor import MAX_SNAPSHOT_BYTES, SnapshotFailed, Supervisor
-from petri.v1 import executor_pb2
+from petri.v1 import execution_pb2, executor_pb2
 from tests.unit.executor.test_supervisor import run
 
 SESSION = """
@@ -53,7 +53,7 @@ async def supervisors(tmp_path: Path) -> AsyncIterator[tuple[Supervisor, Supervi
     await second.close()
 
 
-def lost_names(lost: list[executor_pb2.LostName]) -> dict[str, str]:
+def lost_names(lost: list[execution_pb2.LostName]) -> dict[str, str]:
     return {entry.name: entry.reason for entry in lost}
 
 
