@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from petri.v1 import execution_pb2 as petri_dot_v1_dot_execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17petri/v1/executor.proto\x12\x08petri.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18petri/v1/execution.proto\"2\n\x11\x43heckpointRequest\x12\x1d\n\x15namespace_limit_bytes\x18\x01 \x01(\x03\"s\n\x0f\x43heckpointChunk\x12\x13\n\tnamespace\x18\x01 \x01(\x0cH\x00\x12\x13\n\tworkspace\x18\x02 \x01(\x0cH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.petri.v1.CheckpointSummaryH\x00\x42\x06\n\x04part\"\x80\x01\n\x11\x43heckpointSummary\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\x12\x17\n\x0fnamespace_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fworkspace_bytes\x18\x04 \x01(\x03\"_\n\rRestoreResult\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12 \n\x04lost\x18\x03 \x03(\x0b\x32\x12.petri.v1.LostName\"\xb8\x01\n\x0c\x45xecuteInput\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecuteRequestH\x00\x12)\n\nfile_chunk\x18\x02 \x01(\x0b\x32\x13.petri.v1.FileChunkH\x00\x12.\n\rend_of_inputs\x18\x03 \x01(\x0b\x32\x15.petri.v1.EndOfInputsH\x00\x12\x17\n\x0finputs_end_here\x18\x04 \x01(\x08\x42\x07\n\x05input\"\r\n\x0b\x45ndOfInputs\"\xe5\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nkill_grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_input_bytes\x18\x04 \x01(\x03\x12\x1d\n\x15max_output_file_bytes\x18\x05 \x01(\x03\x12\x18\n\x10max_output_files\x18\x06 \x01(\x05\x12\x18\n\x10max_stream_bytes\x18\x07 \x01(\x03\"\xb5\x01\n\x0c\x45xecuteEvent\x12\x10\n\x06stdout\x18\x01 \x01(\tH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\tH\x00\x12\"\n\x06output\x18\x03 \x01(\x0b\x32\x10.petri.v1.OutputH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.petri.v1.ExecuteResultH\x00\x12)\n\nfile_chunk\x18\x05 \x01(\x0b\x32\x13.petri.v1.FileChunkH\x00\x42\x07\n\x05\x65vent\"7\n\rExecuteEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.petri.v1.ExecuteEvent\"\xda\x01\n\rExecuteResult\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecutionError\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\x12\x17\n\x0fnamespace_reset\x18\x05 \x01(\x08\x12,\n\romitted_files\x18\x06 \x03(\x0b\x32\x15.petri.v1.OmittedFile\"\x12\n\x10GetStatusRequest\"\xa0\x01\n\x0e\x45xecutorStatus\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12\x16\n\x0epython_version\x18\x03 \x01(\t\x12\x11\n\tpreloaded\x18\x04 \x01(\x08\x12\x10\n\x08protocol\x18\x07 \x01(\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x08sessionsR\rend_of_inputs\"\xbd\x01\n\rWorkerRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12\x12\n\nend_marker\x18\x03 \x01(\t\x12\x33\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1f.petri.v1.WorkerSnapshotRequestH\x00\x12\x31\n\x07restore\x18\x05 \x01(\x0b\x32\x1e.petri.v1.WorkerRestoreRequestH\x00\x42\t\n\x07special\"E\n\x15WorkerSnapshotRequest\x12\x13\n\x0blimit_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\"/\n\x14WorkerRestoreRequest\x12\x17\n\x0fsaved_namespace\x18\x01 \x01(\x0c\"w\n\x0eSavedNamespace\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12&\n\x07modules\x18\x02 \x03(\x0b\x32\x15.petri.v1.SavedModule\x12$\n\x06values\x18\x03 \x03(\x0b\x32\x14.petri.v1.SavedValue\"+\n\x0bSavedModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\"+\n\nSavedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07pickled\x18\x02 \x01(\x0c\"\x94\x02\n\x0bWorkerReply\x12&\n\x05ready\x18\x01 \x01(\x0b\x32\x15.petri.v1.WorkerReadyH\x00\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x10.petri.v1.OutputH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.petri.v1.WorkerDoneH\x00\x12.\n\tpreloaded\x18\x04 \x01(\x0b\x32\x19.petri.v1.WorkerPreloadedH\x00\x12,\n\x08snapshot\x18\x05 \x01(\x0b\x32\x18.petri.v1.WorkerSnapshotH\x00\x12,\n\x08restored\x18\x06 \x01(\x0b\x32\x18.petri.v1.WorkerRestoredH\x00\x42\x07\n\x05reply\"K\n\x0eWorkerSnapshot\x12\x17\n\x0fsaved_namespace\x18\x01 \x01(\x0c\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\"K\n\x0eWorkerRestored\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\"\x1a\n\x0bWorkerReady\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"P\n\x0fWorkerPreloaded\x12\x10\n\x08\x66\x61ilures\x18\x01 \x03(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\nWorkerDone\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecutionError2\x96\x02\n\x08\x45xecutor\x12>\n\x07Session\x12\x16.petri.v1.ExecuteInput\x1a\x17.petri.v1.ExecuteEvents(\x01\x30\x01\x12\x41\n\tGetStatus\x12\x1a.petri.v1.GetStatusRequest\x1a\x18.petri.v1.ExecutorStatus\x12\x46\n\nCheckpoint\x12\x1b.petri.v1.CheckpointRequest\x1a\x19.petri.v1.CheckpointChunk0\x01\x12?\n\x07Restore\x12\x19.petri.v1.CheckpointChunk\x1a\x17.petri.v1.RestoreResult(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17petri/v1/executor.proto\x12\x08petri.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18petri/v1/execution.proto\"2\n\x11\x43heckpointRequest\x12\x1d\n\x15namespace_limit_bytes\x18\x01 \x01(\x03\"s\n\x0f\x43heckpointChunk\x12\x13\n\tnamespace\x18\x01 \x01(\x0cH\x00\x12\x13\n\tworkspace\x18\x02 \x01(\x0cH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.petri.v1.CheckpointSummaryH\x00\x42\x06\n\x04part\"\x80\x01\n\x11\x43heckpointSummary\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\x12\x17\n\x0fnamespace_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fworkspace_bytes\x18\x04 \x01(\x03\"_\n\rRestoreResult\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12 \n\x04lost\x18\x03 \x03(\x0b\x32\x12.petri.v1.LostName\"\xb8\x01\n\x0c\x45xecuteInput\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecuteRequestH\x00\x12)\n\nfile_chunk\x18\x02 \x01(\x0b\x32\x13.petri.v1.FileChunkH\x00\x12.\n\rend_of_inputs\x18\x03 \x01(\x0b\x32\x15.petri.v1.EndOfInputsH\x00\x12\x17\n\x0finputs_end_here\x18\x04 \x01(\x08\x42\x07\n\x05input\"\r\n\x0b\x45ndOfInputs\"\xe5\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nkill_grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_input_bytes\x18\x04 \x01(\x03\x12\x1d\n\x15max_output_file_bytes\x18\x05 \x01(\x03\x12\x18\n\x10max_output_files\x18\x06 \x01(\x05\x12\x18\n\x10max_stream_bytes\x18\x07 \x01(\x03\"\xb5\x01\n\x0c\x45xecuteEvent\x12\x10\n\x06stdout\x18\x01 \x01(\tH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\tH\x00\x12\"\n\x06output\x18\x03 \x01(\x0b\x32\x10.petri.v1.OutputH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.petri.v1.ExecuteResultH\x00\x12)\n\nfile_chunk\x18\x05 \x01(\x0b\x32\x13.petri.v1.FileChunkH\x00\x42\x07\n\x05\x65vent\"7\n\rExecuteEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.petri.v1.ExecuteEvent\"\x9e\x02\n\rExecuteResult\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecutionError\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\x12\x17\n\x0fnamespace_reset\x18\x05 \x01(\x08\x12,\n\romitted_files\x18\x06 \x03(\x0b\x32\x15.petri.v1.OmittedFile\x12\x1a\n\x12namespace_restored\x18\x07 \x01(\x08\x12&\n\nlost_names\x18\x08 \x03(\x0b\x32\x12.petri.v1.LostName\"\x12\n\x10GetStatusRequest\"\xa0\x01\n\x0e\x45xecutorStatus\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12\x16\n\x0epython_version\x18\x03 \x01(\t\x12\x11\n\tpreloaded\x18\x04 \x01(\x08\x12\x10\n\x08protocol\x18\x07 \x01(\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x08sessionsR\rend_of_inputs\"\xbd\x01\n\rWorkerRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\x12\x12\n\nend_marker\x18\x03 \x01(\t\x12\x33\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1f.petri.v1.WorkerSnapshotRequestH\x00\x12\x31\n\x07restore\x18\x05 \x01(\x0b\x32\x1e.petri.v1.WorkerRestoreRequestH\x00\x42\t\n\x07special\"E\n\x15WorkerSnapshotRequest\x12\x13\n\x0blimit_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x03\"/\n\x14WorkerRestoreRequest\x12\x17\n\x0fsaved_namespace\x18\x01 \x01(\x0c\"w\n\x0eSavedNamespace\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12&\n\x07modules\x18\x02 \x03(\x0b\x32\x15.petri.v1.SavedModule\x12$\n\x06values\x18\x03 \x03(\x0b\x32\x14.petri.v1.SavedValue\"+\n\x0bSavedModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\"+\n\nSavedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07pickled\x18\x02 \x01(\x0c\"\x94\x02\n\x0bWorkerReply\x12&\n\x05ready\x18\x01 \x01(\x0b\x32\x15.petri.v1.WorkerReadyH\x00\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x10.petri.v1.OutputH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.petri.v1.WorkerDoneH\x00\x12.\n\tpreloaded\x18\x04 \x01(\x0b\x32\x19.petri.v1.WorkerPreloadedH\x00\x12,\n\x08snapshot\x18\x05 \x01(\x0b\x32\x18.petri.v1.WorkerSnapshotH\x00\x12,\n\x08restored\x18\x06 \x01(\x0b\x32\x18.petri.v1.WorkerRestoredH\x00\x42\x07\n\x05reply\"K\n\x0eWorkerSnapshot\x12\x17\n\x0fsaved_namespace\x18\x01 \x01(\x0c\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\"K\n\x0eWorkerRestored\x12\x17\n\x0f\x65xecution_count\x18\x01 \x01(\x03\x12 \n\x04lost\x18\x02 \x03(\x0b\x32\x12.petri.v1.LostName\"\x1a\n\x0bWorkerReady\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"P\n\x0fWorkerPreloaded\x12\x10\n\x08\x66\x61ilures\x18\x01 \x03(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\nWorkerDone\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.petri.v1.ExecutionError2\x96\x02\n\x08\x45xecutor\x12>\n\x07Session\x12\x16.petri.v1.ExecuteInput\x1a\x17.petri.v1.ExecuteEvents(\x01\x30\x01\x12\x41\n\tGetStatus\x12\x1a.petri.v1.GetStatusRequest\x1a\x18.petri.v1.ExecutorStatus\x12\x46\n\nCheckpoint\x12\x1b.petri.v1.CheckpointRequest\x1a\x19.petri.v1.CheckpointChunk0\x01\x12?\n\x07Restore\x12\x19.petri.v1.CheckpointChunk\x1a\x17.petri.v1.RestoreResult(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEEVENTS']._serialized_start=1110
   _globals['_EXECUTEEVENTS']._serialized_end=1165
   _globals['_EXECUTERESULT']._serialized_start=1168
-  _globals['_EXECUTERESULT']._serialized_end=1386
-  _globals['_GETSTATUSREQUEST']._serialized_start=1388
-  _globals['_GETSTATUSREQUEST']._serialized_end=1406
-  _globals['_EXECUTORSTATUS']._serialized_start=1409
-  _globals['_EXECUTORSTATUS']._serialized_end=1569
-  _globals['_WORKERREQUEST']._serialized_start=1572
-  _globals['_WORKERREQUEST']._serialized_end=1761
-  _globals['_WORKERSNAPSHOTREQUEST']._serialized_start=1763
-  _globals['_WORKERSNAPSHOTREQUEST']._serialized_end=1832
-  _globals['_WORKERRESTOREREQUEST']._serialized_start=1834
-  _globals['_WORKERRESTOREREQUEST']._serialized_end=1881
-  _globals['_SAVEDNAMESPACE']._serialized_start=1883
-  _globals['_SAVEDNAMESPACE']._serialized_end=2002
-  _globals['_SAVEDMODULE']._serialized_start=2004
-  _globals['_SAVEDMODULE']._serialized_end=2047
-  _globals['_SAVEDVALUE']._serialized_start=2049
-  _globals['_SAVEDVALUE']._serialized_end=2092
-  _globals['_WORKERREPLY']._serialized_start=2095
-  _globals['_WORKERREPLY']._serialized_end=2371
-  _globals['_WORKERSNAPSHOT']._serialized_start=2373
-  _globals['_WORKERSNAPSHOT']._serialized_end=2448
-  _globals['_WORKERRESTORED']._serialized_start=2450
-  _globals['_WORKERRESTORED']._serialized_end=2525
-  _globals['_WORKERREADY']._serialized_start=2527
-  _globals['_WORKERREADY']._serialized_end=2553
-  _globals['_WORKERPRELOADED']._serialized_start=2555
-  _globals['_WORKERPRELOADED']._serialized_end=2635
-  _globals['_WORKERDONE']._serialized_start=2637
-  _globals['_WORKERDONE']._serialized_end=2690
-  _globals['_EXECUTOR']._serialized_start=2693
-  _globals['_EXECUTOR']._serialized_end=2971
+  _globals['_EXECUTERESULT']._serialized_end=1454
+  _globals['_GETSTATUSREQUEST']._serialized_start=1456
+  _globals['_GETSTATUSREQUEST']._serialized_end=1474
+  _globals['_EXECUTORSTATUS']._serialized_start=1477
+  _globals['_EXECUTORSTATUS']._serialized_end=1637
+  _globals['_WORKERREQUEST']._serialized_start=1640
+  _globals['_WORKERREQUEST']._serialized_end=1829
+  _globals['_WORKERSNAPSHOTREQUEST']._serialized_start=1831
+  _globals['_WORKERSNAPSHOTREQUEST']._serialized_end=1900
+  _globals['_WORKERRESTOREREQUEST']._serialized_start=1902
+  _globals['_WORKERRESTOREREQUEST']._serialized_end=1949
+  _globals['_SAVEDNAMESPACE']._serialized_start=1951
+  _globals['_SAVEDNAMESPACE']._serialized_end=2070
+  _globals['_SAVEDMODULE']._serialized_start=2072
+  _globals['_SAVEDMODULE']._serialized_end=2115
+  _globals['_SAVEDVALUE']._serialized_start=2117
+  _globals['_SAVEDVALUE']._serialized_end=2160
+  _globals['_WORKERREPLY']._serialized_start=2163
+  _globals['_WORKERREPLY']._serialized_end=2439
+  _globals['_WORKERSNAPSHOT']._serialized_start=2441
+  _globals['_WORKERSNAPSHOT']._serialized_end=2516
+  _globals['_WORKERRESTORED']._serialized_start=2518
+  _globals['_WORKERRESTORED']._serialized_end=2593
+  _globals['_WORKERREADY']._serialized_start=2595
+  _globals['_WORKERREADY']._serialized_end=2621
+  _globals['_WORKERPRELOADED']._serialized_start=2623
+  _globals['_WORKERPRELOADED']._serialized_end=2703
+  _globals['_WORKERDONE']._serialized_start=2705
+  _globals['_WORKERDONE']._serialized_end=2758
+  _globals['_EXECUTOR']._serialized_start=2761
+  _globals['_EXECUTOR']._serialized_end=3039
 # @@protoc_insertion_point(module_scope)

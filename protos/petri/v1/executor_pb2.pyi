@@ -315,11 +315,18 @@ class ExecuteResult(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     NAMESPACE_RESET_FIELD_NUMBER: _builtins.int
     OMITTED_FILES_FIELD_NUMBER: _builtins.int
+    NAMESPACE_RESTORED_FIELD_NUMBER: _builtins.int
+    LOST_NAMES_FIELD_NUMBER: _builtins.int
     execution_count: _builtins.int
     incarnation: _builtins.str
     """The worker that holds the namespace after this execution."""
     namespace_reset: _builtins.bool
     """The worker was replaced during this execution: variables are gone."""
+    namespace_restored: _builtins.bool
+    """Set by the controller, never by the executor (whatever an executor sends here is
+    replaced): the sandbox was resumed from its checkpoint before this execution, and the
+    globals that were not restored.
+    """
     @_builtins.property
     def error(self) -> _execution_pb2.ExecutionError:
         """Unset when the code completed normally."""
@@ -328,6 +335,8 @@ class ExecuteResult(_message.Message):
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def omitted_files(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.OmittedFile]: ...
+    @_builtins.property
+    def lost_names(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
@@ -337,10 +346,12 @@ class ExecuteResult(_message.Message):
         incarnation: _builtins.str = ...,
         namespace_reset: _builtins.bool = ...,
         omitted_files: _abc.Iterable[_execution_pb2.OmittedFile] | None = ...,
+        namespace_restored: _builtins.bool = ...,
+        lost_names: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "namespace_reset", b"namespace_reset", "omitted_files", b"omitted_files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "execution_count", b"execution_count", "incarnation", b"incarnation", "lost_names", b"lost_names", "namespace_reset", b"namespace_reset", "namespace_restored", b"namespace_restored", "omitted_files", b"omitted_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
