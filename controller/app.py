@@ -70,6 +70,8 @@ class Controller:
             await watch.stop()
         self.reaper.stop()
         await self.server.stop(grace)
+        if not self.config.keep_running_on_shutdown:
+            await self.manager.pause_all(self.config.shutdown_pause_timeout.total_seconds())
         await self.manager.close()
         await self.runtime.close()
         for service in (self.podman_service, self.gvisor_service):
@@ -282,6 +284,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         config.reap_interval,
         config.tombstone_retention,
         watch_interval=config.container_check_interval,
+        hibernate_interval=config.hibernate_interval,
     )
     if credentials is None:
         port = server.add_insecure_port(config.listen)

@@ -250,6 +250,58 @@ class Config:
     max_concurrent_creates: int = _opt(
         "sandboxes being created at once, server-wide", int, default=16
     )
+    checkpoint_dir: Path | None = _opt(
+        "where paused and idle sandboxes are saved, one file each (default "
+        "STATE_DIR/checkpoints): it needs room for each sandbox's namespace and files",
+        Path,
+        default=None,
+    )
+    default_auto_pause_after: timedelta = _opt(
+        "pause a sandbox that sets no auto_pause_after once it has run no code for this long "
+        "(0s: never)",
+        parse_duration,
+        default=timedelta(minutes=15),
+    )
+    max_auto_pause_after: timedelta = _opt(
+        "longest auto_pause_after a sandbox may ask for (0s, never, is always allowed)",
+        parse_duration,
+        default=timedelta(days=14),
+    )
+    checkpoint_idle_after: timedelta = _opt(
+        "save a running sandbox once it has run no code for this long (and again after its "
+        "next executions), so that one whose container is lost comes back from it (0s: never)",
+        parse_duration,
+        default=timedelta(seconds=30),
+    )
+    hibernate_interval: timedelta = _opt(
+        "how often sandboxes due for an auto-pause or an idle checkpoint are looked for",
+        parse_duration,
+        default=timedelta(seconds=5),
+    )
+    max_namespace_bytes: int = _opt(
+        "most bytes of serialised globals a checkpoint keeps per sandbox; globals beyond are "
+        "listed as lost. A checkpoint holds this plus the sandbox's files (its disk size)",
+        parse_size,
+        default=4 << 30,
+    )
+    checkpoint_timeout: timedelta = _opt(
+        "how long saving or restoring one sandbox may take",
+        parse_duration,
+        default=timedelta(minutes=5),
+    )
+    keep_running_on_shutdown: bool = _opt(
+        "leave the running sandboxes running when the controller stops, for the next one to "
+        "adopt, instead of pausing them (a pause survives a reboot; a running sandbox does "
+        "not)",
+        _parse_bool,
+        default=False,
+    )
+    shutdown_pause_timeout: timedelta = _opt(
+        "at shutdown, how long pausing the running sandboxes may take in all; those not "
+        "paused by then stay running, for the next controller to adopt",
+        parse_duration,
+        default=timedelta(minutes=2),
+    )
     log_format: str = _opt("console or json", default="console")
     log_level: str = _opt("debug, info, warning or error", default="info")
 
@@ -261,6 +313,10 @@ class Config:
     @property
     def database_path(self) -> Path:
         return self.database or self.state_dir / "petri.db"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_dir or self.state_dir / "checkpoints"
 
     def image_for(self, profile: str) -> str:
         return f"{self.image_repository}:{profile}"
@@ -340,6 +396,16 @@ def validate(config: Config) -> list[str]:
         problems.append("default_ttl must be positive and at most max_ttl")
     if not timedelta(0) < config.default_timeout <= config.max_timeout:
         problems.append("default_timeout must be positive and at most max_timeout")
+    if not timedelta(0) <= config.default_auto_pause_after <= config.max_auto_pause_after:
+        problems.append("default_auto_pause_after must be between 0s and max_auto_pause_after")
+    for name in ("checkpoint_idle_after", "shutdown_pause_timeout"):
+        if getattr(config, name) < timedelta(0):
+            problems.append(f"{name} must not be negative")
+    for name in ("hibernate_interval", "checkpoint_timeout"):
+        if getattr(config, name) <= timedelta(0):
+            problems.append(f"{name} must be positive")
+    if config.max_namespace_bytes <= 0:
+        problems.append("max_namespace_bytes must be positive")
     if config.executor_slack <= timedelta(0):
         problems.append("executor_slack must be positive")
     if (config.tls_cert is None) != (config.tls_key is None):

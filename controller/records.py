@@ -2,7 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 # The project of warm pool members (no project name can be empty): invisible to List, counted
 # toward no quota, until a CreateSandbox claims one for its project.
@@ -10,23 +10,31 @@ POOL_PROJECT = ""
 
 
 class State(enum.IntEnum):
-    """Where a sandbox is in its lifecycle (docs/lifecycle.md has the diagram). The first four
+    """Where a sandbox is in its lifecycle (docs/lifecycle.md has the diagram). The first five
     mirror petri.v1.Sandbox.State, value for value; the others are never shown to a caller."""
 
     PROVISIONING = 1
     RUNNING = 2
     DEPROVISIONING = 3
     TERMINATED = 4
+    # Saved to disk (its checkpoint) with no container: the next execution resumes it.
+    PAUSED = 5
     # A warm pool member being started: no project yet, counted toward no quota.
-    WARMING = 5
+    WARMING = 8
     # A warm pool member started and preloaded, waiting for a CreateSandbox to claim it.
-    POOLED = 6
+    POOLED = 9
     # A tombstone: the sandbox is gone; the row says when and why until it is purged.
-    DELETED = 7
+    DELETED = 10
 
 
 # The states a caller may see and filter by; the others are the controller's own.
-PUBLIC_STATES = (State.PROVISIONING, State.RUNNING, State.DEPROVISIONING, State.TERMINATED)
+PUBLIC_STATES = (
+    State.PROVISIONING,
+    State.RUNNING,
+    State.DEPROVISIONING,
+    State.TERMINATED,
+    State.PAUSED,
+)
 
 
 class Runtime(enum.IntEnum):
@@ -51,6 +59,26 @@ class Spec:
     image_profile: str
     runtime: Runtime
     resources: Resources
+
+
+@dataclass(frozen=True)
+class LostName:
+    """A global of the namespace that a checkpoint or a restore could not keep, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A sandbox's latest checkpoint on disk (controller.store.checkpoints holds the bytes)."""
+
+    create_time: datetime
+    size_bytes: int
+    # The globals it could not save.
+    lost: tuple[LostName, ...] = ()
+    # The execution count it saved.
+    execution_count: int = 0
 
 
 @dataclass
@@ -78,6 +106,12 @@ class SandboxRecord:
     # Tombstone: set when the sandbox is gone; the row stays so that Get can say when and why.
     delete_time: datetime | None = None
     delete_reason: str = ""
+    # Pause after this long without an execution; zero: never.
+    auto_pause_after: timedelta = timedelta(0)
+    checkpoint: CheckpointInfo | None = None
+    # After a resume, what the next execution's response reports (namespace_restored, with
+    # the names not restored); None when there is nothing to report.
+    restore_report: tuple[LostName, ...] | None = None
 
     @property
     def name(self) -> str:

@@ -57,3 +57,14 @@ def format_duration(value: timedelta) -> str:
     seconds = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
     parts.append(f"{seconds}s")
     return sign + " ".join(parts)
+
+
+def format_size(size: int) -> str:
+    """A size as a person reads it: "512 B", "1.5 KiB", "100 MiB", "2 GiB"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            text = f"{value:.1f}".rstrip("0").rstrip(".")
+            return f"{text} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -6,8 +6,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.errors import InvalidArgument
-from controller.records import Resources, Runtime, SandboxRecord
-from petri.v1 import sandbox_pb2
+from controller.records import LostName, Resources, Runtime, SandboxRecord
+from petri.v1 import execution_pb2, sandbox_pb2
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -59,7 +59,22 @@ def sandbox_to_proto(record: SandboxRecord) -> sandbox_pb2.Sandbox:
         execution_count=record.execution_count,
         incarnation=record.incarnation,
     )
+    sandbox.auto_pause_after.FromTimedelta(record.auto_pause_after)
+    if record.checkpoint is not None:
+        sandbox.checkpoint.create_time.CopyFrom(timestamp(record.checkpoint.create_time))
+        sandbox.checkpoint.size_bytes = record.checkpoint.size_bytes
+        sandbox.checkpoint.lost_names.extend(lost_names_to_proto(record.checkpoint.lost))
     return sandbox
+
+
+def lost_names_to_proto(lost: tuple[LostName, ...]) -> list[execution_pb2.LostName]:
+    return [execution_pb2.LostName(name=entry.name, reason=entry.reason) for entry in lost]
+
+
+def auto_pause_after_from_proto(sandbox: sandbox_pb2.Sandbox) -> timedelta | None:
+    if not sandbox.HasField("auto_pause_after"):
+        return None
+    return to_timedelta(sandbox.auto_pause_after, "auto_pause_after")
 
 
 def resources_from_proto(resources: sandbox_pb2.Resources) -> Resources:

@@ -35,7 +35,7 @@ log = structlog.get_logger()
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _SORT_KEYS = {key.value: key for key in SortKey}  # order_by's field names
-_UPDATABLE = ("display_name", "labels", "expire_time", "ttl")
+_UPDATABLE = ("display_name", "labels", "expire_time", "ttl", "auto_pause_after")
 MAX_REQUEST_ID = 128
 
 Request = TypeVar("Request")
@@ -149,6 +149,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
                 expire_time=expire_time,
                 ttl=ttl,
                 request_id=request.request_id,
+                auto_pause_after=convert.auto_pause_after_from_proto(sandbox),
             )
         )
         return convert.sandbox_to_proto(record)
@@ -212,6 +213,8 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         expiration = sandbox.WhichOneof("expiration")
         if not paths:  # AIP-134: an absent mask updates the fields that are set
             paths = [p for p in ("display_name", "labels") if _is_set(sandbox, p)]
+            if sandbox.HasField("auto_pause_after"):
+                paths.append("auto_pause_after")
             if expiration:
                 paths.append(expiration)
         for path in ("ttl", "expire_time"):
@@ -226,9 +229,20 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             labels=dict(sandbox.labels) if everything or "labels" in paths else None,
             expire_time=expire_time if everything or "expire_time" in paths else None,
             ttl=ttl if everything or "ttl" in paths else None,
+            auto_pause_after=self._auto_pause_update(
+                sandbox, everything or "auto_pause_after" in paths
+            ),
         )
         record = await self._manager.update(name, params)
         return convert.sandbox_to_proto(record)
+
+    def _auto_pause_update(self, sandbox: sandbox_pb2.Sandbox, updated: bool) -> timedelta | None:
+        """The new auto_pause_after, None to keep it; named in the mask but unset, it goes back
+        to the server's default."""
+        if not updated:
+            return None
+        requested = convert.auto_pause_after_from_proto(sandbox)
+        return self._manager.auto_pause_after(requested)
 
     @_maps_errors
     async def DeleteSandbox(
@@ -238,6 +252,22 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         self._caller(context).check_project(name.project)
         await self._manager.delete(name, request.allow_missing)
         return empty_pb2.Empty()
+
+    @_maps_errors
+    async def PauseSandbox(
+        self, request: sandbox_pb2.PauseSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        return convert.sandbox_to_proto(await self._manager.pause(name))
+
+    @_maps_errors
+    async def ResumeSandbox(
+        self, request: sandbox_pb2.ResumeSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        return convert.sandbox_to_proto(await self._manager.resume(name))
 
     @_maps_errors
     async def ExecuteCode(

@@ -133,6 +133,51 @@ class ExecutorClient:
             except grpc.aio.AioRpcError as exc:
                 raise _refusal(exc) or _failure(exc) from exc
 
+    async def checkpoint(
+        self, namespace_limit_bytes: int, timeout: float
+    ) -> AsyncGenerator[executor_pb2.CheckpointChunk, None]:
+        """The executor's checkpoint of its sandbox, message by message, the summary last.
+        FailedPrecondition when the executor cannot save every file (its words say which);
+        ExecutorFailed when the call ends otherwise without the summary."""
+        await self.check_protocol()
+        call = self._stub.Checkpoint(
+            executor_pb2.CheckpointRequest(namespace_limit_bytes=namespace_limit_bytes),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition((exc.details() or "")[:MAX_DETAILS]) from exc
+            raise _failure(exc) from exc
+        finally:
+            call.cancel()
+
+    async def restore(
+        self, chunks: AsyncIterator[executor_pb2.CheckpointChunk], timeout: float
+    ) -> executor_pb2.RestoreResult:
+        """Sends a checkpoint to an executor that has run nothing yet; its answer. Raises
+        InvalidArgument or ResourceExhausted when the executor refuses the checkpoint (damaged,
+        or its files do not fit: its words say why),
+        ExecutorFailed when the call ends otherwise, and whatever `chunks` raises."""
+        await self.check_protocol()
+        call = self._stub.Restore(timeout=timeout, metadata=self._metadata)
+        try:
+            first = True
+            async for chunk in chunks:
+                await _guarded(call, call.write(chunk), first=first)
+                first = False
+            await _guarded(call, call.done_writing(), first=first)
+            result: executor_pb2.RestoreResult = await call
+            return result
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) or _failure(exc) from exc
+        except BaseException:
+            call.cancel()
+            raise
+
     def end_idle_session(self) -> None:
         """Ends the session unless an execution is using it: the executor then stops without
         waiting for it (the sandbox is about to be removed)."""

@@ -109,6 +109,7 @@ class Creation:
             create_time=now,
             update_time=now,
             expire_time=self._policy.expiry(now, params.expire_time, params.ttl),
+            auto_pause_after=self._policy.auto_pause_after(params.auto_pause_after),
             last_active_time=now,
             request_id=params.request_id or None,
             create_request=create_request_json(params) if params.request_id else None,

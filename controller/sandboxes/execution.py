@@ -22,11 +22,13 @@ from controller.errors import (
     Unavailable,
 )
 from controller.names import SandboxName
-from controller.records import SandboxRecord, State
+from controller.records import LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
+from controller.sandboxes.hibernation import Hibernation, lost_names
 from controller.sandboxes.lifecycle import Lifecycle, checked_incarnation
 from controller.sandboxes.lookup import Lookup
 from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.specs import SpecPolicy
 from controller.store.registry import Registry
@@ -53,6 +55,8 @@ class Executions:
         lookup: Lookup,
         quotas: Quotas,
         clock: Callable[[], datetime],
+        queues: Queues,
+        hibernation: Hibernation,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -63,24 +67,20 @@ class Executions:
         self._lookup = lookup
         self._quotas = quotas
         self._clock = clock
-        # Each sandbox's queue: its executions run one at a time, in arrival order.
-        self._queues: dict[str, asyncio.Lock] = {}
+        self._queues = queues
+        self._hibernation = hibernation
         # Checks that an executor still answers after an execution its caller left, by
         # sandbox uid: held here so none is garbage-collected, and cancelled on close.
         self._answer_checks: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
-        return f"<Executions queues={len(self._queues)} checks={len(self._answer_checks)}>"
+        return f"<Executions {self._queues!r} checks={len(self._answer_checks)}>"
 
     async def close(self) -> None:
         checks = list(self._answer_checks.values())
         for check in checks:
             check.cancel()
         await asyncio.gather(*checks, return_exceptions=True)
-
-    def forget(self, uid: str) -> None:
-        """Drops the queue of a sandbox that is gone."""
-        self._queues.pop(uid, None)
 
     async def execute(
         self,
@@ -97,7 +97,7 @@ class Executions:
         self._policy.check_code(code)
         effective_timeout = self._policy.execution_timeout(timeout)
         record = await self._lookup.get(name)
-        self._require_running(record)
+        self._require_running_or_paused(record)
         self._quotas.count_execute(record.project)
         request = executor_pb2.ExecuteRequest(
             code=code,
@@ -108,12 +108,16 @@ class Executions:
         )
         request.timeout.FromTimedelta(effective_timeout)
         request.kill_grace.FromTimedelta(self._config.kill_grace)
-        lock = self._queues.setdefault(record.uid, asyncio.Lock())
+        lock = self._queues.of(record.uid)
         queued = lock.locked()
         async with lock:
             if queued:  # it may have changed while this execution waited its turn
                 record = await self._lookup.get(name)
-                self._require_running(record)
+                self._require_running_or_paused(record)
+            if record.state is State.PAUSED:  # resumed first: the caller need not know
+                record = await asyncio.shield(self._hibernation.resume_queued(record))
+                self._require_running_or_paused(record)
+            restore_report = record.restore_report
             # A stuck executor must not hold this sandbox's queue for ever: once the request
             # and the input files are sent, it has this long to answer, not counting the time
             # the caller takes to take each event. The upload has as long again, which is not
@@ -147,6 +151,7 @@ class Executions:
                             break
                         if event.HasField("result"):
                             answered = True
+                            _report_restore(event.result, restore_report)
                             self._record_execution(record, event.result)
                         paused = loop.time()
                         yield event
@@ -170,8 +175,8 @@ class Executions:
             except ExecutorFailed as exc:
                 raise await self._executor_failed(record, exc, sent) from exc
 
-    def _require_running(self, record: SandboxRecord) -> None:
-        if record.state is not State.RUNNING:
+    def _require_running_or_paused(self, record: SandboxRecord) -> None:
+        if record.state not in (State.RUNNING, State.PAUSED):
             detail = f": {record.state_message}" if record.state_message else ""
             raise FailedPrecondition(
                 f"sandbox {record.name} is {record.state.name}{detail}; it cannot run code"
@@ -184,12 +189,14 @@ class Executions:
         record.incarnation = checked_incarnation(result.incarnation)
         # Bookkeeping, off the reply's path: queued on the registry's thread, so any read
         # after this one sees it.
+        reported = {"restore_report": None} if result.namespace_restored else {}
         self._registry.set_fields_soon(
             record.uid,
             execution_count=record.execution_count,
             incarnation=record.incarnation,
             last_active_time=now,
             update_time=now,
+            **reported,
         )
 
     async def _executor_failed(
@@ -288,3 +295,14 @@ class Executions:
             f"its executor stopped answering (no status within {format_duration(waited)} "
             "after its caller left an execution); its container was removed",
         )
+
+
+def _report_restore(
+    result: executor_pb2.ExecuteResult, report: "tuple[LostName, ...] | None"
+) -> None:
+    """Says on the first result after a resume that the namespace was restored, and which
+    names were not; clears whatever the executor put there (only the controller knows)."""
+    result.namespace_restored = report is not None
+    del result.lost_names[:]
+    if report is not None:
+        result.lost_names.extend(lost_names(report))

@@ -7,6 +7,10 @@
     pool        WARMING                      -> POOLED        preloaded: ready to claim
     claim       POOLED                       -> RUNNING       a CreateSandbox takes a member
     terminate   RUNNING                      -> TERMINATED    its container or executor died
+    pause       RUNNING                      -> PAUSED        saved: its container goes
+    recover     RUNNING                      -> PAUSED        its container died; it was saved
+    resume      PAUSED                       -> RUNNING       restored into a container
+    unrestorable PAUSED                      -> TERMINATED    its checkpoint cannot be restored
     deprovision RUNNING, TERMINATED, ...     -> DEPROVISIONING -> DELETED (a tombstone)
     discard     PROVISIONING, WARMING, POOLED -> (no row)     never anyone's sandbox
 
@@ -23,9 +27,10 @@ from datetime import datetime
 
 import structlog
 
-from controller.records import POOL_PROJECT, SandboxRecord, State
+from controller.records import POOL_PROJECT, CheckpointInfo, LostName, SandboxRecord, State
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
+from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import Registry
 from petri.v1 import executor_pb2
 
@@ -50,9 +55,11 @@ class Lifecycle:
         provisioner: Provisioner,
         quotas: Quotas,
         clock: Callable[[], datetime],
+        checkpoints: CheckpointStore,
     ) -> None:
         self._registry = registry
         self._provisioner = provisioner
+        self._checkpoints = checkpoints
         self._quotas = quotas
         self._clock = clock
         # Counting a project's sandboxes and adding one happen together, per project.
@@ -145,6 +152,7 @@ class Lifecycle:
                 display_name=owned.display_name,
                 labels=owned.labels,
                 expire_time=owned.expire_time,
+                auto_pause_after=owned.auto_pause_after,
                 request_id=owned.request_id,
                 create_request=owned.create_request,
                 create_time=owned.create_time,
@@ -173,6 +181,79 @@ class Lifecycle:
         await self._provisioner.drop_client(record.uid)
         log.warning("sandbox terminated", sandbox=record.name, why=why)
 
+    async def pause(self, record: SandboxRecord, checkpoint: CheckpointInfo) -> bool:
+        """RUNNING -> PAUSED once its checkpoint is on disk; its container and everything
+        it held go. False when it is no longer RUNNING (deleted or terminated meanwhile).
+        Shield it."""
+        if not await self._registry.set_fields_in(
+            record.uid,
+            State.RUNNING,
+            state=State.PAUSED,
+            state_message="",
+            checkpoint=checkpoint,
+            restore_report=None,
+            update_time=self._clock(),
+        ):
+            return False
+        await self._provisioner.release(record)
+        log.info("sandbox paused", sandbox=record.name, bytes=checkpoint.size_bytes)
+        return True
+
+    async def recover(self, record: SandboxRecord, why: str) -> bool:
+        """RUNNING -> PAUSED for a sandbox whose container died or vanished and that has a
+        checkpoint: its next execution resumes from it; `why` says so (state_message).
+        False when it is no longer RUNNING. Shield it."""
+        if not await self._registry.set_fields_in(
+            record.uid,
+            State.RUNNING,
+            state=State.PAUSED,
+            state_message=why,
+            restore_report=None,
+            update_time=self._clock(),
+        ):
+            return False
+        await self._provisioner.release(record)
+        log.warning("sandbox recovered from its checkpoint", sandbox=record.name, why=why)
+        return True
+
+    async def resume(
+        self,
+        record: SandboxRecord,
+        into: SandboxRecord,
+        incarnation: str,
+        execution_count: int,
+        report: tuple[LostName, ...],
+    ) -> bool:
+        """PAUSED -> RUNNING in the container `into` names (restored already); `report` is
+        for its next execution's response. False when it is no longer PAUSED (deleted
+        meanwhile): the caller releases the container. Shield it."""
+        now = self._clock()
+        return await self._registry.set_fields_in(
+            record.uid,
+            State.PAUSED,
+            state=State.RUNNING,
+            state_message="",
+            container_name=into.container_name,
+            socket_dir=into.socket_dir,
+            incarnation=checked_incarnation(incarnation),
+            execution_count=max(record.execution_count, min(max(execution_count, 0), 2**62)),
+            restore_report=report,
+            last_active_time=now,  # a resume is use: auto-pause counts from it
+            update_time=now,
+        )
+
+    async def unrestorable(self, record: SandboxRecord, why: str) -> None:
+        """PAUSED -> TERMINATED: its checkpoint cannot be restored (damaged, or made by
+        another version); `why` says so. Nothing when it is no longer PAUSED."""
+        if await self._registry.set_fields_in(
+            record.uid,
+            State.PAUSED,
+            state=State.TERMINATED,
+            state_message=why,
+            update_time=self._clock(),
+        ):
+            log.warning("sandbox terminated", sandbox=record.name, why=why)
+
     async def deprovision(self, record: SandboxRecord, reason: str) -> None:
         """-> DEPROVISIONING -> DELETED: removes the sandbox's container and leaves a
         tombstone that says when and why (`reason`: "deleted", "expired"). Nothing when it
@@ -186,6 +267,7 @@ class Lifecycle:
     async def finish_deprovisioning(self, record: SandboxRecord, reason: str) -> None:
         """DEPROVISIONING -> DELETED (also for one a previous controller left half-way)."""
         await self._provisioner.release(record)
+        await self._checkpoints.remove(record.uid)
         await self._registry.tombstone(record.uid, reason, self._clock())
         log.info("sandbox deleted", sandbox=record.name, reason=reason)
 

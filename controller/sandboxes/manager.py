@@ -12,6 +12,8 @@ each call to the noun that owns it:
     execution    each sandbox's queue of executions, their deadlines and bookkeeping
     reconciler   adoption at start, containers that died
     lookup       a sandbox by name, and what became of one that is gone
+    hibernation  pause, resume, and the idle sandboxes' checkpoints
+    queues       each sandbox's executions, pauses and checkpoints, one at a time
 """
 
 import asyncio
@@ -26,15 +28,18 @@ from controller.records import SandboxRecord
 from controller.runtime.container import ContainerRuntime, HostCapabilities
 from controller.sandboxes.creation import Creation
 from controller.sandboxes.execution import Executions
+from controller.sandboxes.hibernation import Hibernation
 from controller.sandboxes.images import ImageCatalogue, ImageProfile
 from controller.sandboxes.labels import validate_display_name, validate_labels
 from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
 from controller.sandboxes.lookup import Lookup
 from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.reconciler import Reconciler
 from controller.sandboxes.specs import CreateParams, SpecPolicy, UpdateParams
 from controller.sandboxes.warm_pool import WarmPool
+from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import ListQuery, Registry
 from petri.v1 import execution_pb2, executor_pb2
 
@@ -60,7 +65,9 @@ class SandboxManager:
         self._policy = SpecPolicy(config, gvisor_available=gvisor_containers is not None)
         self._images = ImageCatalogue(config, containers)
         self._provisioner = Provisioner(config, containers, gvisor_containers, self._policy)
-        self._lifecycle = Lifecycle(registry, self._provisioner, quotas, clock)
+        self._checkpoints = CheckpointStore(config.checkpoint_path)
+        self._lifecycle = Lifecycle(registry, self._provisioner, quotas, clock, self._checkpoints)
+        self._queues = Queues()
         self._lookup = Lookup(registry)
         self._pool = WarmPool(
             config,
@@ -82,6 +89,18 @@ class SandboxManager:
             quotas,
             clock,
         )
+        self._hibernation = Hibernation(
+            config,
+            registry,
+            containers,
+            self._checkpoints,
+            self._provisioner,
+            self._lifecycle,
+            self._pool,
+            self._lookup,
+            self._queues,
+            clock,
+        )
         self._executions = Executions(
             config,
             registry,
@@ -92,9 +111,11 @@ class SandboxManager:
             self._lookup,
             quotas,
             clock,
+            self._queues,
+            self._hibernation,
         )
         self._reconciler = Reconciler(
-            registry, containers, self._provisioner, self._lifecycle, self._pool
+            registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
         )
         # Tells this controller's containers from those of another registry on the same podman.
         self.registry_label = self._provisioner.registry_label
@@ -117,13 +138,23 @@ class SandboxManager:
         restart, and starts filling the warm pool."""
         self._policy.host = await self._containers.check()
         self._provisioner.open()
+        self._checkpoints.open()
         await self._reconciler.adopt()
         await self._provisioner.reconcile_worker_uids()
         self._pool.start()
 
+    async def pause_all(self, within: float) -> None:
+        """Pauses every RUNNING sandbox, for at most `within` seconds (at shutdown)."""
+        await self._hibernation.pause_all(within)
+
+    async def hibernate_idle(self) -> None:
+        """Auto-pauses and idle checkpoints: one round (the reaper's call)."""
+        await self._hibernation.hibernate_idle()
+
     async def close(self) -> None:
         """Stops the background checks and discards the warm pool; every other sandbox
-        outlives the controller, for the next one to adopt."""
+        outlives the controller (paused by pause_all, or running for the next one to
+        adopt)."""
         await self._executions.close()
         await self._pool.close()
         await self._provisioner.close()
@@ -152,6 +183,8 @@ class SandboxManager:
             fields["labels"] = validate_labels(params.labels)
         if params.expire_time is not None or params.ttl is not None:
             fields["expire_time"] = self._policy.expiry(now, params.expire_time, params.ttl)
+        if params.auto_pause_after is not None:
+            fields["auto_pause_after"] = self._policy.auto_pause_after(params.auto_pause_after)
         if not await self._registry.set_fields(record.uid, **fields):
             raise await self._lookup.not_found(name)  # deleted meanwhile
         return await self._lookup.get(name)
@@ -182,7 +215,13 @@ class SandboxManager:
 
     async def _end(self, record: SandboxRecord, reason: str) -> None:
         await self._lifecycle.deprovision(record, reason)
-        self._executions.forget(record.uid)
+        self._queues.forget(record.uid)
+
+    async def pause(self, name: SandboxName) -> SandboxRecord:
+        return await self._hibernation.pause(name)
+
+    async def resume(self, name: SandboxName) -> SandboxRecord:
+        return await self._hibernation.resume(name)
 
     # --- running code and policy -----------------------------------------------------------
 
@@ -195,6 +234,11 @@ class SandboxManager:
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         """ExecuteCode: see Executions.execute."""
         return self._executions.execute(name, code, timeout, inputs)
+
+    def auto_pause_after(self, requested: timedelta | None) -> timedelta:
+        """A sandbox's auto_pause_after: the server's default for None; InvalidArgument
+        beyond the bounds."""
+        return self._policy.auto_pause_after(requested)
 
     def execution_timeout(self, requested: timedelta | None) -> timedelta:
         return self._policy.execution_timeout(requested)

@@ -236,6 +236,16 @@ class Provisioner:
         if worker_uid is not None:
             self._worker_uids.release(worker_uid)
 
+    def transfer(self, from_uid: str, to_uid: str) -> None:
+        """Hands what sandbox `from_uid` holds (a warm pool member's worker uid, executor key
+        and client) to sandbox `to_uid`, which takes its container over (a resume)."""
+        if (worker_uid := self._worker_uid_of.pop(from_uid, None)) is not None:
+            self._worker_uid_of[to_uid] = worker_uid
+        if (key := self._executor_keys.pop(from_uid, None)) is not None:
+            self._executor_keys[to_uid] = key
+        if (client := self._clients.pop(from_uid, None)) is not None:
+            self._clients[to_uid] = client
+
     def client_for(self, record: SandboxRecord) -> ExecutorClient:
         client = self._clients.get(record.uid)
         if client is None:

@@ -1,5 +1,6 @@
-"""The TTL reaper: deletes sandboxes once their expire_time has come, and forgets old
-tombstones. Runs on APScheduler in the controller's event loop.
+"""The TTL reaper: deletes sandboxes once their expire_time has come (paused ones too: a TTL
+counts paused time), forgets old tombstones, watches containers, and pauses and saves idle
+sandboxes. Runs on APScheduler in the controller's event loop.
 
 A sandbox is never deleted before its expire_time, and at most `reap_interval` (plus the time
 deletions take) after it; sandboxes are taken in the order they expire.
@@ -29,6 +30,8 @@ class Expirer(Protocol):
 
     async def check_containers(self) -> None: ...
 
+    async def hibernate_idle(self) -> None: ...
+
 
 class TtlReaper:
     def __init__(
@@ -39,8 +42,10 @@ class TtlReaper:
         tombstone_retention: timedelta,
         clock: Callable[[], datetime] = utcnow,
         watch_interval: timedelta = timedelta(seconds=2),
+        hibernate_interval: timedelta = timedelta(seconds=5),
     ) -> None:
         self._watch_interval = watch_interval
+        self._hibernate_interval = hibernate_interval
         self._manager = manager
         self._registry = registry
         self._interval = interval
@@ -70,6 +75,13 @@ class TtlReaper:
             max_instances=1,
             coalesce=True,
         )
+        self._scheduler.add_job(
+            self.hibernate_idle,
+            "interval",
+            seconds=self._hibernate_interval.total_seconds(),
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -92,6 +104,12 @@ class TtlReaper:
             await self._manager.check_containers()
         except Exception:
             log.exception("checking sandbox containers failed; retrying next round")
+
+    async def hibernate_idle(self) -> None:
+        try:
+            await self._manager.hibernate_idle()
+        except Exception:
+            log.exception("pausing or saving idle sandboxes failed; retrying next round")
 
     async def purge_tombstones(self) -> None:
         try:

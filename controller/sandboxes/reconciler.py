@@ -3,8 +3,10 @@
 At start it adopts what a previous controller left: RUNNING sandboxes whose container runs
 get a client again; anything half-done is finished (a deletion) or discarded (a create that
 never answered, warm pool members, which may not match this controller's settings); containers
-the registry does not know are removed. While the service runs, `check_containers` marks
-TERMINATED the sandboxes whose container died underneath us.
+the registry does not know are removed. While the service runs, `check_containers` finds the
+sandboxes whose container died underneath us. Such a sandbox comes back from its checkpoint
+(PAUSED: its next execution resumes it) when it has one, and is TERMINATED, saying why, when it
+has none: never silently gone.
 """
 
 import structlog
@@ -14,6 +16,7 @@ from controller.runtime.container import ContainerRuntime, ContainerStatus
 from controller.sandboxes.lifecycle import UNOWNED_STATES, Lifecycle
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.warm_pool import WarmPool
+from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import Registry
 
 log = structlog.get_logger()
@@ -31,7 +34,9 @@ class Reconciler:
         provisioner: Provisioner,
         lifecycle: Lifecycle,
         pool: WarmPool,
+        checkpoints: CheckpointStore,
     ) -> None:
+        self._checkpoints = checkpoints
         self._registry = registry
         self._containers = containers
         self._provisioner = provisioner
@@ -67,11 +72,12 @@ class Reconciler:
         elif record.state is State.DEPROVISIONING:
             await self._lifecycle.finish_deprovisioning(record, "deleted")
         elif record.state is State.RUNNING and (container is None or not container.running):
-            await self._lifecycle.terminate(
-                record, f"found at controller start: {_gone(container)}"
-            )
+            await self._lost(record, f"found at controller start: {_gone(container)}")
         elif record.state is State.RUNNING:
             self._provisioner.client_for(record)
+        elif record.state is State.PAUSED and container is not None:
+            # Left by a crash during its pause or its resume: the checkpoint is the sandbox.
+            await self._containers.remove(container.name)
 
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
@@ -96,4 +102,18 @@ class Reconciler:
             if record.state is State.POOLED:
                 await self._pool.remove(record, f"it died: {_gone(status)}")
             else:
-                await self._lifecycle.terminate(record, _gone(status))
+                await self._lost(record, _gone(status))
+
+    async def _lost(self, record: SandboxRecord, why: str) -> None:
+        """A RUNNING sandbox whose container is gone: back from its checkpoint (PAUSED) when
+        it has one, else TERMINATED; `why` says what happened, and which."""
+        checkpoint = record.checkpoint
+        if checkpoint is not None and self._checkpoints.exists(record.uid):
+            when = checkpoint.create_time.isoformat(timespec="seconds")
+            await self._lifecycle.recover(
+                record,
+                f"{why}; it resumes from its checkpoint of {when} on first use (what changed "
+                "after that is lost)",
+            )
+        else:
+            await self._lifecycle.terminate(record, f"{why}, and it had no checkpoint")

@@ -207,6 +207,9 @@ class EventFilter:
                 self._stdout.truncated or self._stderr.truncated or self._outputs_truncated
             ),
             omitted_files=self._omitted,
+            # Set by the controller (Executions), never by the executor.
+            namespace_restored=result.namespace_restored,
+            lost_names=result.lost_names,
         )
         if result.HasField("error"):
             out.error.CopyFrom(result.error)
@@ -251,6 +254,8 @@ class ResponseCollector:
         response.namespace_reset = result.namespace_reset
         response.output_truncated = result.output_truncated
         response.omitted_files.extend(result.omitted_files)
+        response.namespace_restored = result.namespace_restored
+        response.lost_names.extend(result.lost_names)
         for path, chunks in self._files.items():
             if path in self._filter.incomplete:
                 continue

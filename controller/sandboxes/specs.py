@@ -37,6 +37,8 @@ class CreateParams:
     expire_time: datetime | None
     ttl: timedelta | None
     request_id: str
+    # None: the server's default.
+    auto_pause_after: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class UpdateParams:
     labels: dict[str, str] | None = None
     expire_time: datetime | None = None
     ttl: timedelta | None = None
+    auto_pause_after: timedelta | None = None
 
 
 def create_request_json(params: CreateParams) -> str:
@@ -62,6 +65,9 @@ def create_request_json(params: CreateParams) -> str:
         "sandbox.spec.resources.max_processes": resources.max_processes,
         "sandbox.ttl": params.ttl.total_seconds() if params.ttl is not None else None,
         "sandbox.expire_time": params.expire_time.isoformat() if params.expire_time else None,
+        "sandbox.auto_pause_after": (
+            params.auto_pause_after.total_seconds() if params.auto_pause_after is not None else None
+        ),
     }
     return json.dumps(fields, sort_keys=True)
 
@@ -106,6 +112,19 @@ class SpecPolicy:
                 "installed); use RUNC or leave it unset"
             )
         return profile, chosen
+
+    def auto_pause_after(self, requested: timedelta | None) -> timedelta:
+        """A sandbox's auto_pause_after: the server's default when unset; 0 (never) or a
+        positive duration up to the maximum."""
+        if requested is None:
+            return self._config.default_auto_pause_after
+        longest = self._config.max_auto_pause_after
+        if requested < timedelta(0) or requested > longest:
+            raise InvalidArgument(
+                f"auto_pause_after must be 0s (never) or positive and at most "
+                f"{format_duration(longest)} (got {format_duration(requested)})"
+            )
+        return requested
 
     def cgroups_for(self, runtime: Runtime) -> HostCapabilities:
         """What cgroups enforce for a sandbox of this runtime: runsc runs with

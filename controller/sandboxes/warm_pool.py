@@ -114,6 +114,19 @@ class WarmPool:
                 return claimed
         return None
 
+    async def take(self, spec: Spec) -> SandboxRecord | None:
+        """A ready member of this spec that answers, now the caller's alone (to resume a
+        paused sandbox into, or to discard); None when the pool has none ready."""
+        while (member := self._members.take(spec)) is not None:
+            try:
+                await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
+            except Exception as exc:  # whatever the failure, it is not fit to hand out
+                log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
+                await _shielded(self._lifecycle.discard(member, "it did not answer"))
+                continue
+            return member
+        return None
+
     async def _claim_or_give_back(
         self, member: SandboxRecord, record: SandboxRecord
     ) -> SandboxRecord | None:

@@ -5,7 +5,7 @@ implementing this. Rows are keyed by uid; names are unique among live sandboxes.
 
 States and what the queries see (controller.records.State):
 - live: every state but DELETED (tombstones), warm pool members (WARMING, POOLED) included;
-- shown (List, quotas): PROVISIONING, RUNNING, DEPROVISIONING, TERMINATED only;
+- shown (List, quotas): PROVISIONING, RUNNING, DEPROVISIONING, TERMINATED, PAUSED only;
 - a tombstone: state DELETED, its delete_time and delete_reason say when and why.
 """
 
@@ -68,6 +68,14 @@ class Registry(Protocol):
     async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
         """Live sandboxes (warm pool members included) whose expire_time has come, the earliest
         first."""
+
+    async def list_auto_pause_due(self, now: datetime, limit: int) -> list[SandboxRecord]:
+        """RUNNING sandboxes whose auto_pause_after (when not zero) has passed since their
+        last_active_time, the longest idle first."""
+
+    async def list_unsaved_idle(self, idle_since: datetime, limit: int) -> list[SandboxRecord]:
+        """RUNNING sandboxes whose last_active_time is at or before `idle_since` and after
+        their checkpoint's (or that have none), the longest idle first."""
 
     async def purge_tombstones(self, deleted_before: datetime) -> int:
         """Forgets the tombstones deleted before the given time; returns how many."""

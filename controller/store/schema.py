@@ -8,8 +8,10 @@ from controller.records import PUBLIC_STATES, State
 from controller.store.table import BY_NAME, create_table_sql
 
 # Version 1 marked a tombstone by its delete_time and a warm pool member by the project "";
-# version 2 by its state (WARMING, POOLED, DELETED).
-SCHEMA_VERSION = 2
+# version 2 by its state (WARMING, POOLED, DELETED); version 3 added PAUSED (5, the public
+# value: WARMING, POOLED and DELETED moved from 5, 6, 7 to 8, 9, 10), auto_pause_after,
+# checkpoint and restore_report.
+SCHEMA_VERSION = 3
 
 # Literal values, not parameters: SQLite uses a partial index only for a query whose WHERE
 # contains the index's condition as written.
@@ -30,6 +32,11 @@ _INDEXES = (
 _V1_INDEXES = ("live_sandbox_names", "live_by_project", "live_by_expiry")
 # Columns added while the schema was at version 1: a version-1 file may lack them.
 _ADDED_IN_V1 = ("create_request",)
+_ADDED_IN_V3 = ("auto_pause_after", "checkpoint", "restore_report")
+# Every index whose condition names states by value: made again after a renumbering.
+_STATE_INDEXES = ("live_sandbox_names", "shown_by_project", "live_by_expiry")
+# Version 2's values of the states that version 3 moved.
+_V2_STATES = {5: State.WARMING, 6: State.POOLED, 7: State.DELETED}
 
 
 def prepare(db: sqlite3.Connection, path: Path) -> None:
@@ -43,6 +50,10 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
                 f"registry {path} has schema version {version}, newer than this "
                 f"controller's {SCHEMA_VERSION}: upgrade the controller"
             )
+        if version == 2:
+            _renumber_v2_states(db)
+        if version in (1, 2):
+            _add_columns(db, _ADDED_IN_V3)
         if version == 1:
             _migrate_from_v1(db)
         db.execute(create_table_sql())
@@ -55,11 +66,24 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
         raise
 
 
-def _migrate_from_v1(db: sqlite3.Connection) -> None:
+def _add_columns(db: sqlite3.Connection, names: tuple[str, ...]) -> None:
     present = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}
-    for name in _ADDED_IN_V1:
+    for name in names:
         if name not in present:
             db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {BY_NAME[name].sql_type}")
+
+
+def _renumber_v2_states(db: sqlite3.Connection) -> None:
+    """Version 2's WARMING, POOLED and DELETED values to version 3's, in one statement (no row
+    passes through another's value), and the indexes that named them made again."""
+    for index in _STATE_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS {index}")
+    cases = " ".join(f"WHEN {old} THEN {int(new)}" for old, new in _V2_STATES.items())
+    db.execute(f"UPDATE sandboxes SET state = CASE state {cases} ELSE state END")
+
+
+def _migrate_from_v1(db: sqlite3.Connection) -> None:
+    _add_columns(db, _ADDED_IN_V1)
     for index in _V1_INDEXES:
         db.execute(f"DROP INDEX IF EXISTS {index}")
     db.execute(

@@ -192,6 +192,25 @@ class SqliteRegistry:
             (micros_since_epoch(now), limit),
         )
 
+    async def list_auto_pause_due(self, now: datetime, limit: int) -> list[SandboxRecord]:
+        return await self._run(
+            self._many,
+            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
+            "AND auto_pause_after > 0 AND last_active_time + auto_pause_after <= ? "
+            "ORDER BY last_active_time, uid LIMIT ?",
+            (micros_since_epoch(now), limit),
+        )
+
+    async def list_unsaved_idle(self, idle_since: datetime, limit: int) -> list[SandboxRecord]:
+        return await self._run(
+            self._many,
+            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
+            "AND last_active_time <= ? AND (checkpoint IS NULL OR "
+            "json_extract(checkpoint, '$.create_time') < last_active_time) "
+            "ORDER BY last_active_time, uid LIMIT ?",
+            (micros_since_epoch(idle_since), limit),
+        )
+
     async def list_page(self, query: ListQuery) -> list[SandboxRecord]:
         return await self._run(self._many, *filters.compile_page(query))
 

@@ -5,11 +5,19 @@ import json
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from controller.listing import from_micros, micros_since_epoch
-from controller.records import Resources, Runtime, SandboxRecord, Spec, State
+from controller.records import (
+    CheckpointInfo,
+    LostName,
+    Resources,
+    Runtime,
+    SandboxRecord,
+    Spec,
+    State,
+)
 
 
 def _same(value: Any) -> Any:
@@ -61,7 +69,57 @@ def _optional_time(value: int | None) -> datetime | None:
     return None if value is None else from_micros(value)
 
 
-# Times are microseconds since the epoch, UTC; labels and spec are JSON objects.
+def _micros(value: timedelta) -> int:
+    return value // timedelta(microseconds=1)
+
+
+def _duration(value: int) -> timedelta:
+    return timedelta(microseconds=value)
+
+
+def _lost_to_json(lost: tuple[LostName, ...]) -> list[list[str]]:
+    return [[entry.name, entry.reason] for entry in lost]
+
+
+def _lost_from_json(data: list[list[str]]) -> tuple[LostName, ...]:
+    return tuple(LostName(name, reason) for name, reason in data)
+
+
+def _checkpoint_to_json(info: CheckpointInfo | None) -> str | None:
+    if info is None:
+        return None
+    return json.dumps(
+        {
+            "create_time": micros_since_epoch(info.create_time),
+            "size_bytes": info.size_bytes,
+            "lost": _lost_to_json(info.lost),
+            "execution_count": info.execution_count,
+        }
+    )
+
+
+def _checkpoint_from_json(text: str | None) -> CheckpointInfo | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return CheckpointInfo(
+        create_time=from_micros(data["create_time"]),
+        size_bytes=data["size_bytes"],
+        lost=_lost_from_json(data["lost"]),
+        execution_count=data["execution_count"],
+    )
+
+
+def _report_to_json(report: tuple[LostName, ...] | None) -> str | None:
+    return None if report is None else json.dumps(_lost_to_json(report))
+
+
+def _report_from_json(text: str | None) -> tuple[LostName, ...] | None:
+    return None if text is None else _lost_from_json(json.loads(text))
+
+
+# Times are microseconds since the epoch, UTC, durations microseconds; labels, spec and the
+# checkpoint are JSON objects.
 COLUMNS = (
     Column("uid", "TEXT PRIMARY KEY"),
     Column("project", "TEXT NOT NULL"),
@@ -83,6 +141,10 @@ COLUMNS = (
     Column("socket_dir", "TEXT NOT NULL"),
     Column("delete_time", "INTEGER", _optional_micros, _optional_time),
     Column("delete_reason", "TEXT NOT NULL"),
+    # Added in version 3.
+    Column("auto_pause_after", "INTEGER NOT NULL DEFAULT 0", _micros, _duration),
+    Column("checkpoint", "TEXT", _checkpoint_to_json, _checkpoint_from_json),
+    Column("restore_report", "TEXT", _report_to_json, _report_from_json),
 )
 BY_NAME = {column.name: column for column in COLUMNS}
 NAMES = tuple(BY_NAME)

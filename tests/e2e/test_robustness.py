@@ -92,7 +92,7 @@ async def test_a_container_removed_behind_our_back_shows_terminated(
 ) -> None:
     podman("rm", "-f", f"petri-{sandbox.uid}")
     got = await wait_state(stub, sandbox.name, TERMINATED)
-    assert got.state_message == "its container is gone"
+    assert got.state_message == "its container is gone, and it had no checkpoint"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await execute(stub, sandbox.name, "1")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

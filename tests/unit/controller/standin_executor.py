@@ -85,6 +85,18 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.refused_calls = 0
         # The protocol version GetStatus reports (0: an image older than the field).
         self.protocol = protocol
+        # What Checkpoint sends (a namespace and an archive: opaque bytes, as the real ones are
+        # to the controller) and what Restore received; both sides of a pause and a resume.
+        self.namespace = b"namespace of " + self.incarnation.encode()
+        self.workspace = b"files of " + self.incarnation.encode()
+        self.lost: list[execution_pb2.LostName] = []
+        self.restore_lost: list[execution_pb2.LostName] = []
+        self.restored: tuple[bytes, bytes] | None = None
+        self.checkpoints = 0
+        # While set, Checkpoint fails with this status after its namespace (a worker that died).
+        self.checkpoint_failure: grpc.StatusCode | None = None
+        # While set, Restore refuses with INVALID_ARGUMENT (an archive it cannot extract).
+        self.refuse_restore = False
 
     def __repr__(self) -> str:
         return f"<StandInExecutor {self.socket_path} executions={len(self.executions)}>"
@@ -155,6 +167,57 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
             return  # a script without a result ends the call (an executor that gives up)
         except Refuse as refusal:
             await context.abort(refusal.code, refusal.details)
+
+    async def Checkpoint(
+        self,
+        request: executor_pb2.CheckpointRequest,
+        context: grpc.aio.ServicerContext[
+            executor_pb2.CheckpointRequest, executor_pb2.CheckpointChunk
+        ],
+    ) -> AsyncIterator[executor_pb2.CheckpointChunk]:
+        """The namespace and the files in chunks of at most 4 bytes (so that several make
+        each), then the summary."""
+        await self._check_key(context)
+        self.checkpoints += 1
+        for start in range(0, len(self.namespace), 4):
+            yield executor_pb2.CheckpointChunk(namespace=self.namespace[start : start + 4])
+        if self.checkpoint_failure is not None:
+            await context.abort(self.checkpoint_failure, "the worker died while it saved")
+        for start in range(0, len(self.workspace), 4):
+            yield executor_pb2.CheckpointChunk(workspace=self.workspace[start : start + 4])
+        summary = executor_pb2.CheckpointSummary(
+            execution_count=len(self.executions),
+            lost=self.lost,
+            namespace_bytes=len(self.namespace),
+            workspace_bytes=len(self.workspace),
+        )
+        yield executor_pb2.CheckpointChunk(summary=summary)
+
+    async def Restore(
+        self,
+        request_iterator: AsyncIterator[executor_pb2.CheckpointChunk],
+        context: grpc.aio.ServicerContext[executor_pb2.CheckpointChunk, executor_pb2.RestoreResult],
+    ) -> executor_pb2.RestoreResult:
+        await self._check_key(context)
+        if self.executions:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "code ran here already")
+        if self.refuse_restore:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the archive is damaged")
+        namespace, workspace = b"", b""
+        async for chunk in request_iterator:
+            namespace += chunk.namespace
+            workspace += chunk.workspace
+            if chunk.HasField("summary"):
+                self.restored = (namespace, workspace)
+                self.namespace, self.workspace = namespace, workspace
+                self.incarnation = secrets.token_hex(16)
+                return executor_pb2.RestoreResult(
+                    incarnation=self.incarnation,
+                    execution_count=chunk.summary.execution_count,
+                    lost=self.restore_lost,
+                )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no summary")
+        raise AssertionError("unreachable")
 
     async def GetStatus(
         self,

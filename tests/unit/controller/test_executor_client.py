@@ -74,6 +74,15 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
     ) -> executor_pb2.ExecutorStatus:
         return executor_pb2.ExecutorStatus(incarnation="i", protocol=EXECUTOR_PROTOCOL)
 
+    # Checkpoints are the fast tier's stand-in executor's (test_service_hibernation.py).
+    async def Checkpoint(  # type: ignore[override]
+        self, request: Any, context: Any
+    ) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this stand-in")
+
+    async def Restore(self, request_iterator: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this stand-in")
+
 
 async def _serve(tmp_path: Path, servicer: StandIn) -> tuple[grpc.aio.Server, ExecutorClient]:
     socket_path = tmp_path / "executor.sock"

@@ -24,6 +24,7 @@ from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.specs import SpecPolicy
 from controller.sandboxes.warm_pool import WarmPool
+from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import Registry
 from tests.unit.controller.test_registry import T0, record
 from tests.unit.controller.test_warm_pool import until
@@ -103,7 +104,9 @@ async def parts(registry: Registry, tmp_path: Path) -> AsyncIterator[Parts]:
     policy.host = await containers.check()
     provisioner = AnsweringProvisioner(config, containers, None, policy)
     quotas = Quotas(1, 100, 4)
-    lifecycle = Lifecycle(registry, provisioner, quotas, lambda: T0)
+    lifecycle = Lifecycle(
+        registry, provisioner, quotas, lambda: T0, CheckpointStore(tmp_path / "checkpoints")
+    )
     images = ImageCatalogue(config, containers)
     pool = InstantPool(config, registry, policy, images, provisioner, lifecycle, quotas, lambda: T0)
     spec = Spec(

@@ -122,6 +122,6 @@ def test_messages_quote_only_a_prefix_of_a_bad_filter(text: str) -> None:
 
 @pytest.mark.parametrize("state", ["WARMING", "POOLED", "DELETED"])
 def test_the_controllers_own_states_are_unknown_to_a_filter(state: str) -> None:
-    known = "PROVISIONING, RUNNING, DEPROVISIONING, TERMINATED"
+    known = "PROVISIONING, RUNNING, DEPROVISIONING, TERMINATED, PAUSED"
     with pytest.raises(InvalidArgument, match=f"unknown state '{state}'; states are {known}$"):
         parse_filter(f"state = {state}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.records import POOL_PROJECT, State
+from controller.store.schema import SCHEMA_VERSION
 from controller.store.sqlite import SqliteRegistry
 from tests.unit.controller.fake_runtime import FakeRuntime
 from tests.unit.controller.inprocess import PROFILE, fast_config, serving, short_runtime_dir
@@ -55,7 +56,9 @@ SPEC = json.dumps(
 )
 
 
-def v1_file(path: Path, rows: list[tuple[str, str, str, State, int | None]], schema: str) -> None:
+def v1_file(
+    path: Path, rows: list[tuple[str, str, str, State | int, int | None]], schema: str
+) -> None:
     """A version-1 registry holding rows of (uid, project, sandbox_id, state, delete_time)."""
     db = sqlite3.connect(path)
     db.executescript(schema)
@@ -143,7 +146,7 @@ async def test_a_version_1_registry_keeps_its_sandboxes_as_states(tmp_path: Path
     }
 
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {row[1] for row in db.execute("PRAGMA index_list(sandboxes)")}
     db.close()
     assert "live_by_project" not in indexes
@@ -178,14 +181,14 @@ async def test_a_registry_newer_than_the_controller_is_refused_untouched(
     path = tmp_path / "petri.db"
     v1_file(path, [("u-a", "p", "a", State.RUNNING, None)], V1_SCHEMA)
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 3")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     registry = SqliteRegistry(path)
-    with pytest.raises(RuntimeError, match="schema version 3, newer than this controller's 2"):
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this controller's {SCHEMA_VERSION}"):
         await registry.open()
     await registry.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     db.close()
     assert states(path) == {"u-a": State.RUNNING}
 
@@ -214,3 +217,58 @@ async def test_a_version_1_pool_member_left_mid_discard_leaves_no_tombstone(
             await runtime.shutdown()
         # The caller's sandbox deleted half-way is finished into a tombstone; the member is gone.
         assert states(config.database_path) == {"u-mine": State.DELETED}
+
+
+# Version 2: version 1's table, its states WARMING, POOLED and DELETED as 5, 6 and 7, and
+# indexes whose conditions name those values.
+V2_SCHEMA = V1_SCHEMA.split("CREATE UNIQUE INDEX")[0] + """
+CREATE UNIQUE INDEX IF NOT EXISTS live_sandbox_names
+    ON sandboxes (project, sandbox_id) WHERE state != 7;
+CREATE UNIQUE INDEX IF NOT EXISTS request_ids
+    ON sandboxes (project, request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS shown_by_project
+    ON sandboxes (project, create_time, uid) WHERE state IN (1, 2, 3, 4);
+CREATE INDEX IF NOT EXISTS live_by_expiry ON sandboxes (expire_time) WHERE state != 7;
+"""
+
+
+async def test_a_version_2_registry_moves_its_own_states_out_of_paused_s_way(
+    tmp_path: Path,
+) -> None:
+    """Version 3 gave PAUSED its public value, 5, which version 2 used for WARMING: every
+    state keeps its meaning, a tombstone stays one (its name free for a new sandbox), and the
+    new columns read as "never pauses on its own, no checkpoint"."""
+    path = tmp_path / "petri.db"
+    v1_file(
+        path,
+        [
+            ("u-run", "p", "a", State.RUNNING, None),
+            ("u-warming", POOL_PROJECT, "u-warming", 5, None),
+            ("u-pooled", POOL_PROJECT, "u-pooled", 6, None),
+            ("u-gone", "p", "b", 7, T0),
+        ],
+        V2_SCHEMA,
+    )
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    registry = SqliteRegistry(path)
+    await registry.open()
+    try:
+        assert {r.uid: r.state for r in await registry.list_live()} == {
+            "u-run": State.RUNNING,
+            "u-warming": State.WARMING,
+            "u-pooled": State.POOLED,
+        }
+        tombstone = await registry.get_latest_tombstone("p", "b")
+        assert tombstone is not None and tombstone.state is State.DELETED
+        live = await registry.get_live("p", "a")
+        assert live is not None and live.checkpoint is None and not live.auto_pause_after
+        assert await registry.count_live("p") == 1
+    finally:
+        await registry.close()
+    assert states(path)["u-gone"] is State.DELETED
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()

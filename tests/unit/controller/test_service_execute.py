@@ -163,9 +163,11 @@ async def test_containers_that_die_between_executions_are_found_terminated(
         await petri.runtime.exit(oom.uid, exit_code=137, oom_killed=True)
         await petri.runtime.vanish(gone.uid)
         seen = await wait_for_state(petri, oom.name, TERMINATED)
-        assert seen.state_message == "its container was killed for using too much memory"
+        assert seen.state_message == (
+            "its container was killed for using too much memory, and it had no checkpoint"
+        )
         seen = await wait_for_state(petri, gone.name, TERMINATED)
-        assert seen.state_message == "its container is gone"
+        assert seen.state_message == "its container is gone, and it had no checkpoint"
         assert (await petri.get(fine.name)).state == sandbox_pb2.Sandbox.RUNNING
 
 

@@ -1,5 +1,7 @@
-"""What survives a controller: adoption at start by a second controller on the same state and the
-same containers, the warm pool going with its controller, and the reaper's expiry."""
+"""What survives a controller that leaves its sandboxes running (keep_running_on_shutdown):
+adoption at start by a second controller on the same state and the same containers, the warm
+pool going with its controller, and the reaper's expiry. (By default a controller pauses its
+sandboxes when it stops: test_service_hibernation.py.)"""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ async def test_a_restarted_controller_adopts_running_sandboxes_and_terminates_lo
     tmp_path: Path,
 ) -> None:
     with short_runtime_dir() as runtime_dir:
-        config = fast_config(tmp_path / "state", runtime_dir)
+        config = fast_config(tmp_path / "state", runtime_dir, keep_running_on_shutdown=True)
         runtime = FakeRuntime({config.image_for(PROFILE)})
         try:
             async with serving(config, runtime) as first:
@@ -65,11 +67,14 @@ async def test_a_restarted_controller_adopts_running_sandboxes_and_terminates_lo
                 assert runtime.executor_of(alive.uid).refused_calls == 0
                 seen = await second.get(lost.name)
                 assert seen.state == TERMINATED
-                assert seen.state_message == "found at controller start: its container is gone"
+                assert seen.state_message == (
+                    "found at controller start: its container is gone, and it had no checkpoint"
+                )
                 seen = await second.get(exited.name)
                 assert seen.state == TERMINATED
                 assert seen.state_message == (
-                    "found at controller start: its container exited with status 1"
+                    "found at controller start: its container exited with status 1, and it had no "
+                    "checkpoint"
                 )
                 assert "petri-stray" not in runtime.containers
                 assert sorted(await second.names()) == sorted([alive.name, lost.name, exited.name])
@@ -79,7 +84,12 @@ async def test_a_restarted_controller_adopts_running_sandboxes_and_terminates_lo
 
 async def test_the_warm_pool_goes_with_its_controller(tmp_path: Path) -> None:
     with short_runtime_dir() as runtime_dir:
-        config = fast_config(tmp_path / "state", runtime_dir, warm_pool=(PoolTarget(size=2),))
+        config = fast_config(
+            tmp_path / "state",
+            runtime_dir,
+            warm_pool=(PoolTarget(size=2),),
+            keep_running_on_shutdown=True,
+        )
         runtime = FakeRuntime({config.image_for(PROFILE)})
         try:
             async with serving(config, runtime) as petri:
@@ -124,7 +134,7 @@ async def test_an_executor_of_another_protocol_runs_nothing_and_says_why(tmp_pat
     controller (one that outlived an upgrade, or a stale image) is told apart from an executor
     that failed, before anything is sent to it."""
     with short_runtime_dir() as runtime_dir:
-        config = fast_config(tmp_path / "state", runtime_dir)
+        config = fast_config(tmp_path / "state", runtime_dir, keep_running_on_shutdown=True)
         runtime = FakeRuntime({config.image_for(PROFILE)})
         try:
             async with serving(config, runtime) as first:

@@ -16,6 +16,9 @@ class RecordingManager:
     async def check_containers(self) -> None:
         pass
 
+    async def hibernate_idle(self) -> None:
+        pass
+
     async def expire(self, sandbox: SandboxRecord) -> None:
         self.expired.append(sandbox.sandbox_id)
         await self.registry.set_fields(sandbox.uid, delete_time=T0, delete_reason="expired")

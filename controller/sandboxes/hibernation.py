@@ -1,0 +1,377 @@
+"""Hibernation: a sandbox saved to disk and brought back, its state outliving its process.
+
+A checkpoint is the executor's: the interpreter's namespace (serialised by the sandbox's own
+worker) and its files (archived by user code's uid), streamed in chunks to one file per
+sandbox (controller.store.checkpoints); the controller moves those bytes and never reads them.
+
+    pause       save, then RUNNING -> PAUSED: the container goes, the sandbox costs no memory
+    resume      PAUSED -> RUNNING: into a warm pool member of its spec when one is ready (a
+                claim and a restore), else a new container; a new interpreter (incarnation)
+    checkpoint  save a RUNNING sandbox that has been idle a while, so that it comes back from
+                its checkpoint if its container is lost (a crash, a reboot)
+
+Each step runs in the sandbox's queue (controller.sandboxes.queues): after the executions sent
+before it. A failed save leaves the sandbox RUNNING and untouched; a failed resume leaves it
+PAUSED, unless its checkpoint cannot be restored at all (then TERMINATED, saying why).
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from typing import TypeVar
+
+import structlog
+
+from controller.config import Config
+from controller.errors import (
+    ExecutorFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from controller.names import SandboxName
+from controller.records import CheckpointInfo, LostName, SandboxRecord, State
+from controller.runtime.container import ContainerRuntime
+from controller.sandboxes.lifecycle import Lifecycle
+from controller.sandboxes.lookup import Lookup
+from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.queues import Queues
+from controller.sandboxes.warm_pool import WarmPool
+from controller.store.checkpoints import (
+    CheckpointIncomplete,
+    CheckpointStore,
+    CheckpointUnreadable,
+)
+from controller.store.registry import Registry
+from controller.units import format_duration
+from petri.v1 import execution_pb2
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+# Beyond the namespace limit and the workspace's size: the archive's headers and the framing.
+CHECKPOINT_SLACK_BYTES = 64 << 20
+# At most this many lost names are kept with a checkpoint (the rest are counted in one more).
+MAX_LOST_KEPT = 100
+MAX_LOST_TEXT = 300
+# Background saves (idle checkpoints, auto-pauses) at once: they must not starve executions.
+CONCURRENT_SAVES = 2
+# Sandboxes taken per background round; the rest wait for the next round.
+ROUND_BATCH = 100
+
+
+def lost_names(lost: tuple[LostName, ...]) -> list[execution_pb2.LostName]:
+    return [execution_pb2.LostName(name=entry.name, reason=entry.reason) for entry in lost]
+
+
+def _kept(lost: "list[execution_pb2.LostName]") -> tuple[LostName, ...]:
+    """The executor's list, bounded: its words are the sandbox's."""
+    kept = [LostName(e.name[:MAX_LOST_TEXT], e.reason[:MAX_LOST_TEXT]) for e in lost]
+    if len(kept) > MAX_LOST_KEPT:
+        more = len(kept) - MAX_LOST_KEPT + 1
+        kept = [*kept[: MAX_LOST_KEPT - 1], LostName("...", f"and {more} more names not kept")]
+    return tuple(kept)
+
+
+class Hibernation:
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        containers: ContainerRuntime,
+        checkpoints: CheckpointStore,
+        provisioner: Provisioner,
+        lifecycle: Lifecycle,
+        pool: WarmPool,
+        lookup: Lookup,
+        queues: Queues,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._containers = containers
+        self._checkpoints = checkpoints
+        self._provisioner = provisioner
+        self._lifecycle = lifecycle
+        self._pool = pool
+        self._lookup = lookup
+        self._queues = queues
+        self._clock = clock
+        # Resumes under way, by sandbox uid: a caller that left does not stop one, and the
+        # next caller waits for it rather than starting another.
+        self._resuming: dict[str, asyncio.Future[SandboxRecord]] = {}
+        self._saves = asyncio.Semaphore(CONCURRENT_SAVES)
+
+    def __repr__(self) -> str:
+        return f"<Hibernation {self._checkpoints!r} resuming={len(self._resuming)}>"
+
+    # --- the API's calls ------------------------------------------------------------------
+
+    async def pause(self, name: SandboxName) -> SandboxRecord:
+        """PauseSandbox: after the executions queued before it."""
+        record = await self._lookup.get(name)
+        async with self._queues.of(record.uid):
+            record = await self._lookup.get(name)
+            if record.state is State.RUNNING:
+                await self._pause_queued(record)
+            elif record.state is not State.PAUSED:
+                raise _not_running(record, "paused")
+        return await self._lookup.get(name)
+
+    async def resume(self, name: SandboxName) -> SandboxRecord:
+        """ResumeSandbox: after the executions queued before it."""
+        record = await self._lookup.get(name)
+        async with self._queues.of(record.uid):
+            record = await self._lookup.get(name)
+            if record.state is State.PAUSED:
+                await self.resume_queued(record)
+            elif record.state is not State.RUNNING:
+                raise _not_running(record, "resumed")
+        return await self._lookup.get(name)
+
+    # --- in the sandbox's queue ------------------------------------------------------------
+
+    async def _pause_queued(self, record: SandboxRecord) -> None:
+        checkpoint = await self._save(record)
+        if not await _shielded(self._lifecycle.pause(record, checkpoint)):
+            raise FailedPrecondition(f"sandbox {record.name} was deleted or terminated meanwhile")
+
+    def resume_queued(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
+        """Resumes the PAUSED sandbox `record` (the caller holds its queue); the future runs
+        on if the caller leaves, and a resume already under way is joined, not repeated."""
+        future = self._resuming.get(record.uid)
+        if future is None:
+            future = asyncio.ensure_future(self._resume(record))
+            self._resuming[record.uid] = future
+            future.add_done_callback(lambda _: self._resuming.pop(record.uid, None))
+        return future
+
+    async def _save(self, record: SandboxRecord) -> CheckpointInfo:
+        """Saves a RUNNING sandbox to its checkpoint file, replacing the previous one only
+        once the new one is whole; the sandbox runs on, untouched, whatever happens."""
+        started = self._clock()
+        disk = record.spec.resources.disk_bytes or self._config.workspace_size
+        limit = self._config.max_namespace_bytes + disk + CHECKPOINT_SLACK_BYTES
+        client = self._provisioner.client_for(record)
+        chunks = client.checkpoint(
+            self._config.max_namespace_bytes, self._config.checkpoint_timeout.total_seconds()
+        )
+        untouched = f"sandbox {record.name} is still RUNNING, untouched"
+        try:
+            async with contextlib.aclosing(chunks):
+                summary, size = await self._checkpoints.write(record.uid, chunks, limit)
+        except ResourceExhausted as exc:
+            raise ResourceExhausted(f"{exc}; {untouched}") from exc
+        except FailedPrecondition as exc:  # the executor's words: a file it cannot save
+            raise FailedPrecondition(
+                f"sandbox {record.name} cannot be saved whole: {exc}; it is still RUNNING, "
+                "untouched"
+            ) from exc
+        except (ExecutorFailed, CheckpointIncomplete) as exc:
+            raise Unavailable(
+                f"could not save sandbox {record.name}: its executor did not complete the "
+                f"checkpoint ({exc}); {untouched}: retry"
+            ) from exc
+        lost = _kept(list(summary.lost))
+        log.info(
+            "sandbox saved",
+            sandbox=record.name,
+            bytes=size,
+            lost=len(lost),
+            seconds=round((self._clock() - started).total_seconds(), 3),
+        )
+        return CheckpointInfo(
+            create_time=started,
+            size_bytes=size,
+            lost=lost,
+            execution_count=summary.execution_count,
+        )
+
+    async def _resume(self, record: SandboxRecord) -> SandboxRecord:
+        """PAUSED -> RUNNING from its checkpoint; the record as it is now."""
+        started = self._clock()
+        member = await self._pool.take(record.spec)
+        if member is not None:
+            into = replace(
+                record, container_name=member.container_name, socket_dir=member.socket_dir
+            )
+            self._provisioner.transfer(member.uid, record.uid)
+        else:
+            container_name, socket_dir = self._provisioner.place(record.uid)
+            into = replace(record, container_name=container_name, socket_dir=socket_dir)
+            with contextlib.suppress(Exception):  # a container left by a crash, if any
+                await self._containers.remove(container_name)
+            try:
+                await _shielded(self._provisioner.provision(into))
+            except Exception as exc:
+                raise Unavailable(
+                    f"could not resume sandbox {record.name}: its container did not start "
+                    f"({exc}); it is still PAUSED: retry"
+                ) from exc
+        try:
+            restored = await self._provisioner.client_for(into).restore(
+                self._checkpoints.read(record.uid),
+                self._config.checkpoint_timeout.total_seconds(),
+            )
+        except BaseException as exc:
+            await _shielded(self._give_up(record, into, member, exc))
+            mapped = _resume_error(record, exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        if member is not None:
+            await self._registry.forget(member.uid)  # its container is the sandbox's now
+        checkpoint_lost = record.checkpoint.lost if record.checkpoint is not None else ()
+        report = checkpoint_lost + _kept(list(restored.lost))
+        resumed = await _shielded(
+            self._lifecycle.resume(
+                record, into, restored.incarnation, restored.execution_count, report
+            )
+        )
+        if not resumed:  # deleted while it resumed
+            await _shielded(self._provisioner.release(into))
+            raise FailedPrecondition(f"sandbox {record.name} was deleted while it resumed")
+        log.info(
+            "sandbox resumed",
+            sandbox=record.name,
+            into="warm pool" if member is not None else "new container",
+            lost=len(report),
+            seconds=round((self._clock() - started).total_seconds(), 3),
+        )
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None:
+            raise FailedPrecondition(f"sandbox {record.name} was deleted while it resumed")
+        return current
+
+    async def _give_up(
+        self,
+        record: SandboxRecord,
+        into: SandboxRecord,
+        member: SandboxRecord | None,
+        error: BaseException,
+    ) -> None:
+        """After a failed restore: the container goes; a checkpoint that can never be
+        restored makes the sandbox TERMINATED, anything else leaves it PAUSED."""
+        await self._provisioner.release(into)
+        if member is not None:
+            await self._registry.forget(member.uid)
+        if isinstance(error, CheckpointUnreadable | InvalidArgument):
+            await self._lifecycle.unrestorable(
+                record, f"its checkpoint cannot be restored: {error}"
+            )
+
+    # --- in the background -----------------------------------------------------------------
+
+    async def hibernate_idle(self) -> None:
+        """One round: pauses the sandboxes whose auto_pause_after has passed, then saves
+        those idle for checkpoint_idle_after since their last checkpoint."""
+        now = self._clock()
+        due = await self._registry.list_auto_pause_due(now, ROUND_BATCH)
+        await asyncio.gather(*(self._in_background(self._auto_pause, r) for r in due))
+        idle_after = self._config.checkpoint_idle_after
+        if idle_after:
+            idle = await self._registry.list_unsaved_idle(now - idle_after, ROUND_BATCH)
+            await asyncio.gather(*(self._in_background(self._checkpoint_idle, r) for r in idle))
+
+    async def _in_background(
+        self, step: Callable[[SandboxRecord], Awaitable[None]], record: SandboxRecord
+    ) -> None:
+        async with self._saves:
+            try:
+                await step(record)
+            except Exception as exc:  # one sandbox's failure is its own: it stays RUNNING
+                log.warning("saving an idle sandbox failed", sandbox=record.name, error=str(exc))
+
+    async def _auto_pause(self, record: SandboxRecord) -> None:
+        async with self._queues.of(record.uid):
+            current = await self._registry.get_live(record.project, record.sandbox_id)
+            if current is None or current.state is not State.RUNNING:
+                return
+            if not current.auto_pause_after or (
+                current.last_active_time + current.auto_pause_after > self._clock()
+            ):
+                return  # it ran code meanwhile, or its setting changed
+            log.info(
+                "pausing an idle sandbox",
+                sandbox=current.name,
+                idle_for=format_duration(self._clock() - current.last_active_time),
+            )
+            await self._pause_queued(current)
+
+    async def _checkpoint_idle(self, record: SandboxRecord) -> None:
+        async with self._queues.of(record.uid):
+            current = await self._registry.get_live(record.project, record.sandbox_id)
+            if current is None or current.state is not State.RUNNING:
+                return
+            saved = current.checkpoint
+            if saved is not None and saved.create_time >= current.last_active_time:
+                return  # saved since its last execution
+            checkpoint = await self._save(current)
+            await self._registry.set_fields_in(current.uid, State.RUNNING, checkpoint=checkpoint)
+
+    async def pause_all(self, within: float) -> None:
+        """At shutdown: pauses every RUNNING sandbox, CONCURRENT_SAVES at a time, for at most
+        `within` seconds in all; those left stay running, for the next controller to adopt."""
+        running = [r for r in await self._registry.list_live() if r.state is State.RUNNING]
+        if not running:
+            return
+        log.info("pausing the running sandboxes before stopping", count=len(running))
+        done = 0
+
+        async def one(record: SandboxRecord) -> None:
+            nonlocal done
+            async with self._saves:
+                try:
+                    async with self._queues.of(record.uid):
+                        current = await self._registry.get_live(record.project, record.sandbox_id)
+                        if current is not None and current.state is State.RUNNING:
+                            await self._pause_queued(current)
+                except Exception as exc:
+                    log.warning("could not pause a sandbox", sandbox=record.name, error=str(exc))
+                    return
+            done += 1
+            if done % 10 == 0 or done == len(running):
+                log.info("paused before stopping", done=done, of=len(running))
+
+        tasks = [asyncio.ensure_future(one(record)) for record in running]
+        _, pending = await asyncio.wait(tasks, timeout=within)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            log.warning(
+                "stopped before every sandbox was paused: the rest stay running",
+                paused=done,
+                left=len(running) - done,
+            )
+
+
+def _not_running(record: SandboxRecord, verb: str) -> FailedPrecondition:
+    detail = f": {record.state_message}" if record.state_message else ""
+    return FailedPrecondition(
+        f"sandbox {record.name} is {record.state.name}{detail}; it cannot be {verb}"
+    )
+
+
+def _resume_error(record: SandboxRecord, error: BaseException) -> BaseException:
+    if isinstance(error, CheckpointUnreadable | InvalidArgument):
+        return FailedPrecondition(
+            f"sandbox {record.name} cannot be resumed: its checkpoint cannot be restored "
+            f"({error}); it is TERMINATED. Nothing ran"
+        )
+    if isinstance(error, ResourceExhausted | Unavailable):
+        return type(error)(f"could not resume sandbox {record.name}: {error}; it is still PAUSED")
+    if isinstance(error, ExecutorFailed):
+        return Unavailable(
+            f"could not resume sandbox {record.name}: its new container's executor failed "
+            f"({error}); it is still PAUSED and nothing ran: retry"
+        )
+    return error
+
+
+async def _shielded(step: Awaitable[T]) -> T:
+    """Runs `step` to its end even if the caller is cancelled meanwhile."""
+    return await asyncio.shield(asyncio.ensure_future(step))

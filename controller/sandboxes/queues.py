@@ -1,0 +1,20 @@
+"""Each sandbox's queue: its executions, pauses, resumes and checkpoints run one at a time, in
+arrival order, so a pause waits for the executions sent before it and a checkpoint never
+saves a namespace in the middle of an execution."""
+
+import asyncio
+
+
+class Queues:
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"<Queues {len(self._locks)}>"
+
+    def of(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    def forget(self, uid: str) -> None:
+        """Drops the queue of a sandbox that is gone."""
+        self._locks.pop(uid, None)

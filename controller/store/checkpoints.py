@@ -1,0 +1,179 @@
+"""Checkpoints on disk: one file per sandbox, the executor's Checkpoint messages as it sent them.
+
+The controller never looks inside a checkpoint's namespace or archive: user code made them,
+and only the sandbox's own worker (the namespace) and its own uid's tar (the archive) read them.
+A file is the header, then each CheckpointChunk as a 4-byte big-endian length and its bytes,
+the summary last. It is written to a temporary file, synced and renamed over the previous one:
+a crash during a write leaves the previous checkpoint whole (and a temporary file that the next
+start removes).
+"""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+from controller.errors import ResourceExhausted
+from controller.units import format_size
+from petri.protocol import CHECKPOINT_CHUNK_BYTES, EXECUTOR_PROTOCOL
+from petri.v1 import executor_pb2
+
+MAGIC = b"PETRICKP"
+FORMAT = 1
+_HEADER = struct.Struct(">8sII")  # magic, format, executor protocol
+_LENGTH = struct.Struct(">I")
+# A chunk, or a summary with up to a thousand lost names.
+MAX_FRAME_BYTES = CHECKPOINT_CHUNK_BYTES + (1 << 20)
+SUFFIX = ".ckpt"
+TEMPORARY = ".tmp"
+
+
+class CheckpointIncomplete(Exception):
+    """The executor's messages ended before the summary: nothing was kept."""
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint is missing, damaged or of another format; the message says which."""
+
+
+class CheckpointStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"<CheckpointStore {self.root}>"
+
+    def open(self) -> None:
+        """Makes the directory, and removes what writes cut short by a crash left."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in self.root.glob(f"*{TEMPORARY}"):
+            leftover.unlink(missing_ok=True)
+
+    def path(self, uid: str) -> Path:
+        return self.root / f"{uid}{SUFFIX}"
+
+    def exists(self, uid: str) -> bool:
+        return self.path(uid).is_file()
+
+    async def remove(self, uid: str) -> None:
+        await asyncio.to_thread(self.path(uid).unlink, True)
+
+    async def write(
+        self, uid: str, chunks: AsyncIterator[executor_pb2.CheckpointChunk], max_bytes: int
+    ) -> tuple[executor_pb2.CheckpointSummary, int]:
+        """Writes the checkpoint the messages make, replacing the sandbox's previous one once
+        it is whole and on disk; returns its summary and its size in bytes.
+
+        ResourceExhausted when it cannot be written (the disk is full: the OS's words) or
+        passes `max_bytes`; CheckpointIncomplete when the messages end without a summary;
+        whatever `chunks` raises. In every case the previous checkpoint stays as it was."""
+        final = self.path(uid)
+        temporary = self.root / f"{uid}.{secrets.token_hex(4)}{TEMPORARY}"
+        try:
+            file = await asyncio.to_thread(_create, temporary)
+            try:
+                summary, size = await self._write_all(file, chunks, max_bytes)
+                await asyncio.to_thread(_sync, file)
+            finally:
+                file.close()
+            await asyncio.to_thread(_publish, temporary, final)
+            return summary, size
+        except OSError as exc:
+            raise ResourceExhausted(
+                f"the checkpoint could not be written to disk: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+
+    async def _write_all(
+        self,
+        file: BinaryIO,
+        chunks: AsyncIterator[executor_pb2.CheckpointChunk],
+        max_bytes: int,
+    ) -> tuple[executor_pb2.CheckpointSummary, int]:
+        size = _HEADER.size
+        await asyncio.to_thread(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL))
+        async for chunk in chunks:
+            data = chunk.SerializeToString()
+            size += _LENGTH.size + len(data)
+            if size > max_bytes:
+                raise ResourceExhausted(
+                    f"the checkpoint passed the limit of {format_size(max_bytes)} per sandbox "
+                    "(its namespace and its files)"
+                )
+            await asyncio.to_thread(file.write, _LENGTH.pack(len(data)) + data)
+            if chunk.HasField("summary"):
+                return chunk.summary, size
+        raise CheckpointIncomplete("the executor's checkpoint ended before its summary")
+
+    async def read(self, uid: str) -> AsyncIterator[executor_pb2.CheckpointChunk]:
+        """The checkpoint's messages, in order, the summary last; CheckpointUnreadable when the
+        file is missing, damaged, or written for another executor protocol."""
+        path = self.path(uid)
+        try:
+            file = await asyncio.to_thread(path.open, "rb")
+        except OSError as exc:
+            raise CheckpointUnreadable(f"no checkpoint: {exc.strerror or exc}") from exc
+        with file:
+            header = await asyncio.to_thread(file.read, _HEADER.size)
+            if len(header) != _HEADER.size:
+                raise CheckpointUnreadable("the checkpoint file is cut short")
+            magic, version, protocol = _HEADER.unpack(header)
+            if magic != MAGIC or version != FORMAT:
+                raise CheckpointUnreadable("the file is not a checkpoint of this format")
+            if protocol != EXECUTOR_PROTOCOL:
+                raise CheckpointUnreadable(
+                    f"the checkpoint was made by an executor of protocol {protocol}; this "
+                    f"controller's sandboxes speak {EXECUTOR_PROTOCOL}"
+                )
+            while True:
+                chunk = await asyncio.to_thread(_read_frame, file)
+                if chunk is None:
+                    raise CheckpointUnreadable("the checkpoint file ends before its summary")
+                yield chunk
+                if chunk.HasField("summary"):
+                    return
+
+
+def _create(path: Path) -> BinaryIO:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(descriptor, "wb")
+
+
+def _sync(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _publish(temporary: Path, final: Path) -> None:
+    """Renames the whole, synced file over the previous checkpoint, and syncs the directory
+    so that the rename outlives a crash."""
+    os.replace(temporary, final)
+    directory = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _read_frame(file: BinaryIO) -> executor_pb2.CheckpointChunk | None:
+    prefix = file.read(_LENGTH.size)
+    if not prefix:
+        return None
+    if len(prefix) != _LENGTH.size:
+        raise CheckpointUnreadable("the checkpoint file is cut short")
+    (length,) = _LENGTH.unpack(prefix)
+    if length > MAX_FRAME_BYTES:
+        raise CheckpointUnreadable(f"the checkpoint file holds a frame of {length} bytes")
+    data = file.read(length)
+    if len(data) != length:
+        raise CheckpointUnreadable("the checkpoint file is cut short")
+    try:
+        return executor_pb2.CheckpointChunk.FromString(data)
+    except Exception as exc:  # protobuf's DecodeError
+        raise CheckpointUnreadable(f"the checkpoint file is damaged: {exc}") from exc
