@@ -13,15 +13,16 @@ import contextlib
 import os
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from controller.errors import ResourceExhausted
 from controller.units import format_size
 from petri.protocol import CHECKPOINT_CHUNK_BYTES, EXECUTOR_PROTOCOL
 from petri.v1 import executor_pb2
 
+T = TypeVar("T")
 MAGIC = b"PETRICKP"
 FORMAT = 1
 _HEADER = struct.Struct(">8sII")  # magic, format, executor protocol
@@ -74,18 +75,14 @@ class CheckpointStore:
         final = self.path(uid)
         temporary = self.root / f"{uid}.{secrets.token_hex(4)}{TEMPORARY}"
         try:
-            file = await asyncio.to_thread(_create, temporary)
+            file = await _on_disk(_create, temporary)
             try:
                 summary, size = await self._write_all(file, chunks, max_bytes)
-                await asyncio.to_thread(_sync, file)
+                await _on_disk(_sync, file)
             finally:
                 file.close()
-            await asyncio.to_thread(_publish, temporary, final)
+            await _on_disk(_publish, temporary, final)
             return summary, size
-        except OSError as exc:
-            raise ResourceExhausted(
-                f"the checkpoint could not be written to disk: {exc.strerror or exc}"
-            ) from exc
         finally:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
@@ -97,7 +94,7 @@ class CheckpointStore:
         max_bytes: int,
     ) -> tuple[executor_pb2.CheckpointSummary, int]:
         size = _HEADER.size
-        await asyncio.to_thread(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL))
+        await _on_disk(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL))
         async for chunk in chunks:
             data = chunk.SerializeToString()
             size += _LENGTH.size + len(data)
@@ -106,7 +103,7 @@ class CheckpointStore:
                     f"the checkpoint passed the limit of {format_size(max_bytes)} per sandbox "
                     "(its namespace and its files)"
                 )
-            await asyncio.to_thread(file.write, _LENGTH.pack(len(data)) + data)
+            await _on_disk(file.write, _LENGTH.pack(len(data)) + data)
             if chunk.HasField("summary"):
                 return chunk.summary, size
         raise CheckpointIncomplete("the executor's checkpoint ended before its summary")
@@ -138,6 +135,17 @@ class CheckpointStore:
                 yield chunk
                 if chunk.HasField("summary"):
                     return
+
+
+async def _on_disk(operation: Callable[..., T], *args: Any) -> T:
+    """A file operation, off the event loop; its OSError (the disk is full...) as the
+    caller's error. (Errors of the executor's stream are not disk errors: not caught here.)"""
+    try:
+        return await asyncio.to_thread(operation, *args)
+    except OSError as exc:
+        raise ResourceExhausted(
+            f"the checkpoint could not be written to disk: {exc.strerror or exc}"
+        ) from exc
 
 
 def _create(path: Path) -> BinaryIO:

@@ -22,6 +22,7 @@ from controller.config import Config, validate
 from controller.sandboxes import worker_uids
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.standin_executor import StandInExecutor
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -81,6 +82,16 @@ class Petri:
             sandbox_pb2.GetSandboxRequest(name=name)
         )
         return sandbox
+
+    async def executor(self, name: str) -> StandInExecutor:
+        """The stand-in executor in the container the registry gives the sandbox now (after a
+        resume into a warm pool member, that container's labels name the member)."""
+        sandbox = await self.get(name)
+        record = await self.controller.registry.get_live(PROJECT, sandbox.name.rpartition("/")[2])
+        assert record is not None, name
+        container = self.runtime.containers.get(record.container_name)
+        assert container is not None and container.executor is not None, f"{name}: no executor"
+        return container.executor
 
     async def execute(self, name: str, code: str, **fields: Any) -> sandbox_pb2.ExecuteCodeResponse:
         response: sandbox_pb2.ExecuteCodeResponse = await self.stub.ExecuteCode(

@@ -93,6 +93,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.restore_lost: list[execution_pb2.LostName] = []
         self.restored: tuple[bytes, bytes] | None = None
         self.checkpoints = 0
+        # The execution count a restore brought back: this executor's count starts from it.
+        self.restored_count = 0
         # While set, Checkpoint fails with this status after its namespace (a worker that died).
         self.checkpoint_failure: grpc.StatusCode | None = None
         # While set, Restore refuses with INVALID_ARGUMENT (an archive it cannot extract).
@@ -125,7 +127,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self, request: executor_pb2.ExecuteRequest, files: dict[str, bytes]
     ) -> AsyncIterator[Batch]:
         """The script's batches; NoResult after them when none carried a result."""
-        execution = Execution(request, files, len(self.executions) + 1, self.incarnation)
+        count = self.restored_count + len(self.executions) + 1
+        execution = Execution(request, files, count, self.incarnation)
         self.executions.append(execution)
         script = self._scripts.get(request.code, echo)
         answered = False
@@ -175,18 +178,17 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
             executor_pb2.CheckpointRequest, executor_pb2.CheckpointChunk
         ],
     ) -> AsyncIterator[executor_pb2.CheckpointChunk]:
-        """The namespace and the files in chunks of at most 4 bytes (so that several make
-        each), then the summary."""
+        """The namespace and the files, each in three chunks or so, then the summary."""
         await self._check_key(context)
         self.checkpoints += 1
-        for start in range(0, len(self.namespace), 4):
-            yield executor_pb2.CheckpointChunk(namespace=self.namespace[start : start + 4])
+        for piece in _thirds(self.namespace):
+            yield executor_pb2.CheckpointChunk(namespace=piece)
         if self.checkpoint_failure is not None:
             await context.abort(self.checkpoint_failure, "the worker died while it saved")
-        for start in range(0, len(self.workspace), 4):
-            yield executor_pb2.CheckpointChunk(workspace=self.workspace[start : start + 4])
+        for piece in _thirds(self.workspace):
+            yield executor_pb2.CheckpointChunk(workspace=piece)
         summary = executor_pb2.CheckpointSummary(
-            execution_count=len(self.executions),
+            execution_count=self.restored_count + len(self.executions),
             lost=self.lost,
             namespace_bytes=len(self.namespace),
             workspace_bytes=len(self.workspace),
@@ -211,6 +213,7 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
                 self.restored = (namespace, workspace)
                 self.namespace, self.workspace = namespace, workspace
                 self.incarnation = secrets.token_hex(16)
+                self.restored_count = chunk.summary.execution_count
                 return executor_pb2.RestoreResult(
                     incarnation=self.incarnation,
                     execution_count=chunk.summary.execution_count,
@@ -234,6 +237,11 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
             preloaded=True,
             protocol=self.protocol,
         )
+
+
+def _thirds(data: bytes) -> list[bytes]:
+    size = max(1, -(-len(data) // 3))
+    return [data[start : start + size] for start in range(0, len(data), size)]
 
 
 def _take_key(path: Path) -> str:

@@ -184,7 +184,10 @@ async def test_a_registry_newer_than_the_controller_is_refused_untouched(
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     registry = SqliteRegistry(path)
-    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this controller's {SCHEMA_VERSION}"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"schema version {SCHEMA_VERSION + 1}, newer than this controller's {SCHEMA_VERSION}",
+    ):
         await registry.open()
     await registry.close()
     db = sqlite3.connect(path)
@@ -221,7 +224,9 @@ async def test_a_version_1_pool_member_left_mid_discard_leaves_no_tombstone(
 
 # Version 2: version 1's table, its states WARMING, POOLED and DELETED as 5, 6 and 7, and
 # indexes whose conditions name those values.
-V2_SCHEMA = V1_SCHEMA.split("CREATE UNIQUE INDEX")[0] + """
+V2_SCHEMA = (
+    V1_SCHEMA.split("CREATE UNIQUE INDEX")[0]
+    + """
 CREATE UNIQUE INDEX IF NOT EXISTS live_sandbox_names
     ON sandboxes (project, sandbox_id) WHERE state != 7;
 CREATE UNIQUE INDEX IF NOT EXISTS request_ids
@@ -230,6 +235,7 @@ CREATE INDEX IF NOT EXISTS shown_by_project
     ON sandboxes (project, create_time, uid) WHERE state IN (1, 2, 3, 4);
 CREATE INDEX IF NOT EXISTS live_by_expiry ON sandboxes (expire_time) WHERE state != 7;
 """
+)
 
 
 async def test_a_version_2_registry_moves_its_own_states_out_of_paused_s_way(

@@ -13,6 +13,7 @@ from google.protobuf import field_mask_pb2
 
 from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY, ContainerSpec
 from controller.sandboxes.warm_pool import PoolTarget
+from petri.protocol import EXECUTOR_PROTOCOL
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.fake_runtime import FakeContainer, FakeRuntime
 from tests.unit.controller.inprocess import (
@@ -144,7 +145,7 @@ async def test_an_executor_of_another_protocol_runs_nothing_and_says_why(tmp_pat
                 await expect(
                     second.execute(adopted.name, "1"),
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    "speaks protocol version 0, this controller 1",
+                    f"speaks protocol version 0, this controller {EXECUTOR_PROTOCOL}",
                     "nothing ran",
                 )
                 assert runtime.executor_of(adopted.uid).executions == []

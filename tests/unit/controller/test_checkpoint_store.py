@@ -1,0 +1,97 @@
+"""The checkpoint store on its own: a new checkpoint replaces the previous one only once it is
+whole, and a damaged or foreign file is refused with a reason, never half-read."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controller.errors import ResourceExhausted
+from controller.store import checkpoints
+from controller.store.checkpoints import (
+    CheckpointIncomplete,
+    CheckpointStore,
+    CheckpointUnreadable,
+)
+from petri.v1 import executor_pb2
+
+Chunk = executor_pb2.CheckpointChunk
+SUMMARY = Chunk(summary=executor_pb2.CheckpointSummary(execution_count=3))
+
+
+async def stream(*chunks: Chunk) -> AsyncIterator[Chunk]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def read_all(store: CheckpointStore, uid: str) -> list[Chunk]:
+    return [chunk async for chunk in store.read(uid)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.open()
+    return store
+
+
+async def test_a_checkpoint_reads_back_as_written(store: CheckpointStore) -> None:
+    written = [Chunk(namespace=b"\x00" * 10), Chunk(workspace=b"tar"), SUMMARY]
+    summary, size = await store.write("u", stream(*written), 1 << 20)
+    assert summary.execution_count == 3 and size == store.path("u").stat().st_size
+    assert await read_all(store, "u") == written
+
+
+async def test_a_failed_write_leaves_the_previous_checkpoint_whole(
+    store: CheckpointStore,
+) -> None:
+    await store.write("u", stream(Chunk(namespace=b"old"), SUMMARY), 1 << 20)
+    before = store.path("u").read_bytes()
+
+    with pytest.raises(CheckpointIncomplete):  # the executor stopped before its summary
+        await store.write("u", stream(Chunk(namespace=b"new")), 1 << 20)
+    with pytest.raises(ResourceExhausted, match="passed the limit of 1 KiB per sandbox"):
+        await store.write("u", stream(Chunk(namespace=b"x" * 2048), SUMMARY), 1024)
+
+    async def fails() -> AsyncIterator[Chunk]:
+        yield Chunk(namespace=b"new")
+        raise ConnectionError("the executor went away")
+
+    with pytest.raises(ConnectionError):
+        await store.write("u", fails(), 1 << 20)
+    assert store.path("u").read_bytes() == before
+    assert sorted(p.name for p in store.root.iterdir()) == ["u.ckpt"]
+
+
+async def test_damaged_and_foreign_files_are_refused_with_a_reason(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(CheckpointUnreadable, match="no checkpoint"):
+        await read_all(store, "missing")
+    await store.write("u", stream(Chunk(namespace=b"n" * 100), SUMMARY), 1 << 20)
+    whole = store.path("u").read_bytes()
+
+    store.path("u").write_bytes(whole[:-5])
+    with pytest.raises(CheckpointUnreadable, match="cut short"):
+        await read_all(store, "u")
+    store.path("u").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointUnreadable, match="not a checkpoint of this format"):
+        await read_all(store, "u")
+    header = checkpoints._HEADER.size
+    store.path("u").write_bytes(whole[:header] + b"\xff\xff\xff\xff" + whole[header + 4 :])
+    with pytest.raises(CheckpointUnreadable, match="holds a frame of 4294967295 bytes"):
+        await read_all(store, "u")
+
+    store.path("u").write_bytes(whole)
+    monkeypatch.setattr(checkpoints, "EXECUTOR_PROTOCOL", 99)  # a controller upgraded since
+    with pytest.raises(CheckpointUnreadable, match="made by an executor of protocol 2"):
+        await read_all(store, "u")
+
+
+async def test_what_a_crash_left_mid_write_is_removed_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "u.1234abcd.tmp").write_bytes(b"half")
+    (root / "u.ckpt").write_bytes(b"whole")
+    CheckpointStore(root).open()
+    assert sorted(p.name for p in root.iterdir()) == ["u.ckpt"]

@@ -1,0 +1,399 @@
+"""Pause, resume and checkpoints through the real API of an in-process controller whose
+containers are fakes: the controller moves a checkpoint's bytes exactly and never reads them,
+keeps a sandbox untouched when a save fails, resumes it when code arrives, and never loses one
+silently (docs/hibernation.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from controller.sandboxes.warm_pool import PoolTarget
+from controller.store.checkpoints import SUFFIX
+from petri.v1 import execution_pb2, sandbox_pb2
+from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.inprocess import (
+    PARENT,
+    PROFILE,
+    Petri,
+    expect,
+    fast_config,
+    fast_petri,
+    serving,
+    short_runtime_dir,
+    wait_for_state,
+    wait_gone,
+    wait_until,
+)
+from tests.unit.controller.standin_executor import Batch, Execution
+
+RUNNING = sandbox_pb2.Sandbox.RUNNING
+PAUSED = sandbox_pb2.Sandbox.PAUSED
+TERMINATED = sandbox_pb2.Sandbox.TERMINATED
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def lost(name: str, reason: str) -> execution_pb2.LostName:
+    return execution_pb2.LostName(name=name, reason=reason)
+
+
+async def pause(petri: Petri, name: str) -> sandbox_pb2.Sandbox:
+    paused: sandbox_pb2.Sandbox = await petri.stub.PauseSandbox(
+        sandbox_pb2.PauseSandboxRequest(name=name)
+    )
+    return paused
+
+
+async def resume(petri: Petri, name: str) -> sandbox_pb2.Sandbox:
+    resumed: sandbox_pb2.Sandbox = await petri.stub.ResumeSandbox(
+        sandbox_pb2.ResumeSandboxRequest(name=name)
+    )
+    return resumed
+
+
+def checkpoint_file(petri: Petri, sandbox: sandbox_pb2.Sandbox) -> Path:
+    return petri.config.checkpoint_path / f"{sandbox.uid}{SUFFIX}"
+
+
+async def test_a_paused_sandbox_has_no_container_and_comes_back_byte_exact(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await petri.execute(sandbox.name, "x = 1")
+        before = await petri.executor(sandbox.name)
+        before.namespace = bytes(range(256)) * 3  # any bytes: the controller never reads them
+        before.workspace = b"\x00files\xff" * 5
+        before.lost = [lost("gen", "TypeError: cannot pickle 'generator' object")]
+
+        paused = await pause(petri, sandbox.name)
+        assert paused.state == PAUSED and paused.checkpoint.size_bytes > 0
+        assert list(paused.checkpoint.lost_names) == before.lost
+        assert petri.runtime.container_of(sandbox.uid) is None  # no container, no process
+        assert checkpoint_file(petri, sandbox).is_file()
+        assert (await pause(petri, sandbox.name)).state == PAUSED  # again: as it is
+        listed = await petri.stub.ListSandboxes(
+            sandbox_pb2.ListSandboxesRequest(parent=PARENT, filter="state = PAUSED")
+        )
+        assert [s.name for s in listed.sandboxes] == [sandbox.name]
+
+        # Code on a paused sandbox resumes it first: the caller need not know.
+        answer = await petri.execute(sandbox.name, "print(x)")
+        assert answer.namespace_restored and answer.error.kind == 0
+        assert list(answer.lost_names) == before.lost
+        after = await petri.executor(sandbox.name)
+        assert after is not before
+        assert after.restored == (bytes(range(256)) * 3, b"\x00files\xff" * 5)
+        assert answer.incarnation == after.incarnation != sandbox.incarnation
+        seen = await petri.get(sandbox.name)
+        assert seen.state == RUNNING and seen.incarnation == after.incarnation
+        # Only the first execution after a resume says so.
+        assert not (await petri.execute(sandbox.name, "1")).namespace_restored
+
+
+async def test_resume_says_which_names_the_restore_lost_and_an_executor_cannot_pretend(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+
+        async def claims_a_restore(execution: Execution) -> AsyncIterator[Batch]:
+            yield [execution.result(namespace_restored=True, lost_names=[lost("x", "lie")])]
+
+        petri.runtime.scripts["lie"] = claims_a_restore
+        sandbox = await petri.create("one")
+        answer = await petri.execute(sandbox.name, "lie")
+        assert not answer.namespace_restored and list(answer.lost_names) == []
+
+        await pause(petri, sandbox.name)
+        # The next container's executor will fail to restore one global.
+        original_start = petri.runtime.start
+
+        async def start_losing_one(spec):  # type: ignore[no-untyped-def]
+            await original_start(spec)
+            executor = petri.runtime.containers[spec.name].executor
+            assert executor is not None
+            executor.restore_lost = [lost("model", "ModuleNotFoundError: No module named 'x'")]
+
+        petri.runtime.start = start_losing_one  # type: ignore[method-assign]
+        resumed = await resume(petri, sandbox.name)
+        assert resumed.state == RUNNING
+        answer = await petri.execute(sandbox.name, "1")
+        assert answer.namespace_restored
+        assert [n.name for n in answer.lost_names] == ["model"]
+
+
+async def test_a_resume_claims_a_ready_warm_pool_sandbox_instead_of_starting_one(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path, warm_pool=(PoolTarget(size=1),)) as petri:
+        pool = petri.controller.manager.warm_pool
+        await wait_until(lambda: len(pool.ready_uids()) == 1, "a pool member")
+        sandbox = await petri.create("one")  # claims the member
+        await wait_until(lambda: len(pool.ready_uids()) == 1, "the pool refilled")
+        (member_uid,) = pool.ready_uids()
+        await pause(petri, sandbox.name)
+
+        answer = await petri.execute(sandbox.name, "1")
+        assert answer.namespace_restored
+        executor = await petri.executor(sandbox.name)
+        assert executor is petri.runtime.executor_of(member_uid)  # the member's container
+        assert executor.restored is not None
+        # The member is the sandbox now: gone from the registry's pool, and the pool refills.
+        assert await petri.controller.registry.get_live("", member_uid) is None
+        await wait_until(
+            lambda: len(pool.ready_uids()) == 1 and member_uid not in pool.ready_uids(),
+            "the pool refilled after the resume",
+        )
+
+
+async def test_a_pause_waits_for_the_execution_before_it(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        release = asyncio.Event()
+        began = asyncio.Event()
+
+        async def slow(execution: Execution) -> AsyncIterator[Batch]:
+            began.set()
+            await release.wait()
+            yield [execution.result()]
+
+        petri.runtime.scripts["slow"] = slow
+        sandbox = await petri.create("one")
+        running = asyncio.ensure_future(petri.execute(sandbox.name, "slow"))
+        await began.wait()
+        pausing = asyncio.ensure_future(pause(petri, sandbox.name))
+        await asyncio.sleep(0.05)  # the pause is queued, not refused: it has not answered
+        assert not pausing.done()
+        assert (await petri.executor(sandbox.name)).checkpoints == 0
+        release.set()
+        assert (await running).execution_count == 1
+        assert (await pausing).state == PAUSED
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str) -> Iterator[Path]:
+    """A tmpfs of `size` without privileges: mounted in a user and mount namespace of our
+    own, reached through the /proc root of the process that holds it."""
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size={size} tmpfs /mnt && echo ready && exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        yield Path(f"/proc/{holder.pid}/root/mnt")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+async def test_a_checkpoint_that_cannot_be_written_leaves_the_sandbox_running(
+    tmp_path: Path,
+) -> None:
+    with small_filesystem("1m") as disk, short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir, checkpoint_dir=disk / "checkpoints")
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime) as petri:
+                sandbox = await petri.create("one")
+                await pause(petri, sandbox.name)  # a first checkpoint fits
+                saved = checkpoint_file(petri, sandbox).read_bytes()
+                await petri.execute(sandbox.name, "x = 1")
+                (await petri.executor(sandbox.name)).namespace = os.urandom(2 << 20)
+
+                await expect(
+                    pause(petri, sandbox.name),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "could not be written to disk: No space left on device",
+                    "still RUNNING, untouched",
+                )
+                seen = await petri.get(sandbox.name)
+                assert seen.state == RUNNING
+                assert (await petri.execute(sandbox.name, "1")).execution_count == 2
+                # The previous checkpoint is whole, and no partial file is left.
+                assert checkpoint_file(petri, sandbox).read_bytes() == saved
+                assert sorted(os.listdir(disk / "checkpoints")) == [f"{sandbox.uid}{SUFFIX}"]
+        finally:
+            await runtime.shutdown()
+
+
+async def test_an_executor_that_fails_mid_checkpoint_leaves_everything_as_it_was(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        executor = await petri.executor(sandbox.name)
+        executor.checkpoint_failure = grpc.StatusCode.INTERNAL
+        await expect(
+            pause(petri, sandbox.name),
+            grpc.StatusCode.UNAVAILABLE,
+            "did not complete the checkpoint",
+            "still RUNNING, untouched: retry",
+        )
+        assert not checkpoint_file(petri, sandbox).exists()
+        executor.checkpoint_failure = None
+        assert (await pause(petri, sandbox.name)).state == PAUSED  # the retry works
+
+
+async def test_delete_and_expiry_of_paused_sandboxes_remove_their_checkpoints(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path, reap_interval=timedelta(milliseconds=50)) as petri:
+        deleted = await petri.create("deleted")
+        expiring = await petri.create("expiring", ttl=Duration(seconds=3600))
+        for sandbox in (deleted, expiring):
+            await pause(petri, sandbox.name)
+            assert checkpoint_file(petri, sandbox).is_file()
+        await petri.delete(deleted.name)
+        assert not checkpoint_file(petri, deleted).exists()
+        await expect(petri.execute(deleted.name, "1"), grpc.StatusCode.NOT_FOUND, "was deleted")
+
+        # Paused time counts: a paused sandbox expires like a running one.
+        await petri.stub.UpdateSandbox(
+            sandbox_pb2.UpdateSandboxRequest(
+                sandbox=sandbox_pb2.Sandbox(name=expiring.name, ttl=Duration(nanos=1000)),
+            )
+        )
+        assert "was expired at" in await wait_gone(petri, expiring.name)
+        assert not checkpoint_file(petri, expiring).exists()
+
+
+async def test_an_idle_sandbox_pauses_on_its_own_unless_it_says_never(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path, hibernate_interval=timedelta(milliseconds=50)) as petri:
+        soon = await petri.create("soon", auto_pause_after=Duration(nanos=100_000_000))
+        never = await petri.create("never", auto_pause_after=Duration())
+        default = await petri.create("default")
+        assert default.auto_pause_after.ToTimedelta() == timedelta(minutes=15)
+        assert never.auto_pause_after.ToTimedelta() == timedelta(0)
+        await wait_for_state(petri, soon.name, PAUSED)
+        assert (await petri.get(never.name)).state == RUNNING
+        assert (await petri.get(default.name)).state == RUNNING
+        await expect(
+            petri.create("bad", auto_pause_after=Duration(seconds=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "auto_pause_after must be 0s (never) or positive",
+        )
+
+
+async def test_a_sandbox_whose_container_is_lost_comes_back_from_its_idle_checkpoint(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=50),
+        checkpoint_idle_after=timedelta(milliseconds=100),
+        container_check_interval=timedelta(milliseconds=50),
+    ) as petri:
+        saved = await petri.create("saved")
+        await petri.execute(saved.name, "x = 1")
+        await wait_until(lambda: checkpoint_file(petri, saved).is_file(), "the idle checkpoint")
+        executor = await petri.executor(saved.name)
+        await wait_until(lambda: executor.checkpoints == 1, "one checkpoint")
+        petri.runtime.scripts.clear()
+        await petri.runtime.vanish(saved.uid)  # podman lost it (a crash, a reboot)
+
+        seen = await wait_for_state(petri, saved.name, PAUSED)
+        assert "its container is gone; it resumes from its checkpoint of" in seen.state_message
+        answer = await petri.execute(saved.name, "1")
+        assert answer.namespace_restored
+        assert (await petri.get(saved.name)).state_message == ""
+
+
+async def test_a_sandbox_lost_without_a_checkpoint_is_terminated_saying_so(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(
+        tmp_path,
+        checkpoint_idle_after=timedelta(0),
+        container_check_interval=timedelta(milliseconds=50),
+    ) as petri:
+        sandbox = await petri.create("one")
+        await petri.runtime.vanish(sandbox.uid)
+        seen = await wait_for_state(petri, sandbox.name, TERMINATED)
+        assert seen.state_message == "its container is gone, and it had no checkpoint"
+
+
+async def test_a_stopping_controller_pauses_its_sandboxes_and_the_next_resumes_them_lazily(
+    tmp_path: Path,
+) -> None:
+    with short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir)
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime) as first:
+                one, two = await first.create("one"), await first.create("two")
+                await first.execute(one.name, "x = 1")
+            assert runtime.uids() == set()  # paused: nothing runs while no controller does
+            async with serving(config, runtime) as second:
+                assert (await second.get(one.name)).state == PAUSED
+                assert (await second.get(two.name)).state == PAUSED
+                answer = await second.execute(one.name, "x")
+                assert answer.namespace_restored and answer.execution_count == 2
+                assert (await second.get(two.name)).state == PAUSED  # only on first use
+        finally:
+            await runtime.shutdown()
+
+
+async def test_a_damaged_checkpoint_terminates_its_sandbox_and_says_why(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await pause(petri, sandbox.name)
+        path = checkpoint_file(petri, sandbox)
+        path.write_bytes(path.read_bytes()[:-3])  # cut short
+        await expect(
+            petri.execute(sandbox.name, "1"),
+            PRECONDITION,
+            "cannot be resumed: its checkpoint cannot be restored",
+            "the checkpoint file is cut short",
+            "Nothing ran",
+        )
+        seen = await petri.get(sandbox.name)
+        assert seen.state == TERMINATED and "its checkpoint cannot be restored" in (
+            seen.state_message
+        )
+        assert petri.runtime.uids() == set()  # the container it was resuming into went
+
+
+async def test_a_caller_that_leaves_during_a_resume_does_not_stop_it(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await pause(petri, sandbox.name)
+        petri.runtime.starts_open.clear()  # the resume's container start waits
+        first = asyncio.ensure_future(petri.execute(sandbox.name, "1"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the resume to start")
+        first.cancel()
+        second = asyncio.ensure_future(petri.execute(sandbox.name, "2"))
+        await asyncio.sleep(0.05)
+        petri.runtime.starts_open.set()
+        answer = await second
+        assert answer.namespace_restored
+        assert petri.runtime.starts == 2  # one resume for both callers
+        assert (await petri.get(sandbox.name)).state == RUNNING
+
+
+async def test_only_running_sandboxes_pause_and_only_paused_ones_resume(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path, container_check_interval=timedelta(milliseconds=50)) as petri:
+        sandbox = await petri.create("one", auto_pause_after=Duration(seconds=60))
+        assert (await resume(petri, sandbox.name)).state == RUNNING  # as it is
+        await petri.runtime.exit(sandbox.uid)
+        await wait_for_state(petri, sandbox.name, TERMINATED)
+        await expect(pause(petri, sandbox.name), PRECONDITION, "is TERMINATED", "cannot be paused")
+        await expect(
+            resume(petri, sandbox.name), PRECONDITION, "is TERMINATED", "cannot be resumed"
+        )
