@@ -197,13 +197,17 @@ async def test_an_idle_sandbox_pauses_on_its_own_and_resumes_from_the_warm_pool(
         await wait_state(stub, quick.name, PAUSED)
         got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=never.name))
         assert got.state == RUNNING
-        pool_members = running.manager.warm_pool.ready_uids()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (pool_members := running.manager.warm_pool.ready_uids()):
+            assert time.monotonic() < deadline, "the warm pool did not refill"
+            await asyncio.sleep(0.1)
         answer = await execute(stub, quick.name, "x + 1")
         assert answer.namespace_restored and value_of(answer) == "42"
-        # It took the container of a ready pool member, if one was ready (it refills).
-        if pool_members:
-            used = containers_of(running)
-            assert any(f"petri-{uid}" in used for uid in pool_members)
+        # It took the container of the ready pool member: no cold start.
+        record = await running.registry.get_live("e2e", quick.name.rpartition("/")[2])
+        assert record is not None and record.container_name in {
+            f"petri-{uid}" for uid in pool_members
+        }
 
 
 async def test_a_simulated_reboot_brings_back_paused_and_checkpointed_sandboxes(
