@@ -20,7 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from controller.sandboxes.warm_pool import PoolTarget
 from controller.store.checkpoints import SUFFIX
 from petri.v1 import execution_pb2, sandbox_pb2
-from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.fake_runtime import FakeContainer, FakeRuntime
 from tests.unit.controller.inprocess import (
     PARENT,
     PROFILE,
@@ -397,3 +397,28 @@ async def test_only_running_sandboxes_pause_and_only_paused_ones_resume(tmp_path
         await expect(
             resume(petri, sandbox.name), PRECONDITION, "is TERMINATED", "cannot be resumed"
         )
+
+
+async def test_a_container_a_crash_left_beside_a_paused_sandbox_goes_at_start(
+    tmp_path: Path,
+) -> None:
+    """A crash between a pause's write and its container's removal (or during a resume)
+    leaves a container beside a PAUSED sandbox: the checkpoint is the sandbox, the container
+    goes at the next start, with its worker uid, and the sandbox resumes into a new one."""
+    with short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir)
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime) as first:
+                sandbox = await first.create("one")
+                container = runtime.container_of(sandbox.uid)
+                assert container is not None
+                await pause(first, sandbox.name)
+            runtime.containers[container.spec.name] = FakeContainer(container.spec, None)
+            async with serving(config, runtime) as second:
+                assert container.spec.name not in runtime.containers
+                answer = await second.execute(sandbox.name, "1")
+                assert answer.namespace_restored
+                assert (await second.get(sandbox.name)).state == RUNNING
+        finally:
+            await runtime.shutdown()
