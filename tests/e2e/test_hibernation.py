@@ -394,3 +394,24 @@ async def test_a_malicious_pickle_runs_only_inside_its_own_sandbox(
         # The checkpoint file holds the pickle as bytes: the controller moved, never read it.
         saved = (running.config.checkpoint_path / f"{sandbox.uid}.ckpt").read_bytes()
         assert b"unpickled-here" in saved
+
+
+async def test_a_gvisor_sandbox_pauses_and_resumes_under_gvisor(
+    e2e_config: Config, controller: Controller, tmp_path: Path
+) -> None:
+    """gVisor sandboxes hibernate with the same namespace tier (docs/hibernation.md says why
+    not runsc's own checkpoint), and come back under gVisor."""
+    if controller.gvisor_service is None:
+        if os.environ.get("PETRI_REQUIRE_GVISOR"):
+            pytest.fail("PETRI_REQUIRE_GVISOR is set but runsc is not installed")
+        pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
+    async with hibernating(e2e_config, controller, tmp_path) as (_, stub):
+        spec = sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.GVISOR)
+        sandbox = await create(stub, spec=spec)
+        await execute(stub, sandbox.name, "x = [1, 2, 3]\nopen('f.txt', 'w').write('kept')")
+        assert (await pause(stub, sandbox.name)).state == PAUSED
+        answer = await execute(
+            stub, sandbox.name, "x, open('f.txt').read(), '4.4.0' in open('/proc/version').read()"
+        )
+        assert answer.namespace_restored
+        assert value_of(answer) == "([1, 2, 3], 'kept', True)"
