@@ -127,9 +127,14 @@ class Supervisor:
             )
         )
         sent = 0
+        # Each reply is read by a task of its own that a cancelled caller does not cancel: a
+        # frame read halfway would leave the rest of it to be taken for the next frame.
+        reading: asyncio.Task[executor_pb2.WorkerReply] | None = None
         try:
             while True:
-                reply = await self._answer(worker)
+                reading = asyncio.ensure_future(self._answer(worker))
+                reply = await asyncio.shield(reading)
+                reading = None
                 if reply.HasField("snapshot"):
                     if reply.snapshot.namespace_bytes != sent:
                         raise await self._failed(worker, "the worker miscounted its snapshot")
@@ -146,13 +151,16 @@ class Supervisor:
         except BaseException:
             # The caller left: the rest of the snapshot is read and dropped, so that the
             # worker's next answers belong to the next request.
-            await self._skip_snapshot(worker)
+            await self._skip_snapshot(worker, reading)
             raise
 
-    async def _skip_snapshot(self, worker: WorkerProcess) -> None:
+    async def _skip_snapshot(
+        self, worker: WorkerProcess, reading: "asyncio.Task[executor_pb2.WorkerReply] | None"
+    ) -> None:
         with contextlib.suppress(SnapshotFailed):
-            while not (await self._answer(worker)).HasField("snapshot"):
-                pass
+            reply = await reading if reading is not None else await self._answer(worker)
+            while not reply.HasField("snapshot"):
+                reply = await self._answer(worker)
 
     @contextlib.asynccontextmanager
     async def restoring(self) -> AsyncIterator["Restoring"]:
@@ -272,10 +280,10 @@ class Supervisor:
     async def _run_locked(self, execution: Execution) -> None:
         if execution.cancelled:
             return  # the caller left while queued: its input files are not written
+        self.fresh = False  # from here it may write files: no restore over them
         if execution.inputs is not None:
             execution.inputs.commit()
         worker = await self._preloaded_worker()  # the timeout starts after the preload
-        self.fresh = False
         self.execution_count += 1
         worker.used = True
         if await execution.run(worker, self.execution_count):

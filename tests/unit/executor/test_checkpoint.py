@@ -76,6 +76,10 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     yield start_one
     for stop in stops:
         await stop()
+    # pytest removes old temporary directories recursively: a 1,500-deep tree would break
+    # that (RecursionError) for every later run. rm has no such limit.
+    remove = await asyncio.create_subprocess_exec("rm", "-rf", "--", *map(str, tmp_path.iterdir()))
+    assert await remove.wait() == 0
 
 
 async def execute(daemon: Daemon, code: str) -> list[executor_pb2.ExecuteEvent]:
@@ -480,3 +484,34 @@ async def test_a_tampered_namespace_runs_only_in_the_worker(start: Start, tmp_pa
     assert marker.read_text() == worker.strip("'")
     assert int(marker.read_text().split()[0]) != os.getpid()  # never the daemon
     assert await value(new, "fine") == "[1, 2]"
+
+
+async def test_a_worker_that_hangs_saving_fails_the_checkpoint_and_is_replaced(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("executor.supervisor.SNAPSHOT_TIMEOUT", 1.0)
+    old = await start("old")
+    code = "import time\nclass Slow:\n    def __reduce__(self):\n        time.sleep(3600)\n"
+    code += "slow = Slow()"
+    await execute(old, code)
+    error = await refused(checkpoint(old))
+    assert error.code() == grpc.StatusCode.INTERNAL and "no answer" in str(error.details())
+    assert await value(old, "'slow' in globals()") == "False"
+
+
+async def test_a_cancelled_checkpoint_leaves_the_worker_and_its_namespace(start: Start) -> None:
+    old = await start("old")
+    await execute(old, "import os\nbig = os.urandom(8 << 20)\nkept = 'yes'")
+    before = await old.stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=KEYED)
+    call = old.stub.Checkpoint(
+        executor_pb2.CheckpointRequest(namespace_limit_bytes=1 << 30), metadata=KEYED
+    )
+    first = await call.read()
+    assert isinstance(first, executor_pb2.CheckpointChunk) and first.HasField("namespace")
+    call.cancel()
+    # The worker's rest of the snapshot was read and dropped: its next answers line up.
+    assert await value(old, "(kept, len(big))") == f"('yes', {8 << 20})"
+    after = await old.stub.GetStatus(executor_pb2.GetStatusRequest(), metadata=KEYED)
+    assert after.incarnation == before.incarnation
+    chunks = await checkpoint(old)  # and a checkpoint works again
+    assert chunks[-1].summary.namespace_bytes > 8 << 20
