@@ -81,6 +81,12 @@ def _message(stderr: bytes) -> str:
     return text
 
 
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        return f"tar was killed by signal {-returncode}"
+    return f"tar exited with status {returncode}"
+
+
 async def _kill(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.kill()
@@ -123,7 +129,9 @@ async def archive(
     if status == _TAR_FILES_DIFFER:  # the archive holds the file as it was at some moment
         log.warning("files changed while the workspace was archived: %s", _message(said))
     elif status != 0:
-        raise ArchiveFailed(f"the workspace cannot be archived whole: {_message(said)}")
+        raise ArchiveFailed(
+            f"the workspace cannot be archived whole: {_message(said)} ({_status(status)})"
+        )
     return sent
 
 

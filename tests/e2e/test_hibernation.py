@@ -132,8 +132,11 @@ open("data.bin", "wb").write(bytes(range(256)) * 100)
 open(os.fsencode("caf\xe9-\udcff.txt"), "wb").write(b"latin-1 name")
 os.symlink("data.bin", "link")
 os.mkdir("empty")
-deep_path = "/".join(["d"] * 1500)
-os.makedirs(deep_path)
+deep_path = "d"
+os.mkdir(deep_path)
+for _ in range(1499):  # os.makedirs recurses, once per level
+    deep_path += "/d"
+    os.mkdir(deep_path)
 open(deep_path + "/bottom", "w").write("1,500 levels down")
 """
 CHECK = r"""
