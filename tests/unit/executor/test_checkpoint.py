@@ -315,9 +315,11 @@ async def test_a_checkpoint_waits_for_the_execution_in_progress(
     request = executor_pb2.ExecuteRequest(code=code, timeout=Duration(seconds=60))
     session = old.stub.Session(metadata=KEYED)
     await session.write(executor_pb2.ExecuteInput(request=request, inputs_end_here=True))
-    first = await session.read()
-    assert isinstance(first, executor_pb2.ExecuteEvents)
-    assert first.events[0].stdout == "started\n"
+    stdout = ""
+    while "started\n" not in stdout:  # the code is running
+        batch = await session.read()
+        assert isinstance(batch, executor_pb2.ExecuteEvents), batch
+        stdout += "".join(event.stdout for event in batch.events)
     saving = asyncio.create_task(checkpoint(old))
     await asyncio.wait_for(asked.wait(), 10)
     (old.workspace / "go").write_text("")  # only now may the execution end
