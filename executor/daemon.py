@@ -192,10 +192,13 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         RESOURCE_EXHAUSTED when the workspace is full; CANCELLED when the call ends without
         its summary; UNAVAILABLE when no worker can be started. After any of these but the
         first, the restore is undone as far as it can be: the worker drops what it got (it
-        was still unused and stays so), tar is stopped and the entries it created under the
-        workspace are removed (as user code's uid), and the sandbox may be restored again. A
-        namespace that cannot be read, or that kills the worker, is not an error: the result
-        lists it as lost ("*") and a fresh worker runs on.
+        was still unused and stays so), tar is stopped and the entries it created at the top
+        of the workspace are removed, trees and all (as user code's uid; what that uid cannot
+        remove stays), the execution count is put back, and the sandbox may be restored
+        again. A cancelled call is undone the same way; one cancelled while the worker
+        restores replaces the worker (a new, empty one). A namespace that cannot be read, or
+        that kills the worker, is not an error: the result lists it as lost ("*") and a
+        fresh worker runs on.
         """
         try:
             async with self._supervisor.restoring() as restoring:

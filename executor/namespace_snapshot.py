@@ -7,6 +7,7 @@ whole, and no frame needs to hold one. They are produced by user code and are ho
 worker, which runs that user's code anyway, ever unpickles them.
 """
 
+import collections
 import contextlib
 import importlib
 import io
@@ -27,8 +28,13 @@ MAX_LOST_NAMES = 1000
 # length prefix and protobuf's tags and lengths, so that the bytes sent never pass the limit.
 ENTRY_OVERHEAD = 32
 _LENGTH = struct.Struct(">I")
-# An entry (a name and a size) is small; a longer one is garbage.
+# An entry (a name and sizes) is small; a longer one is garbage. Names (and modules' names)
+# and out-of-band buffers per value are bounded so that every entry saved fits.
 MAX_ENTRY_BYTES = 64 * 1024
+MAX_NAME_BYTES = 4096
+MAX_OUT_OF_BAND = 1024
+# Counted against the limit for each out-of-band buffer: its size in the entry.
+BUFFER_OVERHEAD = 10
 
 
 class _TooLarge(Exception):
@@ -41,19 +47,38 @@ class _Unsaved(Exception):
 
 class _BoundedBuffer:
     """A pickle's output that stops it as soon as it passes its share of the limit, so that
-    a huge value is not held in memory whole just to be refused."""
+    a huge value is not held in memory whole just to be refused. Large contiguous buffers
+    (numpy's, so pandas' too) stay out of band: views of the value's own memory, written
+    out from there, never copied whole."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.used = 0
         self.data = bytearray()
+        self.out_of_band: list[memoryview] = []
+
+    def _charge(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise _TooLarge
 
     def write(self, chunk: Any) -> int:
-        # Any buffer: protocol 5 writes a large array's memory as a PickleBuffer, uncopied.
-        view = memoryview(chunk).cast("B")
-        if len(self.data) + len(view) > self.limit:
-            raise _TooLarge
+        view = memoryview(chunk).cast("B")  # any buffer: protocol 5 may write a PickleBuffer
+        self._charge(len(view))
         self.data += view
         return len(view)
+
+    def keep(self, buffer: pickle.PickleBuffer) -> bool:
+        """The pickler's buffer_callback: False keeps the buffer out of band."""
+        if len(self.out_of_band) >= MAX_OUT_OF_BAND:
+            return True
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in band (pickle copies it)
+            return True
+        self._charge(len(view) + BUFFER_OVERHEAD)
+        self.out_of_band.append(view)
+        return False
 
 
 def _reason(exc: BaseException) -> str:
@@ -146,8 +171,12 @@ def save(
 def _save_one(writer: ChunkWriter, name: str, value: Any, left: int, pickler: Any) -> int:
     """Writes one global's entry (and pickle); the bytes it takes of the limit."""
     name_bytes = len(name.encode())  # a name protobuf would refuse (a lone surrogate) fails here
+    if name_bytes > MAX_NAME_BYTES:
+        raise _Unsaved(f"a name longer than {MAX_NAME_BYTES} bytes")
     if isinstance(value, types.ModuleType):
         entry = executor_pb2.SavedEntry(name=name, module=str(value.__name__))
+        if len(entry.module.encode()) > MAX_NAME_BYTES:
+            raise _Unsaved(f"a module whose name is longer than {MAX_NAME_BYTES} bytes")
         size = ENTRY_OVERHEAD + name_bytes + len(entry.module.encode())
         if size > left:
             raise _TooLarge
@@ -156,10 +185,17 @@ def _save_one(writer: ChunkWriter, name: str, value: Any, left: int, pickler: An
     if isinstance(value, io.IOBase):  # cloudpickle would keep a reader's contents only
         raise _Unsaved("an open file")
     buffer = _BoundedBuffer(left - ENTRY_OVERHEAD - name_bytes)
-    pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-    _write_entry(writer, executor_pb2.SavedEntry(name=name, pickled_bytes=len(buffer.data)))
+    pickler(buffer, protocol=5, buffer_callback=buffer.keep).dump(value)
+    entry = executor_pb2.SavedEntry(
+        name=name,
+        pickled_bytes=len(buffer.data),
+        buffer_bytes=[len(view) for view in buffer.out_of_band],
+    )
+    _write_entry(writer, entry)
     writer.write(buffer.data)
-    return ENTRY_OVERHEAD + name_bytes + len(buffer.data)
+    for view in buffer.out_of_band:
+        writer.write(view)
+    return ENTRY_OVERHEAD + name_bytes + buffer.used
 
 
 def _write_entry(writer: ChunkWriter, entry: executor_pb2.SavedEntry) -> None:
@@ -192,22 +228,25 @@ class Restorer:
 
     def __init__(self) -> None:
         self._modules: list[tuple[str, str]] = []
-        self._values: list[tuple[str, bytearray]] = []
+        # Each value's pickle, then its out-of-band buffers.
+        self._values: list[tuple[str, list[bytearray]]] = []
         self._head = bytearray()
-        self._filling: bytearray | None = None
-        self._missing = 0
+        # The parts of the last value still to be filled, and how many bytes each misses.
+        self._filling: collections.deque[tuple[bytearray, int]] = collections.deque()
         self._broken = ""
 
     def feed(self, data: bytes) -> None:
         view = memoryview(data)
         while view and not self._broken:
-            if self._filling is not None:
-                take = view[: self._missing]
-                self._filling += take
-                self._missing -= len(take)
+            if self._filling:
+                part, missing = self._filling[0]
+                take = view[:missing]
+                part += take
                 view = view[len(take) :]
-                if not self._missing:
-                    self._filling = None
+                if len(take) == missing:
+                    self._filling.popleft()
+                else:
+                    self._filling[0] = (part, missing - len(take))
                 continue
             view = self._read_entry(view)
 
@@ -237,14 +276,15 @@ class Restorer:
             self._broken = _reason(exc)
             return
         kind = entry.WhichOneof("kind")
+        sizes = [entry.pickled_bytes, *entry.buffer_bytes]
         if kind == "module":
             self._modules.append((entry.name, entry.module))
-        elif kind == "pickled_bytes" and entry.pickled_bytes >= 0:
-            self._filling = bytearray()
-            self._missing = entry.pickled_bytes
-            self._values.append((entry.name, self._filling))
-            if not self._missing:
-                self._filling = None
+        elif kind == "pickled_bytes" and min(sizes) >= 0:
+            parts = [bytearray() for _ in sizes]
+            self._values.append((entry.name, parts))
+            self._filling.extend(
+                (part, size) for part, size in zip(parts, sizes, strict=True) if size
+            )
         else:
             self._broken = "an entry that is neither a module nor a value"
 
@@ -252,10 +292,10 @@ class Restorer:
         """Puts the saved globals into `namespace`: what could not be restored is listed, the
         rest kept. Each pickle is dropped once read."""
         lost: list[execution_pb2.LostName] = []
-        if self._broken or self._head or self._filling is not None:
+        if self._broken or self._head or self._filling:
             why = self._broken or "it ends in the middle of an entry"
             lost.append(_lost("*", f"unreadable snapshot: {why}"))
-            if self._filling is not None:  # the value cut short is not restored
+            if self._filling:  # the value cut short is not restored
                 self._values.pop()
         modules, self._modules = self._modules, []
         values, self._values = self._values, []
@@ -268,14 +308,15 @@ class Restorer:
                     lost.append(_lost(name, f"cannot import {module}: {_reason(exc)}"))
             values.reverse()  # popped from the end, in the saved order
             while values:
-                name, pickled = values.pop()
+                name, parts = values.pop()
                 if name in _OWN_NAMES:  # never saved: the new worker's own stay
                     continue
                 try:
-                    namespace[name] = pickle.loads(pickled)
+                    # The buffers become the arrays' memory: no copy.
+                    namespace[name] = pickle.loads(parts[0], buffers=parts[1:])
                 except BaseException as exc:
                     lost.append(_lost(name, _reason(exc)))
-                del pickled
+                del parts  # the pickle goes as soon as it was read
         lost = _few(lost)
         for name in list(namespace):
             with contextlib.suppress(Exception):  # a hostile class's __module__ may raise

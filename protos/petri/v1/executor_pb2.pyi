@@ -508,8 +508,8 @@ Global___WorkerRestoreRequest: _TypeAlias = WorkerRestoreRequest  # noqa: Y015
 @_typing.final
 class SavedEntry(_message.Message):
     """A saved namespace is a sequence of entries, each a 4-byte big-endian length and a SavedEntry
-    of that many bytes, followed by `pickled_bytes` raw bytes for a value: a value streams in
-    chunks, and no frame needs to hold a whole one.
+    of that many bytes, followed for a value by `pickled_bytes` raw bytes, then by each of its
+    out-of-band buffers: a value streams in chunks, and no frame needs to hold a whole one.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -517,21 +517,31 @@ class SavedEntry(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     MODULE_FIELD_NUMBER: _builtins.int
     PICKLED_BYTES_FIELD_NUMBER: _builtins.int
+    BUFFER_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     module: _builtins.str
     """A global that is a module: re-imported by this name, never pickled."""
     pickled_bytes: _builtins.int
-    """Any other global: this many bytes of its pickle (cloudpickle) follow the entry."""
+    """Any other global: this many bytes of its pickle (cloudpickle, protocol 5) follow the
+    entry.
+    """
+    @_builtins.property
+    def buffer_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The sizes of the value's out-of-band buffers (pickle protocol 5: a numpy array's memory,
+        written from the array itself and restored as the array's memory, never copied whole).
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         module: _builtins.str = ...,
         pickled_bytes: _builtins.int = ...,
+        buffer_bytes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "module", b"module", "pickled_bytes", b"pickled_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "module", b"module", "name", b"name", "pickled_bytes", b"pickled_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_bytes", b"buffer_bytes", "kind", b"kind", "module", b"module", "name", b"name", "pickled_bytes", b"pickled_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["module", "pickled_bytes"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

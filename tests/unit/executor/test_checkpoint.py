@@ -225,8 +225,26 @@ async def test_a_checkpoint_round_trips_the_namespace_and_every_file(start: Star
     assert status.execution_count == 4 and status.incarnation == result.incarnation
 
 
-async def test_a_namespace_beyond_one_frame_round_trips(start: Start) -> None:
-    """100 MB of DataFrame: more than the 64 MiB a frame between daemon and worker holds."""
+def worker_memory(daemon: Daemon, reset: bool = False) -> tuple[int, int]:
+    """The worker's peak and current resident memory, in bytes; with `reset`, the peak is
+    set back to the current first (/proc/PID/clear_refs)."""
+    assert daemon.supervisor._worker is not None
+    pid = daemon.supervisor._worker.process.pid
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as file:
+            file.write("5")
+    fields = {}
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            key, _, rest = line.partition(":")
+            fields[key] = rest.split()[0] if rest.split() else ""
+    return int(fields["VmHWM"]) * 1024, int(fields["VmRSS"]) * 1024
+
+
+async def test_a_namespace_beyond_one_frame_round_trips_without_copies(start: Start) -> None:
+    """100 MB of DataFrame: more than the 64 MiB a frame between daemon and worker holds. It
+    is written from the array's own memory and restored into the memory it arrived in: each
+    worker's peak stays well below a second copy of it."""
     old, new = await start("old"), await start("new")
     code = (
         "import numpy as np, pandas as pd\n"
@@ -234,11 +252,16 @@ async def test_a_namespace_beyond_one_frame_round_trips(start: Start) -> None:
         "frame.memory_usage().sum()"
     )
     assert int((await value(old, code)).removeprefix("np.int64(").rstrip(")")) >= 100_000_000
+    worker_memory(old, reset=True)
     chunks = await checkpoint(old)
+    peak, current = worker_memory(old)
+    assert peak - current < 30_000_000, (peak, current)
     assert chunks[-1].summary.namespace_bytes > 100_000_000
     assert list(chunks[-1].summary.lost) == []
     result = await restore(new, chunks)
     assert list(result.lost) == []
+    peak, current = worker_memory(new)
+    assert current > 100_000_000 and peak - current < 30_000_000, (peak, current)
     assert await value(new, "(len(frame), float(frame['v'].sum()))") == (
         f"(12500000, {float(sum(range(12_500_000)))})"
     )
@@ -315,9 +338,11 @@ async def test_a_checkpoint_waits_for_the_execution_in_progress(
     request = executor_pb2.ExecuteRequest(code=code, timeout=Duration(seconds=60))
     session = old.stub.Session(metadata=KEYED)
     await session.write(executor_pb2.ExecuteInput(request=request, inputs_end_here=True))
-    first = await session.read()
-    assert isinstance(first, executor_pb2.ExecuteEvents)
-    assert first.events[0].stdout == "started\n"
+    stdout = ""
+    while "started\n" not in stdout:  # the code is running
+        batch = await session.read()
+        assert isinstance(batch, executor_pb2.ExecuteEvents), batch
+        stdout += "".join(event.stdout for event in batch.events)
     saving = asyncio.create_task(checkpoint(old))
     await asyncio.wait_for(asked.wait(), 10)
     (old.workspace / "go").write_text("")  # only now may the execution end

@@ -145,11 +145,13 @@ async def test_unserialisable_names_are_listed_with_reasons_and_the_rest_kept(
         "also_kept = {'k': 'v'}\n"
         "globals()[1] = 'not a name'\n"
         "globals()['\\ud800'] = 'a name protobuf refuses'\n"
+        "globals()['n' * 5000] = 'a name too long for an entry'\n"
     )
     assert (await run(old, code)).error is None
     saved, lost, _ = await save(old)
     reasons = lost_names(lost)
-    assert set(reasons) == {"gen", "lock", "handle", "sock", "thread", "1", "\\ud800"}
+    assert set(reasons) == {"gen", "lock", "handle", "sock", "thread", "1", "\\ud800", "n" * 300}
+    assert "longer than" in reasons["n" * 300]
     assert reasons["1"] == "not a name (not a string)"
     assert "generator" in reasons["gen"]
     assert "lock" in reasons["lock"]
