@@ -239,7 +239,7 @@ async def test_an_executor_that_fails_mid_checkpoint_leaves_everything_as_it_was
     async with fast_petri(tmp_path) as petri:
         sandbox = await petri.create("one")
         executor = await petri.executor(sandbox.name)
-        executor.checkpoint_failure = grpc.StatusCode.INTERNAL
+        executor.checkpoint_failure = grpc.StatusCode.UNAVAILABLE
         await expect(
             pause(petri, sandbox.name),
             grpc.StatusCode.UNAVAILABLE,
@@ -249,6 +249,24 @@ async def test_an_executor_that_fails_mid_checkpoint_leaves_everything_as_it_was
         assert not checkpoint_file(petri, sandbox).exists()
         executor.checkpoint_failure = None
         assert (await pause(petri, sandbox.name)).state == PAUSED  # the retry works
+
+
+async def test_an_interpreter_that_dies_saving_is_not_called_untouched(tmp_path: Path) -> None:
+    """The executor answers INTERNAL when the worker died or hung while it saved (a
+    __reduce__ that exits): it replaced the worker, so the variables are gone; the caller is
+    told so, and not to expect the pause to have kept anything."""
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        (await petri.executor(sandbox.name)).checkpoint_failure = grpc.StatusCode.INTERNAL
+        details = await expect(
+            pause(petri, sandbox.name),
+            grpc.StatusCode.UNAVAILABLE,
+            "its interpreter failed while saving its variables",
+            "its variables are gone",
+            "it is still RUNNING",
+        )
+        assert "untouched" not in details and "retry" not in details
+        assert (await petri.get(sandbox.name)).state == RUNNING
 
 
 async def test_delete_and_expiry_of_paused_sandboxes_remove_their_checkpoints(
@@ -422,3 +440,34 @@ async def test_a_container_a_crash_left_beside_a_paused_sandbox_goes_at_start(
                 assert (await second.get(sandbox.name)).state == RUNNING
         finally:
             await runtime.shutdown()
+
+
+async def test_a_refused_restore_gets_a_second_container_before_the_sandbox_is_given_up(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await pause(petri, sandbox.name)
+        original_start = petri.runtime.start
+        refusing = 1  # the first new container's executor refuses the archive
+
+        async def start(spec):  # type: ignore[no-untyped-def]
+            nonlocal refusing
+            await original_start(spec)
+            executor = petri.runtime.containers[spec.name].executor
+            assert executor is not None
+            executor.refuse_restore, refusing = refusing > 0, refusing - 1
+
+        petri.runtime.start = start  # type: ignore[method-assign]
+        answer = await petri.execute(sandbox.name, "1")
+        assert answer.namespace_restored
+        assert petri.runtime.starts == 3  # the sandbox's, the refusing one, the one that took it
+
+        await pause(petri, sandbox.name)
+        refusing = 2  # refused twice: the checkpoint is given up, saying why
+        await expect(
+            petri.execute(sandbox.name, "1"),
+            PRECONDITION,
+            "cannot be resumed: its checkpoint cannot be restored (the archive is damaged)",
+        )
+        assert (await petri.get(sandbox.name)).state == TERMINATED
