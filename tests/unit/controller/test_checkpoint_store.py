@@ -110,7 +110,7 @@ async def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path: Pa
         original(path).close()  # the temporary file exists, as it would
         return open("/dev/full", "wb")
 
-    checkpoints._create = full  # type: ignore[assignment]
+    checkpoints._create = full
     try:
         with pytest.raises(ResourceExhausted, match="No space left on device"):
             await store.write("u", stream(Chunk(namespace=b"x" * 10), SUMMARY), 1 << 20)
