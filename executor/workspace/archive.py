@@ -1,7 +1,7 @@
 """The whole workspace as a tar archive, streamed out and back in, for checkpoints.
 
 GNU tar does the work (pax format: any name, any depth, modes, mtimes, empty directories,
-symlinks as symlinks, hard links), always as user code's uid: it reads the workspace with
+symlinks as symlinks, hard links, sparse files as sparse), always as user code's uid: it reads the workspace with
 exactly user code's rights, and an archive that was tampered with can write only what user
 code could write itself (tar also refuses `..` members, strips leading slashes and does not
 write through a symlink it extracted).
@@ -99,7 +99,18 @@ async def archive(
     """Streams an archive of everything under `workspace` to `send`, in chunks of at most
     CHECKPOINT_CHUNK_BYTES; the bytes sent. ArchiveFailed when tar could not read some file
     (or could not run): the archive sent is then incomplete and must be dropped."""
-    args = ["--create", "--format=posix", "--numeric-owner", "--file=-", "-C", str(workspace), "."]
+    # --sparse: a file's holes are not archived (one truncate() would otherwise stream
+    # gigabytes of zeros to the controller at every pause); extraction makes them holes again.
+    args = [
+        "--create",
+        "--format=posix",
+        "--sparse",
+        "--numeric-owner",
+        "--file=-",
+        "-C",
+        str(workspace),
+        ".",
+    ]
     try:
         process = await _start_tar(args, user, stdin=asyncio.subprocess.DEVNULL, stdout=-1)
     except OSError as exc:
