@@ -1,10 +1,10 @@
 """The whole workspace as a tar archive, streamed out and back in, for checkpoints.
 
 GNU tar does the work (pax format: any name, any depth, modes, mtimes, empty directories,
-symlinks as symlinks, hard links, sparse files as sparse), always as user code's uid: it reads the workspace with
-exactly user code's rights, and an archive that was tampered with can write only what user
-code could write itself (tar also refuses `..` members, strips leading slashes and does not
-write through a symlink it extracted).
+symlinks as symlinks, hard links, sparse files as sparse), always as user code's uid: it reads
+the workspace with exactly user code's rights, and an archive that was tampered with can write
+only what user code could write itself (tar also refuses `..` members, strips leading slashes
+and does not write through a symlink it extracted).
 """
 
 import asyncio

@@ -1,6 +1,5 @@
 """The workspace archive (executor.workspace.archive) on its own, with the tar of this host."""
 
-import os
 from pathlib import Path
 
 from executor.workspace.archive import Extraction, archive
@@ -35,6 +34,6 @@ async def test_a_sparse_file_is_archived_as_its_data_not_its_apparent_size(
     restored = target / "sparse"
     assert restored.stat().st_size == APPARENT
     assert restored.stat().st_blocks * 512 < 1 << 20  # still sparse
-    with open(restored, "rb") as file:
-        file.seek((1 << 20) - 2)
-        assert file.read(22) == b"\0\0data in the middle\0\0"
+    with open(restored, "rb") as reader:
+        reader.seek((1 << 20) - 2)
+        assert reader.read(22) == b"\0\0data in the middle\0\0"
