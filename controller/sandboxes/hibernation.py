@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import structlog
@@ -61,6 +61,10 @@ MAX_LOST_TEXT = 300
 CONCURRENT_SAVES = 2
 # Sandboxes taken per background round; the rest wait for the next round.
 ROUND_BATCH = 100
+# A sandbox whose background save failed (a file it cannot read...) is not tried again until
+# it has run code since, or this long: each try pickles its whole namespace, and it must not
+# take the round's places from the sandboxes that can be saved.
+BACKGROUND_RETRY_AFTER = timedelta(minutes=10)
 
 
 def lost_names(lost: tuple[LostName, ...]) -> list[execution_pb2.LostName]:
@@ -104,6 +108,9 @@ class Hibernation:
         # next caller waits for it rather than starting another.
         self._resuming: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._saves = asyncio.Semaphore(CONCURRENT_SAVES)
+        # Failed background saves, by uid: the sandbox's last_active_time then, and when to
+        # try again regardless.
+        self._failed_saves: dict[str, tuple[datetime, datetime]] = {}
 
     def __repr__(self) -> str:
         return f"<Hibernation {self._checkpoints!r} resuming={len(self._resuming)}>"
@@ -296,11 +303,15 @@ class Hibernation:
         """One round: pauses the sandboxes whose auto_pause_after has passed, then saves
         those idle for checkpoint_idle_after since their last checkpoint."""
         now = self._clock()
-        due = await self._registry.list_auto_pause_due(now, ROUND_BATCH)
+        self._failed_saves = {
+            uid: failed for uid, failed in self._failed_saves.items() if failed[1] > now
+        }
+        held = {uid: active for uid, (active, _) in self._failed_saves.items()}
+        due = await self._registry.list_auto_pause_due(now, ROUND_BATCH, held)
         await asyncio.gather(*(self._in_background(self._auto_pause, r) for r in due))
         idle_after = self._config.checkpoint_idle_after
         if idle_after:
-            idle = await self._registry.list_unsaved_idle(now - idle_after, ROUND_BATCH)
+            idle = await self._registry.list_unsaved_idle(now - idle_after, ROUND_BATCH, held)
             await asyncio.gather(*(self._in_background(self._checkpoint_idle, r) for r in idle))
 
     async def _in_background(
@@ -310,7 +321,14 @@ class Hibernation:
             try:
                 await step(record)
             except Exception as exc:  # one sandbox's failure is its own: it stays RUNNING
-                log.warning("saving an idle sandbox failed", sandbox=record.name, error=str(exc))
+                retry = self._clock() + BACKGROUND_RETRY_AFTER
+                self._failed_saves[record.uid] = (record.last_active_time, retry)
+                log.warning(
+                    "saving an idle sandbox failed; tried again once it has run code",
+                    sandbox=record.name,
+                    error=str(exc),
+                    or_at=retry.isoformat(timespec="seconds"),
+                )
 
     async def _auto_pause(self, record: SandboxRecord) -> None:
         async with self._queues.of(record.uid):

@@ -9,6 +9,7 @@ States and what the queries see (controller.records.State):
 - a tombstone: state DELETED, its delete_time and delete_reason say when and why.
 """
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
@@ -69,13 +70,19 @@ class Registry(Protocol):
         """Live sandboxes (warm pool members included) whose expire_time has come, the earliest
         first."""
 
-    async def list_auto_pause_due(self, now: datetime, limit: int) -> list[SandboxRecord]:
+    async def list_auto_pause_due(
+        self, now: datetime, limit: int, held: Mapping[str, datetime]
+    ) -> list[SandboxRecord]:
         """RUNNING sandboxes whose auto_pause_after (when not zero) has passed since their
-        last_active_time, the longest idle first."""
+        last_active_time, the longest idle first; none that `held` (uid -> last_active_time)
+        names with its last_active_time unchanged."""
 
-    async def list_unsaved_idle(self, idle_since: datetime, limit: int) -> list[SandboxRecord]:
+    async def list_unsaved_idle(
+        self, idle_since: datetime, limit: int, held: Mapping[str, datetime]
+    ) -> list[SandboxRecord]:
         """RUNNING sandboxes whose last_active_time is at or before `idle_since` and after
-        their checkpoint's (or that have none), the longest idle first."""
+        their checkpoint's (or that have none), the longest idle first; none that `held`
+        (uid -> last_active_time) names with its last_active_time unchanged."""
 
     async def purge_tombstones(self, deleted_before: datetime) -> int:
         """Forgets the tombstones deleted before the given time; returns how many."""

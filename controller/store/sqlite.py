@@ -5,8 +5,9 @@ here), so callers await them without blocking the event loop and writes never in
 """
 
 import asyncio
+import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -192,23 +193,27 @@ class SqliteRegistry:
             (micros_since_epoch(now), limit),
         )
 
-    async def list_auto_pause_due(self, now: datetime, limit: int) -> list[SandboxRecord]:
+    async def list_auto_pause_due(
+        self, now: datetime, limit: int, held: Mapping[str, datetime]
+    ) -> list[SandboxRecord]:
         return await self._run(
             self._many,
             f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
-            "AND auto_pause_after > 0 AND last_active_time + auto_pause_after <= ? "
+            f"AND auto_pause_after > 0 AND last_active_time + auto_pause_after <= ? {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT ?",
-            (micros_since_epoch(now), limit),
+            (micros_since_epoch(now), _held_json(held), limit),
         )
 
-    async def list_unsaved_idle(self, idle_since: datetime, limit: int) -> list[SandboxRecord]:
+    async def list_unsaved_idle(
+        self, idle_since: datetime, limit: int, held: Mapping[str, datetime]
+    ) -> list[SandboxRecord]:
         return await self._run(
             self._many,
             f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
             "AND last_active_time <= ? AND (checkpoint IS NULL OR "
-            "json_extract(checkpoint, '$.create_time') < last_active_time) "
+            f"json_extract(checkpoint, '$.create_time') < last_active_time) {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT ?",
-            (micros_since_epoch(idle_since), limit),
+            (micros_since_epoch(idle_since), _held_json(held), limit),
         )
 
     async def list_page(self, query: ListQuery) -> list[SandboxRecord]:
@@ -220,3 +225,12 @@ class SqliteRegistry:
 
     def _many(self, sql: str, params: Sequence[object]) -> list[SandboxRecord]:
         return [table.from_row(row) for row in self._conn.execute(sql, params).fetchall()]
+
+
+# Rows `held` names with their last_active_time unchanged are left out (a JSON object, one
+# parameter however many; uids are hex, so they are safe in a JSON path).
+_NOT_HELD = "AND json_extract(?, '$.\"' || uid || '\"') IS NOT last_active_time"
+
+
+def _held_json(held: Mapping[str, datetime]) -> str:
+    return json.dumps({uid: micros_since_epoch(time) for uid, time in held.items()})

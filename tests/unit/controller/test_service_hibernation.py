@@ -15,8 +15,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from controller.sandboxes import hibernation
 from controller.sandboxes.warm_pool import PoolTarget
 from controller.store.checkpoints import SUFFIX
 from petri.v1 import execution_pb2, sandbox_pb2
@@ -471,3 +473,34 @@ async def test_a_refused_restore_gets_a_second_container_before_the_sandbox_is_g
             "cannot be resumed: its checkpoint cannot be restored (the archive is damaged)",
         )
         assert (await petri.get(sandbox.name)).state == TERMINATED
+
+
+async def test_a_sandbox_that_cannot_be_saved_is_not_retried_every_round_nor_starves_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try pickles the whole namespace: one sandbox with a file it cannot read must not
+    be saved again every few seconds for ever, nor keep the longest-idle places of every
+    round (one project's hundred such sandboxes would stop every other project's saves)."""
+    monkeypatch.setattr(hibernation, "ROUND_BATCH", 1)
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=20),
+        checkpoint_idle_after=timedelta(milliseconds=50),
+    ) as petri:
+        stuck = await petri.create("stuck")
+        stuck_executor = await petri.executor(stuck.name)
+        stuck_executor.checkpoint_failure = grpc.StatusCode.FAILED_PRECONDITION
+        await petri.execute(stuck.name, "x = 1")  # the longest idle from here on
+        healthy = await petri.create("healthy")
+        await petri.execute(healthy.name, "y = 1")
+        healthy_executor = await petri.executor(healthy.name)
+
+        await wait_until(lambda: healthy_executor.checkpoints == 1, "the other's checkpoint")
+        assert stuck_executor.checkpoints == 1
+        assert (await petri.get(stuck.name)).state == RUNNING
+
+        # Once it has run code again, it is tried again.
+        stuck_executor.checkpoint_failure = None
+        await petri.execute(stuck.name, "x = 2")
+        await wait_until(lambda: checkpoint_file(petri, stuck).is_file(), "its checkpoint")
+        assert stuck_executor.checkpoints == 2
