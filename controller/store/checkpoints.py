@@ -2,10 +2,11 @@
 
 The controller never looks inside a checkpoint's namespace or archive: user code made them,
 and only the sandbox's own worker (the namespace) and its own uid's tar (the archive) read them.
-A file is the header, then each CheckpointChunk as a 4-byte big-endian length and its bytes,
-the summary last. It is written to a temporary file, synced and renamed over the previous one:
-a crash during a write leaves the previous checkpoint whole (and a temporary file that the next
-start removes).
+A file is the header (which names the sandbox), then each CheckpointChunk as a 4-byte
+big-endian length, the CRC-32 of its bytes and its bytes, the summary last: a file damaged on
+disk, or another sandbox's copied over it, is refused, never restored. It is written to a
+temporary file, synced and renamed over the previous one: a crash during a write leaves the
+previous checkpoint whole (and a temporary file that the next start removes).
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import contextlib
 import os
 import secrets
 import struct
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -24,9 +26,9 @@ from petri.v1 import executor_pb2
 
 T = TypeVar("T")
 MAGIC = b"PETRICKP"
-FORMAT = 1
-_HEADER = struct.Struct(">8sII")  # magic, format, executor protocol
-_LENGTH = struct.Struct(">I")
+FORMAT = 2
+_HEADER = struct.Struct(">8sII64s")  # magic, format, executor protocol, the sandbox's uid
+_FRAME = struct.Struct(">II")  # a chunk's length and CRC-32
 # A chunk, or a summary with up to a thousand lost names.
 MAX_FRAME_BYTES = CHECKPOINT_CHUNK_BYTES + (1 << 20)
 SUFFIX = ".ckpt"
@@ -77,7 +79,7 @@ class CheckpointStore:
         try:
             file = await _on_disk(_create, temporary)
             try:
-                summary, size = await self._write_all(file, chunks, max_bytes)
+                summary, size = await self._write_all(uid, file, chunks, max_bytes)
                 await _on_disk(_sync, file)
                 await _on_disk(file.close)
             except BaseException:
@@ -92,28 +94,29 @@ class CheckpointStore:
 
     async def _write_all(
         self,
+        uid: str,
         file: BinaryIO,
         chunks: AsyncIterator[executor_pb2.CheckpointChunk],
         max_bytes: int,
     ) -> tuple[executor_pb2.CheckpointSummary, int]:
         size = _HEADER.size
-        await _on_disk(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL))
+        await _on_disk(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL, uid.encode()))
         async for chunk in chunks:
             data = chunk.SerializeToString()
-            size += _LENGTH.size + len(data)
+            size += _FRAME.size + len(data)
             if size > max_bytes:
                 raise ResourceExhausted(
                     f"the checkpoint passed the limit of {format_size(max_bytes)} per sandbox "
                     "(its namespace and its files)"
                 )
-            await _on_disk(file.write, _LENGTH.pack(len(data)) + data)
+            await _on_disk(_write_frame, file, data)
             if chunk.HasField("summary"):
                 return chunk.summary, size
         raise CheckpointIncomplete("the executor's checkpoint ended before its summary")
 
     async def read(self, uid: str) -> AsyncIterator[executor_pb2.CheckpointChunk]:
         """The checkpoint's messages, in order, the summary last; CheckpointUnreadable when the
-        file is missing, damaged, or written for another executor protocol."""
+        file is missing, damaged, another sandbox's, or written for another executor protocol."""
         path = self.path(uid)
         try:
             file = await asyncio.to_thread(path.open, "rb")
@@ -121,11 +124,15 @@ class CheckpointStore:
             raise CheckpointUnreadable(f"no checkpoint: {exc.strerror or exc}") from exc
         with file:
             header = await asyncio.to_thread(file.read, _HEADER.size)
-            if len(header) != _HEADER.size:
+            if len(header) != _HEADER.size and header.startswith(MAGIC):
                 raise CheckpointUnreadable("the checkpoint file is cut short")
-            magic, version, protocol = _HEADER.unpack(header)
+            if len(header) != _HEADER.size:
+                raise CheckpointUnreadable("the file is not a checkpoint of this format")
+            magic, version, protocol, owner = _HEADER.unpack(header)
             if magic != MAGIC or version != FORMAT:
                 raise CheckpointUnreadable("the file is not a checkpoint of this format")
+            if owner.rstrip(b"\0") != uid.encode():
+                raise CheckpointUnreadable("the file is another sandbox's checkpoint")
             if protocol != EXECUTOR_PROTOCOL:
                 raise CheckpointUnreadable(
                     f"the checkpoint was made by an executor of protocol {protocol}; this "
@@ -172,18 +179,24 @@ def _publish(temporary: Path, final: Path) -> None:
         os.close(directory)
 
 
+def _write_frame(file: BinaryIO, data: bytes) -> None:
+    file.write(_FRAME.pack(len(data), zlib.crc32(data)) + data)
+
+
 def _read_frame(file: BinaryIO) -> executor_pb2.CheckpointChunk | None:
-    prefix = file.read(_LENGTH.size)
+    prefix = file.read(_FRAME.size)
     if not prefix:
         return None
-    if len(prefix) != _LENGTH.size:
+    if len(prefix) != _FRAME.size:
         raise CheckpointUnreadable("the checkpoint file is cut short")
-    (length,) = _LENGTH.unpack(prefix)
+    length, checksum = _FRAME.unpack(prefix)
     if length > MAX_FRAME_BYTES:
         raise CheckpointUnreadable(f"the checkpoint file holds a frame of {length} bytes")
     data = file.read(length)
     if len(data) != length:
         raise CheckpointUnreadable("the checkpoint file is cut short")
+    if zlib.crc32(data) != checksum:
+        raise CheckpointUnreadable("the checkpoint file is damaged: a chunk's checksum is wrong")
     try:
         return executor_pb2.CheckpointChunk.FromString(data)
     except Exception as exc:  # protobuf's DecodeError

@@ -118,3 +118,23 @@ async def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path: Pa
         checkpoints._create = original
     assert store.path("u").read_bytes() == before
     assert sorted(p.name for p in store.root.iterdir()) == ["u.ckpt"]
+
+
+async def test_a_bit_flipped_on_disk_or_another_sandboxs_file_is_refused(
+    store: CheckpointStore,
+) -> None:
+    """The controller never reads inside a checkpoint: without a checksum, a flipped bit
+    in a file's contents would be restored as it is, and a file copied from another sandbox
+    would give this sandbox that one's variables and files."""
+    await store.write("mine", stream(Chunk(workspace=b"w" * 1000), SUMMARY), 1 << 20)
+    await store.write("theirs", stream(Chunk(workspace=b"t" * 1000), SUMMARY), 1 << 20)
+    whole = bytearray(store.path("mine").read_bytes())
+    whole[len(whole) // 2] ^= 0x10  # in the middle of the archive's bytes
+    store.path("mine").write_bytes(whole)
+    with pytest.raises(CheckpointUnreadable, match="damaged: a chunk's checksum is wrong"):
+        await read_all(store, "mine")
+
+    store.path("mine").write_bytes(store.path("theirs").read_bytes())
+    with pytest.raises(CheckpointUnreadable, match="another sandbox's checkpoint"):
+        await read_all(store, "mine")
+    assert (await read_all(store, "theirs"))[0].workspace == b"t" * 1000
