@@ -26,10 +26,14 @@ def to_datetime(value: Timestamp, field: str = "expire_time") -> datetime:
 def to_timedelta(value: Duration, field: str) -> timedelta:
     if value.nanos and (value.seconds < 0) != (value.nanos < 0) and value.seconds:
         raise InvalidArgument(f"{field} is not a valid Duration (seconds and nanos differ in sign)")
+    nanos = value.seconds * 10**9 + value.nanos
+    # Rounded away from zero to microseconds: 1 ns must not become 0s ("never", "the default")
+    # nor -1 ns pass as 0s.
+    micros = nanos // 1000 if nanos < 0 else -(-nanos // 1000)
     try:
-        return value.ToTimedelta()
-    except (OverflowError, ValueError) as exc:
-        raise InvalidArgument(f"{field} is out of range: {exc}") from exc
+        return timedelta(microseconds=micros)
+    except OverflowError as exc:
+        raise InvalidArgument(f"{field} is out of range") from exc
 
 
 def sandbox_to_proto(record: SandboxRecord) -> sandbox_pb2.Sandbox:

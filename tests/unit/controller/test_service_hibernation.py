@@ -503,3 +503,34 @@ async def test_a_sandbox_that_cannot_be_saved_is_not_retried_every_round_nor_sta
         await petri.execute(stuck.name, "x = 2")
         await wait_until(lambda: checkpoint_file(petri, stuck).is_file(), "its checkpoint")
         assert stuck_executor.checkpoints == 2
+
+
+async def test_an_auto_pause_after_below_a_microsecond_is_not_never_nor_negative_allowed(
+    tmp_path: Path,
+) -> None:
+    """Durations are kept in microseconds: 1 ns rounded down would be 0s, which means never
+    pause, the opposite of what was asked; -1 ns rounded up would pass as 0s."""
+    async with fast_petri(tmp_path) as petri:
+        soon = await petri.create("soon", auto_pause_after=Duration(nanos=1))
+        assert soon.auto_pause_after.ToTimedelta() == timedelta(microseconds=1)
+        for bad in (Duration(nanos=-1), Duration(seconds=10**15)):
+            await expect(
+                petri.create("bad", auto_pause_after=bad),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "auto_pause_after",
+            )
+        updated = await petri.stub.UpdateSandbox(
+            sandbox_pb2.UpdateSandboxRequest(
+                sandbox=sandbox_pb2.Sandbox(name=soon.name, auto_pause_after=Duration(nanos=999)),
+            )
+        )
+        assert updated.auto_pause_after.ToTimedelta() == timedelta(microseconds=1)
+        await expect(
+            petri.stub.UpdateSandbox(
+                sandbox_pb2.UpdateSandboxRequest(
+                    sandbox=sandbox_pb2.Sandbox(name=soon.name, auto_pause_after=Duration(nanos=-1))
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "auto_pause_after must be 0s (never) or positive",
+        )
