@@ -35,6 +35,7 @@ from controller.errors import (
 from controller.names import SandboxName
 from controller.records import CheckpointInfo, LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
+from controller.sandboxes.images import ImageCatalogue
 from controller.sandboxes.lifecycle import Lifecycle
 from controller.sandboxes.lookup import Lookup
 from controller.sandboxes.provisioner import Provisioner
@@ -86,6 +87,7 @@ class Hibernation:
         config: Config,
         registry: Registry,
         containers: ContainerRuntime,
+        images: ImageCatalogue,
         checkpoints: CheckpointStore,
         provisioner: Provisioner,
         lifecycle: Lifecycle,
@@ -97,6 +99,7 @@ class Hibernation:
         self._config = config
         self._registry = registry
         self._containers = containers
+        self._images = images
         self._checkpoints = checkpoints
         self._provisioner = provisioner
         self._lifecycle = lifecycle
@@ -229,6 +232,12 @@ class Hibernation:
             )
             self._provisioner.transfer(member.uid, record.uid)
         else:
+            try:  # an operator's doing: retrying cannot help
+                await self._images.require(record.spec.image_profile)
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(
+                    f"could not resume sandbox {record.name}: {exc}; it is still PAUSED"
+                ) from exc
             container_name, socket_dir = self._provisioner.place(record.uid)
             into = replace(record, container_name=container_name, socket_dir=socket_dir)
             with contextlib.suppress(Exception):  # a container left by a crash, if any

@@ -93,6 +93,7 @@ class SandboxManager:
             config,
             registry,
             containers,
+            self._images,
             self._checkpoints,
             self._provisioner,
             self._lifecycle,

@@ -141,6 +141,8 @@ class FakeRuntime:
             self.starts_waiting -= 1
         if self.start_error is not None:
             raise self.start_error
+        if spec.image not in self.images:  # as podman refuses it
+            raise Unavailable(f"{spec.image}: image not known")
         if spec.name in self.containers:
             raise Unavailable(f"container {spec.name} exists already")
         self.starts += 1

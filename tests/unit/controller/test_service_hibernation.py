@@ -534,3 +534,24 @@ async def test_an_auto_pause_after_below_a_microsecond_is_not_never_nor_negative
             grpc.StatusCode.INVALID_ARGUMENT,
             "auto_pause_after must be 0s (never) or positive",
         )
+
+
+async def test_a_resume_whose_image_was_removed_says_so_and_not_to_retry(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await pause(petri, sandbox.name)
+        image = petri.config.image_for(PROFILE)
+        petri.runtime.images.discard(image)  # an operator removed it, or renamed the profile
+        details = await expect(
+            petri.execute(sandbox.name, "1"),
+            PRECONDITION,
+            f"could not resume sandbox {sandbox.name}",
+            f"no image {image}",
+            f"sandbox-image/build.sh {PROFILE}",
+            "still PAUSED",
+        )
+        assert "retry" not in details
+        assert (await petri.get(sandbox.name)).state == PAUSED
+
+        petri.runtime.images.add(image)
+        assert (await petri.execute(sandbox.name, "1")).namespace_restored
