@@ -147,7 +147,15 @@ class Hibernation:
     async def _pause_queued(self, record: SandboxRecord) -> None:
         checkpoint = await self._save(record)
         if not await _shielded(self._lifecycle.pause(record, checkpoint)):
+            await _shielded(self._drop_if_deleted(record))
             raise FailedPrecondition(f"sandbox {record.name} was deleted or terminated meanwhile")
+
+    async def _drop_if_deleted(self, record: SandboxRecord) -> None:
+        """After a save that ended once its sandbox was being deleted: the delete removed the
+        checkpoint before this one was written, so this one goes too (never kept for ever)."""
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None or current.uid != record.uid or current.state is State.DEPROVISIONING:
+            await self._checkpoints.remove(record.uid)
 
     def resume_queued(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
         """Resumes the PAUSED sandbox `record` (the caller holds its queue); the future runs
@@ -364,7 +372,10 @@ class Hibernation:
             if saved is not None and saved.create_time >= current.last_active_time:
                 return  # saved since its last execution
             checkpoint = await self._save(current)
-            await self._registry.set_fields_in(current.uid, State.RUNNING, checkpoint=checkpoint)
+            if not await self._registry.set_fields_in(
+                current.uid, State.RUNNING, checkpoint=checkpoint
+            ):
+                await _shielded(self._drop_if_deleted(current))
 
     async def pause_all(self, within: float) -> None:
         """At shutdown: pauses every RUNNING sandbox, CONCURRENT_SAVES at a time, for at most

@@ -10,9 +10,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from controller.sandboxes import hibernation
 from controller.sandboxes.warm_pool import PoolTarget
+from controller.store import checkpoints
 from controller.store.checkpoints import SUFFIX
 from petri.v1 import execution_pb2, sandbox_pb2
 from tests.unit.controller.fake_runtime import FakeContainer, FakeRuntime
@@ -555,3 +558,42 @@ async def test_a_resume_whose_image_was_removed_says_so_and_not_to_retry(tmp_pat
 
         petri.runtime.images.add(image)
         assert (await petri.execute(sandbox.name, "1")).namespace_restored
+
+
+@pytest.mark.parametrize("by", ["pause", "idle checkpoint"])
+async def test_a_save_that_ends_after_its_sandbox_was_deleted_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """Delete does not wait for a save in the sandbox's queue: it removes the checkpoint file
+    while the save still syncs the new one, which would then be renamed into place after it,
+    for a sandbox that no longer exists (its files and variables kept on disk for ever)."""
+    syncing, deleted, published = threading.Event(), threading.Event(), threading.Event()
+    sync, publish = checkpoints._sync, checkpoints._publish
+
+    def held_sync(file: BinaryIO) -> None:
+        syncing.set()
+        deleted.wait(10)
+        sync(file)
+
+    def seen_publish(temporary: Path, final: Path) -> None:
+        publish(temporary, final)
+        published.set()
+
+    monkeypatch.setattr(checkpoints, "_sync", held_sync)
+    monkeypatch.setattr(checkpoints, "_publish", seen_publish)
+    idle = by == "idle checkpoint"
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=20),
+        checkpoint_idle_after=timedelta(milliseconds=50 if idle else 0),
+    ) as petri:
+        sandbox = await petri.create("one")
+        pausing = None if idle else asyncio.ensure_future(pause(petri, sandbox.name))
+        await wait_until(syncing.is_set, "the save's sync")
+        await petri.delete(sandbox.name)
+        deleted.set()
+        if pausing is not None:
+            await expect(pausing, PRECONDITION, "was deleted or terminated meanwhile")
+        await wait_until(published.is_set, "the save's rename")
+        await wait_until(lambda: not checkpoint_file(petri, sandbox).exists(), "no file left")
+        assert os.listdir(petri.config.checkpoint_path) == []
