@@ -40,6 +40,7 @@ from controller.sandboxes.lifecycle import Lifecycle
 from controller.sandboxes.lookup import Lookup
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
+from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.warm_pool import WarmPool
 from controller.store.checkpoints import (
     CheckpointIncomplete,
@@ -94,6 +95,7 @@ class Hibernation:
         pool: WarmPool,
         lookup: Lookup,
         queues: Queues,
+        quotas: Quotas,
         clock: Callable[[], datetime],
     ) -> None:
         self._config = config
@@ -106,6 +108,7 @@ class Hibernation:
         self._pool = pool
         self._lookup = lookup
         self._queues = queues
+        self._quotas = quotas
         self._clock = clock
         # Resumes under way, by sandbox uid: a caller that left does not stop one, and the
         # next caller waits for it rather than starting another.
@@ -246,17 +249,17 @@ class Hibernation:
                 raise FailedPrecondition(
                     f"could not resume sandbox {record.name}: {exc}; it is still PAUSED"
                 ) from exc
-            container_name, socket_dir = self._provisioner.place(record.uid)
-            into = replace(record, container_name=container_name, socket_dir=socket_dir)
-            with contextlib.suppress(Exception):  # a container left by a crash, if any
-                await self._containers.remove(container_name)
+            # A container start like a create's: within the server's limit of them at once.
             try:
-                await _shielded(self._provisioner.provision(into))
-            except Exception as exc:
-                raise Unavailable(
-                    f"could not resume sandbox {record.name}: its container did not start "
-                    f"({exc}); it is still PAUSED: retry"
+                self._quotas.take_create_slot()
+            except ResourceExhausted as exc:
+                raise ResourceExhausted(
+                    f"could not resume sandbox {record.name}: {exc}; it is still PAUSED"
                 ) from exc
+            try:
+                into = await self._start_container(record)
+            finally:
+                self._quotas.release_create_slot()
         try:
             restored = await self._provisioner.client_for(into).restore(
                 self._checkpoints.read(record.uid),
@@ -294,6 +297,20 @@ class Hibernation:
         if current is None:
             raise FailedPrecondition(f"sandbox {record.name} was deleted while it resumed")
         return current
+
+    async def _start_container(self, record: SandboxRecord) -> SandboxRecord:
+        container_name, socket_dir = self._provisioner.place(record.uid)
+        into = replace(record, container_name=container_name, socket_dir=socket_dir)
+        with contextlib.suppress(Exception):  # a container left by a crash, if any
+            await self._containers.remove(container_name)
+        try:
+            await _shielded(self._provisioner.provision(into))
+        except Exception as exc:
+            raise Unavailable(
+                f"could not resume sandbox {record.name}: its container did not start "
+                f"({exc}); it is still PAUSED: retry"
+            ) from exc
+        return into
 
     async def _give_up(
         self,

@@ -100,6 +100,7 @@ class SandboxManager:
             self._pool,
             self._lookup,
             self._queues,
+            quotas,
             clock,
         )
         self._executions = Executions(

@@ -597,3 +597,29 @@ async def test_a_save_that_ends_after_its_sandbox_was_deleted_leaves_no_file(
         await wait_until(published.is_set, "the save's rename")
         await wait_until(lambda: not checkpoint_file(petri, sandbox).exists(), "no file left")
         assert os.listdir(petri.config.checkpoint_path) == []
+
+
+async def test_resumes_into_new_containers_are_within_the_limit_of_starts_at_once(
+    tmp_path: Path,
+) -> None:
+    """A resume starts a container as a create does: a caller with many paused sandboxes
+    must not start them all at once past --max-concurrent-creates."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        first, second = await petri.create("first"), await petri.create("second")
+        for sandbox in (first, second):
+            await pause(petri, sandbox.name)
+        petri.runtime.starts_open.clear()
+        resuming = asyncio.ensure_future(petri.execute(first.name, "1"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first resume's start")
+        details = await expect(
+            asyncio.wait_for(petri.execute(second.name, "1"), 5),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"could not resume sandbox {second.name}",
+            "its limit of 1 at once: retry in a moment",
+            "still PAUSED",
+        )
+        assert len(details) < 400
+        assert (await petri.get(second.name)).state == PAUSED
+        petri.runtime.starts_open.set()
+        assert (await resuming).namespace_restored
+        assert (await petri.execute(second.name, "1")).namespace_restored  # the slot is back
