@@ -365,7 +365,10 @@ class Hibernation:
                 )
 
     async def _auto_pause(self, record: SandboxRecord) -> None:
-        async with self._queues.of(record.uid):
+        queue = self._queues.of(record.uid)
+        if queue.locked():
+            return  # in use (an execution that may last an hour): not idle, and not waited for
+        async with queue:
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if current is None or current.state is not State.RUNNING:
                 return
@@ -381,7 +384,10 @@ class Hibernation:
             await self._pause_queued(current)
 
     async def _checkpoint_idle(self, record: SandboxRecord) -> None:
-        async with self._queues.of(record.uid):
+        queue = self._queues.of(record.uid)
+        if queue.locked():
+            return  # in use: waiting would hold up the round, every sandbox's saves, with it
+        async with queue:
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if current is None or current.state is not State.RUNNING:
                 return

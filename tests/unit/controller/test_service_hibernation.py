@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +39,7 @@ from tests.unit.controller.inprocess import (
     wait_gone,
     wait_until,
 )
-from tests.unit.controller.standin_executor import Batch, Execution
+from tests.unit.controller.standin_executor import Batch, Execution, Hang
 
 RUNNING = sandbox_pb2.Sandbox.RUNNING
 PAUSED = sandbox_pb2.Sandbox.PAUSED
@@ -623,3 +623,46 @@ async def test_resumes_into_new_containers_are_within_the_limit_of_starts_at_onc
         petri.runtime.starts_open.set()
         assert (await resuming).namespace_restored
         assert (await petri.execute(second.name, "1")).namespace_restored  # the slot is back
+
+
+@pytest.mark.parametrize("setting", ["checkpoint_idle_after", "auto_pause_after"])
+async def test_a_long_execution_does_not_hold_up_every_other_sandboxs_background_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """last_active_time is when the last execution ended: a sandbox running one long
+    execution looks idle. Its save, waiting in its queue for the execution, must not hold
+    the round (and with it every other sandbox's checkpoints and auto-pauses) for as long
+    as that execution runs: an hour, at most."""
+    idle = timedelta(milliseconds=100)
+    pause_after = Duration(nanos=100_000_000) if setting == "auto_pause_after" else Duration()
+    rounds = 0
+    one_round = hibernation.Hibernation.hibernate_idle
+
+    async def counted_round(self: hibernation.Hibernation) -> None:
+        nonlocal rounds
+        rounds += 1
+        await one_round(self)
+
+    monkeypatch.setattr(hibernation.Hibernation, "hibernate_idle", counted_round)
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=20),
+        checkpoint_idle_after=idle if setting == "checkpoint_idle_after" else timedelta(0),
+    ) as petri:
+        hang = Hang()
+        petri.runtime.scripts["hang"] = hang
+        busy = await petri.create("busy", auto_pause_after=pause_after)
+        running = asyncio.ensure_future(petri.execute(busy.name, "hang"))
+        await hang.began.wait()
+        due = busy.last_active_time.ToDatetime(tzinfo=UTC) + idle
+        await wait_until(lambda: datetime.now(UTC) > due, "the busy one to look idle")
+        seen = rounds
+        await wait_until(lambda: rounds > seen, "a round that finds it")
+        other = await petri.create("other", auto_pause_after=pause_after)
+        await petri.execute(other.name, "x = 1")
+        other_executor = await petri.executor(other.name)
+
+        await wait_until(lambda: other_executor.checkpoints >= 1, "the other's save")
+        assert (await petri.executor(busy.name)).checkpoints == 0
+        assert (await petri.get(busy.name)).state == RUNNING
+        running.cancel()
