@@ -340,7 +340,11 @@ class Hibernation:
         self._failed_saves = {
             uid: failed for uid, failed in self._failed_saves.items() if failed[1] > now
         }
-        held = {uid: active for uid, (active, _) in self._failed_saves.items()}
+        held: dict[str, datetime | None] = {
+            uid: active for uid, (active, _) in self._failed_saves.items()
+        }
+        # Those in use are not idle: left out, not to take the round's places from others.
+        held.update(dict.fromkeys(self._queues.busy()))
         due = await self._registry.list_auto_pause_due(now, ROUND_BATCH, held)
         await asyncio.gather(*(self._in_background(self._auto_pause, r) for r in due))
         idle_after = self._config.checkpoint_idle_after

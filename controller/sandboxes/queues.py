@@ -15,6 +15,10 @@ class Queues:
     def of(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
 
+    def busy(self) -> list[str]:
+        """The sandboxes whose queue something holds now (an execution, a pause...)."""
+        return [uid for uid, lock in self._locks.items() if lock.locked()]
+
     def forget(self, uid: str) -> None:
         """Drops the queue of a sandbox that is gone."""
         self._locks.pop(uid, None)

@@ -71,18 +71,18 @@ class Registry(Protocol):
         first."""
 
     async def list_auto_pause_due(
-        self, now: datetime, limit: int, held: Mapping[str, datetime]
+        self, now: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         """RUNNING sandboxes whose auto_pause_after (when not zero) has passed since their
         last_active_time, the longest idle first; none that `held` (uid -> last_active_time)
-        names with its last_active_time unchanged."""
+        names with its last_active_time unchanged, or with None."""
 
     async def list_unsaved_idle(
-        self, idle_since: datetime, limit: int, held: Mapping[str, datetime]
+        self, idle_since: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         """RUNNING sandboxes whose last_active_time is at or before `idle_since` and after
         their checkpoint's (or that have none), the longest idle first; none that `held`
-        (uid -> last_active_time) names with its last_active_time unchanged."""
+        (uid -> last_active_time) names with its last_active_time unchanged, or with None."""
 
     async def purge_tombstones(self, deleted_before: datetime) -> int:
         """Forgets the tombstones deleted before the given time; returns how many."""

@@ -194,18 +194,18 @@ class SqliteRegistry:
         )
 
     async def list_auto_pause_due(
-        self, now: datetime, limit: int, held: Mapping[str, datetime]
+        self, now: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         return await self._run(
             self._many,
             f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
             f"AND auto_pause_after > 0 AND last_active_time + auto_pause_after <= ? {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT ?",
-            (micros_since_epoch(now), _held_json(held), limit),
+            (micros_since_epoch(now), *_held_json(held), limit),
         )
 
     async def list_unsaved_idle(
-        self, idle_since: datetime, limit: int, held: Mapping[str, datetime]
+        self, idle_since: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         return await self._run(
             self._many,
@@ -213,7 +213,7 @@ class SqliteRegistry:
             "AND last_active_time <= ? AND (checkpoint IS NULL OR "
             f"json_extract(checkpoint, '$.create_time') < last_active_time) {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT ?",
-            (micros_since_epoch(idle_since), _held_json(held), limit),
+            (micros_since_epoch(idle_since), *_held_json(held), limit),
         )
 
     async def list_page(self, query: ListQuery) -> list[SandboxRecord]:
@@ -227,10 +227,17 @@ class SqliteRegistry:
         return [table.from_row(row) for row in self._conn.execute(sql, params).fetchall()]
 
 
-# Rows `held` names with their last_active_time unchanged are left out (a JSON object, one
-# parameter however many; uids are hex, so they are safe in a JSON path).
-_NOT_HELD = "AND json_extract(?, '$.\"' || uid || '\"') IS NOT last_active_time"
+# Rows `held` names with their last_active_time unchanged, or with None, are left out (a JSON
+# object, given twice, however many; uids are hex, so they are safe in a JSON path).
+_HELD_PATH = "'$.\"' || uid || '\"'"
+_NOT_HELD = (
+    f"AND json_extract(?, {_HELD_PATH}) IS NOT last_active_time "
+    f"AND json_type(?, {_HELD_PATH}) IS NOT 'null'"
+)
 
 
-def _held_json(held: Mapping[str, datetime]) -> str:
-    return json.dumps({uid: micros_since_epoch(time) for uid, time in held.items()})
+def _held_json(held: Mapping[str, datetime | None]) -> tuple[str, str]:
+    encoded = json.dumps(
+        {uid: None if time is None else micros_since_epoch(time) for uid, time in held.items()}
+    )
+    return encoded, encoded

@@ -632,7 +632,9 @@ async def test_a_long_execution_does_not_hold_up_every_other_sandboxs_background
     """last_active_time is when the last execution ended: a sandbox running one long
     execution looks idle. Its save, waiting in its queue for the execution, must not hold
     the round (and with it every other sandbox's checkpoints and auto-pauses) for as long
-    as that execution runs: an hour, at most."""
+    as that execution runs: an hour, at most; nor take the round's places (a project's
+    hundred sandboxes running long executions would stop every other project's saves)."""
+    monkeypatch.setattr(hibernation, "ROUND_BATCH", 1)
     idle = timedelta(milliseconds=100)
     pause_after = Duration(nanos=100_000_000) if setting == "auto_pause_after" else Duration()
     rounds = 0
