@@ -117,6 +117,9 @@ class Hibernation:
         # Failed background saves, by uid: the sandbox's last_active_time then, and when to
         # try again regardless.
         self._failed_saves: dict[str, tuple[datetime, datetime]] = {}
+        # Background saves started and not ended, by uid: a round starts them and does not
+        # wait for them (one slow save must not hold up every other sandbox's).
+        self._background: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<Hibernation {self._checkpoints!r} resuming={len(self._resuming)}>"
@@ -343,14 +346,34 @@ class Hibernation:
         held: dict[str, datetime | None] = {
             uid: active for uid, (active, _) in self._failed_saves.items()
         }
-        # Those in use are not idle: left out, not to take the round's places from others.
+        # Those in use, or with a save started, are left out: not to take the round's places.
         held.update(dict.fromkeys(self._queues.busy()))
-        due = await self._registry.list_auto_pause_due(now, ROUND_BATCH, held)
-        await asyncio.gather(*(self._in_background(self._auto_pause, r) for r in due))
+        held.update(dict.fromkeys(self._background))
+        for record in await self._registry.list_auto_pause_due(now, ROUND_BATCH, held):
+            self._start_in_background(self._auto_pause, record)
         idle_after = self._config.checkpoint_idle_after
         if idle_after:
+            held.update(dict.fromkeys(self._background))
             idle = await self._registry.list_unsaved_idle(now - idle_after, ROUND_BATCH, held)
-            await asyncio.gather(*(self._in_background(self._checkpoint_idle, r) for r in idle))
+            for record in idle:
+                self._start_in_background(self._checkpoint_idle, record)
+
+    def _start_in_background(
+        self, step: Callable[[SandboxRecord], Awaitable[None]], record: SandboxRecord
+    ) -> None:
+        if record.uid in self._background:
+            return
+        task = asyncio.ensure_future(self._in_background(step, record))
+        self._background[record.uid] = task
+        task.add_done_callback(lambda _: self._background.pop(record.uid, None))
+
+    async def stop_background(self) -> None:
+        """Cancels the background saves under way (at shutdown): a cancelled save leaves
+        the previous checkpoint, and the sandbox, as they were."""
+        tasks = list(self._background.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _in_background(
         self, step: Callable[[SandboxRecord], Awaitable[None]], record: SandboxRecord
@@ -407,6 +430,7 @@ class Hibernation:
     async def pause_all(self, within: float) -> None:
         """At shutdown: pauses every RUNNING sandbox, CONCURRENT_SAVES at a time, for at most
         `within` seconds in all; those left stay running, for the next controller to adopt."""
+        await self.stop_background()
         running = [r for r in await self._registry.list_live() if r.state is State.RUNNING]
         if not running:
             return

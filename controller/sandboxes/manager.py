@@ -157,6 +157,7 @@ class SandboxManager:
         """Stops the background checks and discards the warm pool; every other sandbox
         outlives the controller (paused by pause_all, or running for the next one to
         adopt)."""
+        await self._hibernation.stop_background()
         await self._executions.close()
         await self._pool.close()
         await self._provisioner.close()

@@ -97,6 +97,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.restored_count = 0
         # While set, Checkpoint fails with this status after its namespace (a worker that died).
         self.checkpoint_failure: grpc.StatusCode | None = None
+        # While set, Checkpoint waits for it after its namespace (a save that takes long).
+        self.checkpoint_hold: asyncio.Event | None = None
         # While set, Restore refuses with INVALID_ARGUMENT (an archive it cannot extract).
         self.refuse_restore = False
 
@@ -183,6 +185,8 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.checkpoints += 1
         for piece in _thirds(self.namespace):
             yield executor_pb2.CheckpointChunk(namespace=piece)
+        if self.checkpoint_hold is not None:
+            await self.checkpoint_hold.wait()
         if self.checkpoint_failure is not None:
             await context.abort(self.checkpoint_failure, "the worker died while it saved")
         for piece in _thirds(self.workspace):

@@ -668,3 +668,29 @@ async def test_a_long_execution_does_not_hold_up_every_other_sandboxs_background
         assert (await petri.executor(busy.name)).checkpoints == 0
         assert (await petri.get(busy.name)).state == RUNNING
         running.cancel()
+
+
+async def test_a_slow_background_save_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """A round used to wait for all its saves: one that takes minutes (a namespace whose
+    __reduce__ dawdles, gigabytes of files) stopped every other sandbox's checkpoints and
+    auto-pauses until it ended."""
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=20),
+        checkpoint_idle_after=timedelta(milliseconds=300),
+    ) as petri:
+        slow = await petri.create("slow")
+        slow_executor = await petri.executor(slow.name)
+        slow_executor.checkpoint_hold = asyncio.Event()  # long before its idle save starts
+        await wait_until(lambda: slow_executor.checkpoints == 1, "the slow save to start")
+        other = await petri.create("other")
+        await petri.execute(other.name, "y = 1")
+        other_executor = await petri.executor(other.name)
+
+        await wait_until(lambda: checkpoint_file(petri, other).is_file(), "the other's save")
+        assert not checkpoint_file(petri, slow).exists()
+        started = slow_executor.checkpoints
+        slow_executor.checkpoint_hold.set()
+        await wait_until(lambda: checkpoint_file(petri, slow).is_file(), "the slow one's save")
+        assert slow_executor.checkpoints == started  # it was not started twice meanwhile
+        assert other_executor.checkpoints >= 1
