@@ -227,12 +227,11 @@ class SqliteRegistry:
         return [table.from_row(row) for row in self._conn.execute(sql, params).fetchall()]
 
 
-# Rows `held` names with their last_active_time unchanged, or with None, are left out (a JSON
-# object, given twice, however many; uids are hex, so they are safe in a JSON path).
-_HELD_PATH = "'$.\"' || uid || '\"'"
+# Rows `held` names with None, or with their last_active_time unchanged, are left out (a JSON
+# object, given twice, however many; subqueries that do not depend on the row: read once).
 _NOT_HELD = (
-    f"AND json_extract(?, {_HELD_PATH}) IS NOT last_active_time "
-    f"AND json_type(?, {_HELD_PATH}) IS NOT 'null'"
+    "AND uid NOT IN (SELECT key FROM json_each(?) WHERE type = 'null') "
+    "AND (uid, last_active_time) NOT IN (SELECT key, value FROM json_each(?) WHERE type != 'null')"
 )
 
 
