@@ -28,6 +28,8 @@ _STDERR_KEPT_BYTES = 16 * 1024
 _TAR_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # names as bytes; messages in English
 # GNU tar's exit status when some files changed while they were read (1) or it failed (2).
 _TAR_FILES_DIFFER = 1
+# What GNU tar says of a file that got shorter while it read it (it pads the rest with zeros).
+_SHRANK = b"File shrank by"
 
 
 class ArchiveFailed(Exception):
@@ -137,7 +139,12 @@ async def archive(
         await _kill(process)
         stderr.cancel()
         raise
-    if status == _TAR_FILES_DIFFER:  # the archive holds the file as it was at some moment
+    if status == _TAR_FILES_DIFFER and _SHRANK in said:
+        raise ArchiveFailed(
+            f"a file shrank while the workspace was archived: {_message(said)}: its copy would "
+            "be padded with zeros; retry once nothing rewrites it"
+        )
+    if status == _TAR_FILES_DIFFER:  # grew or changed: what tar read, up to its first size
         log.warning("files changed while the workspace was archived: %s", _message(said))
     elif status != 0:
         raise ArchiveFailed(
