@@ -293,17 +293,18 @@ async def test_delete_and_expiry_of_paused_sandboxes(
     e2e_config: Config, controller: Controller, tmp_path: Path
 ) -> None:
     async with hibernating(e2e_config, controller, tmp_path) as (running, stub):
-        deleted = await create(stub)
-        short = sandbox_pb2.Sandbox()
-        short.ttl.FromSeconds(4)
-        expiring = await stub.CreateSandbox(
-            sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=short)
-        )
+        deleted, expiring = await create(stub), await create(stub)
         for sandbox in (deleted, expiring):
             await pause(stub, sandbox.name)
         checkpoints = running.config.checkpoint_path
         assert sorted(os.listdir(checkpoints)) == sorted(
             [f"{deleted.uid}.ckpt", f"{expiring.uid}.ckpt"]
+        )
+        # Its time runs out once it is paused (a fixed short TTL raced slow pauses).
+        await stub.UpdateSandbox(
+            sandbox_pb2.UpdateSandboxRequest(
+                sandbox=sandbox_pb2.Sandbox(name=expiring.name, ttl=Duration(nanos=1000))
+            )
         )
         await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=deleted.name))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
