@@ -26,7 +26,7 @@ class Containers:
 
 def runtime_whose_containers_raise(error: Exception, tmp_path: Path) -> PodmanRuntime:
     runtime = PodmanRuntime(tmp_path / "podman.sock")
-    runtime._client = type("Client", (), {"containers": Containers(error)})()  # type: ignore[assignment]
+    runtime._client = type("Client", (), {"containers": Containers(error)})()
     return runtime
 
 
