@@ -78,7 +78,10 @@ async def test_a_paused_sandbox_has_no_container_and_comes_back_byte_exact(
         paused = await pause(petri, sandbox.name)
         assert paused.state == PAUSED and paused.checkpoint.size_bytes > 0
         assert list(paused.checkpoint.lost_names) == before.lost
-        assert petri.runtime.container_of(sandbox.uid) is None  # no container, no process
+        # No container, no process (removed just after the answer: the state is on disk).
+        await wait_until(
+            lambda: petri.runtime.container_of(sandbox.uid) is None, "the container removed"
+        )
         assert checkpoint_file(petri, sandbox).is_file()
         assert (await pause(petri, sandbox.name)).state == PAUSED  # again: as it is
         listed = await petri.stub.ListSandboxes(
