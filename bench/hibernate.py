@@ -592,6 +592,7 @@ class Sample:
     created: int
     running: int
     paused: int
+    other: int  # neither RUNNING nor PAUSED: being created or deleted, or TERMINATED
     available_bytes: int
     controller_rss_bytes: int
     checkpoint_bytes: int
@@ -682,12 +683,14 @@ class _Density:
     async def sample(self) -> Sample:
         running = await _count(self._stub, "RUNNING")
         paused = await _count(self._stub, "PAUSED")
+        other = len(await _list(self._stub, "state != RUNNING AND state != PAUSED"))
         sample = Sample(
             seconds=time.monotonic() - self._started,
             phase=self._phase,
             created=len(self.members),
             running=running,
             paused=paused,
+            other=other,
             available_bytes=self._available(),
             controller_rss_bytes=self._controller.rss_bytes(),
             checkpoint_bytes=await asyncio.to_thread(_tree_bytes, self._checkpoints),
@@ -921,6 +924,7 @@ def _timeline(samples: Sequence[Sample], rows: int = 25) -> list[list[str]]:
             str(s.created),
             str(s.running),
             str(s.paused),
+            str(s.other),
             _gib(s.available_bytes),
             _mib(s.controller_rss_bytes),
             _gib(s.checkpoint_bytes),
@@ -938,6 +942,7 @@ def print_density(f: DensityFigures) -> None:
             "created",
             "RUNNING",
             "PAUSED",
+            "other",
             "MemAvailable",
             "controller RSS",
             "checkpoints",
@@ -963,6 +968,10 @@ def print_density(f: DensityFigures) -> None:
         [
             "PAUSED at the end of creation",
             str(last_create[-1].paused) if last_create else "-",
+        ],
+        [
+            "neither RUNNING nor PAUSED at the end (TERMINATED...)",
+            str(f.samples[-1].other) if f.samples else "-",
         ],
         [
             "MemAvailable before → lowest",
@@ -1025,6 +1034,7 @@ def _checks_ok(c: CheckFigures | None) -> bool:
 
 
 def _density_targets(f: DensityFigures) -> list[list[str]]:
+    lost = f.samples[-1].other if f.samples else 0
     memory_ok = f.lowest_available_bytes >= MEMORY_FLOOR and "MemAvailable" not in f.stopped_because
     rows = [
         [
@@ -1044,6 +1054,12 @@ def _density_targets(f: DensityFigures) -> list[list[str]]:
             _gib(f.lowest_available_bytes),
             f"≥ {MEMORY_FLOOR // GiB} GiB",
             _met(memory_ok),
+        ],
+        [
+            "sandboxes lost (neither RUNNING nor PAUSED at the end)",
+            str(lost),
+            "0",
+            _met(lost == 0),
         ],
         [
             "all PAUSED by themselves after creation",
@@ -1101,6 +1117,7 @@ def _density_summary(f: DensityFigures) -> dict[str, Any]:
         if f.all_paused_after_s is None
         else round(f.all_paused_after_s, 1),
         "max_running": f.max_running,
+        "other_at_end": f.samples[-1].other if f.samples else None,
         "available_before_bytes": f.available_before_bytes,
         "lowest_available_bytes": f.lowest_available_bytes,
         "available_settled_bytes": f.available_settled_bytes,
