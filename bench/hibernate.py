@@ -39,7 +39,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -112,6 +112,8 @@ frame = pd.DataFrame({"a": [1, 2, 3]})
 """
 SMALL_READ = 'answer + sum(numbers) + int(frame["a"].sum()) + len(greeting)'
 SMALL_VALUE = "98"  # 42 + 45 + 6 + 5
+# Pause-and-resume cycles that may fail in a row before the part gives up.
+MAX_FAILED_CYCLES = 3
 # Round trips on the RUNNING sandbox not measured: the first ones warm its session.
 WARMUP = 3
 
@@ -415,6 +417,29 @@ async def measure_latency(profile: str, repeats: int, resumes: int) -> LatencyFi
     return figures
 
 
+async def _cycles(
+    figures: LatencyFigures, what: str, count: int, cycle: Callable[[], Awaitable[object]]
+) -> None:
+    """Runs `cycle` `count` times; a failed one is a problem reported, not the end of the
+    benchmark, unless MAX_FAILED_CYCLES fail in a row."""
+    failed = 0
+    for _ in range(count):
+        try:
+            await cycle()
+            failed = 0
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            detail = (
+                f"{exc.code().name}: {exc.details()}"
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else str(exc)
+            )
+            figures.problems.append(f"{what}: {detail}"[:600])
+            failed += 1
+            if failed >= MAX_FAILED_CYCLES:
+                figures.problems.append(f"{what}: stopped after {failed} failures in a row")
+                return
+
+
 async def _measure_big(
     stub: "Stub", log: ControllerLog, label: str, repeats: int, figures: LatencyFigures
 ) -> None:
@@ -427,7 +452,8 @@ async def _measure_big(
     size_text, _, total = value.strip("()").partition(", ")
     figures.dataframe_bytes = int(size_text)
     shape = f"({DF_ROWS}, {DF_COLUMNS})"
-    for _ in range(repeats):
+
+    async def cycle() -> None:
         await _wait_pool_ready(label, own_running=1)  # no refill during the pause
         elapsed, paused = await _pause(stub, big.name)
         figures.pause_big.append(elapsed)
@@ -442,8 +468,10 @@ async def _measure_big(
         problem = _problem(response, _value(response), total, restored=False)
         if problem:
             figures.problems.append(f"the DataFrame's sum after a resume: {problem}")
+
+    await _cycles(figures, "pause and resume of the DataFrame", repeats, cycle)
     # Paused, so that the service's idle checkpoint of it does not run during the next part.
-    await _pause(stub, big.name)
+    await _cycles(figures, "the DataFrame's last pause", 1, lambda: _pause(stub, big.name))
 
 
 async def _measure_small(
@@ -462,7 +490,8 @@ async def _measure_small(
             figures.problems.append(f"running {small.name}: {problem}")
         if i >= WARMUP:
             figures.running_small.append(elapsed)
-    for _ in range(resumes):
+
+    async def cycle() -> None:
         await _wait_pool_ready(label, own_running=1)
         elapsed, paused = await _pause(stub, small.name)
         figures.pause_small.append(elapsed)
@@ -474,7 +503,8 @@ async def _measure_small(
         figures.resume_small_into.append(into)
         if server is not None:
             figures.resume_small_server.append(server)
-    await _pause(stub, small.name)
+
+    await _cycles(figures, "pause and resume of the small namespace", resumes, cycle)
 
 
 def _into_note(into: Sequence[str]) -> str:
