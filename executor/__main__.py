@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 
@@ -16,6 +17,11 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The daemon forks to start its worker and tar (as user code's uid, so not by vfork):
+    # gRPC's fork handlers then run in the child and may abort it ("Check failed:
+    # next_worker->state == KICKED"), although the child only execs. The child never uses
+    # gRPC: turn them off, before gRPC is imported.
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
     from executor import daemon
 
     asyncio.run(daemon.run(args.socket, args.workspace))

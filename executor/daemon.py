@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 
 from executor.batching import batches
-from executor.supervisor import ExecutorBroken, Supervisor
+from executor.supervisor import ExecutorBroken, NotFresh, Restoring, SnapshotFailed, Supervisor
 from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
+from executor.workspace.archive import ArchiveFailed, InvalidArchive
 from petri.paths import InvalidPath
-from petri.protocol import EXECUTOR_PROTOCOL
+from petri.protocol import CHECKPOINT_CHUNK_BYTES, EXECUTOR_PROTOCOL
 from petri.v1 import executor_pb2, executor_pb2_grpc
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
@@ -132,6 +133,91 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             stager.discard()
             raise
 
+    # Written with context.write, not as a generator (the stubs type only that): a cancelled
+    # call then raises where this waits, and the supervisor cleans up under its lock at once.
+    async def Checkpoint(  # type: ignore[override]
+        self,
+        request: executor_pb2.CheckpointRequest,
+        context: grpc.aio.ServicerContext[
+            executor_pb2.CheckpointRequest, executor_pb2.CheckpointChunk
+        ],
+    ) -> None:
+        """Saves the sandbox after the executions queued before it (it waits for the one in
+        progress): namespace chunks, workspace chunks, then the summary, the last message.
+        The worker, its namespace and its incarnation stay as they were.
+
+        INVALID_ARGUMENT without a positive namespace_limit_bytes (nothing is saved).
+        FAILED_PRECONDITION when the workspace cannot be archived whole (tar's words say which
+        file: e.g. one user code made unreadable). INTERNAL when the worker died, hung or
+        misbehaved while saving: it was replaced, so its variables are gone, and a new
+        checkpoint would save an empty namespace (do not retry blindly). UNAVAILABLE when no
+        worker can be started. On any error no summary is sent: the chunks sent before it
+        are an incomplete checkpoint. A call cancelled while the worker saves lets it finish
+        (what it sends is dropped), so that the worker keeps its namespace.
+        """
+        if request.namespace_limit_bytes <= 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "namespace_limit_bytes must be positive"
+            )
+        try:
+            summary = await self._supervisor.checkpoint(
+                request.namespace_limit_bytes, context.write
+            )
+        except ArchiveFailed as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except SnapshotFailed as exc:
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the worker failed saving its namespace ({exc}): it was replaced, its "
+                "variables are gone",
+            )
+        except ExecutorBroken as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        await context.write(executor_pb2.CheckpointChunk(summary=summary))
+
+    async def Restore(
+        self,
+        request_iterator: AsyncIterator[executor_pb2.CheckpointChunk],
+        context: grpc.aio.ServicerContext[executor_pb2.CheckpointChunk, executor_pb2.RestoreResult],
+    ) -> executor_pb2.RestoreResult:
+        """Restores a checkpoint, its messages in Checkpoint's order: namespace chunks, then
+        workspace chunks, then the summary, then the end of the call. The files are extracted
+        as they come (as user code's uid); the namespace's chunks go to the worker, which
+        reads them only once the files are in place and the summary came (a new incarnation).
+
+        FAILED_PRECONDITION when the sandbox has run code since the daemon started, or
+        restored a checkpoint already (nothing is read). INVALID_ARGUMENT for anything out of
+        order, a chunk above CHECKPOINT_CHUNK_BYTES, sizes that differ from the summary's, a
+        negative execution count, or an archive tar cannot extract (its words say why);
+        RESOURCE_EXHAUSTED when the workspace is full; CANCELLED when the call ends without
+        its summary; UNAVAILABLE when no worker can be started. After any of these but the
+        first, the restore is undone as far as it can be: the worker drops what it got (it
+        was still unused and stays so), tar is stopped and the entries it created at the top
+        of the workspace are removed, trees and all (as user code's uid; what that uid cannot
+        remove stays), the execution count is put back, and the sandbox may be restored
+        again. A cancelled call is undone the same way; one cancelled while the worker
+        restores replaces the worker (a new, empty one). A namespace that cannot be read, or
+        that kills the worker, is not an error: the result lists it as lost ("*") and a
+        fresh worker runs on.
+        """
+        try:
+            async with self._supervisor.restoring() as restoring:
+                summary = await _receive_checkpoint(request_iterator, restoring)
+                return await restoring.finish(summary.execution_count)
+        except NotFresh as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (_Malformed, InvalidArchive) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except WorkspaceFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except _Incomplete:
+            await context.abort(
+                grpc.StatusCode.CANCELLED,
+                "the checkpoint ended without its summary: nothing was restored",
+            )
+        except ExecutorBroken as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
     async def GetStatus(
         self,
         request: executor_pb2.GetStatusRequest,
@@ -148,8 +234,53 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         )
 
 
+class _Malformed(Exception):
+    """A checkpoint's messages out of order, or inconsistent."""
+
+
+async def _receive_checkpoint(
+    messages: AsyncIterator[executor_pb2.CheckpointChunk], restoring: Restoring
+) -> executor_pb2.CheckpointSummary:
+    """Forwards a checkpoint's chunks as they come; its summary, once the call ended after it.
+    _Malformed for anything out of order; _Incomplete when the call ends before the summary."""
+    sizes = {"namespace": 0, "workspace": 0}
+    phase = "namespace"
+    while (message := await anext(messages, None)) is not None:
+        part = message.WhichOneof("part")
+        if part == "summary":
+            summary = message.summary
+            if (summary.namespace_bytes, summary.workspace_bytes) != (
+                sizes["namespace"],
+                sizes["workspace"],
+            ):
+                raise _Malformed(
+                    f"the checkpoint is not whole: {sizes['namespace']} bytes of namespace and "
+                    f"{sizes['workspace']} of workspace came, its summary says "
+                    f"{summary.namespace_bytes} and {summary.workspace_bytes}"
+                )
+            if summary.execution_count < 0:
+                raise _Malformed("a checkpoint's execution count is not negative")
+            if await anext(messages, None) is not None:
+                raise _Malformed("nothing may follow a checkpoint's summary")
+            return summary
+        if part is None or (part == "namespace" and phase == "workspace"):
+            raise _Malformed(
+                "a checkpoint is namespace chunks, then workspace chunks, then its summary"
+            )
+        data: bytes = getattr(message, part)
+        if len(data) > CHECKPOINT_CHUNK_BYTES:
+            raise _Malformed(f"a checkpoint chunk holds at most {CHECKPOINT_CHUNK_BYTES} bytes")
+        sizes[part] += len(data)
+        phase = part
+        if part == "namespace":
+            await restoring.namespace(data)
+        else:
+            await restoring.workspace(data)
+    raise _Incomplete()
+
+
 class _Incomplete(Exception):
-    """An execution's inputs ended without EndOfInputs."""
+    """An execution's inputs ended without EndOfInputs, or a checkpoint without its summary."""
 
 
 async def _next_request(

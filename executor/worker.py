@@ -46,6 +46,7 @@ class Worker:
         # Figures already shown in this cell (display(fig), or fig as the value), by id.
         self._shown_figures: set[int] = set()
         self._send_lock = threading.Lock()
+        self._pid = os.getpid()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._in_user_code:
@@ -60,6 +61,11 @@ class Worker:
                 write_frame(self._replies_fd, reply)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def send_namespace_chunk(self, chunk: bytes) -> None:
+        if os.getpid() != self._pid:  # a child forked by a __reduce__ must not speak for us
+            os._exit(1)
+        self.send(executor_pb2.WorkerReply(namespace_chunk=chunk))
 
     def display(self, *objs: Any) -> None:
         """Shows objects as rich outputs, like IPython's display()."""
@@ -238,6 +244,7 @@ def main() -> None:
     # Now, with the limits set and our modules loaded, user code may import its own files,
     # as in a notebook (the worker started isolated: see worker_process.WorkerProcess.start).
     sys.path.insert(0, args.workspace)
+    restorer = namespace_snapshot.Restorer()  # a saved namespace being received
     while True:
         payload = read_frame(args.requests_fd)
         if payload is None:
@@ -245,17 +252,24 @@ def main() -> None:
         request = executor_pb2.WorkerRequest.FromString(payload)
         if request.HasField("snapshot"):
             snapshot = namespace_snapshot.save(
-                worker.namespace, request.snapshot.execution_count, request.snapshot.limit_bytes
+                worker.namespace, request.snapshot.limit_bytes, worker.send_namespace_chunk
             )
             if os.getpid() != worker_pid:  # a child forked by a __reduce__: not the worker
                 os._exit(1)
             worker.send(executor_pb2.WorkerReply(snapshot=snapshot))
             continue
         if request.HasField("restore"):
-            restored = namespace_snapshot.restore(worker.namespace, request.restore.saved_namespace)
-            if os.getpid() != worker_pid:
-                os._exit(1)
-            worker.send(executor_pb2.WorkerReply(restored=restored))
+            step = request.restore
+            if step.HasField("chunk"):
+                restorer.feed(step.chunk)
+            elif step.apply:
+                restored = restorer.apply(worker.namespace)
+                if os.getpid() != worker_pid:
+                    os._exit(1)
+                worker.send(executor_pb2.WorkerReply(restored=restored))
+                restorer = namespace_snapshot.Restorer()
+            else:  # discard: the restore was abandoned
+                restorer = namespace_snapshot.Restorer()
             continue
         done = worker.run(request)
         if os.getpid() != worker_pid:

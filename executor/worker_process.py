@@ -56,7 +56,7 @@ class WorkerProcess:
     def __init__(
         self,
         process: asyncio.subprocess.Process,
-        requests: asyncio.WriteTransport,
+        requests: asyncio.StreamWriter,
         replies: asyncio.StreamReader,
     ) -> None:
         self.process = process
@@ -139,9 +139,12 @@ class WorkerProcess:
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(replies_read, "rb", 0)
         )
-        requests, _ = await loop.connect_write_pipe(
-            asyncio.Protocol, os.fdopen(requests_write, "wb", 0)
+        # A stream writer, for drain(): a restore's chunks wait for the worker to read them
+        # instead of piling up in the daemon.
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(requests_write, "wb", 0)
         )
+        requests = asyncio.StreamWriter(transport, protocol, None, loop)
         worker = cls(process, requests, replies)
         try:
             payload = await asyncio.wait_for(read_frame_async(replies), WORKER_READY_TIMEOUT)
@@ -199,6 +202,10 @@ class WorkerProcess:
 
     def send(self, request: executor_pb2.WorkerRequest) -> None:
         self._requests.write(encode(request))
+
+    async def drain(self) -> None:
+        """Waits until the pipe to the worker has room (ConnectionError when it is gone)."""
+        await self._requests.drain()
 
     def interrupt(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -57,6 +57,10 @@ def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
         # Cold creates for the suite, so each test knows what it gets; the warm pool has
         # tests of its own (test_warm_pool.py), with a controller of their own.
         warm_pool=(),
+        # Idle checkpoints would save the suites' hostile workspaces in the background, and
+        # make a sandbox whose container a test removes come back rather than terminate:
+        # hibernation has tests of its own (test_hibernation.py), with controllers of their own.
+        checkpoint_idle_after=timedelta(0),
     )
 
 

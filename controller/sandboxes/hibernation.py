@@ -170,7 +170,18 @@ class Hibernation:
                 f"sandbox {record.name} cannot be saved whole: {exc}; it is still RUNNING, "
                 "untouched"
             ) from exc
-        except (ExecutorFailed, CheckpointIncomplete) as exc:
+        except ExecutorFailed as exc:
+            if exc.code == "INTERNAL":  # its worker died or hung saving: it was replaced
+                raise Unavailable(
+                    f"could not save sandbox {record.name}: its interpreter failed while "
+                    f"saving its variables ({exc.details}) and was replaced: its variables are "
+                    "gone (a new incarnation), its files are kept; it is still RUNNING"
+                ) from exc
+            raise Unavailable(
+                f"could not save sandbox {record.name}: its executor did not complete the "
+                f"checkpoint ({exc}); {untouched}: retry"
+            ) from exc
+        except CheckpointIncomplete as exc:
             raise Unavailable(
                 f"could not save sandbox {record.name}: its executor did not complete the "
                 f"checkpoint ({exc}); {untouched}: retry"
@@ -191,7 +202,18 @@ class Hibernation:
         )
 
     async def _resume(self, record: SandboxRecord) -> SandboxRecord:
-        """PAUSED -> RUNNING from its checkpoint; the record as it is now."""
+        """PAUSED -> RUNNING from its checkpoint; the record as it is now. An executor that
+        refuses the checkpoint gets a second chance in another container before the sandbox
+        is given up as unrestorable: the fault may have been that container's."""
+        try:
+            return await self._resume_into_a_container(record, last_try=False)
+        except InvalidArgument as exc:
+            log.warning("a restore was refused; trying another container", error=str(exc))
+        return await self._resume_into_a_container(record, last_try=True)
+
+    async def _resume_into_a_container(
+        self, record: SandboxRecord, last_try: bool
+    ) -> SandboxRecord:
         started = self._clock()
         member = await self._pool.take(record.spec)
         if member is not None:
@@ -217,7 +239,10 @@ class Hibernation:
                 self._config.checkpoint_timeout.total_seconds(),
             )
         except BaseException as exc:
-            await _shielded(self._give_up(record, into, member, exc))
+            final = last_try or not isinstance(exc, InvalidArgument)
+            await _shielded(self._give_up(record, into, member, exc, final))
+            if not final:
+                raise
             mapped = _resume_error(record, exc)
             if mapped is exc:
                 raise
@@ -252,13 +277,15 @@ class Hibernation:
         into: SandboxRecord,
         member: SandboxRecord | None,
         error: BaseException,
+        final: bool,
     ) -> None:
         """After a failed restore: the container goes; a checkpoint that can never be
-        restored makes the sandbox TERMINATED, anything else leaves it PAUSED."""
+        restored (unreadable, or refused on the last try) makes the sandbox TERMINATED,
+        anything else leaves it PAUSED."""
         await self._provisioner.release(into)
         if member is not None:
             await self._registry.forget(member.uid)
-        if isinstance(error, CheckpointUnreadable | InvalidArgument):
+        if final and isinstance(error, CheckpointUnreadable | InvalidArgument):
             await self._lifecycle.unrestorable(
                 record, f"its checkpoint cannot be restored: {error}"
             )

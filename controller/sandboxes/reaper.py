@@ -85,7 +85,8 @@ class TtlReaper:
         self._scheduler.start()
 
     def stop(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:  # stopping twice is stopping once
+            self._scheduler.shutdown(wait=False)
 
     async def reap_expired(self) -> None:
         try:

@@ -76,8 +76,9 @@ class Reconciler:
         elif record.state is State.RUNNING:
             self._provisioner.client_for(record)
         elif record.state is State.PAUSED and container is not None:
-            # Left by a crash during its pause or its resume: the checkpoint is the sandbox.
-            await self._containers.remove(container.name)
+            # Left by a crash during its pause or its resume: the checkpoint is the sandbox;
+            # the container goes, with what it held (its socket directory, its worker uid).
+            await self._provisioner.release(record)
 
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath

@@ -8,6 +8,7 @@ refused, and symlinks are never returned as outputs.
     inputs.py    InputStager: input files staged, then committed (or discarded)
     scan.py      snapshots of /workspace, bounded, and the changes between two
     beneath.py   opening and reading beneath /workspace without following a symlink
+    archive.py   the whole workspace as a tar archive (GNU tar, as user code's uid): checkpoints
 """
 
 from executor.workspace.beneath import NotAFile, open_directory_beneath, read_chunks

@@ -177,8 +177,13 @@ async def test_a_restarted_controller_adopts_running_sandboxes(
     sandbox = await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
     await execute(stub, sandbox.name, "x = 'before'\nopen('f.txt', 'w').write('file')")
     # The session's controller keeps running; the second one shares its registry and podman.
+    # It must leave the sandboxes running when it stops: they are the session's too.
     second_config = sibling_config(
-        e2e_config, controller, "second", runtime_dir=e2e_config.runtime_dir
+        e2e_config,
+        controller,
+        "second",
+        runtime_dir=e2e_config.runtime_dir,
+        keep_running_on_shutdown=True,
     )
     second: Controller = await start_controller(second_config)
     try:

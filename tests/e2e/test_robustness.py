@@ -235,21 +235,25 @@ async def test_a_restart_loses_nothing(how: str) -> None:
             expiring = await stub.CreateSandbox(
                 sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=short)
             )
-        if how == "SIGKILL":
-            first.process.kill()
-        else:
-            first.process.terminate()
-        first.process.wait(30)
-        # While the controller is down: one sandbox's container disappears, and a container
-        # with the controller's labels appears that the registry does not know (a crash
-        # between "podman create" and the registry write leaves such a thing).
-        podman("rm", "-f", f"petri-{lost.uid}")
         registry_label = podman(
             "inspect",
             "--format",
             '{{index .Config.Labels "io.petri.registry"}}',
             f"petri-{keep.uid}",
         ).strip()
+        if how == "SIGKILL":
+            first.process.kill()
+        else:
+            first.process.terminate()  # a graceful stop pauses every sandbox to disk
+        first.process.wait(30)
+        # While the controller is down: one sandbox's container disappears (after SIGTERM,
+        # there is none left: all paused), and a container with the controller's labels
+        # appears that the registry does not know (a crash between "podman create" and the
+        # registry write leaves such a thing).
+        left = podman("ps", "-a", "--filter", f"label=io.petri.registry={registry_label}")
+        assert (f"petri-{keep.uid}" in left) == (how == "SIGKILL")
+        if how == "SIGKILL":
+            podman("rm", "-f", f"petri-{lost.uid}")
         podman(
             "create",
             "--name",
@@ -270,8 +274,12 @@ async def test_a_restart_loses_nothing(how: str) -> None:
                 stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
                 response = await execute(stub, keep.name, "(x, open('f.txt').read())")
                 assert value_of(response) == "('before', 'file')"
+                assert response.namespace_restored == (how == "SIGTERM")
                 got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=lost.name))
-                assert got.state == TERMINATED and "gone" in got.state_message
+                if how == "SIGKILL":  # its container went, and it had no checkpoint
+                    assert got.state == TERMINATED and "gone" in got.state_message
+                else:  # paused: nothing was lost
+                    assert got.state == sandbox_pb2.Sandbox.PAUSED
                 assert "petri-orphan-test" not in containers()
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
@@ -315,9 +323,13 @@ async def test_sigterm_lets_an_execution_in_flight_finish() -> None:
             ]
             assert values == ["'finished'"] and events[-1].WhichOneof("event") == "result"
         assert await asyncio.to_thread(started.process.wait, 30) == 0
-        # The sandbox outlives the controller, for the next one to adopt.
-        assert f"petri-{sandbox.uid}" in containers()
+        # The sandbox outlives the controller, paused after its execution, for the next one.
+        assert f"petri-{sandbox.uid}" not in containers()
         second = await start_controller_process(dirs)
+        async with grpc.aio.insecure_channel(second.address) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=sandbox.name))
+            assert got.state == sandbox_pb2.Sandbox.PAUSED and got.execution_count == 1
         await delete_all(second.address, PROJECT)
         second.process.terminate()
         second.process.wait(30)

@@ -455,20 +455,16 @@ class WorkerSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_BYTES_FIELD_NUMBER: _builtins.int
-    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     limit_bytes: _builtins.int
     """The serialised values may take at most this many bytes; names beyond are lost."""
-    execution_count: _builtins.int
-    """Recorded in the snapshot, given back on restore."""
     def __init__(
         self,
         *,
         limit_bytes: _builtins.int = ...,
-        execution_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "limit_bytes", b"limit_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_bytes", b"limit_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,102 +472,82 @@ Global___WorkerSnapshotRequest: _TypeAlias = WorkerSnapshotRequest  # noqa: Y015
 
 @_typing.final
 class WorkerRestoreRequest(_message.Message):
+    """One step of a restore, in order: every chunk of a saved namespace (kept, not yet read), then
+    `apply` (the worker restores what it holds and answers `restored`) or `discard` (it drops it
+    and answers nothing).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    SAVED_NAMESPACE_FIELD_NUMBER: _builtins.int
-    saved_namespace: _builtins.bytes
-    """A serialised SavedNamespace. Hostile data: only the worker that will run this
-    sandbox's code ever deserialises it, never the daemon or the controller.
+    CHUNK_FIELD_NUMBER: _builtins.int
+    APPLY_FIELD_NUMBER: _builtins.int
+    DISCARD_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of a saved namespace (see SavedEntry). Hostile data: only the worker that
+    will run this sandbox's code ever deserialises it, never the daemon or the controller.
     """
+    apply: _builtins.bool
+    discard: _builtins.bool
     def __init__(
         self,
         *,
-        saved_namespace: _builtins.bytes = ...,
+        chunk: _builtins.bytes = ...,
+        apply: _builtins.bool = ...,
+        discard: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply", "chunk", b"chunk", "discard", b"discard", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saved_namespace", b"saved_namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply", "chunk", b"chunk", "discard", b"discard", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["chunk", "apply", "discard"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 
 Global___WorkerRestoreRequest: _TypeAlias = WorkerRestoreRequest  # noqa: Y015
 
 @_typing.final
-class SavedNamespace(_message.Message):
-    """A worker's namespace, as saved: what a new worker restores."""
+class SavedEntry(_message.Message):
+    """A saved namespace is a sequence of entries, each a 4-byte big-endian length and a SavedEntry
+    of that many bytes, followed for a value by `pickled_bytes` raw bytes, then by each of its
+    out-of-band buffers: a value streams in chunks, and no frame needs to hold a whole one.
+    """
 
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
-    MODULES_FIELD_NUMBER: _builtins.int
-    VALUES_FIELD_NUMBER: _builtins.int
-    execution_count: _builtins.int
-    @_builtins.property
-    def modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SavedModule]:
-        """Globals that are modules: re-imported by name, never pickled."""
-
-    @_builtins.property
-    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___SavedValue]:
-        """Every other global that could be serialised, each on its own (cloudpickle)."""
-
-    def __init__(
-        self,
-        *,
-        execution_count: _builtins.int = ...,
-        modules: _abc.Iterable[Global___SavedModule] | None = ...,
-        values: _abc.Iterable[Global___SavedValue] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "modules", b"modules", "values", b"values"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SavedNamespace: _TypeAlias = SavedNamespace  # noqa: Y015
-
-@_typing.final
-class SavedModule(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     MODULE_FIELD_NUMBER: _builtins.int
+    PICKLED_BYTES_FIELD_NUMBER: _builtins.int
+    BUFFER_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     module: _builtins.str
+    """A global that is a module: re-imported by this name, never pickled."""
+    pickled_bytes: _builtins.int
+    """Any other global: this many bytes of its pickle (cloudpickle, protocol 5) follow the
+    entry.
+    """
+    @_builtins.property
+    def buffer_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The sizes of the value's out-of-band buffers (pickle protocol 5: a numpy array's memory,
+        written from the array itself and restored as the array's memory, never copied whole).
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         module: _builtins.str = ...,
+        pickled_bytes: _builtins.int = ...,
+        buffer_bytes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "module", b"module", "pickled_bytes", b"pickled_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["module", b"module", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_bytes", b"buffer_bytes", "kind", b"kind", "module", b"module", "name", b"name", "pickled_bytes", b"pickled_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["module", "pickled_bytes"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
-Global___SavedModule: _TypeAlias = SavedModule  # noqa: Y015
-
-@_typing.final
-class SavedValue(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    PICKLED_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    pickled: _builtins.bytes
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        pickled: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pickled", b"pickled"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SavedValue: _TypeAlias = SavedValue  # noqa: Y015
+Global___SavedEntry: _TypeAlias = SavedEntry  # noqa: Y015
 
 @_typing.final
 class WorkerReply(_message.Message):
@@ -585,6 +561,11 @@ class WorkerReply(_message.Message):
     PRELOADED_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     RESTORED_FIELD_NUMBER: _builtins.int
+    NAMESPACE_CHUNK_FIELD_NUMBER: _builtins.int
+    namespace_chunk: _builtins.bytes
+    """The next bytes of the saved namespace being sent (see SavedEntry), at most
+    petri.protocol.CHECKPOINT_CHUNK_BYTES.
+    """
     @_builtins.property
     def ready(self) -> Global___WorkerReady:
         """Sent once, when the worker is ready for requests."""
@@ -600,7 +581,9 @@ class WorkerReply(_message.Message):
         """Sent once, after `ready`, when the preloaded modules are imported (or failed to be)."""
 
     @_builtins.property
-    def snapshot(self) -> Global___WorkerSnapshot: ...
+    def snapshot(self) -> Global___WorkerSnapshot:
+        """After the namespace chunks of a snapshot: the end, and what was lost."""
+
     @_builtins.property
     def restored(self) -> Global___WorkerRestored: ...
     def __init__(
@@ -612,12 +595,13 @@ class WorkerReply(_message.Message):
         preloaded: Global___WorkerPreloaded | None = ...,
         snapshot: Global___WorkerSnapshot | None = ...,
         restored: Global___WorkerRestored | None = ...,
+        namespace_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "namespace_chunk", b"namespace_chunk", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "namespace_chunk", b"namespace_chunk", "output", b"output", "preloaded", b"preloaded", "ready", b"ready", "reply", b"reply", "restored", b"restored", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done", "preloaded", "snapshot", "restored"]  # noqa: Y015
+    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["ready", "output", "done", "preloaded", "snapshot", "restored", "namespace_chunk"]  # noqa: Y015
     _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_reply) -> _WhichOneofReturnType_reply | None: ...
 
@@ -627,21 +611,21 @@ Global___WorkerReply: _TypeAlias = WorkerReply  # noqa: Y015
 class WorkerSnapshot(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SAVED_NAMESPACE_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
-    saved_namespace: _builtins.bytes
-    """A serialised SavedNamespace."""
+    NAMESPACE_BYTES_FIELD_NUMBER: _builtins.int
+    namespace_bytes: _builtins.int
+    """The bytes of namespace_chunk sent before this."""
     @_builtins.property
     def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
-        saved_namespace: _builtins.bytes = ...,
         lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
+        namespace_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "saved_namespace", b"saved_namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "namespace_bytes", b"namespace_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -651,20 +635,17 @@ Global___WorkerSnapshot: _TypeAlias = WorkerSnapshot  # noqa: Y015
 class WorkerRestored(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
-    execution_count: _builtins.int
     @_builtins.property
     def lost(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.LostName]: ...
     def __init__(
         self,
         *,
-        execution_count: _builtins.int = ...,
         lost: _abc.Iterable[_execution_pb2.LostName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "lost", b"lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -98,7 +98,9 @@ class ExecutorServicer(object):
         every file under /workspace (an archive, byte-exact with modes), in chunks, then one
         summary, the last message. The sandbox runs on, unchanged. FAILED_PRECONDITION when the
         workspace cannot be archived whole (the details say which file): nothing is returned
-        rather than a checkpoint that would lose files.
+        rather than a checkpoint that would lose files. INTERNAL when the worker died or hung
+        saving: it was replaced and its variables are gone (a new checkpoint would save none).
+        After an error no summary comes: the chunks sent before it are to be dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,11 +108,15 @@ class ExecutorServicer(object):
 
     def Restore(self, request_iterator, context):
         """Restores a checkpoint into a sandbox that has run no execution yet: the messages exactly
-        as a Checkpoint call sent them, in order (its summary last). The files go back under
-        /workspace and a new worker restores the namespace (a new incarnation). Names that cannot
-        be restored are listed, never fatal; a namespace that cannot be read at all, too.
-        FAILED_PRECONDITION when the sandbox has run code already; INVALID_ARGUMENT for a
-        malformed sequence or an archive that cannot be extracted (the details say why).
+        as a Checkpoint call sent them, in order (its summary last), then the end of the call.
+        The files go back under /workspace, then a new worker restores the namespace (a new
+        incarnation). Names that cannot be restored are listed, never fatal; a namespace that
+        cannot be read at all, or kills the worker, too ("*").
+        FAILED_PRECONDITION when the sandbox has run code or restored a checkpoint already;
+        INVALID_ARGUMENT for a malformed sequence (sizes that differ from the summary's too) or
+        an archive that cannot be extracted (the details say why); RESOURCE_EXHAUSTED when the
+        workspace is full; CANCELLED when the call ends without the summary. After any of these
+        but the first, what was restored is undone and the sandbox may be restored again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

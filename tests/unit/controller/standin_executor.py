@@ -203,12 +203,12 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         await self._check_key(context)
         if self.executions:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "code ran here already")
-        if self.refuse_restore:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the archive is damaged")
         namespace, workspace = b"", b""
         async for chunk in request_iterator:
             namespace += chunk.namespace
             workspace += chunk.workspace
+            if chunk.HasField("summary") and self.refuse_restore:  # as tar refuses, at the end
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the archive is damaged")
             if chunk.HasField("summary"):
                 self.restored = (namespace, workspace)
                 self.namespace, self.workspace = namespace, workspace

@@ -20,7 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from controller.sandboxes.warm_pool import PoolTarget
 from controller.store.checkpoints import SUFFIX
 from petri.v1 import execution_pb2, sandbox_pb2
-from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.fake_runtime import FakeContainer, FakeRuntime
 from tests.unit.controller.inprocess import (
     PARENT,
     PROFILE,
@@ -239,7 +239,7 @@ async def test_an_executor_that_fails_mid_checkpoint_leaves_everything_as_it_was
     async with fast_petri(tmp_path) as petri:
         sandbox = await petri.create("one")
         executor = await petri.executor(sandbox.name)
-        executor.checkpoint_failure = grpc.StatusCode.INTERNAL
+        executor.checkpoint_failure = grpc.StatusCode.UNAVAILABLE
         await expect(
             pause(petri, sandbox.name),
             grpc.StatusCode.UNAVAILABLE,
@@ -249,6 +249,24 @@ async def test_an_executor_that_fails_mid_checkpoint_leaves_everything_as_it_was
         assert not checkpoint_file(petri, sandbox).exists()
         executor.checkpoint_failure = None
         assert (await pause(petri, sandbox.name)).state == PAUSED  # the retry works
+
+
+async def test_an_interpreter_that_dies_saving_is_not_called_untouched(tmp_path: Path) -> None:
+    """The executor answers INTERNAL when the worker died or hung while it saved (a
+    __reduce__ that exits): it replaced the worker, so the variables are gone; the caller is
+    told so, and not to expect the pause to have kept anything."""
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        (await petri.executor(sandbox.name)).checkpoint_failure = grpc.StatusCode.INTERNAL
+        details = await expect(
+            pause(petri, sandbox.name),
+            grpc.StatusCode.UNAVAILABLE,
+            "its interpreter failed while saving its variables",
+            "its variables are gone",
+            "it is still RUNNING",
+        )
+        assert "untouched" not in details and "retry" not in details
+        assert (await petri.get(sandbox.name)).state == RUNNING
 
 
 async def test_delete_and_expiry_of_paused_sandboxes_remove_their_checkpoints(
@@ -397,3 +415,59 @@ async def test_only_running_sandboxes_pause_and_only_paused_ones_resume(tmp_path
         await expect(
             resume(petri, sandbox.name), PRECONDITION, "is TERMINATED", "cannot be resumed"
         )
+
+
+async def test_a_container_a_crash_left_beside_a_paused_sandbox_goes_at_start(
+    tmp_path: Path,
+) -> None:
+    """A crash between a pause's write and its container's removal (or during a resume)
+    leaves a container beside a PAUSED sandbox: the checkpoint is the sandbox, the container
+    goes at the next start, with its worker uid, and the sandbox resumes into a new one."""
+    with short_runtime_dir() as runtime_dir:
+        config = fast_config(tmp_path / "state", runtime_dir)
+        runtime = FakeRuntime({config.image_for(PROFILE)})
+        try:
+            async with serving(config, runtime) as first:
+                sandbox = await first.create("one")
+                container = runtime.container_of(sandbox.uid)
+                assert container is not None
+                await pause(first, sandbox.name)
+            runtime.containers[container.spec.name] = FakeContainer(container.spec, None)
+            async with serving(config, runtime) as second:
+                assert container.spec.name not in runtime.containers
+                answer = await second.execute(sandbox.name, "1")
+                assert answer.namespace_restored
+                assert (await second.get(sandbox.name)).state == RUNNING
+        finally:
+            await runtime.shutdown()
+
+
+async def test_a_refused_restore_gets_a_second_container_before_the_sandbox_is_given_up(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        await pause(petri, sandbox.name)
+        original_start = petri.runtime.start
+        refusing = 1  # the first new container's executor refuses the archive
+
+        async def start(spec):  # type: ignore[no-untyped-def]
+            nonlocal refusing
+            await original_start(spec)
+            executor = petri.runtime.containers[spec.name].executor
+            assert executor is not None
+            executor.refuse_restore, refusing = refusing > 0, refusing - 1
+
+        petri.runtime.start = start  # type: ignore[method-assign]
+        answer = await petri.execute(sandbox.name, "1")
+        assert answer.namespace_restored
+        assert petri.runtime.starts == 3  # the sandbox's, the refusing one, the one that took it
+
+        await pause(petri, sandbox.name)
+        refusing = 2  # refused twice: the checkpoint is given up, saying why
+        await expect(
+            petri.execute(sandbox.name, "1"),
+            PRECONDITION,
+            "cannot be resumed: its checkpoint cannot be restored (the archive is damaged)",
+        )
+        assert (await petri.get(sandbox.name)).state == TERMINATED
