@@ -114,6 +114,9 @@ SMALL_READ = 'answer + sum(numbers) + int(frame["a"].sum()) + len(greeting)'
 SMALL_VALUE = "98"  # 42 + 45 + 6 + 5
 # Pause-and-resume cycles that may fail in a row before the part gives up.
 MAX_FAILED_CYCLES = 3
+# A row of the controller's own seconds, from its log: a pause is the save, then the container's
+# removal.
+IN_CONTROLLER = "  ... of which the {}, in the controller (its log)"
 # Round trips on the RUNNING sandbox not measured: the first ones warm its session.
 WARMUP = 3
 
@@ -170,13 +173,14 @@ class ControllerLog:
                 self.problems.append(event)
         return events
 
-    def resumed_into(self, name: str) -> tuple[str, float] | None:
-        """Where the latest resume of sandbox `name` went (warm pool or new container) and
-        its seconds as the controller counted them, from the lines since the last read."""
+    def latest(self, what: str, name: str) -> dict[str, Any] | None:
+        """The latest line `what` about sandbox `name` since the last read: "sandbox resumed"
+        says where it went (warm pool or new container), and it and "sandbox saved" their
+        seconds as the controller counted them."""
         found = None
         for event in self.read_new():
-            if event.get("event") == "sandbox resumed" and event.get("sandbox") == name:
-                found = (str(event.get("into")), float(event.get("seconds", 0.0)))
+            if event.get("event") == what and event.get("sandbox") == name:
+                found = event
         return found
 
     def print_problems(self) -> None:
@@ -341,7 +345,11 @@ class LatencyFigures:
     small_checkpoint_bytes: list[int] = field(default_factory=list)
     resume_small: list[float] = field(default_factory=list)
     resume_small_into: list[str] = field(default_factory=list)
-    # The controller's own seconds for each resume (its log), small namespace.
+    # The controller's own seconds (its log) for each save, the rest of a pause being the
+    # container's removal, and for each resume.
+    save_big_server: list[float] = field(default_factory=list)
+    save_small_server: list[float] = field(default_factory=list)
+    resume_big_server: list[float] = field(default_factory=list)
     resume_small_server: list[float] = field(default_factory=list)
     running_small: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -361,7 +369,12 @@ async def _wait_pool_ready(label: str, own_running: int = 0) -> None:
     raise RuntimeError("the warm pool did not refill in 120 s")
 
 
-async def _pause(stub: "Stub", name: str) -> tuple[float, sandbox_pb2.Sandbox]:
+async def _pause(
+    stub: "Stub", name: str, log: ControllerLog | None = None, saves: list[float] | None = None
+) -> tuple[float, sandbox_pb2.Sandbox]:
+    """A timed PauseSandbox; with `log`, the controller's seconds for the save go to `saves`."""
+    if log is not None:
+        log.read_new()
     started = time.perf_counter()
     sandbox = await stub.PauseSandbox(
         sandbox_pb2.PauseSandboxRequest(name=name), timeout=CALL_TIMEOUT_S
@@ -371,6 +384,10 @@ async def _pause(stub: "Stub", name: str) -> tuple[float, sandbox_pb2.Sandbox]:
         raise RuntimeError(
             f"PauseSandbox left {name} {sandbox_pb2.Sandbox.State.Name(sandbox.state)}"
         )
+    if log is not None and saves is not None:
+        saved = log.latest("sandbox saved", name)
+        if saved is not None:
+            saves.append(float(saved.get("seconds", 0.0)))
     return elapsed, sandbox
 
 
@@ -391,10 +408,10 @@ async def _resume_on_execute(
     problem = _problem(response, _value(response), want, restored=True)
     if problem:
         figures.problems.append(f"resume of {name}: {problem}")
-    resumed = log.resumed_into(name)
+    resumed = log.latest("sandbox resumed", name)
     if resumed is None:
         return elapsed, "unknown (no log line)", None
-    return elapsed, resumed[0], resumed[1]
+    return elapsed, str(resumed.get("into")), float(resumed.get("seconds", 0.0))
 
 
 async def measure_latency(profile: str, repeats: int, resumes: int) -> LatencyFigures:
@@ -455,14 +472,16 @@ async def _measure_big(
 
     async def cycle() -> None:
         await _wait_pool_ready(label, own_running=1)  # no refill during the pause
-        elapsed, paused = await _pause(stub, big.name)
+        elapsed, paused = await _pause(stub, big.name, log, figures.save_big_server)
         figures.pause_big.append(elapsed)
         figures.big_checkpoint_bytes.append(paused.checkpoint.size_bytes)
-        elapsed, into, _ = await _resume_on_execute(
+        elapsed, into, server = await _resume_on_execute(
             stub, log, label, big.name, BIG_READ, shape, figures
         )
         figures.resume_big.append(elapsed)
         figures.resume_big_into.append(into)
+        if server is not None:
+            figures.resume_big_server.append(server)
         # Not timed: the data itself came back, to the last bit.
         _, response = await _execute(stub, big.name, BIG_SUM)
         problem = _problem(response, _value(response), total, restored=False)
@@ -493,7 +512,7 @@ async def _measure_small(
 
     async def cycle() -> None:
         await _wait_pool_ready(label, own_running=1)
-        elapsed, paused = await _pause(stub, small.name)
+        elapsed, paused = await _pause(stub, small.name, log, figures.save_small_server)
         figures.pause_small.append(elapsed)
         figures.small_checkpoint_bytes.append(paused.checkpoint.size_bytes)
         elapsed, into, server = await _resume_on_execute(
@@ -550,16 +569,19 @@ def print_latency(f: LatencyFigures) -> None:
         ["what", "n", "p50", "p90", "max", "note"],
         [
             _timing_row("PauseSandbox, ~100 MB DataFrame", f.pause_big),
+            _timing_row(IN_CONTROLLER.format("save"), f.save_big_server),
             _timing_row(
                 "ExecuteCode `df.shape`, PAUSED", f.resume_big, _into_note(f.resume_big_into)
             ),
+            _timing_row(IN_CONTROLLER.format("resume"), f.resume_big_server),
             _timing_row("PauseSandbox, small namespace", f.pause_small),
+            _timing_row(IN_CONTROLLER.format("save"), f.save_small_server),
             _timing_row(
                 "ExecuteCode reading variables, PAUSED",
                 f.resume_small,
                 _into_note(f.resume_small_into),
             ),
-            _timing_row("... the resume, in the controller (its log)", f.resume_small_server),
+            _timing_row(IN_CONTROLLER.format("resume"), f.resume_small_server),
             _timing_row("ExecuteCode reading variables, RUNNING", f.running_small),
         ],
     )
