@@ -131,6 +131,7 @@ def _density_setup(token: str, index: int) -> str:
     return f"token = {token!r}\nnumbers = list(range({index}, {index + 100}))\nlabel = 'n{index}'\n"
 
 
+TIMED_EVENTS = ("sandbox saved", "sandbox resumed")
 # The controller says so at every start without tokens, as here: not a finding.
 EXPECTED_WARNING = "AUTHENTICATION IS OFF"
 
@@ -147,6 +148,8 @@ class ControllerLog:
         self._offset = 0
         self.counts: Counter[str] = Counter()
         self.problems: list[dict[str, Any]] = []
+        # The seconds the controller logs with "sandbox saved" and "sandbox resumed".
+        self.seconds: dict[str, list[float]] = {}
 
     def read_new(self) -> list[dict[str, Any]]:
         try:
@@ -167,6 +170,8 @@ class ControllerLog:
                 continue
             events.append(event)
             self.counts[str(event.get("event"))] += 1
+            if event.get("event") in TIMED_EVENTS and "seconds" in event:
+                self.seconds.setdefault(str(event["event"]), []).append(float(event["seconds"]))
             if event.get("level") in ("warning", "error", "critical") and not str(
                 event.get("event")
             ).startswith(EXPECTED_WARNING):
@@ -700,6 +705,7 @@ class DensityFigures:
     sample_check: CheckFigures = field(default_factory=CheckFigures)
     full_check: CheckFigures | None = None
     log_counts: dict[str, int] = field(default_factory=dict)
+    log_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def max_running(self) -> int:
@@ -949,18 +955,18 @@ async def measure_density(
             await delete_labelled(stub)
             log.read_new()
             figures.log_counts = dict(log.counts)
+            figures.log_seconds = log.seconds
             log.print_problems()
     return figures
 
 
 def _check_row(what: str, c: CheckFigures) -> list[str]:
-    repaused = "-" if c.repaused_after_s is None else f"{c.repaused_after_s:.0f} s"
     return [
         what,
         f"{c.correct} of {c.checked}",
         f"{c.restored}",
-        f"{_ms(median(c.seconds))} / {_ms(percentile(c.seconds, 0.9))}" if c.seconds else "-",
-        repaused if c.repaused_after_s is not None else "NOT all (see above)",
+        _p50_p90(c.seconds),
+        "NOT all" if c.repaused_after_s is None else f"{c.repaused_after_s:.0f} s",
     ]
 
 
@@ -1048,6 +1054,10 @@ def print_density(f: DensityFigures) -> None:
             f"{_gib(min((s.disk_free_bytes for s in f.samples), default=0))}",
         ],
         ["controller log: saves, auto-pauses, resumes", _log_note(f.log_counts)],
+        *(
+            [f"{event}, in the controller, p50 / p90 ms", _p50_p90(f.log_seconds.get(event, []))]
+            for event in TIMED_EVENTS
+        ),
     ]
     print_table(
         f"hibernate density ({f.profile} profile, preload {f.preload}, no warm pool, "
@@ -1071,6 +1081,10 @@ def print_density(f: DensityFigures) -> None:
         print(f"  problem: {problem}")
     print_table("hibernate density targets", ["what", "petri", "target", ""], _density_targets(f))
     print(json.dumps(_density_summary(f)))
+
+
+def _p50_p90(seconds: Sequence[float]) -> str:
+    return f"{_ms(median(seconds))} / {_ms(percentile(seconds, 0.9))}" if seconds else "-"
 
 
 def _log_note(counts: dict[str, int]) -> str:
