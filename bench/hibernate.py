@@ -24,10 +24,11 @@ density: sandboxes created over time, CREATE_CONCURRENCY at a time (--concurrenc
   (--preload), so that a create costs little CPU and a running sandbox little memory.
 
 Each part prints its tables, its targets with "met" or "NOT met", and one JSON line.
-Run as the service user (scripts/bench does):
+Run as the service user (`scripts/bench hibernate ARGS` does):
   python -m bench.hibernate [--part latency|density|both] [--profile P]
-      [--repeats N] [--resumes N]                                     (latency)
-      [--count N] [--sample N] [--check-all] [--auto-pause-after S] [--preload M,...]  (density)
+      latency: [--repeats N] [--resumes N]
+      density: [--count N] [--sample N] [--check-all] [--auto-pause-after S]
+               [--concurrency N] [--preload M,...]
 """
 
 import argparse
