@@ -38,6 +38,7 @@ import json
 import os
 import random
 import secrets
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -1236,7 +1237,11 @@ def main() -> None:
         "--preload", default="", help="modules the density part's sandboxes preload (none)"
     )
     args = parser.parse_args()
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except KeyboardInterrupt:  # the cleanup ran: each part deletes what it made, then stops
+        print("interrupted: the sandboxes made so far are deleted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
