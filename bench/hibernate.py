@@ -199,7 +199,9 @@ class ControllerLog:
         for event, count in by_event.most_common():
             first = next(e for e in self.problems if str(e.get("event")) == event)
             details = {k: v for k, v in first.items() if k not in ("event", "timestamp")}
-            rows.append([event, str(count), json.dumps(details)[:300]])
+            if isinstance(details.get("exception"), str):  # its last line says what it was
+                details["exception"] = details["exception"].strip().splitlines()[-1]
+            rows.append([event, str(count), json.dumps(details)[:400]])
         print_table("controller log: warnings and errors", ["event", "n", "first one"], rows)
 
 
