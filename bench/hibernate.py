@@ -703,6 +703,8 @@ class DensityFigures:
     lowest_available_bytes: int = 1 << 62
     available_before_bytes: int = 0
     available_settled_bytes: int = 0  # all PAUSED, after creation
+    rss_settled_bytes: int = 0  # the controller's, then
+    containers_settled: int | None = None  # this controller's running containers, then
     rss_before_bytes: int = 0
     disk_free_before_bytes: int = 0
     checkpoint_bytes: int = 0  # all PAUSED, after the checks
@@ -943,6 +945,9 @@ async def measure_density(
             )
             await run.sample()
             figures.available_settled_bytes = mem_available()
+            figures.rss_settled_bytes = controller.rss_bytes()
+            label = registry_label_of(controller.state_dir)
+            figures.containers_settled = len(await asyncio.to_thread(pool_members, label))
             chosen = random.Random(7).sample(run.members, min(sample, len(run.members)))
             print(f"  checking a sample of {len(chosen)}", flush=True)
             figures.sample_check = await run.check(chosen, "sample check")
@@ -1040,13 +1045,18 @@ def print_density(f: DensityFigures) -> None:
             f"{_gib(f.available_before_bytes)} → {_gib(f.lowest_available_bytes)}",
         ],
         [
-            "MemAvailable drop, all PAUSED, per sandbox",
+            "containers running once all were PAUSED",
+            "-" if f.containers_settled is None else str(f.containers_settled),
+        ],
+        [
+            "MemAvailable drop, all PAUSED, per sandbox (and all else the machine did)",
             f"{settled_drop / n / 1024:.1f} KiB ({_gib(settled_drop)} in all)",
         ],
         [
-            "controller RSS before → peak",
-            f"{_mib(f.rss_before_bytes)} → {_mib(rss_peak)} "
-            f"({(rss_peak - f.rss_before_bytes) / n / 1024:.1f} KiB per sandbox)",
+            "controller RSS before → all PAUSED → peak",
+            f"{_mib(f.rss_before_bytes)} → {_mib(f.rss_settled_bytes)} → {_mib(rss_peak)} "
+            f"({(f.rss_settled_bytes - f.rss_before_bytes) / n / 1024:.1f} KiB per PAUSED "
+            "sandbox)",
         ],
         [
             "checkpoints on disk, all PAUSED",
@@ -1192,6 +1202,8 @@ def _density_summary(f: DensityFigures) -> dict[str, Any]:
         "lowest_available_bytes": f.lowest_available_bytes,
         "available_settled_bytes": f.available_settled_bytes,
         "controller_rss_before_bytes": f.rss_before_bytes,
+        "controller_rss_settled_bytes": f.rss_settled_bytes,
+        "containers_settled": f.containers_settled,
         "controller_rss_peak_bytes": max((s.controller_rss_bytes for s in f.samples), default=0),
         "checkpoint_bytes": f.checkpoint_bytes,
         "sample_check": checks(f.sample_check),
