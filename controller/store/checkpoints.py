@@ -79,8 +79,11 @@ class CheckpointStore:
             try:
                 summary, size = await self._write_all(file, chunks, max_bytes)
                 await _on_disk(_sync, file)
-            finally:
-                file.close()
+                await _on_disk(file.close)
+            except BaseException:
+                with contextlib.suppress(OSError):  # flushing what is left: the disk is full
+                    file.close()
+                raise
             await _on_disk(_publish, temporary, final)
             return summary, size
         finally:

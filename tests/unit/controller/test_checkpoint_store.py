@@ -3,6 +3,7 @@ whole, and a damaged or foreign file is refused with a reason, never half-read."
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,25 @@ async def test_what_a_crash_left_mid_write_is_removed_at_start(tmp_path: Path) -
     (root / "u.ckpt").write_bytes(b"whole")
     CheckpointStore(root).open()
     assert sorted(p.name for p in root.iterdir()) == ["u.ckpt"]
+
+
+async def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path: Path) -> None:
+    """/dev/full fails every write with ENOSPC, even the last flush of a buffered file."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.open()
+    await store.write("u", stream(Chunk(namespace=b"old"), SUMMARY), 1 << 20)
+    before = store.path("u").read_bytes()
+    original = checkpoints._create
+
+    def full(path: Path) -> Any:
+        original(path).close()  # the temporary file exists, as it would
+        return open("/dev/full", "wb")
+
+    checkpoints._create = full
+    try:
+        with pytest.raises(ResourceExhausted, match="No space left on device"):
+            await store.write("u", stream(Chunk(namespace=b"x" * 10), SUMMARY), 1 << 20)
+    finally:
+        checkpoints._create = original
+    assert store.path("u").read_bytes() == before
+    assert sorted(p.name for p in store.root.iterdir()) == ["u.ckpt"]

@@ -471,3 +471,22 @@ async def test_a_refused_restore_gets_a_second_container_before_the_sandbox_is_g
             "cannot be resumed: its checkpoint cannot be restored (the archive is damaged)",
         )
         assert (await petri.get(sandbox.name)).state == TERMINATED
+
+
+async def test_a_stream_on_a_paused_sandbox_resumes_it_and_its_result_says_so(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        before = await petri.executor(sandbox.name)
+        before.lost = [lost("sock", "TypeError: cannot pickle 'socket' object")]
+        await pause(petri, sandbox.name)
+
+        async def requests() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+            start = sandbox_pb2.ExecuteCodeStart(name=sandbox.name, code="x")
+            yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
+
+        events = [event async for event in petri.stub.StreamExecuteCode(requests())]
+        result = events[-1].result
+        assert result.namespace_restored and [n.name for n in result.lost_names] == ["sock"]
+        assert (await petri.get(sandbox.name)).state == RUNNING
