@@ -73,7 +73,11 @@ async def start_controller_process(dirs: ControllerDirs, **settings: str) -> Run
         **{f"PETRI_{k.upper()}": v for k, v in settings.items()},
     }
     with open(dirs.state_dir / "controller.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stderr=log)
+        # A session of its own: a Ctrl-C at the terminal reaches only the benchmark, whose
+        # cleanup then deletes its sandboxes through the controller before stopping it.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "controller"], env=env, stderr=log, start_new_session=True
+        )
     running = RunningController(process, address, dirs.state_dir)
     try:
         await wait_healthy(address, process)

@@ -100,7 +100,7 @@ async def creates(stub: "Stub", count: int, profile: str, pandas: bool) -> list[
     return times
 
 
-def _pool_members(registry_label: str) -> list[tuple[str, float]]:
+def pool_members(registry_label: str) -> list[tuple[str, float]]:
     """(uid, seconds since its container started) of this controller's unclaimed containers."""
     out = subprocess.run(
         [
@@ -125,7 +125,7 @@ def _pool_members(registry_label: str) -> list[tuple[str, float]]:
 async def wait_pool_ready(registry_label: str, claimed: set[str]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        members = [m for m in _pool_members(registry_label) if m[0] not in claimed]
+        members = [m for m in pool_members(registry_label) if m[0] not in claimed]
         if len(members) >= POOL_SIZE and all(age > POOL_SETTLE_SECONDS for _, age in members):
             return
         await asyncio.sleep(0.2)
@@ -140,7 +140,7 @@ async def pool_creates(
     times, misses = [], 0
     for _ in range(count):
         await wait_pool_ready(registry_label, set())
-        members = {uid for uid, _ in _pool_members(registry_label)}
+        members = {uid for uid, _ in pool_members(registry_label)}
         started = time.perf_counter()
         sandbox = await create(stub, profile)
         if pandas:
@@ -183,7 +183,7 @@ async def throughput(stub: "Stub", names: list[str], seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def _registry_label(state_dir: Path) -> str:
+def registry_label_of(state_dir: Path) -> str:
     """The label of a controller's containers, as SandboxManager derives it."""
     database = (state_dir / "petri.db").resolve()
     return hashlib.sha256(str(database).encode()).hexdigest()[:12]
@@ -232,7 +232,7 @@ async def measure(creates_n: int, round_trips_n: int, profile: str) -> LatencyFi
         channel_to(controller.address) as channel,
     ):
         stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
-        label = _registry_label(controller.state_dir)
+        label = registry_label_of(controller.state_dir)
         pooled, misses = await pool_creates(stub, label, creates_n, profile, pandas=False)
         figures.samples["create from pool"] = pooled
         pooled, more_misses = await pool_creates(stub, label, creates_n, profile, pandas=True)

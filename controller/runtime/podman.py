@@ -51,6 +51,13 @@ EXECUTOR_CAPABILITIES = (
 SECCOMP_PROFILE = Path(__file__).parent / "seccomp-runc.json"
 
 
+def _vanished(exc: podman.errors.APIError) -> bool:
+    """A container removed while podman looked it up: podman answers 500, not 404, when it
+    goes between its lookup and its inspection ("does not exist in database: no such
+    container"). It is gone, not a podman failure."""
+    return "no such container" in str(exc)
+
+
 class PodmanRuntime:
     def __init__(self, socket_path: Path, seccomp_profile: Path = SECCOMP_PROFILE) -> None:
         self._socket_path = socket_path
@@ -255,6 +262,10 @@ class PodmanRuntime:
             container = self._client.containers.get(name)
         except podman.errors.NotFound:
             return None
+        except podman.errors.APIError as exc:
+            if _vanished(exc):
+                return None
+            raise
         state = container.attrs.get("State", {})
         return ContainerStatus(
             name=name,
@@ -273,6 +284,9 @@ class PodmanRuntime:
             self._client.containers.remove(name, force=True)
         except podman.errors.NotFound:
             pass
+        except podman.errors.APIError as exc:
+            if not _vanished(exc):
+                raise
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return await self._call("list sandbox containers", self._list_managed, registry_label)

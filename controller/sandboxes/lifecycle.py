@@ -183,8 +183,8 @@ class Lifecycle:
 
     async def pause(self, record: SandboxRecord, checkpoint: CheckpointInfo) -> bool:
         """RUNNING -> PAUSED once its checkpoint is on disk; its container and everything
-        it held go. False when it is no longer RUNNING (deleted or terminated meanwhile).
-        Shield it."""
+        it held go (in the background). False when it is no longer RUNNING (deleted or
+        terminated meanwhile). Shield it."""
         if not await self._registry.set_fields_in(
             record.uid,
             State.RUNNING,
@@ -195,7 +195,8 @@ class Lifecycle:
             update_time=self._clock(),
         ):
             return False
-        await self._provisioner.release(record)
+        # Its state is on disk: the container may go after the caller has its answer.
+        self._provisioner.release_soon(record)
         log.info("sandbox paused", sandbox=record.name, bytes=checkpoint.size_bytes)
         return True
 

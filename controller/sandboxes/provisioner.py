@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -45,6 +46,18 @@ START_CHECK_INTERVAL = 0.5
 MAX_SOCKET_PATH = 107
 # How often a new warm pool member is asked whether it has preloaded its modules.
 PRELOAD_POLL_INTERVAL = 0.02
+# At shutdown, how long the background releases (a pause's container removal) may take.
+RELEASE_WAIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a sandbox holds outside the registry, once detached from its uid."""
+
+    container_name: str
+    socket_dir: str
+    worker_uid: int | None
+    client: ExecutorClient | None
 
 
 class Provisioner:
@@ -74,6 +87,8 @@ class Provisioner:
         # label of its container, for a restarted controller).
         self._executor_keys: dict[str, str] = {}
         self._clients: dict[str, ExecutorClient] = {}
+        # Releases under way in the background (release_soon), by sandbox uid.
+        self._releasing: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<Provisioner registry={self.registry_label} clients={len(self._clients)}>"
@@ -90,6 +105,10 @@ class Provisioner:
         self._worker_uids.open()
 
     async def close(self) -> None:
+        """Waits for the releases under way (a pause's), RELEASE_WAIT_SECONDS at most: one
+        cut short leaves a container that the next start removes."""
+        if self._releasing:
+            await asyncio.wait(list(self._releasing.values()), timeout=RELEASE_WAIT_SECONDS)
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
@@ -118,6 +137,7 @@ class Provisioner:
         """Starts the sandbox's container and waits for its executor to answer; on any
         failure (or cancellation) releases what it took and raises."""
         try:
+            await self._wait_released(record.uid)  # a pause's, of the same name and directory
             worker_uid = await self._take_worker_uid()
             self._worker_uid_of[record.uid] = worker_uid
             # A file only the sandbox's root can read (not the environment: gVisor shows
@@ -136,9 +156,10 @@ class Provisioner:
             return await self._wait_started(record, self.client_for(record))
         except BaseException as exc:
             log.warning("sandbox failed to start", sandbox=record.name, error=str(exc))
+            held = self._detach(record)
             with contextlib.suppress(Exception):
                 await self._containers.remove(record.container_name)
-            await self._release_all_but_the_container(record)
+            await self._release_all_but_the_container(held)
             raise
 
     def _container_spec(self, record: SandboxRecord, worker_uid: int, key: str) -> ContainerSpec:
@@ -219,22 +240,58 @@ class Provisioner:
 
     async def release(self, record: SandboxRecord) -> None:
         """Removes the sandbox's container and gives back everything it held."""
+        await self._release(self._detach(record))
+
+    def release_soon(self, record: SandboxRecord) -> None:
+        """release() in the background, for a caller that need not wait for podman (a
+        pause: the sandbox is on disk already). Nothing of the sandbox's uid is in use from
+        now on: a new container of the same uid (a resume) is free to take its place, and
+        its provision waits for this release first (same container name and directory)."""
+        held = self._detach(record)
+        task = asyncio.get_running_loop().create_task(self._release(held))
+        self._releasing[record.uid] = task
+        task.add_done_callback(lambda _: self._forget_release(record.uid, task))
+
+    def _forget_release(self, uid: str, task: "asyncio.Task[None]") -> None:
+        if self._releasing.get(uid) is task:
+            del self._releasing[uid]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("releasing a sandbox's container failed", error=str(task.exception()))
+
+    async def _wait_released(self, uid: str) -> None:
+        pending = self._releasing.get(uid)
+        if pending is not None:
+            await asyncio.wait([pending])
+
+    def _detach(self, record: SandboxRecord) -> "_Held":
+        """What the sandbox holds, taken out of the maps keyed by its uid (so that nothing
+        new uses it, and a later holder of the uid keeps its own)."""
+        self._executor_keys.pop(record.uid, None)
+        return _Held(
+            record.container_name,
+            record.socket_dir,
+            self._worker_uid_of.pop(record.uid, None),
+            self._clients.pop(record.uid, None),
+        )
+
+    async def _release(self, held: "_Held") -> None:
         # The container first: executions in flight then end with a lost executor, which they
         # report as "deleted during the execution", rather than with a closed channel. An idle
         # session would make the executor wait its stop grace for nothing: it goes before.
-        client = self._clients.get(record.uid)
-        if client is not None:
-            client.end_idle_session()
-        await self._containers.remove(record.container_name)
-        await self._release_all_but_the_container(record)
+        if held.client is not None:
+            held.client.end_idle_session()
+        try:
+            await self._containers.remove(held.container_name)
+        finally:
+            await self._release_all_but_the_container(held)
 
-    async def _release_all_but_the_container(self, record: SandboxRecord) -> None:
-        await self.drop_client(record.uid)
-        if record.socket_dir:
-            await asyncio.to_thread(_remove_tree, record.socket_dir, self._config.podman_binary)
-        worker_uid = self._worker_uid_of.pop(record.uid, None)
-        if worker_uid is not None:
-            self._worker_uids.release(worker_uid)
+    async def _release_all_but_the_container(self, held: "_Held") -> None:
+        if held.client is not None:
+            await held.client.close()
+        if held.socket_dir:
+            await asyncio.to_thread(_remove_tree, held.socket_dir, self._config.podman_binary)
+        if held.worker_uid is not None:
+            self._worker_uids.release(held.worker_uid)
 
     def transfer(self, from_uid: str, to_uid: str) -> None:
         """Hands what sandbox `from_uid` holds (a warm pool member's worker uid, executor key

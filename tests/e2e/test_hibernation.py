@@ -164,7 +164,10 @@ async def test_pause_and_resume_keep_values_and_files_and_list_what_was_lost(
 
         paused = await pause(stub, sandbox.name)
         assert paused.state == PAUSED and paused.checkpoint.size_bytes > 0
-        assert f"petri-{sandbox.uid}" not in containers_of(running)  # no container at all
+        deadline = time.monotonic() + WAIT_SECONDS  # removed just after the answer
+        while f"petri-{sandbox.uid}" in containers_of(running):  # no container at all
+            assert time.monotonic() < deadline, "the paused sandbox's container stayed"
+            await asyncio.sleep(0.1)
         unsaved = {lost.name: lost.reason for lost in paused.checkpoint.lost_names}
         assert set(unsaved) == {"generator", "lock", "handle", "sock", "thread", "database"}
         assert unsaved["handle"] == "an open file"

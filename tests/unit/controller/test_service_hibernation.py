@@ -83,7 +83,10 @@ async def test_a_paused_sandbox_has_no_container_and_comes_back_byte_exact(
         paused = await pause(petri, sandbox.name)
         assert paused.state == PAUSED and paused.checkpoint.size_bytes > 0
         assert list(paused.checkpoint.lost_names) == before.lost
-        assert petri.runtime.container_of(sandbox.uid) is None  # no container, no process
+        # No container, no process (removed just after the answer: the state is on disk).
+        await wait_until(
+            lambda: petri.runtime.container_of(sandbox.uid) is None, "the container removed"
+        )
         assert checkpoint_file(petri, sandbox).is_file()
         assert (await pause(petri, sandbox.name)).state == PAUSED  # again: as it is
         listed = await petri.stub.ListSandboxes(
@@ -476,6 +479,25 @@ async def test_a_refused_restore_gets_a_second_container_before_the_sandbox_is_g
             "cannot be resumed: its checkpoint cannot be restored (the archive is damaged)",
         )
         assert (await petri.get(sandbox.name)).state == TERMINATED
+
+
+async def test_a_stream_on_a_paused_sandbox_resumes_it_and_its_result_says_so(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("one")
+        before = await petri.executor(sandbox.name)
+        before.lost = [lost("sock", "TypeError: cannot pickle 'socket' object")]
+        await pause(petri, sandbox.name)
+
+        async def requests() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+            start = sandbox_pb2.ExecuteCodeStart(name=sandbox.name, code="x")
+            yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
+
+        events = [event async for event in petri.stub.StreamExecuteCode(requests())]
+        result = events[-1].result
+        assert result.namespace_restored and [n.name for n in result.lost_names] == ["sock"]
+        assert (await petri.get(sandbox.name)).state == RUNNING
 
 
 async def test_a_sandbox_that_cannot_be_saved_is_not_retried_every_round_nor_starves_others(
