@@ -213,7 +213,9 @@ class Lifecycle:
             update_time=self._clock(),
         ):
             return False
-        await self._provisioner.release(record)
+        # Tracked from this very step (no await between the write and it): a resume that reads
+        # the new state waits for this release before it takes the same names.
+        self._provisioner.release_soon(record)
         log.warning("sandbox recovered from its checkpoint", sandbox=record.name, why=why)
         return True
 

@@ -70,6 +70,8 @@ class FakeRuntime:
         self.executors_outlive_remove = False
         # The protocol version the executors of containers started from now on report.
         self.executor_protocol = EXECUTOR_PROTOCOL
+        # How long a remove takes after its container's executor stopped (a slow podman).
+        self.remove_seconds = REMOVE_SECONDS
         self._lingering: list[StandInExecutor] = []
 
     def __repr__(self) -> str:
@@ -172,7 +174,7 @@ class FakeRuntime:
                 self._lingering.append(container.executor)
             elif container.executor is not None:
                 await container.executor.stop()
-                await asyncio.sleep(REMOVE_SECONDS)
+                await asyncio.sleep(self.remove_seconds)
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return [

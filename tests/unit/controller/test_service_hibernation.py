@@ -716,3 +716,24 @@ async def test_a_slow_background_save_does_not_hold_up_the_others(tmp_path: Path
         await wait_until(lambda: checkpoint_file(petri, slow).is_file(), "the slow one's save")
         assert slow_executor.checkpoints == started  # it was not started twice meanwhile
         assert other_executor.checkpoints >= 1
+
+
+async def test_code_sent_as_a_lost_sandbox_comes_back_waits_for_its_old_container_to_go(
+    tmp_path: Path,
+) -> None:
+    """Recovered (PAUSED) before its dead container is removed: an execution that comes at
+    once resumes into the same container name and socket directory, after the removal."""
+    async with fast_petri(
+        tmp_path,
+        hibernate_interval=timedelta(milliseconds=50),
+        checkpoint_idle_after=timedelta(milliseconds=100),
+        container_check_interval=timedelta(milliseconds=50),
+    ) as petri:
+        sandbox = await petri.create("one")
+        executor = await petri.executor(sandbox.name)
+        await wait_until(lambda: executor.checkpoints >= 1, "the idle checkpoint")
+        petri.runtime.remove_seconds = 0.5  # a slow podman
+        await petri.runtime.exit(sandbox.uid)  # dead, still listed
+        await wait_for_state(petri, sandbox.name, PAUSED)
+        answer = await petri.execute(sandbox.name, "1")
+        assert answer.namespace_restored
