@@ -100,13 +100,7 @@ class WarmPool:
         """The sandbox `record` describes, made of a member of its spec; None when the pool
         has none ready. ResourceExhausted over the project's quota; AlreadyExists when the
         name or the request_id is taken."""
-        while (member := self._members.take(record.spec)) is not None:
-            try:
-                await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
-            except Exception as exc:  # whatever the failure, it is not fit to hand out
-                log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
-                await _shielded(self._lifecycle.discard(member, "it did not answer"))
-                continue
+        while (member := await self.take(record.spec)) is not None:
             # Once the claim is written, the sandbox is the caller's even if the caller left:
             # the claim runs on, shielded, so a member is never both claimed and given back.
             claimed = await _shielded(self._claim_or_give_back(member, record))

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +25,7 @@ from controller.config import Config
 from controller.pool_targets import PoolTarget
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
+from tests.filesystems import small_filesystem
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -323,31 +322,6 @@ async def test_delete_and_expiry_of_paused_sandboxes(
             assert time.monotonic() < deadline, "the paused sandbox did not expire"
             await asyncio.sleep(0.2)
         assert os.listdir(checkpoints) == []
-
-
-@contextlib.contextmanager
-def small_filesystem(size: str) -> Iterator[Path]:
-    """A tmpfs of `size` without privileges: mounted in a user and mount namespace of our
-    own, reached through the /proc root of the process that holds it."""
-    holder = subprocess.Popen(
-        [
-            "unshare",
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            f"mount -t tmpfs -o size={size} tmpfs /mnt && echo ready && exec sleep 600",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        yield Path(f"/proc/{holder.pid}/root/mnt")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
 
 
 async def test_a_full_disk_leaves_the_sandbox_running_and_says_so(

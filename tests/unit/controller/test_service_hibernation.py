@@ -6,12 +6,9 @@ silently (docs/hibernation.md)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +22,7 @@ from controller.sandboxes.warm_pool import PoolTarget
 from controller.store import checkpoints
 from controller.store.checkpoints import SUFFIX
 from petri.v1 import execution_pb2, sandbox_pb2
+from tests.filesystems import small_filesystem
 from tests.unit.controller.fake_runtime import FakeContainer, FakeRuntime
 from tests.unit.controller.inprocess import (
     PARENT,
@@ -184,31 +182,6 @@ async def test_a_pause_waits_for_the_execution_before_it(tmp_path: Path) -> None
         release.set()
         assert (await running).execution_count == 1
         assert (await pausing).state == PAUSED
-
-
-@contextlib.contextmanager
-def small_filesystem(size: str) -> Iterator[Path]:
-    """A tmpfs of `size` without privileges: mounted in a user and mount namespace of our
-    own, reached through the /proc root of the process that holds it."""
-    holder = subprocess.Popen(
-        [
-            "unshare",
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            f"mount -t tmpfs -o size={size} tmpfs /mnt && echo ready && exec sleep 600",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        yield Path(f"/proc/{holder.pid}/root/mnt")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
 
 
 async def test_a_checkpoint_that_cannot_be_written_leaves_the_sandbox_running(
