@@ -28,6 +28,7 @@ from tests.unit.controller.inprocess import (
     PARENT,
     PROFILE,
     Petri,
+    eventually,
     expect,
     fast_config,
     fast_petri,
@@ -61,6 +62,16 @@ async def resume(petri: Petri, name: str) -> sandbox_pb2.Sandbox:
         sandbox_pb2.ResumeSandboxRequest(name=name)
     )
     return resumed
+
+
+async def wait_saved(petri: Petri, name: str) -> sandbox_pb2.Sandbox:
+    """The sandbox once its (idle) checkpoint is on disk and in the registry."""
+
+    async def check() -> sandbox_pb2.Sandbox | None:
+        sandbox = await petri.get(name)
+        return sandbox if sandbox.HasField("checkpoint") else None
+
+    return await eventually(check, f"{name}'s idle checkpoint")
 
 
 def checkpoint_file(petri: Petri, sandbox: sandbox_pb2.Sandbox) -> Path:
@@ -301,9 +312,7 @@ async def test_a_sandbox_whose_container_is_lost_comes_back_from_its_idle_checkp
     ) as petri:
         saved = await petri.create("saved")
         await petri.execute(saved.name, "x = 1")
-        await wait_until(lambda: checkpoint_file(petri, saved).is_file(), "the idle checkpoint")
-        executor = await petri.executor(saved.name)
-        await wait_until(lambda: executor.checkpoints == 1, "one checkpoint")
+        await wait_saved(petri, saved.name)
         petri.runtime.scripts.clear()
         await petri.runtime.vanish(saved.uid)  # podman lost it (a crash, a reboot)
 
@@ -703,8 +712,7 @@ async def test_code_sent_as_a_lost_sandbox_comes_back_waits_for_its_old_containe
         container_check_interval=timedelta(milliseconds=50),
     ) as petri:
         sandbox = await petri.create("one")
-        executor = await petri.executor(sandbox.name)
-        await wait_until(lambda: executor.checkpoints >= 1, "the idle checkpoint")
+        await wait_saved(petri, sandbox.name)
         petri.runtime.remove_seconds = 0.5  # a slow podman
         await petri.runtime.exit(sandbox.uid)  # dead, still listed
         await wait_for_state(petri, sandbox.name, PAUSED)
