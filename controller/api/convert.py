@@ -6,8 +6,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.errors import InvalidArgument
-from controller.records import LostName, Resources, Runtime, SandboxRecord
-from petri.v1 import execution_pb2, sandbox_pb2
+from controller.records import Resources, Runtime, SandboxRecord
+from controller.sandboxes.hibernation import lost_names
+from petri.v1 import sandbox_pb2
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -67,12 +68,8 @@ def sandbox_to_proto(record: SandboxRecord) -> sandbox_pb2.Sandbox:
     if record.checkpoint is not None:
         sandbox.checkpoint.create_time.CopyFrom(timestamp(record.checkpoint.create_time))
         sandbox.checkpoint.size_bytes = record.checkpoint.size_bytes
-        sandbox.checkpoint.lost_names.extend(lost_names_to_proto(record.checkpoint.lost))
+        sandbox.checkpoint.lost_names.extend(lost_names(record.checkpoint.lost))
     return sandbox
-
-
-def lost_names_to_proto(lost: tuple[LostName, ...]) -> list[execution_pb2.LostName]:
-    return [execution_pb2.LostName(name=entry.name, reason=entry.reason) for entry in lost]
 
 
 def auto_pause_after_from_proto(sandbox: sandbox_pb2.Sandbox) -> timedelta | None:

@@ -20,7 +20,6 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 import structlog
 
@@ -41,6 +40,7 @@ from controller.sandboxes.lookup import Lookup
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.shielding import shielded
 from controller.sandboxes.warm_pool import WarmPool
 from controller.store.checkpoints import (
     CheckpointIncomplete,
@@ -51,7 +51,6 @@ from controller.store.registry import Registry
 from controller.units import format_duration
 from petri.v1 import execution_pb2
 
-T = TypeVar("T")
 log = structlog.get_logger()
 
 # Beyond the namespace limit and the workspace's size: the archive's headers and the framing.
@@ -152,8 +151,8 @@ class Hibernation:
 
     async def _pause_queued(self, record: SandboxRecord) -> None:
         checkpoint = await self._save(record)
-        if not await _shielded(self._lifecycle.pause(record, checkpoint)):
-            await _shielded(self._drop_if_deleted(record))
+        if not await shielded(self._lifecycle.pause(record, checkpoint)):
+            await shielded(self._drop_if_deleted(record))
             raise FailedPrecondition(f"sandbox {record.name} was deleted or terminated meanwhile")
 
     async def _drop_if_deleted(self, record: SandboxRecord) -> None:
@@ -270,7 +269,7 @@ class Hibernation:
             )
         except BaseException as exc:
             final = last_try or not isinstance(exc, InvalidArgument)
-            await _shielded(self._give_up(record, into, member, exc, final))
+            await shielded(self._give_up(record, into, member, exc, final))
             if not final:
                 raise
             mapped = _resume_error(record, exc)
@@ -281,13 +280,13 @@ class Hibernation:
             await self._registry.forget(member.uid)  # its container is the sandbox's now
         checkpoint_lost = record.checkpoint.lost if record.checkpoint is not None else ()
         report = checkpoint_lost + _kept(list(restored.lost))
-        resumed = await _shielded(
+        resumed = await shielded(
             self._lifecycle.resume(
                 record, into, restored.incarnation, restored.execution_count, report
             )
         )
         if not resumed:  # deleted while it resumed
-            await _shielded(self._provisioner.release(into))
+            await shielded(self._provisioner.release(into))
             raise FailedPrecondition(f"sandbox {record.name} was deleted while it resumed")
         log.info(
             "sandbox resumed",
@@ -307,7 +306,7 @@ class Hibernation:
         with contextlib.suppress(Exception):  # a container left by a crash, if any
             await self._containers.remove(container_name)
         try:
-            await _shielded(self._provisioner.provision(into))
+            await shielded(self._provisioner.provision(into))
         except Exception as exc:
             raise Unavailable(
                 f"could not resume sandbox {record.name}: its container did not start "
@@ -425,7 +424,7 @@ class Hibernation:
             if not await self._registry.set_fields_in(
                 current.uid, State.RUNNING, checkpoint=checkpoint
             ):
-                await _shielded(self._drop_if_deleted(current))
+                await shielded(self._drop_if_deleted(current))
 
     async def pause_all(self, within: float) -> None:
         """At shutdown: pauses every RUNNING sandbox, CONCURRENT_SAVES at a time, for at most
@@ -486,8 +485,3 @@ def _resume_error(record: SandboxRecord, error: BaseException) -> BaseException:
             f"({error}); it is still PAUSED and nothing ran: retry"
         )
     return error
-
-
-async def _shielded(step: Awaitable[T]) -> T:
-    """Runs `step` to its end even if the caller is cancelled meanwhile."""
-    return await asyncio.shield(asyncio.ensure_future(step))

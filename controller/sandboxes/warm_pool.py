@@ -15,7 +15,6 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import TypeVar
 
 import structlog
 
@@ -27,12 +26,12 @@ from controller.sandboxes.images import ImageCatalogue
 from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
 from controller.sandboxes.provisioner import START_CHECK_INTERVAL, Provisioner
 from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.shielding import shielded
 from controller.sandboxes.specs import SpecPolicy
 from controller.store.registry import Registry
 
 __all__ = ["PoolMembers", "PoolTarget", "WarmPool", "parse_pool"]
 
-T = TypeVar("T")
 log = structlog.get_logger()
 
 # After a failed refill of a key, the first pause before the next try; it doubles up to the
@@ -103,7 +102,7 @@ class WarmPool:
         while (member := await self.take(record.spec)) is not None:
             # Once the claim is written, the sandbox is the caller's even if the caller left:
             # the claim runs on, shielded, so a member is never both claimed and given back.
-            claimed = await _shielded(self._claim_or_give_back(member, record))
+            claimed = await shielded(self._claim_or_give_back(member, record))
             if claimed is not None:
                 return claimed
         return None
@@ -116,7 +115,7 @@ class WarmPool:
                 await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
             except Exception as exc:  # whatever the failure, it is not fit to hand out
                 log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
-                await _shielded(self._lifecycle.discard(member, "it did not answer"))
+                await shielded(self._lifecycle.discard(member, "it did not answer"))
                 continue
             return member
         return None
@@ -136,7 +135,7 @@ class WarmPool:
         member = self._members.take_uid(record.uid)
         if member is not None:
             log.warning("a warm pool sandbox is discarded", uid=member.uid, why=why)
-            await _shielded(self._lifecycle.discard(member, why))
+            await shielded(self._lifecycle.discard(member, why))
 
     async def _start_member(self, spec: Spec) -> SandboxRecord:
         """Starts a member of this spec; returns it once it has preloaded (POOLED)."""
@@ -176,7 +175,7 @@ class WarmPool:
             await self._provisioner.wait_preloaded(member)
             await self._lifecycle.pool(member)
         except BaseException:
-            await _shielded(self._lifecycle.discard(member, "it did not preload"))
+            await shielded(self._lifecycle.discard(member, "it did not preload"))
             raise
         return member
 
@@ -193,11 +192,6 @@ class WarmPool:
                 for record in await self._registry.list_live():
                     if record.state in POOL_STATES:
                         await self._lifecycle.discard(record, "the controller stopped")
-
-
-async def _shielded(step: Awaitable[T]) -> T:
-    """Runs `step` to its end even if the caller is cancelled meanwhile."""
-    return await asyncio.shield(asyncio.ensure_future(step))
 
 
 class PoolMembers:
