@@ -25,6 +25,7 @@ from controller.config import Config
 from controller.pool_targets import PoolTarget
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, execute, podman, sibling_config, value_of
+from tests.e2e.test_full_image import full_image  # noqa: F401 (a fixture)
 from tests.filesystems import small_filesystem
 
 if TYPE_CHECKING:
@@ -396,3 +397,30 @@ async def test_a_gvisor_sandbox_pauses_and_resumes_under_gvisor(
         )
         assert answer.namespace_restored
         assert value_of(answer) == "([1, 2, 3], 'kept', True)"
+
+
+FITTED = r"""
+import numpy as np
+from sklearn.linear_model import LinearRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+features = np.arange(20, dtype=float).reshape(10, 2)
+model = make_pipeline(StandardScaler(), LinearRegression()).fit(features, features @ [2.0, 3.0] + 1)
+"""
+
+
+@pytest.mark.usefixtures("full_image")  # fails without the full image under CI
+async def test_a_fitted_scikit_learn_model_survives_a_pause(
+    e2e_config: Config, controller: Controller, tmp_path: Path
+) -> None:
+    async with hibernating(e2e_config, controller, tmp_path) as (_, stub):
+        spec = sandbox_pb2.SandboxSpec(image_profile="full")
+        sandbox = await create(stub, spec=spec)
+        answer = await execute(stub, sandbox.name, FITTED)
+        assert not answer.HasField("error"), answer.error
+        await pause(stub, sandbox.name)
+        answer = await execute(
+            stub, sandbox.name, "round(float(model.predict([[4.0, 5.0]])[0]), 6)"
+        )
+        assert answer.namespace_restored and list(answer.lost_names) == []
+        assert value_of(answer) == "24.0"
