@@ -148,12 +148,14 @@ cp "$here/manifest.py" "$ctx/wheels/manifest.py"
 
 # --- 3. Code: the executor, the generated protobuf package `petri`, and the
 # interpreter-wide import fix in site/ (see site/petri_import_order.py). ----
-for d in executor protos/petri; do
+for d in executor client/petri; do
   [[ -d "$repo/$d" ]] || die "$repo/$d is missing"
 done
 tar -C "$repo" -cf - --exclude=__pycache__ --exclude='*.pyc' executor |
   tar -C "$ctx/code" -xf -
-tar -C "$repo/protos" -cf - --exclude=__pycache__ --exclude='*.pyc' petri |
+# The contract only: the SDK, CLI and MCP server are for clients, not for the sandbox.
+tar -C "$repo/client" -cf - --exclude=__pycache__ --exclude='*.pyc' \
+    --exclude=petri/sdk --exclude=petri/cli --exclude=petri/mcp petri |
   tar -C "$ctx/code" -xf -
 cp "$here"/site/* "$ctx/code/"
 cp "$here/Containerfile" "$ctx/Containerfile"

@@ -117,9 +117,9 @@ as_user() {
 }
 
 # in_src CMD [ARGS...]: as_user, in DIR (default the slot's staged copy), with that copy's code
-# first on the import path (protos/ holds the `petri` package), whatever the venv installed.
+# first on the import path (client/ holds the `petri` package), whatever the venv installed.
 in_src() {
   local dir="$PETRI_SRC"
   if [[ "$1" == -C ]]; then dir="$2"; shift 2; fi
-  as_user env -C "$dir" PYTHONPATH="$PETRI_SRC:$PETRI_SRC/protos" "$@"
+  as_user env -C "$dir" PYTHONPATH="$PETRI_SRC:$PETRI_SRC/client" "$@"
 }

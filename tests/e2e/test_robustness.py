@@ -42,7 +42,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 IMAGE_REPOSITORY = os.environ.get("PETRI_IMAGE_REPOSITORY", "localhost/petri-sandbox")
 TEST_PROFILE = os.environ.get("PETRI_TEST_IMAGE_PROFILE", "test")
-# The checkout these tests run from, for a controller started elsewhere (protos/: `petri`).
+# The checkout these tests run from, for a controller started elsewhere (client/: `petri`).
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -476,7 +476,7 @@ async def test_sandboxes_start_after_the_controllers_working_directory_is_delete
     staged = Path(tempfile.mkdtemp(prefix="petri-staged-"))
     monkeypatch.chdir(staged)
     path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}:{REPO / 'protos'}" + (f":{path}" if path else ""))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}:{REPO / 'client'}" + (f":{path}" if path else ""))
     dirs = ControllerDirs.fresh()
     started = await start_controller_process(dirs, default_image_profile=TEST_PROFILE)
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the Python code and type stubs for protos/petri/v1/*.proto, next to the .proto files,
+# Regenerates the Python code and type stubs for client/petri/v1/*.proto, next to the .proto files,
 # so that the import path equals the proto package (petri.v1) and nothing needs rewriting.
 #
 # grpcio-tools is pinned to 1.80.0 because its protoc emits gencode for protobuf 6.31.1 and

@@ -3,7 +3,10 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from petri.v1 import execution_pb2 as petri_dot_v1_dot_execution__pb2
 from petri.v1 import executor_pb2 as petri_dot_v1_dot_executor__pb2
+from petri.v1 import files_pb2 as petri_dot_v1_dot_files__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
@@ -57,6 +60,26 @@ class ExecutorStub(object):
                 '/petri.v1.Executor/Restore',
                 request_serializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_executor__pb2.RestoreResult.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/petri.v1.Executor/ListFiles',
+                request_serializer=petri_dot_v1_dot_files__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_files__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/petri.v1.Executor/ReadFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_execution__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.stream_unary(
+                '/petri.v1.Executor/WriteFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_files__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/petri.v1.Executor/DeleteFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.DeleteFileRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
 
@@ -122,6 +145,35 @@ class ExecutorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFiles(self, request, context):
+        """The files API (SandboxService's calls of the same names, `name` ignored), done as user
+        code's uid beneath /workspace, never through a symlink, with the statuses files.proto
+        gives. The controller runs them in the sandbox's queue, between executions. WriteFile
+        stages the file beside its target and renames it into place on the `final` chunk only; the
+        controller enforces the size limit (cancelling the call, which leaves nothing behind).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +196,26 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=petri_dot_v1_dot_executor__pb2.CheckpointChunk.FromString,
                     response_serializer=petri_dot_v1_dot_executor__pb2.RestoreResult.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.ListFilesRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_files__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.ReadFileRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_execution__pb2.FileChunk.SerializeToString,
+            ),
+            'WriteFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.WriteFileRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.DeleteFileRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +330,114 @@ class Executor(object):
             '/petri.v1.Executor/Restore',
             petri_dot_v1_dot_executor__pb2.CheckpointChunk.SerializeToString,
             petri_dot_v1_dot_executor__pb2.RestoreResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.Executor/ListFiles',
+            petri_dot_v1_dot_files__pb2.ListFilesRequest.SerializeToString,
+            petri_dot_v1_dot_files__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/petri.v1.Executor/ReadFile',
+            petri_dot_v1_dot_files__pb2.ReadFileRequest.SerializeToString,
+            petri_dot_v1_dot_execution__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/petri.v1.Executor/WriteFile',
+            petri_dot_v1_dot_files__pb2.WriteFileRequest.SerializeToString,
+            petri_dot_v1_dot_files__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.Executor/DeleteFile',
+            petri_dot_v1_dot_files__pb2.DeleteFileRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,8 @@ INPUT_ONLY, IMMUTABLE, IDENTIFIER. Output-only fields sent by a client are ignor
 from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
+from petri.v1 import execution_pb2 as _execution_pb2
+from petri.v1 import files_pb2 as _files_pb2
 from petri.v1 import sandbox_pb2 as _sandbox_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -73,6 +75,20 @@ class SandboxServiceStub:
     Send `start`, then any input file chunks, then half-close: the code runs after that.
     Cancelling the call interrupts the code.
     """
+    ListFiles: _grpc.UnaryUnaryMultiCallable[_files_pb2.ListFilesRequest, _files_pb2.ListFilesResponse]
+    """Lists files and directories under /workspace (files.proto). Like every call below, it
+    waits its turn behind the sandbox's executions and resumes a PAUSED sandbox.
+    """
+    ReadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.ReadFileRequest, _execution_pb2.FileChunk]
+    """Reads one file of /workspace, streamed in chunks (FileChunk: size and mime_type on the
+    first, `final` on the last).
+    """
+    WriteFile: _grpc.StreamUnaryMultiCallable[_files_pb2.WriteFileRequest, _files_pb2.FileInfo]
+    """Writes one file under /workspace from a stream of chunks, with the path rules and limits
+    of ExecuteCode's input files, and returns it.
+    """
+    DeleteFile: _grpc.UnaryUnaryMultiCallable[_files_pb2.DeleteFileRequest, _empty_pb2.Empty]
+    """Removes a file, a symlink or (recursive) a directory under /workspace."""
     ListImageProfiles: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ListImageProfilesRequest, _sandbox_pb2.ListImageProfilesResponse]
     """Lists the image profiles sandboxes can use here, with every package each one carries."""
 
@@ -115,6 +131,20 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Send `start`, then any input file chunks, then half-close: the code runs after that.
     Cancelling the call interrupts the code.
     """
+    ListFiles: _aio.UnaryUnaryMultiCallable[_files_pb2.ListFilesRequest, _files_pb2.ListFilesResponse]  # type: ignore[assignment]
+    """Lists files and directories under /workspace (files.proto). Like every call below, it
+    waits its turn behind the sandbox's executions and resumes a PAUSED sandbox.
+    """
+    ReadFile: _aio.UnaryStreamMultiCallable[_files_pb2.ReadFileRequest, _execution_pb2.FileChunk]  # type: ignore[assignment]
+    """Reads one file of /workspace, streamed in chunks (FileChunk: size and mime_type on the
+    first, `final` on the last).
+    """
+    WriteFile: _aio.StreamUnaryMultiCallable[_files_pb2.WriteFileRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    """Writes one file under /workspace from a stream of chunks, with the path rules and limits
+    of ExecuteCode's input files, and returns it.
+    """
+    DeleteFile: _aio.UnaryUnaryMultiCallable[_files_pb2.DeleteFileRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Removes a file, a symlink or (recursive) a directory under /workspace."""
     ListImageProfiles: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ListImageProfilesRequest, _sandbox_pb2.ListImageProfilesResponse]  # type: ignore[assignment]
     """Lists the image profiles sandboxes can use here, with every package each one carries."""
 
@@ -208,6 +238,44 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         Send `start`, then any input file chunks, then half-close: the code runs after that.
         Cancelling the call interrupts the code.
         """
+
+    @_abc_1.abstractmethod
+    def ListFiles(
+        self,
+        request: _files_pb2.ListFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.ListFilesResponse, _abc.Awaitable[_files_pb2.ListFilesResponse]]:
+        """Lists files and directories under /workspace (files.proto). Like every call below, it
+        waits its turn behind the sandbox's executions and resumes a PAUSED sandbox.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _files_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_execution_pb2.FileChunk], _abc.AsyncIterator[_execution_pb2.FileChunk]]:
+        """Reads one file of /workspace, streamed in chunks (FileChunk: size and mime_type on the
+        first, `final` on the last).
+        """
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request_iterator: _MaybeAsyncIterator[_files_pb2.WriteFileRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]:
+        """Writes one file under /workspace from a stream of chunks, with the path rules and limits
+        of ExecuteCode's input files, and returns it.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteFile(
+        self,
+        request: _files_pb2.DeleteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Removes a file, a symlink or (recursive) a directory under /workspace."""
 
     @_abc_1.abstractmethod
     def ListImageProfiles(

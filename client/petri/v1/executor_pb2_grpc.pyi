@@ -7,8 +7,11 @@ Internal: not part of the public API, may change with the controller and image t
 """
 
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
+from petri.v1 import execution_pb2 as _execution_pb2
 from petri.v1 import executor_pb2 as _executor_pb2
+from petri.v1 import files_pb2 as _files_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -78,6 +81,16 @@ class ExecutorStub:
     workspace is full; CANCELLED when the call ends without the summary. After any of these
     but the first, what was restored is undone and the sandbox may be restored again.
     """
+    ListFiles: _grpc.UnaryUnaryMultiCallable[_files_pb2.ListFilesRequest, _files_pb2.ListFilesResponse]
+    """The files API (SandboxService's calls of the same names, `name` ignored), done as user
+    code's uid beneath /workspace, never through a symlink, with the statuses files.proto
+    gives. The controller runs them in the sandbox's queue, between executions. WriteFile
+    stages the file beside its target and renames it into place on the `final` chunk only; the
+    controller enforces the size limit (cancelling the call, which leaves nothing behind).
+    """
+    ReadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.ReadFileRequest, _execution_pb2.FileChunk]
+    WriteFile: _grpc.StreamUnaryMultiCallable[_files_pb2.WriteFileRequest, _files_pb2.FileInfo]
+    DeleteFile: _grpc.UnaryUnaryMultiCallable[_files_pb2.DeleteFileRequest, _empty_pb2.Empty]
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
@@ -126,6 +139,16 @@ class ExecutorAsyncStub(ExecutorStub):
     workspace is full; CANCELLED when the call ends without the summary. After any of these
     but the first, what was restored is undone and the sandbox may be restored again.
     """
+    ListFiles: _aio.UnaryUnaryMultiCallable[_files_pb2.ListFilesRequest, _files_pb2.ListFilesResponse]  # type: ignore[assignment]
+    """The files API (SandboxService's calls of the same names, `name` ignored), done as user
+    code's uid beneath /workspace, never through a symlink, with the statuses files.proto
+    gives. The controller runs them in the sandbox's queue, between executions. WriteFile
+    stages the file beside its target and renames it into place on the `final` chunk only; the
+    controller enforces the size limit (cancelling the call, which leaves nothing behind).
+    """
+    ReadFile: _aio.UnaryStreamMultiCallable[_files_pb2.ReadFileRequest, _execution_pb2.FileChunk]  # type: ignore[assignment]
+    WriteFile: _aio.StreamUnaryMultiCallable[_files_pb2.WriteFileRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    DeleteFile: _aio.UnaryUnaryMultiCallable[_files_pb2.DeleteFileRequest, _empty_pb2.Empty]  # type: ignore[assignment]
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Served by the executor daemon inside each sandbox. Every call carries the metadata
@@ -195,5 +218,39 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         workspace is full; CANCELLED when the call ends without the summary. After any of these
         but the first, what was restored is undone and the sandbox may be restored again.
         """
+
+    @_abc_1.abstractmethod
+    def ListFiles(
+        self,
+        request: _files_pb2.ListFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.ListFilesResponse, _abc.Awaitable[_files_pb2.ListFilesResponse]]:
+        """The files API (SandboxService's calls of the same names, `name` ignored), done as user
+        code's uid beneath /workspace, never through a symlink, with the statuses files.proto
+        gives. The controller runs them in the sandbox's queue, between executions. WriteFile
+        stages the file beside its target and renames it into place on the `final` chunk only; the
+        controller enforces the size limit (cancelling the call, which leaves nothing behind).
+        """
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _files_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_execution_pb2.FileChunk], _abc.AsyncIterator[_execution_pb2.FileChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request_iterator: _MaybeAsyncIterator[_files_pb2.WriteFileRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteFile(
+        self,
+        request: _files_pb2.DeleteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
 
 def add_ExecutorServicer_to_server(servicer: ExecutorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,6 +4,8 @@ import grpc
 import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from petri.v1 import execution_pb2 as petri_dot_v1_dot_execution__pb2
+from petri.v1 import files_pb2 as petri_dot_v1_dot_files__pb2
 from petri.v1 import sandbox_pb2 as petri_dot_v1_dot_sandbox__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
@@ -80,6 +82,26 @@ class SandboxServiceStub(object):
                 '/petri.v1.SandboxService/StreamExecuteCode',
                 request_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
                 response_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/petri.v1.SandboxService/ListFiles',
+                request_serializer=petri_dot_v1_dot_files__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_files__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/petri.v1.SandboxService/ReadFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_execution__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.stream_unary(
+                '/petri.v1.SandboxService/WriteFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=petri_dot_v1_dot_files__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/petri.v1.SandboxService/DeleteFile',
+                request_serializer=petri_dot_v1_dot_files__pb2.DeleteFileRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.ListImageProfiles = channel.unary_unary(
                 '/petri.v1.SandboxService/ListImageProfiles',
@@ -167,6 +189,37 @@ class SandboxServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFiles(self, request, context):
+        """Lists files and directories under /workspace (files.proto). Like every call below, it
+        waits its turn behind the sandbox's executions and resumes a PAUSED sandbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """Reads one file of /workspace, streamed in chunks (FileChunk: size and mime_type on the
+        first, `final` on the last).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request_iterator, context):
+        """Writes one file under /workspace from a stream of chunks, with the path rules and limits
+        of ExecuteCode's input files, and returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Removes a file, a symlink or (recursive) a directory under /workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListImageProfiles(self, request, context):
         """Lists the image profiles sandboxes can use here, with every package each one carries.
         """
@@ -221,6 +274,26 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.StreamExecuteCode,
                     request_deserializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.FromString,
                     response_serializer=petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.ListFilesRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_files__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.ReadFileRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_execution__pb2.FileChunk.SerializeToString,
+            ),
+            'WriteFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.WriteFileRequest.FromString,
+                    response_serializer=petri_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=petri_dot_v1_dot_files__pb2.DeleteFileRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'ListImageProfiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImageProfiles,
@@ -472,6 +545,114 @@ class SandboxService(object):
             '/petri.v1.SandboxService/StreamExecuteCode',
             petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeRequest.SerializeToString,
             petri_dot_v1_dot_sandbox__pb2.StreamExecuteCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.SandboxService/ListFiles',
+            petri_dot_v1_dot_files__pb2.ListFilesRequest.SerializeToString,
+            petri_dot_v1_dot_files__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/petri.v1.SandboxService/ReadFile',
+            petri_dot_v1_dot_files__pb2.ReadFileRequest.SerializeToString,
+            petri_dot_v1_dot_execution__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/petri.v1.SandboxService/WriteFile',
+            petri_dot_v1_dot_files__pb2.WriteFileRequest.SerializeToString,
+            petri_dot_v1_dot_files__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/petri.v1.SandboxService/DeleteFile',
+            petri_dot_v1_dot_files__pb2.DeleteFileRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,8 @@ upgrade of its controller, or a stale image, must be told apart from an executor
 # 1: every execution on one Session call (request, file chunks, EndOfInputs). Images built
 # before it report 0 (they have no such field).
 # 2: Checkpoint and Restore (a checkpoint is only ever restored by an executor of its version).
-EXECUTOR_PROTOCOL = 2
+# 3: ListFiles, ReadFile, WriteFile and DeleteFile (the files API outside executions).
+EXECUTOR_PROTOCOL = 3
 
 # The most bytes of namespace or workspace in one CheckpointChunk.
 CHECKPOINT_CHUNK_BYTES = 1024 * 1024
