@@ -17,7 +17,13 @@ from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -144,6 +150,9 @@ class Metrics:
     """The controller's metrics; cheap to record into whether or not anything scrapes them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `_created` series beside each counter and histogram: they double a scrape and
+        # say only when the controller started (process-wide, and the same for every one).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.grpc = GrpcMetrics(r)
