@@ -153,7 +153,7 @@ class Metrics:
         # No `_created` series beside each counter and histogram: they double a scrape and
         # say only when the controller started (process-wide, and the same for every one).
         disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.registry = registry or CollectorRegistry()
         r = self.registry
         self.grpc = GrpcMetrics(r)
         self._live = _LiveCollector()

@@ -126,7 +126,7 @@ def _measured(handler: Handler, method: _Method) -> Handler:
                         method.sent.inc()
                         yield response
                 code = _final_code(context, grpc.StatusCode.OK)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # closed at a yield: the same
                 code = _cancelled(context)
                 raise
             except grpc.aio.AbortError:

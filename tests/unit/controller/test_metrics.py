@@ -192,6 +192,25 @@ async def test_streams_and_execution_figures_are_counted(tmp_path: Path) -> None
         assert value(samples, "petri_execution_input_bytes_total") == 5
         assert value(samples, "petri_execution_output_bytes_total") > 0
 
+        # A stream whose caller leaves after its first event: CANCELLED.
+        hang = Hang()
+        petri.runtime.scripts["hang"] = hang
+
+        async def hanging() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+            start = sandbox_pb2.ExecuteCodeStart(name=sandbox.name, code="hang")
+            yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
+
+        call = petri.stub.StreamExecuteCode(hanging())
+        assert (await call.read()).stdout == "started\n"
+        call.cancel()
+        await asyncio.wait_for(hang.interrupted.wait(), 5)
+
+        async def cancelled() -> Samples | None:
+            samples = await scraped(petri)
+            return samples if handled(samples, method, "CANCELLED") == 1 else None
+
+        await eventually(cancelled, "the cancelled stream to be counted")
+
 
 async def test_the_warm_pool_is_reported_by_kind(tmp_path: Path) -> None:
     pool = load_config(["--warm-pool", "size=1"], environ={}).warm_pool
