@@ -201,7 +201,9 @@ async def test_streams_and_execution_figures_are_counted(tmp_path: Path) -> None
             yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
 
         call = petri.stub.StreamExecuteCode(hanging())
-        assert (await call.read()).stdout == "started\n"
+        first = await call.read()
+        assert isinstance(first, sandbox_pb2.StreamExecuteCodeResponse), first
+        assert first.stdout == "started\n"
         call.cancel()
         await asyncio.wait_for(hang.interrupted.wait(), 5)
 
@@ -262,3 +264,27 @@ def test_each_controller_has_a_registry_of_its_own() -> None:
     assert first.registry.get_sample_value("petri_executions_total", {"outcome": "ok"}) == 1
     assert second.registry.get_sample_value("petri_executions_total", {"outcome": "ok"}) == 0
     assert Config().metrics_listen == ""
+
+
+async def test_pauses_resumes_and_checkpoints_are_counted(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path, metrics_listen="127.0.0.1:0") as petri:
+        sandbox = await petri.create()
+        await petri.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=sandbox.name))
+        paused = await scraped(petri)
+        assert value(paused, "petri_sandboxes", state="PAUSED") == 1
+        assert value(paused, "petri_pauses_total", outcome="ok") == 1
+        assert value(paused, "petri_pause_seconds_count") == 1
+        assert value(paused, "petri_checkpoint_bytes_count") == 1
+        assert value(paused, "petri_checkpoint_bytes_sum") > 0
+        await petri.stub.ResumeSandbox(sandbox_pb2.ResumeSandboxRequest(name=sandbox.name))
+        resumed = await scraped(petri)
+        assert value(resumed, "petri_sandboxes", state="RUNNING") == 1
+        assert value(resumed, "petri_resumes_total", outcome="ok") == 1
+        assert value(resumed, "petri_resume_seconds_count") == 1
+        # A pause of a sandbox that cannot be paused is an error of the call, not a pause.
+        await petri.delete(sandbox.name)
+        await expect(
+            petri.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=sandbox.name)),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        assert value(await scraped(petri), "petri_pauses_total") == 1
