@@ -381,6 +381,11 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     if metrics_server is not None:
         metrics_host, _ = _host_port(config.metrics_listen)
         log.info("metrics served", address=f"{metrics_host}:{metrics_server.port}/metrics")
+        if not _is_loopback(config.metrics_listen):
+            log.warning(
+                "the metrics endpoint has no authentication: anyone who can reach it reads them",
+                metrics_listen=config.metrics_listen,
+            )
     return Controller(
         config,
         server,
