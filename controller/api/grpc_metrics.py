@@ -125,6 +125,7 @@ def _measured(handler: Handler, method: _Method) -> Handler:
                     async for response in responses:
                         method.sent.inc()
                         yield response
+                        del response  # an abort's traceback outlives the call, with this frame
                 code = _final_code(context, grpc.StatusCode.OK)
             except (asyncio.CancelledError, GeneratorExit):  # closed at a yield: the same
                 code = _cancelled(context)
