@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 
 from controller.clock import utcnow
 from controller.config import Config
+from controller.metrics import Metrics
 from controller.names import SandboxName
 from controller.records import SandboxRecord
 from controller.runtime.container import ContainerRuntime, HostCapabilities
@@ -55,6 +56,7 @@ class SandboxManager:
         quotas: Quotas,
         clock: Callable[[], datetime] = utcnow,
         gvisor_containers: ContainerRuntime | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`containers` runs every sandbox's container; `gvisor_containers`, when gVisor is
         installed, creates those of GVISOR sandboxes (everything else about them goes through
@@ -62,6 +64,8 @@ class SandboxManager:
         self._registry = registry
         self._containers = containers
         self._clock = clock
+        # Recorded into whether or not they are served: cheaper than asking each time.
+        self.metrics = metrics or Metrics()
         self._policy = SpecPolicy(config, gvisor_available=gvisor_containers is not None)
         self._images = ImageCatalogue(config, containers)
         self._provisioner = Provisioner(config, containers, gvisor_containers, self._policy)
@@ -88,6 +92,7 @@ class SandboxManager:
             self._pool,
             quotas,
             clock,
+            self.metrics,
         )
         self._hibernation = Hibernation(
             config,
@@ -102,6 +107,7 @@ class SandboxManager:
             self._queues,
             quotas,
             clock,
+            self.metrics,
         )
         self._executions = Executions(
             config,
@@ -115,6 +121,7 @@ class SandboxManager:
             clock,
             self._queues,
             self._hibernation,
+            self.metrics,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
