@@ -377,9 +377,7 @@ async def _abort_for_file(context: grpc.aio.ServicerContext[Any, Any], exc: Exce
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, (WrongType, Changed)):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, TooSlow):
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    if isinstance(exc, WorkspaceFull):
+    if isinstance(exc, (TooSlow, WorkspaceFull)):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, BrokenExecutor):
         await context.abort(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ import pytest
 from executor.daemon import KEY_METADATA, CallerCheck, ExecutorService
 from executor.supervisor import Supervisor
 from executor.workspace import files
+from executor.workspace.beneath import READ_CHUNK_BYTES
 from executor.workspace.files import (
     Changed,
     FileNotFound,
@@ -130,7 +131,7 @@ def test_a_huge_listing_stops_at_its_time_limit(tmp_path: Path) -> None:
 
 
 def test_read_streams_a_regular_file_and_refuses_the_rest(tmp_path: Path) -> None:
-    data = os.urandom(3 * files.READ_CHUNK_BYTES + 5)
+    data = os.urandom(3 * READ_CHUNK_BYTES + 5)
     (tmp_path / "big").write_bytes(data)
     reader = FileReader(tmp_path, "big")
     chunks = []
@@ -138,7 +139,7 @@ def test_read_streams_a_regular_file_and_refuses_the_rest(tmp_path: Path) -> Non
         chunks.append(reader.next_chunk())
     reader.check_unchanged()
     reader.close()
-    assert b"".join(chunks) == data and max(map(len, chunks)) == files.READ_CHUNK_BYTES
+    assert b"".join(chunks) == data and max(map(len, chunks)) == READ_CHUNK_BYTES
     (tmp_path / "empty").touch()
     empty = FileReader(tmp_path, "empty")
     assert empty.done and empty.size == 0
@@ -159,7 +160,7 @@ def test_read_streams_a_regular_file_and_refuses_the_rest(tmp_path: Path) -> Non
 
 
 def test_a_file_changed_while_read_is_an_error_not_a_final_chunk(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(b"x" * (2 * files.READ_CHUNK_BYTES))
+    (tmp_path / "f").write_bytes(b"x" * (2 * READ_CHUNK_BYTES))
     reader = FileReader(tmp_path, "f")
     reader.next_chunk()
     (tmp_path / "f").write_bytes(b"short")  # truncated under the reader
@@ -298,7 +299,7 @@ async def test_service_round_trip_and_statuses(served: tuple[Stub, Path]) -> Non
     listing = await stub.ListFiles(files_pb2.ListFilesRequest(recursive=True), metadata=KEYED)
     assert [f.path for f in listing.files] == ["d", "d/f.bin", "empty"]
     await stub.DeleteFile(files_pb2.DeleteFileRequest(path="d", recursive=True), metadata=KEYED)
-    for call, code in [
+    calls: list[tuple[Awaitable[object], str]] = [
         (stub.ListFiles(files_pb2.ListFilesRequest(path="d"), metadata=KEYED), "NOT_FOUND"),
         (
             stub.ListFiles(files_pb2.ListFilesRequest(path="empty"), metadata=KEYED),
@@ -313,7 +314,8 @@ async def test_service_round_trip_and_statuses(served: tuple[Stub, Path]) -> Non
             stub.DeleteFile(files_pb2.DeleteFileRequest(path="../x"), metadata=KEYED),
             "INVALID_ARGUMENT",
         ),
-    ]:
+    ]
+    for call, code in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code().name == code
