@@ -301,7 +301,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         context: grpc.aio.ServicerContext[files_pb2.WriteFileRequest, files_pb2.FileInfo],
     ) -> files_pb2.FileInfo:
         """Stages the chunks beside the target; renames the file into place once the final
-        chunk came and the call was half-closed after it. Anything else leaves nothing."""
+        chunk came (the controller sends it only once the caller's upload is complete, as
+        EndOfInputs: a cancelled call may look half-closed here). Anything else leaves
+        nothing."""
         writer: FileWriter | None = None
         try:
             message = await anext(request_iterator, None)
@@ -314,9 +316,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                     raise InvalidPath("every chunk of a WriteFile call has the same path")
                 if message.chunk.data:
                     await self._files.run(writer.write, message.chunk.data)
-                if message.chunk.final:
-                    if await anext(request_iterator, None) is not None:
-                        raise InvalidPath("nothing may follow the chunk marked final")
+                if message.chunk.final:  # the controller sends it last, only when complete
                     return file_info(path, await self._files.run(writer.commit))
                 message = await anext(request_iterator, None)
                 if message is None:

@@ -423,8 +423,8 @@ async def _write_chunks(
     context: Context,
 ) -> AsyncIterator[execution_pb2.FileChunk]:
     """A WriteFile call's chunks, checked as they come (one path, at most `max_bytes`, a
-    final chunk, then a half-close): a violation raised here cancels the executor's call,
-    which then writes nothing."""
+    final chunk, then a half-close, before the final chunk goes on): a violation raised here
+    cancels the executor's call, which then writes nothing."""
     path = first.chunk.path
     total = 0
     message: files_pb2.WriteFileRequest | None = first
@@ -442,13 +442,16 @@ async def _write_chunks(
             raise ResourceExhausted(
                 f"the file exceeds this server's limit of {max_bytes} bytes; nothing was written"
             )
-        yield execution_pb2.FileChunk(path=path, data=chunk.data, final=chunk.final)
         if chunk.final:
+            # The executor puts the file in place on its final chunk: it goes only once the
+            # caller is known to have half-closed (not cancelled) after it.
             if await anext(requests, None) is not None:
                 raise InvalidArgument(
                     "nothing may follow the chunk marked final; nothing was written"
                 )
             await _check_half_closed(context)
+        yield execution_pb2.FileChunk(path=path, data=chunk.data, final=chunk.final)
+        if chunk.final:
             return
         message = await anext(requests, None)
     await _check_half_closed(context)

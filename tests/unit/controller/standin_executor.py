@@ -133,13 +133,11 @@ class StandInFiles:
             data += message.chunk.data
             if self.write_hold is not None:
                 await self.write_hold.wait()
-            if message.chunk.final:
-                if await anext(request_iterator, None) is None:
-                    self.files[path] = data
-                    return files_pb2.FileInfo(
-                        path=path, type=files_pb2.FileInfo.REGULAR, size=len(data)
-                    )
-                break
+            if message.chunk.final:  # as the daemon: in place on the final chunk
+                self.files[path] = data
+                return files_pb2.FileInfo(
+                    path=path, type=files_pb2.FileInfo.REGULAR, size=len(data)
+                )
         await context.abort(grpc.StatusCode.CANCELLED, "no final chunk: nothing was written")
         raise AssertionError("unreachable")
 
