@@ -17,7 +17,9 @@ from petri.v1 import execution_pb2, files_pb2, sandbox_pb2
 from tests.e2e.helpers import execute, value_of
 
 if TYPE_CHECKING:
+    from controller.app import Controller
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
+    from tests.conftest import CreateSandbox
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
@@ -329,3 +331,28 @@ async def test_a_symlink_out_of_the_workspace_is_neither_read_nor_followed(
     await stub.DeleteFile(files_pb2.DeleteFileRequest(name=name, path="pw"))  # the link only
     response = await execute(stub, name, "import os; (os.path.exists('/etc/passwd'), os.listdir())")
     assert value_of(response) == "(True, ['etc'])"
+
+
+async def test_the_files_api_acts_as_user_code_under_gvisor(
+    stub: Stub, create_sandbox: CreateSandbox, controller: Controller
+) -> None:
+    """The file thread takes user code's ids with raw per-thread system calls: gVisor's own
+    kernel must honour them as Linux does (files owned by user code, root elsewhere)."""
+    if controller.gvisor_service is None:
+        pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
+    sandbox = await create_sandbox(
+        spec=sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.GVISOR)
+    )
+    await write(stub, sandbox.name, "sub/f.txt", b"under gvisor")
+    assert await read(stub, sandbox.name, "sub/f.txt") == b"under gvisor"
+    response = await execute(
+        stub,
+        sandbox.name,
+        "import os; s = os.stat('sub/f.txt'); d = os.stat('sub')\n"
+        "s.st_uid == d.st_uid == os.getuid() != 0",
+    )
+    assert value_of(response) == "True"
+    await stub.DeleteFile(
+        files_pb2.DeleteFileRequest(name=sandbox.name, path="sub", recursive=True)
+    )
+    assert await listing(stub, sandbox.name) == []
