@@ -46,10 +46,14 @@ MAX_LIST_DEPTH = 64
 LIST_SECONDS = 10.0
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
+# A delete may take this long (a huge tree, or user code filling it as it goes): the file
+# thread is every files call's, so none may hold it for ever.
+DELETE_SECONDS = 60.0
 # A page token is the last path returned (base64): at most a path's bytes at that depth.
 MAX_PAGE_TOKEN_CHARS = 4 * (MAX_LIST_DEPTH * 256 + 2) // 3 + 4
 
 T = TypeVar("T")
+_clock = time.monotonic  # (tests move it)
 
 
 class FileNotFound(Exception):
@@ -227,7 +231,7 @@ def list_page(
         top = _open_listed_directory(root_fd, parts, path)
     finally:
         os.close(root_fd)
-    page = _Page(page_size + 1, after, time.monotonic() + seconds, seconds)
+    page = _Page(page_size + 1, after, _clock() + seconds, seconds)
     base = os.fsencode(path) + b"/" if path else b""
     stack = [_Frame(top, base, len(parts), [])]
     try:
@@ -280,13 +284,11 @@ class _Page:
         """Offers each entry of the directory `fd` (at `base`); returns the names of its
         subdirectories, last by name first."""
         subdirectories = []
+        self._check_time()  # for each directory, however small
         with os.scandir(fd) as entries:
             for count, entry in enumerate(entries):
-                if count % 256 == 0 and time.monotonic() > self.deadline:
-                    raise TooSlow(
-                        f"listing took more than {self.seconds:g} s (a very large tree): "
-                        "list a subdirectory, or without recursive"
-                    )
+                if count % 256 == 255:
+                    self._check_time()
                 name = os.fsencode(entry.name)
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
@@ -294,6 +296,13 @@ class _Page:
                 self._offer(fd, entry.name, base + name)
         subdirectories.sort(reverse=True)
         return subdirectories
+
+    def _check_time(self) -> None:
+        if _clock() > self.deadline:
+            raise TooSlow(
+                f"listing took more than {self.seconds:g} s (a very large tree): list a "
+                "subdirectory, or without recursive"
+            )
 
     def _offer(self, fd: int, name: str, full: bytes) -> None:
         if self.after is not None and full <= self.after:
@@ -500,10 +509,13 @@ def _write_error(exc: OSError) -> Exception:
 # --- DeleteFile ------------------------------------------------------------------------------
 
 
-def delete(root: Path, path: str, recursive: bool, allow_missing: bool) -> None:
+def delete(
+    root: Path, path: str, recursive: bool, allow_missing: bool, seconds: float = DELETE_SECONDS
+) -> None:
     """Removes a file, a symlink (not what it points to) or, with `recursive`, a directory and
     everything in it. FileNotFound unless `allow_missing`; WrongType for a directory without
-    `recursive`; Changed when the tree is moved while it is removed."""
+    `recursive`; Changed when the tree is moved while it is removed; TooSlow past `seconds`
+    (what was removed stays removed)."""
     parts = check_relative_path(path)
     try:
         parent = _parent_of(root, parts)
@@ -524,12 +536,12 @@ def delete(root: Path, path: str, recursive: bool, allow_missing: bool) -> None:
             return
         if not recursive:
             raise WrongType(f"{path!r} is a directory: set recursive to delete it")
-        _remove_tree(parent, parts[-1], path)
+        _remove_tree(parent, parts[-1], path, _clock() + seconds)
     finally:
         os.close(parent)
 
 
-def _remove_tree(parent: int, name: str, path: str) -> None:
+def _remove_tree(parent: int, name: str, path: str, deadline: float) -> None:
     """Removes the directory `name` in `parent` depth first, holding one descriptor at a time
     (a tree thousands of levels deep needs no more): it climbs back through "..", checked to
     be the directory it came down from, so a tree moved meanwhile is never left."""
@@ -538,6 +550,8 @@ def _remove_tree(parent: int, name: str, path: str) -> None:
     trail: list[tuple[str, tuple[int, int]]] = []
     try:
         while True:
+            if _clock() > deadline:
+                raise TooSlow(f"deleting {path!r} took too long: part of it remains")
             subdirectory = _empty_but_directories(fd)
             if subdirectory is not None:
                 here = os.fstat(fd)

@@ -130,6 +130,20 @@ def test_a_huge_listing_stops_at_its_time_limit(tmp_path: Path) -> None:
     assert len(list_page(tmp_path, "", False, 10_000, None).files) == 600
 
 
+def test_many_small_directories_count_against_the_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(300):  # empty: only a check per directory sees them
+        (tmp_path / "dirs" / str(index)).mkdir(parents=True)
+    ticks = iter(range(1_000_000))  # a clock that moves one second per look
+    monkeypatch.setattr(files, "_clock", lambda: float(next(ticks)))
+    with pytest.raises(TooSlow):
+        list_page(tmp_path, "dirs", True, 10_000, None, seconds=100)
+    with pytest.raises(TooSlow):
+        delete(tmp_path, "dirs", recursive=True, allow_missing=False, seconds=100)
+    assert 0 < len(os.listdir(tmp_path / "dirs")) < 300  # what was removed stays removed
+
+
 def test_read_streams_a_regular_file_and_refuses_the_rest(tmp_path: Path) -> None:
     data = os.urandom(3 * READ_CHUNK_BYTES + 5)
     (tmp_path / "big").write_bytes(data)
