@@ -170,3 +170,28 @@ async def test_a_hostile_executors_chunks_are_refused(
         executor = await petri.executor(sandbox.name)
         executor.read_chunks = chunks
         await expect(_read(petri, sandbox.name, "f"), code, fragment)
+
+
+async def test_a_dead_executor_terminates_the_sandbox_and_a_deleted_one_is_not_found(
+    tmp_path: Path,
+) -> None:
+    async with fast_petri(tmp_path) as petri:
+        sandbox = await petri.create("doomed")
+        await petri.runtime.exit(sandbox.uid, exit_code=137)  # kill -9 of the daemon
+        await expect(
+            petri.stub.ListFiles(files_pb2.ListFilesRequest(name=sandbox.name)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "is TERMINATED: its container was killed by signal 9",
+        )
+        await expect(
+            _read(petri, sandbox.name, "f"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "is TERMINATED",
+            "its files cannot be reached",
+        )
+        await petri.delete(sandbox.name)
+        await expect(
+            petri.stub.DeleteFile(files_pb2.DeleteFileRequest(name=sandbox.name, path="f")),
+            grpc.StatusCode.NOT_FOUND,
+            f"sandbox {sandbox.name} was deleted",
+        )
