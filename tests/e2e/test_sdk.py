@@ -6,6 +6,7 @@ thread (asyncio.to_thread), or its calls would wait for a loop they block."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import socket
@@ -23,6 +24,7 @@ from controller.app import Controller, start_controller
 from controller.config import Config
 from petri import AsyncClient, AsyncSandbox, Client, Sandbox
 from petri.sdk.requests import create_request
+from petri.v1 import error_details_pb2
 from tests.e2e.helpers import PROJECT, podman, sibling_config
 
 pytestmark = pytest.mark.e2e
@@ -371,3 +373,28 @@ async def test_100_mib_from_a_path_keeps_client_memory_flat(
     assert measured["check"] == str(100 * MIB)
     growth = int(str(measured["after"])) - int(str(measured["before"]))
     assert growth < 40 * MIB, f"peak RSS grew by {growth / MIB:.1f} MiB for a 100 MiB file"
+
+
+async def test_grpcurl_shows_the_error_info(controller: Controller) -> None:
+    """The details are google.rpc's, on the wire: a generic client finds them."""
+    name = f"projects/{PROJECT}/sandboxes/never-{unique_id()}"
+    process = await asyncio.create_subprocess_exec(
+        "grpcurl",
+        "-plaintext",
+        "-d",
+        json.dumps({"name": name}),
+        f"127.0.0.1:{controller.port}",
+        "petri.v1.SandboxService/GetSandbox",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    text = out.decode()
+    assert process.returncode != 0, text
+    assert "Code: NotFound" in text, text
+    assert "type.googleapis.com/google.rpc.ErrorInfo" in text, text
+    # grpcurl knows no google.rpc.ErrorInfo (the server reflects petri.v1's wire-identical
+    # copy): it shows the raw message, which decodes as one.
+    raw = json.loads(text[text.index("{") : text.rindex("}") + 1])["@value"]
+    info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(raw))
+    assert (info.reason, info.domain) == ("SANDBOX_NOT_FOUND", "petri")
