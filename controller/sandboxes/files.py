@@ -171,7 +171,11 @@ class Files:
         """The caller's error for a files call the executor ended with `failure`."""
         said = failure.details  # bounded by the client
         if failure.code == "NOT_FOUND":
-            return NotFound(f"no file {quote(path)} in sandbox {record.name}'s /workspace")
+            return NotFound(
+                f"no file {quote(path)} in sandbox {record.name}'s /workspace",
+                reason="FILE_NOT_FOUND",
+                metadata={"path": path},
+            )
         if failure.code == "INVALID_ARGUMENT":
             return InvalidArgument(said)
         if failure.code == "FAILED_PRECONDITION":
@@ -187,7 +191,11 @@ class Files:
                 "its container is gone" if status is None else f"its container {status.describe()}"
             )
             await self._lifecycle.terminate(current, why)
-            return FailedPrecondition(f"sandbox {record.name} is TERMINATED: {why}")
+            return FailedPrecondition(
+                f"sandbox {record.name} is TERMINATED: {why}",
+                reason="SANDBOX_TERMINATED",
+                metadata={"state_message": why},
+            )
         # Files calls are idempotent (a write puts the same bytes, a delete finds nothing).
         return Unavailable(
             f"could not reach the executor of sandbox {record.name} ({failure.code}: {said}): retry"
@@ -197,6 +205,9 @@ class Files:
 def _require_usable(record: SandboxRecord) -> None:
     if record.state not in (State.RUNNING, State.PAUSED):
         detail = f": {record.state_message}" if record.state_message else ""
+        terminated = record.state is State.TERMINATED
         raise FailedPrecondition(
-            f"sandbox {record.name} is {record.state.name}{detail}; its files cannot be reached"
+            f"sandbox {record.name} is {record.state.name}{detail}; its files cannot be reached",
+            reason="SANDBOX_TERMINATED" if terminated else "",
+            metadata={"state_message": record.state_message} if terminated else None,
         )

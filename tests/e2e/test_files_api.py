@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from petri.sdk.errors import error_from_rpc
 from petri.v1 import execution_pb2, files_pb2, sandbox_pb2
 from tests.e2e.helpers import execute, value_of
 
@@ -255,6 +256,13 @@ async def test_each_error_status(stub: Stub, sandbox: sandbox_pb2.Sandbox) -> No
         got, details = await status_of(call)
         assert (got, fragment in details) == (code, True), details
 
+    # A missing file and a missing sandbox are both NOT_FOUND: the error details tell them apart.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.ReadFile(files_pb2.ReadFileRequest(name=name, path="missing")):
+            pass
+    error = error_from_rpc(caught.value)
+    assert (error.reason, error.metadata) == ("FILE_NOT_FOUND", {"path": "missing"})
+
 
 async def test_a_name_that_is_not_utf8_is_listed_escaped(
     stub: Stub, sandbox: sandbox_pb2.Sandbox
@@ -275,11 +283,9 @@ async def test_delete_recursive_and_a_deep_tree(stub: Stub, sandbox: sandbox_pb2
         "    os.close(fd); fd = new\n"
         "os.close(fd)",
     )
-    began = time.monotonic()
     deep = await stub.ListFiles(
         files_pb2.ListFilesRequest(name=sandbox.name, path="", recursive=True, page_size=10_000)
     )
-    assert time.monotonic() - began < 10
     assert 60 < len(deep.files) < 100  # listed to its depth limit, not 1500 levels down
     await stub.DeleteFile(files_pb2.DeleteFileRequest(name=sandbox.name, path="d", recursive=True))
     await stub.DeleteFile(
