@@ -1,0 +1,11 @@
+# petri's quickstart: create a sandbox, run code, get a figure and a file back; leaving the
+# `with` block deletes the sandbox. Run: pip install ./client, then
+# PETRI_ADDR=host:port python examples/quickstart.py (and PETRI_TOKEN if the service wants one).
+import petri
+
+with petri.Sandbox.create(ttl=600) as sb:
+    ex = sb.run(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nopen('out.txt', 'w').write('hi')\n6 * 7"
+    )
+    print("value:", ex.text, "| figure:", len(ex.results[0].png or b""), "PNG bytes")
+    print("file:", ex.files[0].path, ex.files[0].content.decode())
