@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from petri import Client, FileInfo, NotFound, PetriError, Resources, Result, Sandbox
+from petri import Client, Execution, FileInfo, NotFound, PetriError, Resources, Result, Sandbox
 from petri.cli.errors import CliError, Exit, describe, exit_code_of, report
 from petri.cli.formats import (
     console,
@@ -318,7 +318,10 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
                     }
                     for f in execution.files
                 ],
-                "omitted_files": [_plain(o) for o in execution.omitted_files],
+                "omitted_files": [
+                    {"path": o.path, "size": o.size, "reason": o.reason}
+                    for o in execution.omitted_files
+                ],
                 "execution_count": execution.execution_count,
                 "duration_seconds": execution.duration.total_seconds(),
                 "incarnation": execution.incarnation,
@@ -343,15 +346,7 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
     return status
 
 
-def _plain(value: object) -> object:
-    if hasattr(value, "DESCRIPTOR"):
-        return message_dict(value)  # type: ignore[arg-type]
-    if hasattr(value, "path"):
-        return {"path": getattr(value, "path", ""), "reason": str(getattr(value, "reason", ""))}
-    return str(value)
-
-
-def _notes(execution: Any, saved: dict[str, str]) -> None:
+def _notes(execution: Execution, saved: dict[str, str]) -> None:
     """What happened besides the output, on stderr so that stdout stays the code's own."""
     notes = []
     if execution.namespace_reset:
@@ -365,7 +360,8 @@ def _notes(execution: Any, saved: dict[str, str]) -> None:
         where = f" -> {saved[file.path]}" if file.path in saved else ""
         notes.append(f"file {file.path} ({human_size(file.size)}){where}")
     for omitted in execution.omitted_files:
-        notes.append(f"file {getattr(omitted, 'path', omitted)} changed but was not returned")
+        what = omitted.path or "more files"
+        notes.append(f"{what} changed but not returned: {omitted.reason}")
     for note in notes:
         print(f"petri: {note}", file=sys.stderr)
     sys.stderr.flush()
@@ -434,7 +430,7 @@ def _split_remote(argument: str) -> tuple[str, str] | None:
 def cp(client: Client, args: argparse.Namespace) -> int:
     source, dest = _split_remote(args.source), _split_remote(args.dest)
     if (source is None) == (dest is None):
-        raise CliError("cp copies between a local path and NAME:path: exactly one side is NAME:path")
+        raise CliError("cp copies between a local path and NAME:path (exactly one of them)")
     if dest is not None:
         info = _upload(client, args.source, *dest, quiet=args.json)
     else:
@@ -454,9 +450,11 @@ def _upload(client: Client, local: str, name: str, path: str, quiet: bool) -> Fi
     if local == "-":
         return sandbox.files.write(path, sys.stdin.buffer)
     size = os.stat(local).st_size
-    with _progress(f"{local} -> {name}:{path}", size, quiet) as advance:
-        with _CountingReader(io.FileIO(local, "r"), advance) as reader:
-            return sandbox.files.write(path, reader)
+    with (
+        _progress(f"{local} -> {name}:{path}", size, quiet) as advance,
+        _CountingReader(io.FileIO(local, "r"), advance) as reader,
+    ):
+        return sandbox.files.write(path, reader)
 
 
 def _download(client: Client, name: str, path: str, local: str, quiet: bool) -> FileInfo:
@@ -471,9 +469,11 @@ def _download(client: Client, name: str, path: str, local: str, quiet: bool) -> 
     # Written beside the target and renamed at the end: a failed copy leaves no half file.
     partial = target.with_name(f".{target.name}.petri-partial")
     try:
-        with _progress(f"{name}:{path} -> {target}", None, quiet) as advance:
-            with _CountingWriter(io.FileIO(partial, "w"), advance) as writer:
-                info = sandbox.files.download(path, writer)
+        with (
+            _progress(f"{name}:{path} -> {target}", None, quiet) as advance,
+            _CountingWriter(io.FileIO(partial, "w"), advance) as writer,
+        ):
+            info = sandbox.files.download(path, writer)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

@@ -15,8 +15,8 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 
 from petri import AsyncClient
-from petri.cli.formats import parse_duration, parse_labels
 from petri.cli.errors import CliError
+from petri.cli.formats import parse_duration, parse_labels
 from petri.mcp.sessions import SandboxOptions, Sessions
 from petri.mcp.tools import INSTRUCTIONS, register
 

@@ -129,7 +129,7 @@ def render_execution(execution: Execution) -> CallToolResult:
         listed = ", ".join(f"{f.path} ({_size(f.size)})" for f in execution.files)
         sections.append("files created or changed: " + listed)
     if execution.omitted_files:
-        names = ", ".join(str(getattr(o, "path", o)) for o in execution.omitted_files)
+        names = ", ".join(f"{o.path or 'more'} ({o.reason})" for o in execution.omitted_files)
         sections.append("also changed (too big to return): " + names)
     if not sections:
         sections.append("(no output)")
@@ -192,9 +192,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
 
         return render_execution(await call(ctx, run))
 
-    async def upload_file(
-        path: str, content: str, ctx: Context, encoding: str = "utf-8"
-    ) -> str:
+    async def upload_file(path: str, content: str, ctx: Context, encoding: str = "utf-8") -> str:
         if encoding == "base64":
             try:
                 data = base64.b64decode(content, validate=True)
