@@ -193,7 +193,7 @@ async def test_exec_rich_outputs_summarized_and_saved(
     code = (
         "import matplotlib.pyplot as plt\n"
         "plt.plot([1, 3, 2])\n"
-        "open('report.txt', 'w').write('done')\n"
+        "_ = open('report.txt', 'w').write('done')\n"
     )
     saved = tmp_path / "outputs"
     done = await petri(controller, "exec", box_id(sandbox), code, "--save-outputs", str(saved))

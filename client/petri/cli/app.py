@@ -104,7 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return mcp.main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, extra = parser.parse_known_args(args_list)
+    # argparse takes `exec NAME --timeout 1s CODE`'s optional CODE as absent at the option.
+    if args.command == "exec" and args.code is None and len(extra) == 1:
+        args.code, extra = extra[0], []
+    if extra:
+        parser.error("unrecognized arguments: " + " ".join(extra)[:200])
     try:
         with Client(
             addr=args.addr,
