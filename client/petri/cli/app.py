@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from petri import Client, PetriError
-from petri.cli import commands
 from petri.cli.errors import CliError, Exit, describe, exit_code_of, report
 
 _EPILOG = """exit codes: 0 ok, 1 the code raised, 2 usage, 3 not found, 4 already exists,
@@ -34,6 +33,8 @@ def _connection_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from petri.cli import commands  # rich (the cli extra): not needed by `petri mcp`
+
     common = _connection_options()
     parser = argparse.ArgumentParser(
         prog="petri",

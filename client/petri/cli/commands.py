@@ -32,14 +32,12 @@ from petri.cli.formats import (
     console,
     human_size,
     message_dict,
-    parse_duration,
-    parse_labels,
-    parse_size,
     print_json,
     sandbox_details,
     sandbox_table,
     state_name,
 )
+from petri.cli.values import parse_duration, parse_labels, parse_size
 from petri.v1 import sandbox_pb2
 
 # NAME:path, NAME bare or full; a local path with a colon is written ./like:this.
@@ -292,7 +290,10 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         for file in execution.files:
-            saved_files[file.path] = str(file.save(save_dir))
+            try:
+                saved_files[file.path] = str(file.save(save_dir))
+            except (ValueError, OSError) as error:  # a hostile path from the sandbox
+                print(f"petri: not saved: {file.path[:200]!r}: {error}", file=sys.stderr)
     error = execution.error
     status = Exit.OK if error is None else _ERROR_EXITS.get(error.kind, Exit.EXCEPTION)
     if args.json:

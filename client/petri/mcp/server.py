@@ -16,7 +16,7 @@ from mcp.server.mcpserver import MCPServer
 
 from petri import AsyncClient
 from petri.cli.errors import CliError
-from petri.cli.formats import parse_duration, parse_labels
+from petri.cli.values import parse_duration, parse_labels
 from petri.mcp.sessions import SandboxOptions, Sessions
 from petri.mcp.tools import INSTRUCTIONS, register
 
