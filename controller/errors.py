@@ -21,16 +21,48 @@
 
 Every message is meant for the caller: it says what was wrong and what to do. Errors of the
 user's code are not here: they are execution results. Foreign errors (podman, OS, gRPC to the
-executor) are translated where they happen, with `raise ... from exc`.
+executor) are translated where they happen, with `raise ... from exc`. A `reason` (with its
+`metadata`) tells programs which case it is, e.g. NotFound with SANDBOX_EXPIRED {expire_time}.
 """
 
 import grpc
+from google.protobuf import any_pb2
+
+from petri.v1 import error_details_pb2
+
+# AIP-193 rich error details: a google.rpc.Status, serialized, in this trailing metadata.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_INFO_TYPE_URL = "type.googleapis.com/google.rpc.ErrorInfo"
+ERROR_DOMAIN = "petri"
 
 
 class PetriError(Exception):
-    """Base of the controller's errors; its message is shown to the caller."""
+    """Base of the controller's errors; its message is shown to the caller. `reason` (an
+    UPPER_SNAKE_CASE word, e.g. SANDBOX_EXPIRED) and `metadata` are sent with it as AIP-193
+    error details (an ErrorInfo), for programs to act on."""
 
     status = grpc.StatusCode.INTERNAL
+
+    def __init__(
+        self, message: str, *, reason: str = "", metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
+def status_details(exc: PetriError) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata of a call that fails with `exc`: its status, message and (with a
+    reason) an ErrorInfo, as google.rpc.Status (petri.v1.Status is wire-identical)."""
+    status = error_details_pb2.Status(code=exc.status.value[0], message=str(exc))
+    if exc.reason:
+        info = error_details_pb2.ErrorInfo(
+            reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
+        )
+        status.details.append(
+            any_pb2.Any(type_url=ERROR_INFO_TYPE_URL, value=info.SerializeToString())
+        )
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 class Unauthenticated(PetriError):

@@ -3,9 +3,14 @@
 # PETRI_ADDR=host:port python examples/quickstart.py (and PETRI_TOKEN if the service wants one).
 import petri
 
+CODE = """
+import matplotlib.pyplot as plt
+plt.plot([1, 4, 9])
+open("out.txt", "w").write("hello")
+6 * 7
+"""
+
 with petri.Sandbox.create(ttl=600) as sb:
-    ex = sb.run(
-        "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nopen('out.txt', 'w').write('hi')\n6 * 7"
-    )
+    ex = sb.run(CODE)
     print("value:", ex.text, "| figure:", len(ex.results[0].png or b""), "PNG bytes")
     print("file:", ex.files[0].path, ex.files[0].content.decode())

@@ -22,7 +22,13 @@ from controller.api.auth import ANYONE, Principal, TokenTable, current_caller
 from controller.api.file_inputs import check_files, checked_chunks, file_chunks
 from controller.api.list_filter import parse_filter
 from controller.api.page_tokens import decode_token, encode_token, request_digest
-from controller.errors import Cancelled, InvalidArgument, OutcomeUnknown, PetriError
+from controller.errors import (
+    Cancelled,
+    InvalidArgument,
+    OutcomeUnknown,
+    PetriError,
+    status_details,
+)
 from controller.listing import ListQuery, SortKey, position_of
 from controller.names import parse_parent, parse_sandbox_name
 from controller.quoting import quote
@@ -46,14 +52,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def _maps_errors(
     method: Callable[[Any, Request, Context], Awaitable[Response]],
 ) -> Callable[[Any, Request, Context], Awaitable[Response]]:
-    """Turns PetriError into its status code, anything else into INTERNAL without details."""
+    """Turns PetriError into its status code and rich error details, anything else into
+    INTERNAL without details."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Request, context: Context) -> Response:
         try:
             return await method(self, request, context)
         except PetriError as exc:
-            await context.abort(exc.status, str(exc))
+            await context.abort(exc.status, str(exc), status_details(exc))
         except Exception:
             await context.abort(grpc.StatusCode.INTERNAL, _log_internal(method.__name__))
         raise AssertionError("unreachable: abort raises")
@@ -72,7 +79,7 @@ def _maps_stream_errors(
             async for response in method(self, request, context):
                 yield response
         except PetriError as exc:
-            await context.abort(exc.status, str(exc))
+            await context.abort(exc.status, str(exc), status_details(exc))
         except Exception:
             await context.abort(grpc.StatusCode.INTERNAL, _log_internal(method.__name__))
 

@@ -26,7 +26,7 @@ from controller.records import LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
 from controller.sandboxes.hibernation import Hibernation, lost_names
 from controller.sandboxes.lifecycle import Lifecycle, checked_incarnation
-from controller.sandboxes.lookup import Lookup
+from controller.sandboxes.lookup import Lookup, terminated_reason
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
@@ -179,7 +179,8 @@ class Executions:
         if record.state not in (State.RUNNING, State.PAUSED):
             detail = f": {record.state_message}" if record.state_message else ""
             raise FailedPrecondition(
-                f"sandbox {record.name} is {record.state.name}{detail}; it cannot run code"
+                f"sandbox {record.name} is {record.state.name}{detail}; it cannot run code",
+                **terminated_reason(record),
             )
 
     def _record_execution(self, record: SandboxRecord, result: executor_pb2.ExecuteResult) -> None:
@@ -219,7 +220,9 @@ class Executions:
             await self._lifecycle.terminate(current, why)
             return FailedPrecondition(
                 f"sandbox {record.name} is TERMINATED: {why}; "
-                + (_MAY_HAVE_RUN if may_have_run else "the code did not run")
+                + (_MAY_HAVE_RUN if may_have_run else "the code did not run"),
+                reason="SANDBOX_TERMINATED",
+                metadata={"state_message": why},
             )
         if not may_have_run:
             return Unavailable(

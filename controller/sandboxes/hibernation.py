@@ -36,7 +36,7 @@ from controller.records import CheckpointInfo, LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
 from controller.sandboxes.images import ImageCatalogue
 from controller.sandboxes.lifecycle import Lifecycle
-from controller.sandboxes.lookup import Lookup
+from controller.sandboxes.lookup import Lookup, terminated_reason
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
@@ -467,7 +467,8 @@ class Hibernation:
 def _not_running(record: SandboxRecord, verb: str) -> FailedPrecondition:
     detail = f": {record.state_message}" if record.state_message else ""
     return FailedPrecondition(
-        f"sandbox {record.name} is {record.state.name}{detail}; it cannot be {verb}"
+        f"sandbox {record.name} is {record.state.name}{detail}; it cannot be {verb}",
+        **terminated_reason(record),
     )
 
 

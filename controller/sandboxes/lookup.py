@@ -1,8 +1,11 @@
-"""Finding a sandbox by name, and the NOT_FOUND that says what became of one that is gone."""
+"""Finding a sandbox by name, and the NOT_FOUND that says what became of one that is gone
+(with the reason SANDBOX_EXPIRED, SANDBOX_DELETED or SANDBOX_NOT_FOUND)."""
+
+from typing import Any
 
 from controller.errors import NotFound
 from controller.names import SandboxName
-from controller.records import SandboxRecord
+from controller.records import SandboxRecord, State
 from controller.store.registry import Registry
 
 
@@ -24,8 +27,19 @@ class Lookup:
         """NotFound, saying when and why the sandbox went if it left a tombstone."""
         tombstone = await self._registry.get_latest_tombstone(name.project, name.sandbox_id)
         if tombstone is not None and tombstone.delete_time is not None:
+            when = tombstone.delete_time.isoformat()
+            expired = tombstone.delete_reason == "expired"
             return NotFound(
-                f"sandbox {name} was {tombstone.delete_reason} at "
-                f"{tombstone.delete_time.isoformat()}"
+                f"sandbox {name} was {tombstone.delete_reason} at {when}",
+                reason="SANDBOX_EXPIRED" if expired else "SANDBOX_DELETED",
+                metadata={"expire_time" if expired else "delete_time": when},
             )
-        return NotFound(f"sandbox {name} does not exist")
+        return NotFound(f"sandbox {name} does not exist", reason="SANDBOX_NOT_FOUND")
+
+
+def terminated_reason(record: SandboxRecord) -> dict[str, Any]:
+    """The error details (reason, metadata) of a sandbox that cannot do something because it
+    is TERMINATED, to pass to its error; none for the other states."""
+    if record.state is not State.TERMINATED:
+        return {}
+    return {"reason": "SANDBOX_TERMINATED", "metadata": {"state_message": record.state_message}}

@@ -4,6 +4,7 @@ limit, rather than a slow or fallen-over service."""
 import collections
 import time
 from collections.abc import Callable
+from typing import Any
 
 from controller.errors import ResourceExhausted
 
@@ -36,7 +37,8 @@ class Quotas:
         if live >= self.max_sandboxes_per_project:
             raise ResourceExhausted(
                 f"project {project!r} has {live} sandboxes, its quota of "
-                f"{self.max_sandboxes_per_project}: delete some first"
+                f"{self.max_sandboxes_per_project}: delete some first",
+                **_quota("max_sandboxes_per_project", self.max_sandboxes_per_project),
             )
 
     def take_create_slot(self) -> None:
@@ -68,6 +70,12 @@ class Quotas:
         if len(recent) >= self.max_executes_per_minute:
             raise ResourceExhausted(
                 f"project {project!r} ran {len(recent)} executions in the last minute, its "
-                f"quota of {self.max_executes_per_minute} per minute: retry later"
+                f"quota of {self.max_executes_per_minute} per minute: retry later",
+                **_quota("max_executes_per_minute", self.max_executes_per_minute),
             )
         recent.append(now)
+
+
+def _quota(quota: str, limit: int) -> dict[str, Any]:
+    """The error details of a project quota reached: its name in the config, and its value."""
+    return {"reason": "QUOTA_EXCEEDED", "metadata": {"quota": quota, "limit": str(limit)}}
