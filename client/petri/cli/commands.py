@@ -292,8 +292,8 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
         for file in execution.files:
             try:
                 saved_files[file.path] = str(file.save(save_dir))
-            except (ValueError, OSError) as error:  # a hostile path from the sandbox
-                print(f"petri: not saved: {file.path[:200]!r}: {error}", file=sys.stderr)
+            except (ValueError, OSError) as refused:  # a hostile path from the sandbox
+                print(f"petri: not saved: {file.path[:200]!r}: {refused}", file=sys.stderr)
     error = execution.error
     status = Exit.OK if error is None else _ERROR_EXITS.get(error.kind, Exit.EXCEPTION)
     if args.json:
