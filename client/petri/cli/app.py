@@ -19,25 +19,36 @@ _EPILOG = """exit codes: 0 ok, 1 the code raised, 2 usage, 3 not found, 4 alread
 130 interrupted or cancelled, 137 the interpreter died"""
 
 
-def _connection_options() -> argparse.ArgumentParser:
+def _connection_options(suppress: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. After it (`suppress`), an
+    option not given leaves the value from before it alone."""
+    default = argparse.SUPPRESS if suppress else None
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection (default: the PETRI_* environment)")
-    group.add_argument("--addr", help="host:port of the service (PETRI_ADDR)")
-    group.add_argument("--token", help="bearer token (PETRI_TOKEN)")
-    group.add_argument("--project", help="project (PETRI_PROJECT, default 'default')")
-    group.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PETRI_TLS_CA); enables TLS")
-    group.add_argument("--tls-cert", metavar="FILE", help="client certificate (PETRI_TLS_CERT)")
-    group.add_argument("--tls-key", metavar="FILE", help="client key (PETRI_TLS_KEY)")
-    common.add_argument("--json", action="store_true", help="print one JSON document")
+    group.add_argument("--addr", default=default, help="host:port of the service (PETRI_ADDR)")
+    group.add_argument("--token", default=default, help="bearer token (PETRI_TOKEN)")
+    group.add_argument("--project", default=default, help="project (PETRI_PROJECT: default)")
+    group.add_argument(
+        "--tls-ca", default=default, metavar="FILE", help="CA bundle (PETRI_TLS_CA): TLS"
+    )
+    group.add_argument("--tls-cert", default=default, metavar="FILE", help="(PETRI_TLS_CERT)")
+    group.add_argument("--tls-key", default=default, metavar="FILE", help="(PETRI_TLS_KEY)")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print one JSON document",
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     from petri.cli import commands  # rich (the cli extra): not needed by `petri mcp`
 
-    common = _connection_options()
+    common = _connection_options(suppress=True)
     parser = argparse.ArgumentParser(
         prog="petri",
+        parents=[_connection_options(suppress=False)],
         description="Isolated, stateful Python sandboxes for AI agents.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

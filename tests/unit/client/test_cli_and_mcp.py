@@ -10,6 +10,7 @@ import pytest
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, TextContent
 
+from petri.cli.app import build_parser
 from petri.cli.commands import _split_remote
 from petri.cli.errors import CliError, Exit, exit_code_of, one_line
 from petri.cli.values import parse_duration, parse_labels, parse_size
@@ -112,3 +113,14 @@ def test_file_content_by_kind() -> None:
     sink.write(b"abcd")
     with pytest.raises(_TooBig):
         sink.write(b"e")
+
+
+def test_connection_options_before_or_after_the_command() -> None:
+    parser = build_parser()
+    before = parser.parse_args(["--addr", "h:1", "--json", "ls"])
+    after = parser.parse_args(["ls", "--addr", "h:1", "--json"])
+    neither = parser.parse_args(["ls"])
+    assert (before.addr, before.json) == (after.addr, after.json) == ("h:1", True)
+    assert (neither.addr, neither.json, neither.token) == (None, False, None)
+    both = parser.parse_args(["--project", "a", "get", "--project", "b", "x"])
+    assert both.project == "b"
