@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -209,7 +209,7 @@ def _read_code(args: argparse.Namespace) -> str:
     return code
 
 
-def _write_live(stream: io.TextIOBase | Any) -> Callable[[str], None]:
+def _write_live(stream: TextIO) -> Callable[[str], None]:
     def write(text: str) -> None:
         stream.write(text)
         stream.flush()
