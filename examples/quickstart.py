@@ -11,6 +11,7 @@ open("out.txt", "w").write("hello")
 """
 
 with petri.Sandbox.create(ttl=600) as sb:
-    ex = sb.run(CODE)
-    print("value:", ex.text, "| figure:", len(ex.results[0].png or b""), "PNG bytes")
+    ex = sb.run(CODE)  # ex.error would hold an exception of the code, with its traceback
+    png = next(r.png for r in ex.results if r.png)  # the figure left open, as a PNG
+    print("value:", ex.text, "| figure:", len(png), "PNG bytes")
     print("file:", ex.files[0].path, ex.files[0].content.decode())

@@ -188,8 +188,9 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio connection to a petri service (one grpc.aio channel, bound to the event loop
-    that first uses it). Close it with ``await aclose()`` or ``async with``."""
+    """An asyncio connection to a petri service: one grpc.aio channel, which belongs to the
+    event loop it is made in, so make it inside a coroutine. Close it with ``await aclose()``
+    or ``async with``."""
 
     def __init__(
         self,
