@@ -130,6 +130,20 @@ async def test_stdio_files(controller: Controller, stub: Stub) -> None:
         result = await call(client, "list_files", recursive=True)
         assert "data/" in text_of(result) and "blob.bin" in text_of(result)
 
+        # An image comes back as an image; a text file over 1 MiB is refused with a hint.
+        result = await call(
+            client,
+            "run_python",
+            code="import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.savefig('fig.png')\n"
+            "_ = open('big.txt', 'w').write('x' * (1 << 20) + 'y')",
+        )
+        assert not result.is_error, text_of(result)
+        result = await call(client, "download_file", path="fig.png")
+        images = [c for c in result.content if isinstance(c, ImageContent)]
+        assert len(images) == 1 and base64.b64decode(images[0].data).startswith(PNG_SIGNATURE)
+        result = await call(client, "download_file", path="big.txt")
+        assert result.is_error and "run_python" in text_of(result)
+
         result = await call(client, "download_file", path="nope.txt")
         assert result.is_error and "NOT_FOUND" in text_of(result)
         result = await call(client, "upload_file", path="x", content="!", encoding="base64")
