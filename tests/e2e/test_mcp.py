@@ -215,3 +215,11 @@ async def test_http_stateless_protocol_shares_the_server_sandbox(
         result = await call(client, "run_python", code="y + 1")
         assert "result:\n42" in text_of(result), text_of(result)
     assert len(await sandboxes_labelled(stub, tag)) == 1
+
+
+async def test_stdio_on_exit_keep(controller: Controller, stub: Stub) -> None:
+    tag = uuid.uuid4().hex[:10]
+    async with Client(stdio_server(controller, tag, "--on-exit", "keep")) as client:
+        assert not (await call(client, "run_python", code="z = 1")).is_error
+    [kept] = await sandboxes_labelled(stub, tag)
+    await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=kept.name))

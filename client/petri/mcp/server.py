@@ -7,7 +7,8 @@ import argparse
 import ipaddress
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from signal import Signals
 from types import FrameType
 from typing import Any
 
@@ -20,8 +21,7 @@ from petri.cli.values import parse_duration, parse_labels
 from petri.mcp.sessions import SandboxOptions, Sessions
 from petri.mcp.tools import INSTRUCTIONS, register
 
-# Deleting the sandboxes at exit must not hang the exit when the service is unreachable.
-_CLOSE_TIMEOUT_SECONDS = 15.0
+_CLOSE_TIMEOUT_SECONDS = 15.0  # the service may be unreachable at exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,29 +104,39 @@ async def _serve(args: argparse.Namespace, options: SandboxOptions) -> None:
         "petri", instructions=INSTRUCTIONS, log_level="WARNING", version="0.1.0"
     )
     register(server, sessions)
-    try:
-        if args.transport == "stdio":
-            await _serve_stdio(server)
-        else:
+    keep = args.on_exit == "keep"
+    if args.transport == "http":
+        try:
             await _serve_http(server, args.host, args.port)
-    finally:
-        # Shielded: a signal's cancellation must not skip the cleanup.
-        with anyio.move_on_after(_CLOSE_TIMEOUT_SECONDS, shield=True):
-            names = await sessions.close(keep=args.on_exit == "keep")
-            if names and args.on_exit == "keep":
-                print("petri mcp: kept " + ", ".join(names), file=sys.stderr, flush=True)
-            await client.aclose()
+        finally:
+            await _close(sessions, client, keep)
+        return
+    # Signals stay caught until the cleanup is over: a host's SIGTERM, which follows its
+    # closing of stdin, must not cut the deletions short.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            await _serve_stdio(server, signals)
+        finally:
+            await _close(sessions, client, keep)
 
 
-async def _serve_stdio(server: MCPServer[Any]) -> None:
+async def _close(sessions: Sessions, client: AsyncClient, keep: bool) -> None:
+    # Shielded: a cancellation must not skip the cleanup; bounded: nor hang the exit.
+    with anyio.move_on_after(_CLOSE_TIMEOUT_SECONDS, shield=True):
+        names = await sessions.close(keep=keep)
+        if names and keep:
+            print("petri mcp: kept " + ", ".join(names), file=sys.stderr, flush=True)
+        await client.aclose()
+
+
+async def _serve_stdio(server: MCPServer[Any], signals: AsyncIterator[Signals]) -> None:
     """Serves until stdin closes, SIGTERM or SIGINT."""
     async with anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    group.cancel_scope.cancel()
-                    return
+            async for _ in signals:
+                group.cancel_scope.cancel()
+                return
 
         group.start_soon(stop_on_signal)
         await server.run_stdio_async()
