@@ -248,17 +248,20 @@ class _Outputs:
 
 
 def summarize(result: Result) -> str:
-    parts = []
-    for mime in result.mime_types:
-        if mime == "text/plain":
-            continue
+    """How a terminal shows a rich output: an image as '[image/png 12.3 KB]', anything else
+    as its text (a DataFrame's text/plain, not its HTML), or a summary when it has none."""
+
+    def sized(mime: str) -> str:
         data = result.mime(mime)
         size = len(data.encode() if isinstance(data, str) else data) if data is not None else 0
-        parts.append(f"[{mime} {human_size(size)}]")
-    text = result.text or ""
-    if parts:
-        return " ".join(parts)
-    return text
+        return f"[{mime} {human_size(size)}]"
+
+    images = [m for m in result.mime_types if m.startswith("image/")]
+    if images:
+        return " ".join(sized(m) for m in images)
+    if result.text is not None:
+        return result.text
+    return " ".join(sized(m) for m in result.mime_types)
 
 
 def _result_dict(result: Result) -> dict[str, Any]:

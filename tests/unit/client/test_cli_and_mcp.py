@@ -11,7 +11,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, TextContent
 
 from petri.cli.app import build_parser
-from petri.cli.commands import _split_remote
+from petri.cli.commands import _split_remote, summarize
 from petri.cli.errors import CliError, Exit, exit_code_of, one_line
 from petri.cli.values import parse_duration, parse_labels, parse_size
 from petri.mcp import server
@@ -124,3 +124,11 @@ def test_connection_options_before_or_after_the_command() -> None:
     assert (neither.addr, neither.json, neither.token) == (None, False, None)
     both = parser.parse_args(["--project", "a", "get", "--project", "b", "x"])
     assert both.project == "b"
+
+
+def test_terminal_summaries() -> None:
+    figure = Result(kind="display", data={"text/plain": "<Figure>", "image/png": b"x" * 2048})
+    assert summarize(figure) == "[image/png 2.0 KB]"
+    frame = Result(kind="result", data={"text/plain": "   a\n0  1", "text/html": "<table/>"})
+    assert summarize(frame) == "   a\n0  1"
+    assert summarize(Result(kind="display", data={"text/html": "<b/>"})) == "[text/html 4 B]"
