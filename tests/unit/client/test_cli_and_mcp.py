@@ -4,6 +4,7 @@ executions and files become tool results. No service: the e2e tests cover the re
 from __future__ import annotations
 
 import base64
+import sys
 
 import grpc
 import pytest
@@ -11,7 +12,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, TextContent
 
 from petri.cli.app import build_parser
-from petri.cli.commands import _split_remote, summarize
+from petri.cli.commands import _progress, _split_remote, summarize
 from petri.cli.errors import CliError, Exit, exit_code_of, one_line
 from petri.cli.values import parse_duration, parse_labels, parse_size
 from petri.mcp import server
@@ -132,3 +133,18 @@ def test_terminal_summaries() -> None:
     frame = Result(kind="result", data={"text/plain": "   a\n0  1", "text/html": "<table/>"})
     assert summarize(frame) == "   a\n0  1"
     assert summarize(Result(kind="display", data={"text/html": "<b/>"})) == "[text/html 4 B]"
+
+
+def test_progress_bar_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with _progress("copy", 8 << 20, quiet=False) as advance:
+        advance(8 << 20)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with _progress("copy", 8 << 20, quiet=False) as advance:
+        advance(4 << 20)
+        advance(4 << 20)
+    with _progress("download", None, quiet=False) as advance:  # size unknown
+        advance(1 << 20)
