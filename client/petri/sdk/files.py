@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import grpc
@@ -53,7 +53,7 @@ class FileInfo:
             size=info.size,
             mode=info.mode,
             modify_time=(
-                info.modify_time.ToDatetime().astimezone() if info.HasField("modify_time") else None
+                info.modify_time.ToDatetime(tzinfo=UTC) if info.HasField("modify_time") else None
             ),
             mime_type=info.mime_type,
         )
