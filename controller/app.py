@@ -8,14 +8,18 @@ import asyncio
 import functools
 import ipaddress
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import structlog
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import Counter
 
 from controller.api.auth import TokenTable
+from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import (
     BudgetLimits,
     Context,
@@ -24,7 +28,8 @@ from controller.api.interceptors import (
     RequestGuard,
 )
 from controller.api.servicer import SandboxService
-from controller.config import Config
+from controller.config import Config, parse_host_port
+from controller.metrics import Metrics, MetricsServer, serve_metrics
 from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY, ContainerRuntime
 from controller.runtime.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
 from controller.runtime.gvisor import runsc_wrapper
@@ -60,6 +65,8 @@ class Controller:
     reaper: TtlReaper
     # Whether each podman service can start containers; health is SERVING when all can.
     podman_health: tuple[PodmanHealth, ...] = ()
+    # The Prometheus endpoint, when metrics_listen asks for one.
+    metrics_server: MetricsServer | None = None
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
@@ -69,6 +76,8 @@ class Controller:
         for watch in self.podman_health:  # nothing restarts a service being stopped
             await watch.stop()
         self.reaper.stop()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
         await self.server.stop(grace)
         if not self.config.keep_running_on_shutdown:
             await self.manager.pause_all(self.config.shutdown_pause_timeout.total_seconds())
@@ -180,9 +189,48 @@ def _watch_podman(
     for name, runtime, service, userns_size in runtimes:
         probe = functools.partial(runtime.probe, image, labels, userns_size)
         watch = PodmanHealth(name, runtime.socket_path, service, probe, publish)
-        runtime.on_unavailable = watch.suspect
+        runtime.on_unavailable = functools.partial(
+            _podman_failed, manager.metrics.podman_errors.labels(name), watch.suspect
+        )
         watches.append(watch)
     return tuple(watches)
+
+
+def _podman_failed(counter: Counter, suspect: Callable[[str], None], error: str) -> None:
+    counter.inc()
+    suspect(error)
+
+
+def _grpc_services() -> list[ServiceDescriptor]:
+    """The services the server answers, for the metrics of their methods."""
+    return [
+        sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    ]
+
+
+def _tracing_interceptors(config: Config) -> list[grpc.aio.ServerInterceptor]:
+    """OpenTelemetry's server interceptor when --otel-tracing asks for it (the [otel] extra),
+    exporting over OTLP as the standard OTEL_* environment variables say."""
+    if not config.otel_tracing:
+        return []
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise ValueError(
+            f"--otel-tracing needs OpenTelemetry, which is not installed ({exc.name} is "
+            "missing): pip install 'petri[otel]' (or `pip install .[otel]` in a checkout)"
+        ) from exc
+    provider = TracerProvider()  # its resource and sampler from OTEL_* variables
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(tracer_provider=provider)
+    return [interceptor]
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
@@ -190,6 +238,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     watched, and gVisor is not available."""
     tokens = tokens_for(config)
     credentials = _server_credentials(config)
+    tracing = _tracing_interceptors(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry: Registry = SqliteRegistry(config.database_path)
@@ -215,7 +264,10 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         config.max_executes_per_minute,
         config.max_concurrent_creates,
     )
-    manager = SandboxManager(config, registry, runtime, quotas, gvisor_containers=gvisor_runtime)
+    metrics = Metrics()
+    manager = SandboxManager(
+        config, registry, runtime, quotas, gvisor_containers=gvisor_runtime, metrics=metrics
+    )
     try:
         await manager.start()
     except BaseException:
@@ -253,8 +305,17 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
             else config.max_request_bytes_in_flight,
         )
     )
+    # Metrics first, so that they count the calls the guard refuses too; with metrics off,
+    # nothing is measured per call.
+    measured = ServerMetrics(metrics.grpc, _grpc_services()) if config.metrics_listen else None
+    guard = RequestGuard(
+        tokens,
+        budget,
+        _open_methods(health_servicer),
+        count_requests=measured.counter_of_requests if measured else None,
+    )
     server = grpc.aio.server(
-        interceptors=[RequestGuard(tokens, budget, _open_methods(health_servicer))],
+        interceptors=[*([measured] if measured else []), *tracing, guard],
         options=[
             # No request needs more than a unary ExecuteCode; responses may be bigger.
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
@@ -293,6 +354,12 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    metrics_server = None
+    if config.metrics_listen:
+        metrics.watch_live(
+            asyncio.get_running_loop(), registry.count_by_state, manager.warm_pool.figures
+        )
+        metrics_server = serve_metrics(metrics, *parse_host_port(config.metrics_listen))
     reaper.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -311,6 +378,14 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         watch.start()
     host_part, _ = _host_port(config.listen)
     log.info("controller listening", address=f"{host_part}:{port}", **config.describe())
+    if metrics_server is not None:
+        metrics_host, _ = _host_port(config.metrics_listen)
+        log.info("metrics served", address=f"{metrics_host}:{metrics_server.port}/metrics")
+        if not _is_loopback(config.metrics_listen):
+            log.warning(
+                "the metrics endpoint has no authentication: anyone who can reach it reads them",
+                metrics_listen=config.metrics_listen,
+            )
     return Controller(
         config,
         server,
@@ -323,6 +398,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         health_servicer,
         reaper,
         podman_health=podman_health,
+        metrics_server=metrics_server,
     )
 
 

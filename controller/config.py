@@ -52,6 +52,23 @@ def _parse_modules(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, an IPv6 host in brackets → (host, port); ValueError when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text[:100]!r} is not HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def _parse_listen_or_off(text: str) -> str:
+    text = text.strip()
+    if text:
+        parse_host_port(text)
+    return text
+
+
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "parse": parse}, **kwargs)
 
@@ -301,6 +318,19 @@ class Config:
         "paused by then stay running, for the next controller to adopt",
         parse_duration,
         default=timedelta(minutes=2),
+    )
+    metrics_listen: str = _opt(
+        "HOST:PORT to serve Prometheus metrics on, over plain HTTP at /metrics (docs/metrics.md); "
+        "empty (the default) for none. It has no authentication: keep it on loopback or behind "
+        "a proxy that has",
+        _parse_listen_or_off,
+        default="",
+    )
+    otel_tracing: bool = _opt(
+        "trace gRPC calls with OpenTelemetry, exported as the standard OTEL_* environment "
+        "variables say (needs `pip install .[otel]`)",
+        _parse_bool,
+        default=False,
     )
     log_format: str = _opt("console or json", default="console")
     log_level: str = _opt("debug, info, warning or error", default="info")

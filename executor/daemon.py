@@ -14,18 +14,35 @@ import platform
 import signal
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from executor.batching import batches
 from executor.supervisor import ExecutorBroken, NotFresh, Restoring, SnapshotFailed, Supervisor
 from executor.workspace import InputStager, InputTooLarge, WorkspaceFull
 from executor.workspace.archive import ArchiveFailed, InvalidArchive
+from executor.workspace.files import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    Changed,
+    FileNotFound,
+    FileReader,
+    FileWriter,
+    TooSlow,
+    UserThread,
+    WrongType,
+    decode_page_token,
+    delete,
+    file_info,
+    list_page,
+)
 from petri.paths import InvalidPath
 from petri.protocol import CHECKPOINT_CHUNK_BYTES, EXECUTOR_PROTOCOL
-from petri.v1 import executor_pb2, executor_pb2_grpc
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc, files_pb2
 
 # stdlib logging only: the sandbox image carries no packages beyond grpcio and protobuf for us.
 log = logging.getLogger("petri.executor")
@@ -71,6 +88,11 @@ async def _refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) ->
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
+        # The files API's operations, as user code's uid (the daemon is root in the sandbox).
+        self._files = UserThread(supervisor.user)
+
+    def close(self) -> None:
+        self._files.close()
 
     async def Session(
         self,
@@ -218,6 +240,118 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         except ExecutorBroken as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    # --- the files API: the controller runs these between executions ----------------------
+
+    async def ListFiles(
+        self,
+        request: files_pb2.ListFilesRequest,
+        context: grpc.aio.ServicerContext[files_pb2.ListFilesRequest, files_pb2.ListFilesResponse],
+    ) -> files_pb2.ListFilesResponse:
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 0 < page_size <= MAX_PAGE_SIZE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be 0 to {MAX_PAGE_SIZE}"
+            )
+        try:
+            after = decode_page_token(request.page_token)
+            workspace = self._supervisor.workspace
+            return await self._files.run(
+                list_page, workspace, request.path, request.recursive, page_size, after
+            )
+        except Exception as exc:
+            await _abort_for_file(context, exc)
+            raise
+
+    # Written with context.write (as Checkpoint): a cancelled call raises where this waits.
+    async def ReadFile(  # type: ignore[override]
+        self,
+        request: files_pb2.ReadFileRequest,
+        context: grpc.aio.ServicerContext[files_pb2.ReadFileRequest, execution_pb2.FileChunk],
+    ) -> None:
+        """The file's chunks; the last one, marked final, only once the file was read to the
+        size the first one states and was seen unchanged (else an error after the chunks)."""
+        try:
+            reader = await self._files.run(FileReader, self._supervisor.workspace, request.path)
+        except Exception as exc:
+            await _abort_for_file(context, exc)
+            raise
+        try:
+            first = True
+            while True:
+                data = await self._files.run(reader.next_chunk)
+                final = reader.done
+                if final:
+                    await self._files.run(reader.check_unchanged)
+                chunk = execution_pb2.FileChunk(path=request.path, data=data, final=final)
+                if first:
+                    chunk.size = reader.size
+                    first = False
+                await context.write(chunk)
+                if final:
+                    return
+        except Exception as exc:
+            await _abort_for_file(context, exc)
+            raise
+        finally:
+            self._files.later(reader.close)
+
+    async def WriteFile(
+        self,
+        request_iterator: AsyncIterator[files_pb2.WriteFileRequest],
+        context: grpc.aio.ServicerContext[files_pb2.WriteFileRequest, files_pb2.FileInfo],
+    ) -> files_pb2.FileInfo:
+        """Stages the chunks beside the target; renames the file into place once the final
+        chunk came (the controller sends it only once the caller's upload is complete, as
+        EndOfInputs: a cancelled call may look half-closed here). Anything else leaves
+        nothing."""
+        writer: FileWriter | None = None
+        try:
+            message = await anext(request_iterator, None)
+            if message is None or not message.HasField("chunk"):
+                raise InvalidPath("a WriteFile call begins with a chunk")
+            path = message.chunk.path
+            writer = await self._files.run(FileWriter, self._supervisor.workspace, path)
+            while True:
+                if message.chunk.path != path:
+                    raise InvalidPath("every chunk of a WriteFile call has the same path")
+                if message.chunk.data:
+                    await self._files.run(writer.write, message.chunk.data)
+                if message.chunk.final:  # the controller sends it last, only when complete
+                    return file_info(path, await self._files.run(writer.commit))
+                message = await anext(request_iterator, None)
+                if message is None:
+                    raise _Incomplete()
+        except _Incomplete:
+            await context.abort(
+                grpc.StatusCode.CANCELLED,
+                "the file ended without a chunk marked final: nothing was written",
+            )
+        except Exception as exc:
+            await _abort_for_file(context, exc)
+            raise
+        finally:
+            if writer is not None:
+                self._files.later(writer.discard)  # after a commit: nothing left to do
+        raise AssertionError("unreachable: abort raises")
+
+    async def DeleteFile(
+        self,
+        request: files_pb2.DeleteFileRequest,
+        context: grpc.aio.ServicerContext[files_pb2.DeleteFileRequest, empty_pb2.Empty],
+    ) -> empty_pb2.Empty:
+        try:
+            await self._files.run(
+                delete,
+                self._supervisor.workspace,
+                request.path,
+                request.recursive,
+                request.allow_missing,
+            )
+        except Exception as exc:
+            await _abort_for_file(context, exc)
+            raise
+        return empty_pb2.Empty()
+
     async def GetStatus(
         self,
         request: executor_pb2.GetStatusRequest,
@@ -232,6 +366,26 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             preloaded=self._supervisor.preloaded,
             protocol=EXECUTOR_PROTOCOL,
         )
+
+
+async def _abort_for_file(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    """Ends a files call with the status files.proto gives `exc`; returns (for the caller to
+    re-raise) for anything else."""
+    if isinstance(exc, FileNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"{str(exc)!r} does not exist")
+    if isinstance(exc, InvalidPath):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, (WrongType, Changed)):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, (TooSlow, WorkspaceFull)):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, BrokenExecutor):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "the executor cannot act as user code's uid"
+        )
+    if isinstance(exc, OSError):  # as user code's uid: what user code could not do either
+        what = exc.strerror or type(exc).__name__
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused by the sandbox: {what}")
 
 
 class _Malformed(Exception):
@@ -397,4 +551,5 @@ async def run(socket_path: Path, workspace: Path) -> None:
     await stop.wait()
     log.info("executor stopping")
     await server.stop(grace=1.0)
+    service.close()
     await supervisor.close()

@@ -11,5 +11,11 @@ upgrade of its controller, or a stale image, must be told apart from an executor
 # 3: ListFiles, ReadFile, WriteFile and DeleteFile (the files API outside executions).
 EXECUTOR_PROTOCOL = 3
 
+# What a Checkpoint call streams (the namespace's and the archive's encodings), named by the
+# executor protocol that last changed it. A checkpoint is restored only by executors of the same
+# version: protocol 3 added calls and left checkpoints as 2 wrote them, so they still restore
+# after an upgrade.
+CHECKPOINT_VERSION = 2
+
 # The most bytes of namespace or workspace in one CheckpointChunk.
 CHECKPOINT_CHUNK_BYTES = 1024 * 1024

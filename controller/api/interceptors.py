@@ -37,6 +37,8 @@ from controller.errors import InvalidArgument, PetriError, ResourceExhausted, Un
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 OpenAnswer = Callable[[Context], Awaitable[Any]]
+# The method's counter of request messages read (controller.api.grpc_metrics), if any.
+RequestCounter = Callable[[str], Callable[[], None] | None]
 # What grpc.aio calls: (request or request iterator, context) -> awaitable or async iterator;
 # the stubs type handlers as synchronous, hence Any.
 Behaviour = Callable[[Any, Context], Any]
@@ -168,10 +170,12 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         tokens: TokenTable | None,
         budget: RequestBudget,
         open_methods: Mapping[str, OpenAnswer],
+        count_requests: RequestCounter | None = None,
     ) -> None:
         self._tokens = tokens
         self._budget = budget
         self._open_methods = dict(open_methods)
+        self._count_requests = count_requests
 
     def __repr__(self) -> str:
         return f"<RequestGuard tokens={self._tokens!r} {self._budget!r}>"
@@ -192,7 +196,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Unauthenticated as exc:
                 answer = self._open_methods.get(handler_call_details.method) or _refusal(exc)
                 return _unread(handler, answer, self._budget)
-        return _guarded(handler, caller, self._budget)
+        method = handler_call_details.method
+        counted = None if self._count_requests is None else self._count_requests(method)
+        return _guarded(handler, caller, self._budget, counted)
 
 
 def _refusal(error: PetriError) -> OpenAnswer:
@@ -228,9 +234,16 @@ def _unread(handler: Handler, answer: OpenAnswer, budget: RequestBudget) -> Hand
 class _Reader:
     """Reads one call's request messages within the budget and parses them."""
 
-    def __init__(self, caller: str, budget: RequestBudget, handler: Handler) -> None:
+    def __init__(
+        self,
+        caller: str,
+        budget: RequestBudget,
+        handler: Handler,
+        counted: Callable[[], None] | None = None,
+    ) -> None:
         self._caller = caller
         self._budget = budget
+        self._counted = counted
         self._parse: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
 
     def _parsed(self, raw: bytes) -> Any:
@@ -244,7 +257,11 @@ class _Reader:
         # message it yielded alive, past the call.
         async with self._budget.turn_to_read(self._caller):
             message = await context.read()
-        return None if message is grpc.aio.EOF else cast(bytes, message)
+        if message is grpc.aio.EOF:
+            return None
+        if self._counted is not None:
+            self._counted()
+        return cast(bytes, message)
 
     @contextlib.asynccontextmanager
     async def one(self, context: Context) -> AsyncIterator[Any]:
@@ -319,8 +336,13 @@ async def _answer(reader: _Reader, inner: Behaviour, streaming: bool, context: C
         return await inner(argument, context)
 
 
-def _guarded(handler: Handler, caller: Principal, budget: RequestBudget) -> Handler:
-    reader = _Reader(caller.name, budget, handler)
+def _guarded(
+    handler: Handler,
+    caller: Principal,
+    budget: RequestBudget,
+    counted: Callable[[], None] | None = None,
+) -> Handler:
+    reader = _Reader(caller.name, budget, handler, counted)
     streaming = handler.request_streaming
     inner = _behaviour_of(handler)
     if handler.response_streaming:

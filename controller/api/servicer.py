@@ -19,7 +19,12 @@ from google.protobuf import empty_pb2
 
 from controller.api import convert
 from controller.api.auth import ANYONE, Principal, TokenTable, current_caller
-from controller.api.file_inputs import check_files, checked_chunks, file_chunks
+from controller.api.file_inputs import (
+    check_files,
+    check_input_path,
+    checked_chunks,
+    file_chunks,
+)
 from controller.api.list_filter import parse_filter
 from controller.api.page_tokens import decode_token, encode_token, request_digest
 from controller.errors import (
@@ -27,6 +32,7 @@ from controller.errors import (
     InvalidArgument,
     OutcomeUnknown,
     PetriError,
+    ResourceExhausted,
     status_details,
 )
 from controller.listing import ListQuery, SortKey, position_of
@@ -34,7 +40,7 @@ from controller.names import parse_parent, parse_sandbox_name
 from controller.quoting import quote
 from controller.sandboxes.manager import CreateParams, ImageProfile, SandboxManager, UpdateParams
 from controller.sandboxes.results import EventFilter, OutputLimits, ResponseCollector
-from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
+from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 log = structlog.get_logger()
 
@@ -43,6 +49,9 @@ MAX_PAGE_SIZE = 1000
 _SORT_KEYS = {key.value: key for key in SortKey}  # order_by's field names
 _UPDATABLE = ("display_name", "labels", "expire_time", "ttl", "auto_pause_after")
 MAX_REQUEST_ID = 128
+# ListFiles pages (files.proto); a page token is the executor's, at most a path's size.
+MAX_FILES_PAGE_SIZE = 10_000
+MAX_FILES_PAGE_TOKEN = 32 * 1024
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -335,6 +344,122 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
                 "the executor ended the execution without a result: the code may have run; "
                 "check the sandbox before running it again"
             )
+
+    # --- files outside executions ----------------------------------------------------------
+
+    @_maps_errors
+    async def ListFiles(
+        self, request: files_pb2.ListFilesRequest, context: Context
+    ) -> files_pb2.ListFilesResponse:
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        if request.path:  # empty: /workspace itself
+            check_input_path(request.path)
+        if not 0 <= request.page_size <= MAX_FILES_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be 0 (the default, 1000) to {MAX_FILES_PAGE_SIZE}, not "
+                f"{request.page_size}"
+            )
+        if len(request.page_token) > MAX_FILES_PAGE_TOKEN:
+            raise InvalidArgument("page_token is not one a ListFiles call returned")
+        return await self._manager.list_files(
+            name,
+            files_pb2.ListFilesRequest(
+                path=request.path,
+                recursive=request.recursive,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+
+    @_maps_stream_errors
+    async def ReadFile(
+        self, request: files_pb2.ReadFileRequest, context: Context
+    ) -> AsyncIterator[execution_pb2.FileChunk]:
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        check_input_path(request.path)
+        # Each chunk goes on as it comes: the file is never held here.
+        async with contextlib.aclosing(self._manager.read_file(name, request.path)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    @_maps_errors
+    async def WriteFile(
+        self, request_iterator: AsyncIterator[files_pb2.WriteFileRequest], context: Context
+    ) -> files_pb2.FileInfo:
+        first = await anext(request_iterator, None)
+        if first is None or not first.name or not first.HasField("chunk"):
+            raise InvalidArgument(
+                "the first message of WriteFile must carry `name` and the file's first chunk"
+            )
+        name = parse_sandbox_name(first.name)
+        self._caller(context).check_project(name.project)
+        path = first.chunk.path
+        check_input_path(path)
+        chunks = _write_chunks(first, request_iterator, self._max_input_bytes, context)
+        return await self._manager.write_file(name, path, chunks)
+
+    @_maps_errors
+    async def DeleteFile(
+        self, request: files_pb2.DeleteFileRequest, context: Context
+    ) -> empty_pb2.Empty:
+        name = parse_sandbox_name(request.name)
+        self._caller(context).check_project(name.project)
+        check_input_path(request.path)
+        await self._manager.delete_file(
+            name,
+            files_pb2.DeleteFileRequest(
+                path=request.path,
+                recursive=request.recursive,
+                allow_missing=request.allow_missing,
+            ),
+        )
+        return empty_pb2.Empty()
+
+
+async def _write_chunks(
+    first: files_pb2.WriteFileRequest,
+    requests: AsyncIterator[files_pb2.WriteFileRequest],
+    max_bytes: int,
+    context: Context,
+) -> AsyncIterator[execution_pb2.FileChunk]:
+    """A WriteFile call's chunks, checked as they come (one path, at most `max_bytes`, a
+    final chunk, then a half-close, before the final chunk goes on): a violation raised here
+    cancels the executor's call, which then writes nothing."""
+    path = first.chunk.path
+    total = 0
+    message: files_pb2.WriteFileRequest | None = first
+    while message is not None:
+        if not message.HasField("chunk"):
+            raise InvalidArgument("every message of WriteFile carries a chunk")
+        chunk = message.chunk
+        if chunk.path != path:
+            raise InvalidArgument(
+                f"every chunk of a WriteFile call has the first one's path {quote(path)}, not "
+                f"{quote(chunk.path)}; nothing was written"
+            )
+        total += len(chunk.data)
+        if total > max_bytes:
+            raise ResourceExhausted(
+                f"the file exceeds this server's limit of {max_bytes} bytes; nothing was written"
+            )
+        if chunk.final:
+            # The executor puts the file in place on its final chunk: it goes only once the
+            # caller is known to have half-closed (not cancelled) after it.
+            if await anext(requests, None) is not None:
+                raise InvalidArgument(
+                    "nothing may follow the chunk marked final; nothing was written"
+                )
+            await _check_half_closed(context)
+        yield execution_pb2.FileChunk(path=path, data=chunk.data, final=chunk.final)
+        if chunk.final:
+            return
+        message = await anext(requests, None)
+    await _check_half_closed(context)
+    raise InvalidArgument(
+        f"the chunks of {quote(path)} ended without one marked final; nothing was written"
+    )
 
 
 # grpc.aio ends a request stream alike for a half-close and for a call the client cancelled

@@ -16,7 +16,7 @@ from controller.errors import (
     Unavailable,
 )
 from petri.protocol import EXECUTOR_PROTOCOL
-from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc, files_pb2
 
 # The call metadata the executor checks (executor.daemon.CallerCheck).
 KEY_METADATA = "petri-executor-key"
@@ -177,6 +177,64 @@ class ExecutorClient:
         except BaseException:
             call.cancel()
             raise
+
+    # --- the files API: ExecutorFailed carries the executor's status for the caller to judge
+
+    async def list_files(
+        self, request: files_pb2.ListFilesRequest, timeout: float
+    ) -> files_pb2.ListFilesResponse:
+        await self.check_protocol()
+        try:
+            response: files_pb2.ListFilesResponse = await self._stub.ListFiles(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from exc
+        return response
+
+    async def read_file(
+        self, request: files_pb2.ReadFileRequest, timeout: float
+    ) -> AsyncGenerator[execution_pb2.FileChunk, None]:
+        """The file's chunks as the executor sends them; closing the generator cancels the
+        call."""
+        await self.check_protocol()
+        call = self._stub.ReadFile(request, timeout=timeout, metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from exc
+        finally:
+            call.cancel()
+
+    async def write_file(
+        self, chunks: AsyncIterator[execution_pb2.FileChunk], timeout: float
+    ) -> files_pb2.FileInfo:
+        """Sends the chunks (checked already; the last one final), then half-closes: only
+        then does the executor put the file in place. Whatever `chunks` raises cancels the
+        call first, which leaves nothing written."""
+        await self.check_protocol()
+        call = self._stub.WriteFile(timeout=timeout, metadata=self._metadata)
+        try:
+            first = True
+            async for chunk in chunks:
+                await _guarded(call, call.write(files_pb2.WriteFileRequest(chunk=chunk)), first)
+                first = False
+            await _guarded(call, call.done_writing(), first=first)
+            info: files_pb2.FileInfo = await call
+            return info
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from exc
+        except BaseException:
+            call.cancel()
+            raise
+
+    async def delete_file(self, request: files_pb2.DeleteFileRequest, timeout: float) -> None:
+        await self.check_protocol()
+        try:
+            await self._stub.DeleteFile(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from exc
 
     def end_idle_session(self) -> None:
         """Ends the session unless an execution is using it: the executor then stops without

@@ -8,10 +8,12 @@ fields that differ.
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from datetime import datetime
 
 from controller.errors import AlreadyExists
+from controller.metrics import Metrics
 from controller.names import generate_sandbox_id, validate_sandbox_id
 from controller.quoting import quote
 from controller.records import SandboxRecord, Spec, State
@@ -41,6 +43,7 @@ class Creation:
         pool: WarmPool,
         quotas: Quotas,
         clock: Callable[[], datetime],
+        metrics: Metrics,
     ) -> None:
         self._registry = registry
         self._policy = policy
@@ -50,6 +53,7 @@ class Creation:
         self._pool = pool
         self._quotas = quotas
         self._clock = clock
+        self._metrics = metrics
 
     def __repr__(self) -> str:
         return f"<Creation {self._lifecycle!r}>"
@@ -61,15 +65,29 @@ class Creation:
         if earlier is not None:
             return earlier
         record = self._new_record(params, await self._effective_spec(params))
+        started, source = time.perf_counter(), "cold"
+        try:
+            made, source = await self._claim_or_start(params, record)
+        except BaseException:
+            self._metrics.created(source, 0.0, ok=False)
+            raise
+        self._metrics.created(source, time.perf_counter() - started, ok=True)
+        return made
+
+    async def _claim_or_start(
+        self, params: CreateParams, record: SandboxRecord
+    ) -> tuple[SandboxRecord, str]:
+        """The sandbox, and where it came from: a warm pool member ("pool") or a new
+        container ("cold")."""
         try:
             claimed = await self._pool.claim(record)
         except AlreadyExists:
             earlier = await self._earlier_answer(params)  # a concurrent retry won the race
             if earlier is not None:
-                return earlier
+                return earlier, "cold"
             raise
         if claimed is not None:
-            return claimed
+            return claimed, "pool"
         self._quotas.take_create_slot()
         try:
             await self._lifecycle.admit(record)
@@ -77,14 +95,14 @@ class Creation:
             self._quotas.release_create_slot()
             earlier = await self._earlier_answer(params)  # a concurrent retry won the race
             if earlier is not None:
-                return earlier
+                return earlier, "cold"
             raise
         except BaseException:
             self._quotas.release_create_slot()
             raise
         future = self._lifecycle.provision(record)
         future.add_done_callback(lambda _: self._quotas.release_create_slot())
-        return await asyncio.shield(future)
+        return await asyncio.shield(future), "cold"
 
     async def _effective_spec(self, params: CreateParams) -> Spec:
         profile, runtime = self._policy.profile_and_runtime(params.image_profile, params.runtime)

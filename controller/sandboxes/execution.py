@@ -21,6 +21,7 @@ from controller.errors import (
     OutcomeUnknown,
     Unavailable,
 )
+from controller.metrics import Metrics
 from controller.names import SandboxName
 from controller.records import LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
@@ -57,6 +58,7 @@ class Executions:
         clock: Callable[[], datetime],
         queues: Queues,
         hibernation: Hibernation,
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -69,6 +71,7 @@ class Executions:
         self._clock = clock
         self._queues = queues
         self._hibernation = hibernation
+        self._metrics = metrics
         # Checks that an executor still answers after an execution its caller left, by
         # sandbox uid: held here so none is garbage-collected, and cancelled on close.
         self._answer_checks: dict[str, asyncio.Task[None]] = {}
@@ -138,6 +141,8 @@ class Executions:
                 if waiting is not None and not waiting.expired():
                     waiting.reschedule(deadline)
 
+            if inputs is not None:
+                inputs = self._metrics.counted_inputs(inputs)
             events = self._provisioner.client_for(record).execute(request, inputs, start_the_clock)
             answered = False
             try:
@@ -153,6 +158,8 @@ class Executions:
                             answered = True
                             _report_restore(event.result, restore_report)
                             self._record_execution(record, event.result)
+                        else:
+                            self._metrics.output_bytes.inc(event.ByteSize())
                         paused = loop.time()
                         yield event
                         deadline += loop.time() - paused
@@ -185,6 +192,10 @@ class Executions:
 
     def _record_execution(self, record: SandboxRecord, result: executor_pb2.ExecuteResult) -> None:
         now = self._clock()
+        took = result.duration
+        self._metrics.execution_result(
+            result.error.kind, took.seconds + took.nanos / 1e9, result.namespace_reset
+        )
         # The executor's words are the sandbox's: keep them sane before storing them.
         record.execution_count = max(record.execution_count, min(result.execution_count, 2**62))
         record.incarnation = checked_incarnation(result.incarnation)

@@ -31,6 +31,7 @@ from controller.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from controller.metrics import Metrics
 from controller.names import SandboxName
 from controller.records import CheckpointInfo, LostName, SandboxRecord, State
 from controller.runtime.container import ContainerRuntime
@@ -96,6 +97,7 @@ class Hibernation:
         queues: Queues,
         quotas: Quotas,
         clock: Callable[[], datetime],
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -109,6 +111,7 @@ class Hibernation:
         self._queues = queues
         self._quotas = quotas
         self._clock = clock
+        self._metrics = metrics
         # Resumes under way, by sandbox uid: a caller that left does not stop one, and the
         # next caller waits for it rather than starting another.
         self._resuming: dict[str, asyncio.Future[SandboxRecord]] = {}
@@ -150,10 +153,13 @@ class Hibernation:
     # --- in the sandbox's queue ------------------------------------------------------------
 
     async def _pause_queued(self, record: SandboxRecord) -> None:
-        checkpoint = await self._save(record)
-        if not await shielded(self._lifecycle.pause(record, checkpoint)):
-            await shielded(self._drop_if_deleted(record))
-            raise FailedPrecondition(f"sandbox {record.name} was deleted or terminated meanwhile")
+        with self._metrics.timing(self._metrics.pauses, self._metrics.pause_seconds):
+            checkpoint = await self._save(record)
+            if not await shielded(self._lifecycle.pause(record, checkpoint)):
+                await shielded(self._drop_if_deleted(record))
+                raise FailedPrecondition(
+                    f"sandbox {record.name} was deleted or terminated meanwhile"
+                )
 
     async def _drop_if_deleted(self, record: SandboxRecord) -> None:
         """After a save that ended once its sandbox was being deleted: the delete removed the
@@ -210,6 +216,7 @@ class Hibernation:
                 f"checkpoint ({exc}); {untouched}: retry"
             ) from exc
         lost = _kept(list(summary.lost))
+        self._metrics.checkpoint_bytes.observe(size)
         log.info(
             "sandbox saved",
             sandbox=record.name,
@@ -228,11 +235,12 @@ class Hibernation:
         """PAUSED -> RUNNING from its checkpoint; the record as it is now. An executor that
         refuses the checkpoint gets a second chance in another container before the sandbox
         is given up as unrestorable: the fault may have been that container's."""
-        try:
-            return await self._resume_into_a_container(record, last_try=False)
-        except InvalidArgument as exc:
-            log.warning("a restore was refused; trying another container", error=str(exc))
-        return await self._resume_into_a_container(record, last_try=True)
+        with self._metrics.timing(self._metrics.resumes, self._metrics.resume_seconds):
+            try:
+                return await self._resume_into_a_container(record, last_try=False)
+            except InvalidArgument as exc:
+                log.warning("a restore was refused; trying another container", error=str(exc))
+            return await self._resume_into_a_container(record, last_try=True)
 
     async def _resume_into_a_container(
         self, record: SandboxRecord, last_try: bool

@@ -14,6 +14,7 @@ each call to the noun that owns it:
     lookup       a sandbox by name, and what became of one that is gone
     hibernation  pause, resume, and the idle sandboxes' checkpoints
     queues       each sandbox's executions, pauses and checkpoints, one at a time
+    files        the files API outside executions, in the same queue
 """
 
 import asyncio
@@ -23,11 +24,13 @@ from datetime import datetime, timedelta
 
 from controller.clock import utcnow
 from controller.config import Config
+from controller.metrics import Metrics
 from controller.names import SandboxName
 from controller.records import SandboxRecord
 from controller.runtime.container import ContainerRuntime, HostCapabilities
 from controller.sandboxes.creation import Creation
 from controller.sandboxes.execution import Executions
+from controller.sandboxes.files import Files
 from controller.sandboxes.hibernation import Hibernation
 from controller.sandboxes.images import ImageCatalogue, ImageProfile
 from controller.sandboxes.labels import validate_display_name, validate_labels
@@ -41,7 +44,7 @@ from controller.sandboxes.specs import CreateParams, SpecPolicy, UpdateParams
 from controller.sandboxes.warm_pool import WarmPool
 from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import ListQuery, Registry
-from petri.v1 import execution_pb2, executor_pb2
+from petri.v1 import execution_pb2, executor_pb2, files_pb2
 
 __all__ = ["CreateParams", "ImageProfile", "SandboxManager", "UpdateParams", "utcnow"]
 
@@ -55,6 +58,7 @@ class SandboxManager:
         quotas: Quotas,
         clock: Callable[[], datetime] = utcnow,
         gvisor_containers: ContainerRuntime | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`containers` runs every sandbox's container; `gvisor_containers`, when gVisor is
         installed, creates those of GVISOR sandboxes (everything else about them goes through
@@ -62,6 +66,8 @@ class SandboxManager:
         self._registry = registry
         self._containers = containers
         self._clock = clock
+        # Recorded into whether or not they are served: cheaper than asking each time.
+        self.metrics = metrics or Metrics()
         self._policy = SpecPolicy(config, gvisor_available=gvisor_containers is not None)
         self._images = ImageCatalogue(config, containers)
         self._provisioner = Provisioner(config, containers, gvisor_containers, self._policy)
@@ -88,6 +94,7 @@ class SandboxManager:
             self._pool,
             quotas,
             clock,
+            self.metrics,
         )
         self._hibernation = Hibernation(
             config,
@@ -102,6 +109,7 @@ class SandboxManager:
             self._queues,
             quotas,
             clock,
+            self.metrics,
         )
         self._executions = Executions(
             config,
@@ -115,6 +123,18 @@ class SandboxManager:
             clock,
             self._queues,
             self._hibernation,
+            self.metrics,
+        )
+        self._files = Files(
+            config,
+            registry,
+            containers,
+            self._provisioner,
+            self._lifecycle,
+            self._lookup,
+            self._queues,
+            self._hibernation,
+            clock,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
@@ -237,6 +257,26 @@ class SandboxManager:
     ) -> AsyncGenerator[executor_pb2.ExecuteEvent, None]:
         """ExecuteCode: see Executions.execute."""
         return self._executions.execute(name, code, timeout, inputs)
+
+    # --- files outside executions (see Files) ---------------------------------------------
+
+    async def list_files(
+        self, name: SandboxName, request: files_pb2.ListFilesRequest
+    ) -> files_pb2.ListFilesResponse:
+        return await self._files.list(name, request)
+
+    def read_file(
+        self, name: SandboxName, path: str
+    ) -> AsyncGenerator[execution_pb2.FileChunk, None]:
+        return self._files.read(name, path)
+
+    async def write_file(
+        self, name: SandboxName, path: str, chunks: AsyncIterator[execution_pb2.FileChunk]
+    ) -> files_pb2.FileInfo:
+        return await self._files.write(name, path, chunks)
+
+    async def delete_file(self, name: SandboxName, request: files_pb2.DeleteFileRequest) -> None:
+        await self._files.delete(name, request)
 
     def auto_pause_after(self, requested: timedelta | None) -> timedelta:
         """A sandbox's auto_pause_after: the server's default for None; InvalidArgument

@@ -20,6 +20,7 @@ import structlog
 
 from controller.config import Config
 from controller.errors import FailedPrecondition, InvalidArgument
+from controller.metrics import PoolFigures
 from controller.pool_targets import PoolTarget, parse_pool
 from controller.records import POOL_PROJECT, Runtime, SandboxRecord, Spec, State
 from controller.sandboxes.images import ImageCatalogue
@@ -94,6 +95,11 @@ class WarmPool:
 
     def ready_uids(self) -> set[str]:
         return self._members.ready_uids()
+
+    def figures(self) -> list[PoolFigures]:
+        """Each pool kind's size and ready members (read by the metrics' HTTP thread: only
+        lengths, of containers whose keys are fixed once the pool has started)."""
+        return self._members.figures()
 
     async def claim(self, record: SandboxRecord) -> SandboxRecord | None:
         """The sandbox `record` describes, made of a member of its spec; None when the pool
@@ -257,6 +263,12 @@ class PoolMembers:
 
     def count(self, spec: Spec) -> int:
         return len(self._ready.get(spec, ()))
+
+    def figures(self) -> list[PoolFigures]:
+        return [
+            PoolFigures(spec.image_profile, spec.runtime.name.lower(), size, self.count(spec))
+            for spec, size in list(self._sizes.items())
+        ]
 
     def ready_uids(self) -> set[str]:
         return {member.uid for ready in self._ready.values() for member in ready}

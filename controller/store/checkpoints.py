@@ -21,13 +21,13 @@ from typing import Any, BinaryIO, TypeVar
 
 from controller.errors import ResourceExhausted
 from controller.units import format_size
-from petri.protocol import CHECKPOINT_CHUNK_BYTES, EXECUTOR_PROTOCOL
+from petri.protocol import CHECKPOINT_CHUNK_BYTES, CHECKPOINT_VERSION
 from petri.v1 import executor_pb2
 
 T = TypeVar("T")
 MAGIC = b"PETRICKP"
 FORMAT = 2
-_HEADER = struct.Struct(">8sII64s")  # magic, format, executor protocol, the sandbox's uid
+_HEADER = struct.Struct(">8sII64s")  # magic, format, checkpoint version, the sandbox's uid
 _FRAME = struct.Struct(">II")  # a chunk's length and CRC-32
 # A chunk, or a summary with up to a thousand lost names.
 MAX_FRAME_BYTES = CHECKPOINT_CHUNK_BYTES + (1 << 20)
@@ -100,7 +100,7 @@ class CheckpointStore:
         max_bytes: int,
     ) -> tuple[executor_pb2.CheckpointSummary, int]:
         size = _HEADER.size
-        await _on_disk(file.write, _HEADER.pack(MAGIC, FORMAT, EXECUTOR_PROTOCOL, uid.encode()))
+        await _on_disk(file.write, _HEADER.pack(MAGIC, FORMAT, CHECKPOINT_VERSION, uid.encode()))
         async for chunk in chunks:
             data = chunk.SerializeToString()
             size += _FRAME.size + len(data)
@@ -116,7 +116,7 @@ class CheckpointStore:
 
     async def read(self, uid: str) -> AsyncIterator[executor_pb2.CheckpointChunk]:
         """The checkpoint's messages, in order, the summary last; CheckpointUnreadable when the
-        file is missing, damaged, another sandbox's, or written for another executor protocol."""
+        file is missing, damaged, another sandbox's, or of another checkpoint version."""
         path = self.path(uid)
         try:
             file = await asyncio.to_thread(path.open, "rb")
@@ -128,15 +128,15 @@ class CheckpointStore:
                 raise CheckpointUnreadable("the checkpoint file is cut short")
             if len(header) != _HEADER.size:
                 raise CheckpointUnreadable("the file is not a checkpoint of this format")
-            magic, version, protocol, owner = _HEADER.unpack(header)
+            magic, version, checkpoint_version, owner = _HEADER.unpack(header)
             if magic != MAGIC or version != FORMAT:
                 raise CheckpointUnreadable("the file is not a checkpoint of this format")
             if owner.rstrip(b"\0") != uid.encode():
                 raise CheckpointUnreadable("the file is another sandbox's checkpoint")
-            if protocol != EXECUTOR_PROTOCOL:
+            if checkpoint_version != CHECKPOINT_VERSION:
                 raise CheckpointUnreadable(
-                    f"the checkpoint was made by an executor of protocol {protocol}; this "
-                    f"controller's sandboxes speak {EXECUTOR_PROTOCOL}"
+                    f"the checkpoint is of version {checkpoint_version}; this controller's "
+                    f"sandboxes restore version {CHECKPOINT_VERSION}"
                 )
             while True:
                 chunk = await asyncio.to_thread(_read_frame, file)

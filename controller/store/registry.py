@@ -66,6 +66,9 @@ class Registry(Protocol):
     async def count_live(self, project: str) -> int:
         """How many of the project's sandboxes count toward its quota: the shown ones."""
 
+    async def count_by_state(self) -> dict[State, int]:
+        """How many live sandboxes of every project are in each state (for the metrics)."""
+
     async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
         """Live sandboxes (warm pool members included) whose expire_time has come, the earliest
         first."""

@@ -185,6 +185,15 @@ class SqliteRegistry:
         ).fetchone()
         return int(row[0])
 
+    async def count_by_state(self) -> dict[State, int]:
+        return await self._run(self._count_by_state)
+
+    def _count_by_state(self) -> dict[State, int]:
+        rows = self._conn.execute(
+            f"SELECT state, COUNT(*) FROM sandboxes WHERE {LIVE} GROUP BY state"
+        ).fetchall()
+        return {State(row[0]): int(row[1]) for row in rows}
+
     async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
         return await self._run(
             self._many,

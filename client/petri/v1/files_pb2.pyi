@@ -109,7 +109,8 @@ class ListFilesRequest(_message.Message):
     """
     recursive: _builtins.bool
     """OPTIONAL. Everything beneath `path` (symlinks are listed, never followed), not only its
-    entries.
+    entries: at most 64 levels deep (a directory there is listed, not its entries). A page
+    that takes more than 10 s to find (a huge tree) is RESOURCE_EXHAUSTED.
     """
     page_size: _builtins.int
     """OPTIONAL. At most this many entries per page: default 1000, at most 10000."""
@@ -168,7 +169,8 @@ class ReadFileRequest(_message.Message):
     """REQUIRED. The sandbox: projects/{project}/sandboxes/{sandbox}."""
     path: _builtins.str
     """REQUIRED. A regular file relative to /workspace, with the rules of File.path. NOT_FOUND when
-    it does not exist, FAILED_PRECONDITION when it is not a regular file.
+    it does not exist, FAILED_PRECONDITION when it is not a regular file (a symlink included)
+    or changed while it was read (then no chunk is marked final: read it again).
     """
     def __init__(
         self,
@@ -200,8 +202,9 @@ class WriteFileRequest(_message.Message):
     @_builtins.property
     def chunk(self) -> _execution_pb2.FileChunk:
         """REQUIRED. The next bytes of the file (FileChunk.path has the rules of File.path; the
-        file's parent directories are created; an existing file is replaced). At most the
-        server's input limit in total (100 MiB by default): more is RESOURCE_EXHAUSTED.
+        file's parent directories are created; an existing file is replaced, a directory is
+        FAILED_PRECONDITION). At most the server's input limit in total (100 MiB by default):
+        more is RESOURCE_EXHAUSTED. Half-close after the final chunk: only then is it written.
         """
 
     def __init__(

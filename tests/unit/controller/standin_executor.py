@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from controller.runtime.container import KEY_FILE_NAME, SOCKET_NAME
 from petri.protocol import EXECUTOR_PROTOCOL
-from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc
+from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc, files_pb2
 
 # The call metadata the real daemon checks (executor/daemon.py).
 KEY_METADATA = "petri-executor-key"
@@ -70,7 +71,87 @@ class KeyFileMissing(Exception):
     """The daemon refuses to serve without the controller's key (it exits)."""
 
 
-class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
+class StandInFiles:
+    """The files API of StandInExecutor, over its `files` dict, with the daemon's statuses."""
+
+    files: dict[str, bytes]
+    file_calls: list[str]
+    read_chunks: list[execution_pb2.FileChunk] | None
+    write_hold: asyncio.Event | None
+    write_received: int
+
+    async def _check_key(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        raise NotImplementedError
+
+    async def ListFiles(
+        self, request: files_pb2.ListFilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> files_pb2.ListFilesResponse:
+        await self._check_key(context)
+        self.file_calls.append("ListFiles")
+        prefix = request.path + "/" if request.path else ""
+        return files_pb2.ListFilesResponse(
+            files=[
+                files_pb2.FileInfo(path=path, type=files_pb2.FileInfo.REGULAR, size=len(data))
+                for path, data in sorted(self.files.items())
+                if path.startswith(prefix)
+            ]
+        )
+
+    async def ReadFile(
+        self, request: files_pb2.ReadFileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[execution_pb2.FileChunk]:
+        await self._check_key(context)
+        self.file_calls.append("ReadFile")
+        if self.read_chunks is not None:
+            for chunk in self.read_chunks:
+                yield chunk
+            return
+        if request.path not in self.files:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.path!r} does not exist")
+        data = self.files[request.path]
+        pieces = _thirds(data) or [b""]
+        for index, piece in enumerate(pieces):
+            yield execution_pb2.FileChunk(
+                path=request.path,
+                data=piece,
+                size=len(data) if index == 0 else 0,
+                final=index == len(pieces) - 1,
+            )
+
+    async def WriteFile(
+        self,
+        request_iterator: AsyncIterator[files_pb2.WriteFileRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> files_pb2.FileInfo:
+        await self._check_key(context)
+        self.file_calls.append("WriteFile")
+        data = b""
+        path = ""
+        async for message in request_iterator:
+            self.write_received += 1
+            path = message.chunk.path
+            data += message.chunk.data
+            if self.write_hold is not None:
+                await self.write_hold.wait()
+            if message.chunk.final:  # as the daemon: in place on the final chunk
+                self.files[path] = data
+                return files_pb2.FileInfo(
+                    path=path, type=files_pb2.FileInfo.REGULAR, size=len(data)
+                )
+        await context.abort(grpc.StatusCode.CANCELLED, "no final chunk: nothing was written")
+        raise AssertionError("unreachable")
+
+    async def DeleteFile(
+        self, request: files_pb2.DeleteFileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
+        await self._check_key(context)
+        self.file_calls.append("DeleteFile")
+        if self.files.pop(request.path, None) is None and not request.allow_missing:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.path!r} does not exist")
+        return empty_pb2.Empty()
+
+
+class StandInExecutor(StandInFiles, executor_pb2_grpc.ExecutorServicer):
     """Serves one sandbox's socket; runs `scripts[code]` for each execution (echo otherwise)."""
 
     def __init__(
@@ -101,6 +182,16 @@ class StandInExecutor(executor_pb2_grpc.ExecutorServicer):
         self.checkpoint_hold: asyncio.Event | None = None
         # While set, Restore refuses with INVALID_ARGUMENT (an archive it cannot extract).
         self.refuse_restore = False
+        # The files API's /workspace: regular files by path (the real walk is the executor's,
+        # tested on its own); and every files call, by method name, in arrival order.
+        self.files: dict[str, bytes] = {}
+        self.file_calls: list[str] = []
+        # While set, ReadFile sends these chunks instead of the file (a hostile executor).
+        self.read_chunks: list[execution_pb2.FileChunk] | None = None
+        # While set, WriteFile waits for it after each chunk (a slow disk).
+        self.write_hold: asyncio.Event | None = None
+        # Chunks WriteFile received so far (committed or not).
+        self.write_received = 0
 
     def __repr__(self) -> str:
         return f"<StandInExecutor {self.socket_path} executions={len(self.executions)}>"

@@ -84,8 +84,8 @@ async def test_damaged_and_foreign_files_are_refused_with_a_reason(
         await read_all(store, "u")
 
     store.path("u").write_bytes(whole)
-    monkeypatch.setattr(checkpoints, "EXECUTOR_PROTOCOL", 99)  # a controller upgraded since
-    with pytest.raises(CheckpointUnreadable, match="made by an executor of protocol 2"):
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_VERSION", 99)  # a controller upgraded since
+    with pytest.raises(CheckpointUnreadable, match="the checkpoint is of version 2;"):
         await read_all(store, "u")
 
 

@@ -41,6 +41,20 @@ class StandIn(executor_pb2_grpc.ExecutorServicer):
         self.files: list[str] = []
         self.messages = 0
 
+    # The files API is not this file's subject (test_service_files.py has it).
+    async def ListFiles(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+
+    async def ReadFile(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+        yield  # a server-streaming method
+
+    async def WriteFile(self, request_iterator: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+
+    async def DeleteFile(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+
     async def Session(
         self, request_iterator: AsyncIterator[executor_pb2.ExecuteInput], context: Any
     ) -> AsyncIterator[executor_pb2.ExecuteEvents]:

@@ -1,0 +1,330 @@
+"""Every metric the controller exports, defined here and nowhere else (docs/metrics.md lists them).
+
+One `Metrics` per controller, on a registry of its own (tests run several controllers in one
+process). The domain records events through its methods; the API's interceptor records the
+gRPC server's figures; `serve_metrics` exposes them over HTTP for Prometheus to scrape.
+
+No metric has a label per sandbox or per project: the labels' values are bounded (methods,
+status codes, states, the configured pool kinds), so the number of series is too.
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controller.records import State
+from petri.v1 import execution_pb2
+
+log = structlog.get_logger()
+
+# Seconds: from a `1+1` round trip (about 2 ms) to a long execution or a slow create.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 3600.0,
+)  # fmt: skip
+# Checkpoint sizes: from an empty namespace (kilobytes) to a full 1 GiB workspace and more.
+SIZE_BUCKETS = tuple(float(1 << shift) for shift in range(10, 36, 2))
+# The longest execution time recorded: the longest timeout (1 h by default) and its grace.
+MAX_EXECUTION_SECONDS = 86400.0
+# How long a scrape waits for the registry's counts before it leaves them out.
+SCRAPE_COUNT_TIMEOUT = 5.0
+
+# Execution outcomes: "ok" or the lower-case name of petri.v1.ExecutionError.Kind.
+_ERROR_KINDS = {1: "exception", 2: "timeout", 3: "interpreter_exited", 4: "cancelled"}
+
+
+class GrpcMetrics:
+    """The standard server metrics of go-grpc-prometheus and py-grpc-prometheus."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        method = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server.",
+            method,
+            registry=registry,
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            [*method, "grpc_code"],
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from an RPC's start to its status, on the server.",
+            method,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received",
+            "Request messages received on the server.",
+            method,
+            registry=registry,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent",
+            "Response messages sent by the server.",
+            method,
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class PoolFigures:
+    """One warm pool kind: its configured size and its members ready now."""
+
+    profile: str
+    runtime: str
+    target: int
+    ready: int
+
+
+class _LiveCollector(Collector):
+    """Gauges read when Prometheus scrapes: sandboxes by state, the warm pool's members."""
+
+    def __init__(self) -> None:
+        self.count_states: Callable[[], Awaitable[Mapping[State, int]]] | None = None
+        self.pool: Callable[[], list[PoolFigures]] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        # Called on the HTTP server's thread: the registry is the event loop's.
+        if self.count_states is not None and self.loop is not None:
+            states = GaugeMetricFamily(
+                "petri_sandboxes",
+                "Sandboxes in the registry by state (warm pool members are WARMING or POOLED; "
+                "tombstones are not counted).",
+                labels=["state"],
+            )
+            try:
+                counts = asyncio.run_coroutine_threadsafe(
+                    _awaited(self.count_states), self.loop
+                ).result(SCRAPE_COUNT_TIMEOUT)
+            except Exception as exc:  # a scrape must not fail for it: the gauge is left out
+                log.warning("could not count the sandboxes for a scrape", error=str(exc))
+            else:
+                for state in State:
+                    if state is not State.DELETED:
+                        states.add_metric([state.name], counts.get(state, 0))
+                yield states
+        if self.pool is not None:
+            target = GaugeMetricFamily(
+                "petri_warm_pool_target",
+                "Configured size of each warm pool kind.",
+                labels=["profile", "runtime"],
+            )
+            ready = GaugeMetricFamily(
+                "petri_warm_pool_ready",
+                "Warm pool members started, preloaded and waiting to be claimed.",
+                labels=["profile", "runtime"],
+            )
+            for kind in self.pool():
+                target.add_metric([kind.profile, kind.runtime], kind.target)
+                ready.add_metric([kind.profile, kind.runtime], kind.ready)
+            yield target
+            yield ready
+
+
+async def _awaited(fn: Callable[[], Awaitable[Mapping[State, int]]]) -> Mapping[State, int]:
+    return await fn()
+
+
+class Metrics:
+    """The controller's metrics; cheap to record into whether or not anything scrapes them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `_created` series beside each counter and histogram: they double a scrape and
+        # say only when the controller started (process-wide, and the same for every one).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.grpc = GrpcMetrics(r)
+        self._live = _LiveCollector()
+        r.register(self._live)
+        self.creates = Counter(
+            "petri_sandbox_creates",
+            "CreateSandbox calls that made a sandbox (replays of a request_id excluded), by "
+            "source (pool: a warm pool member was claimed; cold: a container was started) and "
+            "outcome (ok, error).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.create_seconds = Histogram(
+            "petri_sandbox_create_seconds",
+            "Time to make a sandbox RUNNING, by source (pool or cold).",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.executions = Counter(
+            "petri_executions",
+            "Executions that returned a result, by outcome: ok, exception, timeout, "
+            "interpreter_exited, cancelled.",
+            ["outcome"],
+            registry=r,
+        )
+        self.execution_seconds = Histogram(
+            "petri_execution_seconds",
+            "Run time of executions' code, as the executor measured it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.namespace_resets = Counter(
+            "petri_namespace_resets",
+            "Executions during which the interpreter was replaced (its variables are gone).",
+            registry=r,
+        )
+        self.input_bytes = Counter(
+            "petri_execution_input_bytes",
+            "Bytes of input files sent into sandboxes with executions.",
+            registry=r,
+        )
+        self.output_bytes = Counter(
+            "petri_execution_output_bytes",
+            "Bytes of executions' events returned (stdout, stderr, rich outputs, files), as "
+            "encoded.",
+            registry=r,
+        )
+        self.podman_errors = Counter(
+            "petri_podman_errors",
+            "Podman calls that failed in a way that says podman may be unwell (not answering, "
+            "or a server error), by podman service (runc, gvisor).",
+            ["service"],
+            registry=r,
+        )
+        self.pauses = Counter(
+            "petri_pauses",
+            "Pauses (PauseSandbox, auto-pause, shutdown), by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.pause_seconds = Histogram(
+            "petri_pause_seconds",
+            "Time to pause a sandbox: save its checkpoint and remove its container.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.resumes = Counter(
+            "petri_resumes",
+            "Resumes (ResumeSandbox, or an execution on a PAUSED sandbox), by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.resume_seconds = Histogram(
+            "petri_resume_seconds",
+            "Time to resume a sandbox from its checkpoint into a container.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Histogram(
+            "petri_checkpoint_bytes",
+            "Size of each checkpoint written (pauses and idle checkpoints).",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self._executions_ok = self.executions.labels("ok")
+
+    def __repr__(self) -> str:
+        return f"<Metrics {self.registry!r}>"
+
+    # --- what the registry and the pool report at scrape time ----------------------------
+
+    def watch_live(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        count_states: Callable[[], Awaitable[Mapping[State, int]]],
+        pool: Callable[[], list[PoolFigures]],
+    ) -> None:
+        self._live.loop = loop
+        self._live.count_states = count_states
+        self._live.pool = pool
+
+    # --- the domain's events --------------------------------------------------------------
+
+    def created(self, source: str, seconds: float, ok: bool) -> None:
+        self.creates.labels(source, "ok" if ok else "error").inc()
+        if ok:
+            self.create_seconds.labels(source).observe(seconds)
+
+    def execution_result(self, kind: int, seconds: float, namespace_reset: bool) -> None:
+        """`kind`: the result's ExecutionError.Kind (0 when the code completed normally);
+        `seconds` as the executor says, so bounded here (an executor is not trusted)."""
+        if kind:
+            self.executions.labels(_ERROR_KINDS.get(kind, "other")).inc()
+        else:
+            self._executions_ok.inc()
+        self.execution_seconds.observe(min(max(seconds, 0.0), MAX_EXECUTION_SECONDS))
+        if namespace_reset:
+            self.namespace_resets.inc()
+
+    def counted_inputs(
+        self, chunks: AsyncIterator[execution_pb2.FileChunk]
+    ) -> AsyncIterator[execution_pb2.FileChunk]:
+        """`chunks`, their bytes counted as they pass (closing them stays their owner's)."""
+        return _CountedChunks(chunks, self.input_bytes)
+
+    @contextlib.contextmanager
+    def timing(self, counter: Counter, histogram: Histogram) -> Iterator[None]:
+        """Counts what the block does by outcome, and times it when it succeeds."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            counter.labels("error").inc()
+            raise
+        counter.labels("ok").inc()
+        histogram.observe(time.perf_counter() - started)
+
+
+class _CountedChunks:
+    def __init__(self, chunks: AsyncIterator[execution_pb2.FileChunk], counter: Counter) -> None:
+        self._chunks = chunks
+        self._counter = counter
+
+    def __aiter__(self) -> "_CountedChunks":
+        return self
+
+    async def __anext__(self) -> execution_pb2.FileChunk:
+        chunk = await anext(self._chunks)
+        self._counter.inc(len(chunk.data))
+        return chunk
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP server Prometheus scrapes (prometheus_client's, on a thread of its own)."""
+
+    server: WSGIServer
+    thread: Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer:
+    """Serves the metrics on host:port (port 0: a free one), without authentication."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsServer(server, thread)
