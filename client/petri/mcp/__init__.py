@@ -1,0 +1,16 @@
+"""`petri mcp` (extra `petri-client[mcp]`): an MCP server whose tools run Python in petri
+sandboxes. docs/mcp.md describes the tools, the transports and the client configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs the MCP server with `petri mcp`'s command line (without the `mcp`)."""
+    from petri.mcp.server import main as serve  # loads the mcp package only when used
+
+    return serve(argv)
+
+
+__all__ = ["main"]
