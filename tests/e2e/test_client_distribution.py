@@ -50,7 +50,8 @@ async def async_use() -> int:
 print(asyncio.run(async_use()))
 """
 
-SERVICE_ONLY = ("podman", "structlog", "apscheduler", "controller", "executor")
+# Neither the service's dependencies nor the extras' (the SDK needs grpcio and protobuf only).
+SERVICE_ONLY = ("podman", "structlog", "apscheduler", "controller", "executor", "rich", "mcp")
 
 
 async def run(
@@ -78,7 +79,16 @@ async def test_the_client_installs_alone_type_checks_and_runs_the_quickstart(
     await run(sys.executable, "-m", "venv", venv, cwd=tmp_path, env=env)
     python = venv / "bin" / "python"
     await run(
-        python, "-m", "pip", "install", "--quiet", ROOT / "client", "mypy", cwd=tmp_path, env=env
+        # With its extras: examples/mcp_agent_loop.py imports the mcp package.
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        f"{ROOT / 'client'}[cli,mcp]",
+        "mypy",
+        cwd=tmp_path,
+        env=env,
     )
 
     snippet = tmp_path / "snippet.py"
