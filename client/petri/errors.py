@@ -1,39 +1,4 @@
 """petri.errors: the SDK's exception tree (defined in petri.sdk.errors; see its docstring)."""
 
-from petri.sdk.errors import (
-    AlreadyExists,
-    Cancelled,
-    DeadlineExceeded,
-    Deleted,
-    Expired,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutcomeUnknown,
-    PermissionDenied,
-    PetriError,
-    QuotaExceeded,
-    ResourceExhausted,
-    Terminated,
-    Unauthenticated,
-    Unavailable,
-)
-
-__all__ = [
-    "AlreadyExists",
-    "Cancelled",
-    "DeadlineExceeded",
-    "Deleted",
-    "Expired",
-    "FailedPrecondition",
-    "InvalidArgument",
-    "NotFound",
-    "OutcomeUnknown",
-    "PermissionDenied",
-    "PetriError",
-    "QuotaExceeded",
-    "ResourceExhausted",
-    "Terminated",
-    "Unauthenticated",
-    "Unavailable",
-]
+from petri.sdk.errors import *  # noqa: F403  (the names of its __all__, re-exported)
+from petri.sdk.errors import __all__ as __all__
