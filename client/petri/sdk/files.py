@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -120,8 +121,13 @@ class Files:
             stream.cancel()
 
     def read(self, path: str) -> bytes:
-        """The whole content of the regular file ``path``."""
-        return b"".join(chunk.data for chunk in self._chunks(path))
+        """The whole content of the regular file ``path`` (for a big one, :meth:`download`
+        holds one chunk at a time)."""
+        # BytesIO hands its buffer over without a copy: about the file's size in memory, where
+        # joining the chunks would hold them and the joined copy, twice the size, at the end.
+        buffer = io.BytesIO()
+        self.download(path, buffer)
+        return buffer.getvalue()
 
     def download(self, path: str, dest: str | os.PathLike[str] | BinaryIO) -> FileInfo:
         """Streams the file ``path`` into ``dest`` (a local path, created or replaced, or a
@@ -188,9 +194,9 @@ class AsyncFiles:
 
     async def read(self, path: str) -> bytes:
         """As :meth:`Files.read`."""
-        parts: list[bytes] = []
-        await self._stream(path, lambda chunk: parts.append(chunk.data))
-        return b"".join(parts)
+        buffer = io.BytesIO()
+        await self._stream(path, lambda chunk: buffer.write(chunk.data))
+        return buffer.getvalue()
 
     async def _stream(
         self, path: str, take: _ChunkSink
