@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -118,6 +118,24 @@ class UserThread:
     async def run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(function, *args))
+
+    async def open(
+        self, function: Callable[..., T], close: Callable[[T], object], *args: object
+    ) -> T:
+        """run(function, *args) for what holds descriptors (a FileReader, a FileWriter): if
+        the caller is cancelled while it runs, `close` gets what it returns, on this thread
+        (else nothing would, and each cancelled call would leave its descriptors open)."""
+        future = self._pool.submit(functools.partial(function, *args))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(self._close_unclaimed, close))
+            raise
+
+    def _close_unclaimed(self, close: Callable[[T], object], future: Future[T]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with contextlib.suppress(RuntimeError):  # shut down: the daemon is ending
+                self.later(functools.partial(close, future.result()))
 
     def later(self, function: Callable[[], object]) -> None:
         """Runs `function` after whatever the thread is doing (a cleanup that must not race

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -367,3 +368,69 @@ async def _wait_for(condition: object, seconds: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+class _Context:
+    """What the service's handlers use of a gRPC context (none of it, when cancelled)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+    async def write(self, message: object) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("operation", ["read", "write"])
+async def test_a_call_cancelled_while_its_file_opens_closes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    """The file thread opens the file while the handler awaits it: a cancel then must not
+    leave the descriptors (and a write's staging file) to nobody."""
+    (tmp_path / "f").write_bytes(b"data")
+    opened, release = threading.Event(), threading.Event()
+    closed: list[object] = []
+
+    class GatedReader(FileReader):
+        def __init__(self, root: Path, path: str) -> None:
+            super().__init__(root, path)
+            opened.set()
+            release.wait(10)
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    class GatedWriter(FileWriter):
+        def __init__(self, root: Path, path: str) -> None:
+            super().__init__(root, path)
+            opened.set()
+            release.wait(10)
+
+        def discard(self) -> None:
+            closed.append(self)
+            super().discard()
+
+    monkeypatch.setattr("executor.daemon.FileReader", GatedReader)
+    monkeypatch.setattr("executor.daemon.FileWriter", GatedWriter)
+    service = ExecutorService(Supervisor(tmp_path))
+    context: Any = _Context()
+
+    async def requests() -> AsyncIterator[files_pb2.WriteFileRequest]:
+        yield _write("new", b"x", False)
+        await asyncio.Event().wait()  # a caller that goes quiet, then cancels
+
+    if operation == "read":
+        call = service.ReadFile(files_pb2.ReadFileRequest(path="f"), context)
+    else:
+        call = service.WriteFile(requests(), context)
+    task = asyncio.ensure_future(call)
+    try:
+        assert await asyncio.to_thread(opened.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+    await _wait_for(lambda: len(closed) == 1)
+    await _wait_for(lambda: os.listdir(tmp_path) == ["f"])  # no staging file left
+    service.close()
