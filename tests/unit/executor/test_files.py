@@ -419,6 +419,7 @@ async def test_a_call_cancelled_while_its_file_opens_closes_it(
         yield _write("new", b"x", False)
         await asyncio.Event().wait()  # a caller that goes quiet, then cancels
 
+    call: Awaitable[object]
     if operation == "read":
         call = service.ReadFile(files_pb2.ReadFileRequest(path="f"), context)
     else:
