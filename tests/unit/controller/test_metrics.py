@@ -5,7 +5,10 @@ the request guard), petri's own figures, and the configuration that turns them o
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller.api.grpc_metrics import ServerMetrics
 from controller.app import start_controller
 from controller.config import Config, load_config
-from controller.metrics import Metrics
+from controller.metrics import MAX_SCRAPE_CONNECTIONS, Metrics, serve_metrics
 from petri.v1 import execution_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import (
     Petri,
@@ -288,3 +291,32 @@ async def test_pauses_resumes_and_checkpoints_are_counted(tmp_path: Path) -> Non
             grpc.StatusCode.NOT_FOUND,
         )
         assert value(await scraped(petri), "petri_pauses_total") == 1
+
+
+def test_idle_connections_to_the_endpoint_neither_pile_up_nor_keep_scrapes_out(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Each connection held a thread and a descriptor for as long as its client kept it open:
+    a thousand idle ones left the controller no descriptor for anything else."""
+    monkeypatch.setattr("controller.metrics._ScrapeHandler.timeout", 0.5)
+    served = serve_metrics(Metrics(), "127.0.0.1", 0)
+    idle = []
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(40):
+            idle.append(socket.create_connection(("127.0.0.1", served.port)))
+        # Every one of ours is open; of the server's side, at most its limit.
+        assert len(os.listdir("/proc/self/fd")) - before <= 40 + MAX_SCRAPE_CONNECTIONS + 2
+        # The idle ones are closed after the timeout: a scrape gets through again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                scrape(served.port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the endpoint stayed full of idle connections"
+    finally:
+        for connection in idle:
+            connection.close()
+        served.stop()
+    assert "Traceback" not in capfd.readouterr().err
