@@ -9,6 +9,7 @@ status codes, states, the configured pool kinds), so the number of series is too
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import sys
@@ -112,6 +113,20 @@ class _LiveCollector(Collector):
         self.count_states: Callable[[], Awaitable[Mapping[State, int]]] | None = None
         self.pool: Callable[[], list[PoolFigures]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The count under way, which concurrent scrapes share: a store that hangs, or a
+        # flood of scrapes, then has one count to answer, not one per scrape ever made.
+        self._counting: concurrent.futures.Future[Mapping[State, int]] | None = None
+        self._counting_lock = threading.Lock()
+
+    def _count(self) -> Mapping[State, int]:
+        assert self.count_states is not None and self.loop is not None
+        with self._counting_lock:
+            if self._counting is None or self._counting.done():
+                self._counting = asyncio.run_coroutine_threadsafe(
+                    _awaited(self.count_states), self.loop
+                )
+            counting = self._counting
+        return counting.result(SCRAPE_COUNT_TIMEOUT)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         # Called on the HTTP server's thread: the registry is the event loop's.
@@ -123,9 +138,7 @@ class _LiveCollector(Collector):
                 labels=["state"],
             )
             try:
-                counts = asyncio.run_coroutine_threadsafe(
-                    _awaited(self.count_states), self.loop
-                ).result(SCRAPE_COUNT_TIMEOUT)
+                counts = self._count()
             except Exception as exc:  # a scrape must not fail for it: the gauge is left out
                 log.warning("could not count the sandboxes for a scrape", error=str(exc))
             else:

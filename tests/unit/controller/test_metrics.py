@@ -23,6 +23,7 @@ from controller.api.grpc_metrics import ServerMetrics
 from controller.app import start_controller
 from controller.config import Config, load_config
 from controller.metrics import MAX_SCRAPE_CONNECTIONS, Metrics, serve_metrics
+from controller.records import State
 from petri.v1 import execution_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import (
     Petri,
@@ -320,3 +321,30 @@ def test_idle_connections_to_the_endpoint_neither_pile_up_nor_keep_scrapes_out(
             connection.close()
         served.stop()
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_scrapes_share_one_count_of_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scrape asked the registry to count, and one that timed out left its count
+    pending: a store that hangs piled one up per scrape, a flood of scrapes queued as many."""
+    monkeypatch.setattr("controller.metrics.SCRAPE_COUNT_TIMEOUT", 0.05)
+    metrics = Metrics()
+    counts, release = [], asyncio.Event()
+
+    async def count_states() -> dict[State, int]:
+        counts.append(1)
+        await release.wait()
+        return {State.RUNNING: 3}
+
+    metrics.watch_live(asyncio.get_running_loop(), count_states, list)
+
+    def running() -> float | None:  # a scrape, on a thread as the HTTP server's
+        return metrics.registry.get_sample_value("petri_sandboxes", {"state": "RUNNING"})
+
+    for _ in range(3):  # each times out (the gauge left out), the count still under way
+        assert await asyncio.to_thread(running) is None
+    assert counts == [1]
+    release.set()
+    assert await asyncio.to_thread(running) == 3  # that count's answer, or a fresh one's
+    done = len(counts)
+    assert await asyncio.to_thread(running) == 3
+    assert len(counts) == done + 1  # a finished count is never reused
