@@ -46,6 +46,9 @@ MAX_LIST_DEPTH = 64
 LIST_SECONDS = 10.0
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
+# A page ends sooner when its entries pass this many bytes: user code names them, and 10,000
+# paths 64 levels deep would make a message of 160 MiB for the controller to hold.
+MAX_PAGE_BYTES = 4 << 20
 # A delete may take this long (a huge tree, or user code filling it as it goes): the file
 # thread is every files call's, so none may hold it for ever.
 DELETE_SECONDS = 60.0
@@ -273,11 +276,16 @@ def list_page(
         for frame in stack:
             os.close(frame.fd)
     kept = page.kept
-    response = files_pb2.ListFilesResponse(
-        files=[file_info(os.fsdecode(p), info) for p, info in kept[:page_size]]
-    )
-    if len(kept) > page_size:
-        response.next_page_token = _encode_page_token(kept[page_size - 1][0])
+    response = files_pb2.ListFilesResponse()
+    size = 0
+    for path_bytes, info in kept[:page_size]:
+        entry = file_info(os.fsdecode(path_bytes), info)
+        size += entry.ByteSize()
+        if response.files and size > MAX_PAGE_BYTES:
+            break
+        response.files.append(entry)
+    if len(response.files) < len(kept):
+        response.next_page_token = _encode_page_token(kept[len(response.files) - 1][0])
     return response
 
 

@@ -435,3 +435,19 @@ async def test_a_call_cancelled_while_its_file_opens_closes_it(
     await _wait_for(lambda: len(closed) == 1)
     await _wait_for(lambda: os.listdir(tmp_path) == ["f"])  # no staging file left
     service.close()
+
+
+def test_a_page_of_long_paths_ends_at_its_byte_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User code names the entries: a full page of paths 64 levels of 255-byte names deep
+    was a message of 160 MiB for the controller to hold. A page now ends at MAX_PAGE_BYTES,
+    and the pages still give every entry once."""
+    monkeypatch.setattr(files, "MAX_PAGE_BYTES", 8192)
+    names = sorted(f"{i:03d}" + "x" * 200 for i in range(100))
+    for name in names:
+        (tmp_path / name).touch()
+    first = list_page(tmp_path, "", False, 1000, None)
+    assert 0 < len(first.files) < 100 and first.ByteSize() <= 8192 + 512
+    assert first.next_page_token
+    assert _all_paths(tmp_path, page_size=1000) == names
