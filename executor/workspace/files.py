@@ -576,9 +576,7 @@ def _remove_tree(parent: int, name: str, path: str, deadline: float) -> None:
     trail: list[tuple[str, tuple[int, int]]] = []
     try:
         while True:
-            if _clock() > deadline:
-                raise TooSlow(f"deleting {path!r} took too long: part of it remains")
-            subdirectory = _empty_but_directories(fd)
+            subdirectory = _empty_but_directories(fd, path, deadline)
             if subdirectory is not None:
                 here = os.fstat(fd)
                 try:
@@ -608,11 +606,14 @@ def _remove_tree(parent: int, name: str, path: str, deadline: float) -> None:
         os.rmdir(name, dir_fd=parent)
 
 
-def _empty_but_directories(fd: int) -> str | None:
+def _empty_but_directories(fd: int, path: str, deadline: float) -> str | None:
     """Removes every entry of the directory but directories; the name of one of those, or
-    None when it is empty."""
+    None when it is empty. TooSlow past `deadline`, checked every 256 entries too: user code
+    adding files as fast as they go would keep one pass over the directory going for ever."""
     with os.scandir(fd) as entries:
-        for entry in entries:
+        for count, entry in enumerate(entries):
+            if count % 256 == 0 and _clock() > deadline:
+                raise TooSlow(f"deleting {path!r} took too long: part of it remains")
             try:
                 is_directory = entry.is_dir(follow_symlinks=False)
             except OSError:

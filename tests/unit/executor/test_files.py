@@ -451,3 +451,18 @@ def test_a_page_of_long_paths_ends_at_its_byte_limit(
     assert 0 < len(first.files) < 100 and first.ByteSize() <= 8192 + 512
     assert first.next_page_token
     assert _all_paths(tmp_path, page_size=1000) == names
+
+
+def test_a_delete_checks_its_time_limit_within_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over a directory was never timed: user code creating files in it as fast as
+    they are removed kept the file thread, every files call's, for ever."""
+    (tmp_path / "dir").mkdir()
+    for index in range(1000):
+        (tmp_path / "dir" / str(index)).touch()
+    ticks = iter(range(1_000_000))  # a clock that moves one second per look
+    monkeypatch.setattr(files, "_clock", lambda: float(next(ticks)))
+    with pytest.raises(TooSlow):
+        delete(tmp_path, "dir", recursive=True, allow_missing=False, seconds=3)
+    assert 0 < len(os.listdir(tmp_path / "dir")) < 1000  # what was removed stays removed
