@@ -18,6 +18,7 @@ from datetime import datetime
 
 from controller.config import Config
 from controller.errors import (
+    DeadlineExceeded,
     ExecutorFailed,
     FailedPrecondition,
     InvalidArgument,
@@ -37,6 +38,7 @@ from controller.sandboxes.mime_types import guess_mime_type
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.store.registry import Registry
+from controller.units import format_duration
 from petri.v1 import execution_pb2, files_pb2
 
 # How long the executor may take to answer a listing (it stops its own after 10 s) or a
@@ -129,7 +131,15 @@ class Files:
         timeout = self._config.max_timeout.total_seconds()
         async with self._turn(name) as (record, client):
             try:
-                info = await client.write_file(chunks, timeout)
+                # The executor's deadline ends its call, not the wait for the caller's next
+                # chunk: a caller gone quiet would hold the sandbox's queue for ever.
+                async with asyncio.timeout(timeout):
+                    info = await client.write_file(chunks, timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the upload of {quote(path)} took more than the longest execution "
+                    f"timeout ({format_duration(self._config.max_timeout)}): nothing was written"
+                ) from None
             except ExecutorFailed as exc:
                 raise await self._file_error(record, path, exc) from exc
         info.path = path

@@ -17,6 +17,7 @@ from tests.e2e.test_files_api import listing, read, status_of, write
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
+    from tests.conftest import CreateSandbox
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +117,21 @@ async def test_a_quiet_or_cancelled_write_leaves_the_sandbox_usable(
     call.cancel()  # right at the final chunk, before the half-close
     response = await execute(stub, name, "import os; sorted(os.listdir())")
     assert value_of(response) == "[]"
+
+
+async def test_a_quiet_files_call_does_not_hold_up_deleting_the_sandbox(
+    stub: Stub, create_sandbox: CreateSandbox
+) -> None:
+    """A caller may hold the sandbox's queue by going quiet mid-call (as a long execution
+    does): deleting the sandbox must not wait for it."""
+    sandbox = await create_sandbox()
+    name = sandbox.name
+    await write(stub, name, "big", b"x" * (8 << 20))
+    reading = stub.ReadFile(files_pb2.ReadFileRequest(name=name, path="big"))
+    await reading.read()  # the first chunk; the rest is never asked for
+    writing = stub.WriteFile()
+    await writing.write(_chunk(name, "w", b"x", False))  # and then nothing
+    await asyncio.wait_for(stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=name)), 30)
+    code, _ = await asyncio.wait_for(status_of(writing), 30)
+    assert code != grpc.StatusCode.OK
+    reading.cancel()
