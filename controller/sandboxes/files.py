@@ -13,7 +13,7 @@ sandbox like executions, so an agent syncing files does not use up its execution
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 from controller.config import Config
@@ -90,16 +90,21 @@ class Files:
         return response
 
     async def read(
-        self, name: SandboxName, path: str
-    ) -> AsyncGenerator[execution_pb2.FileChunk, None]:
-        """The file's chunks as the executor sends them (none is held here), the first with
-        its size and MIME type, the last marked final. Close the generator to stop early."""
+        self,
+        name: SandboxName,
+        path: str,
+        send: Callable[[execution_pb2.FileChunk], Awaitable[None]],
+    ) -> None:
+        """Sends the file's chunks with `send` as the executor sends them (none is held
+        here), the first with its size and MIME type, the last marked final."""
         timeout = self._config.max_timeout.total_seconds()
         async with self._turn(name) as (record, client):
             chunks = client.read_file(files_pb2.ReadFileRequest(path=path), timeout)
             size, sent, first, final = 0, 0, True, False
             try:
-                async with contextlib.aclosing(chunks):
+                # The executor's deadline cannot end a wait in `send` for a caller that
+                # stopped taking chunks, which would hold the sandbox's queue for ever.
+                async with asyncio.timeout(timeout), contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         # The executor's words are the sandbox's: nothing after the final
                         # chunk, nor beyond the size the first one stated.
@@ -114,7 +119,12 @@ class Files:
                             out.size, out.mime_type = size, guess_mime_type(path)
                             first = False
                         out.final = final = chunk.final
-                        yield out
+                        await send(out)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the read of {quote(path)} took more than the longest execution timeout "
+                    f"({format_duration(self._config.max_timeout)}): read it again"
+                ) from None
             except ExecutorFailed as exc:
                 raise await self._file_error(record, path, exc) from exc
             if not final:

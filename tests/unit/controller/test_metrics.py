@@ -24,7 +24,7 @@ from controller.app import start_controller
 from controller.config import Config, load_config
 from controller.metrics import MAX_SCRAPE_CONNECTIONS, Metrics, serve_metrics
 from controller.records import State
-from petri.v1 import execution_pb2, sandbox_pb2
+from petri.v1 import execution_pb2, files_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import (
     Petri,
     eventually,
@@ -348,3 +348,16 @@ async def test_scrapes_share_one_count_of_the_registry(monkeypatch: pytest.Monke
     done = len(counts)
     assert await asyncio.to_thread(running) == 3
     assert len(counts) == done + 1  # a finished count is never reused
+
+
+async def test_a_files_read_counts_the_chunks_it_writes(tmp_path: Path) -> None:
+    """ReadFile writes its chunks with context.write: each is a message sent."""
+    async with fast_petri(tmp_path, metrics_listen="127.0.0.1:0") as petri:
+        sandbox = await petri.create()
+        executor = await petri.executor(sandbox.name)
+        executor.files["f"] = b"abcdef"
+        call = petri.stub.ReadFile(files_pb2.ReadFileRequest(name=sandbox.name, path="f"))
+        chunks = [chunk async for chunk in call]
+        samples = await scraped(petri)
+        assert handled(samples, "ReadFile", "OK") == 1
+        assert value(samples, "grpc_server_msg_sent_total", grpc_method="ReadFile") == len(chunks)
