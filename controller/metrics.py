@@ -9,12 +9,17 @@ status codes, states, the configured pool kinds), so the number of series is too
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
+import socket
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
 from prometheus_client import (
@@ -22,9 +27,10 @@ from prometheus_client import (
     Counter,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from controller.records import State
@@ -43,6 +49,10 @@ SIZE_BUCKETS = tuple(float(1 << shift) for shift in range(10, 36, 2))
 MAX_EXECUTION_SECONDS = 86400.0
 # How long a scrape waits for the registry's counts before it leaves them out.
 SCRAPE_COUNT_TIMEOUT = 5.0
+# The metrics endpoint's connections: at most this many at once (Prometheus needs one), each
+# closed after this long without a byte, so that no client can use up the controller's fds.
+MAX_SCRAPE_CONNECTIONS = 16
+SCRAPE_IDLE_SECONDS = 10.0
 
 # Execution outcomes: "ok" or the lower-case name of petri.v1.ExecutionError.Kind.
 _ERROR_KINDS = {1: "exception", 2: "timeout", 3: "interpreter_exited", 4: "cancelled"}
@@ -103,6 +113,20 @@ class _LiveCollector(Collector):
         self.count_states: Callable[[], Awaitable[Mapping[State, int]]] | None = None
         self.pool: Callable[[], list[PoolFigures]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The count under way, which concurrent scrapes share: a store that hangs, or a
+        # flood of scrapes, then has one count to answer, not one per scrape ever made.
+        self._counting: concurrent.futures.Future[Mapping[State, int]] | None = None
+        self._counting_lock = threading.Lock()
+
+    def _count(self) -> Mapping[State, int]:
+        assert self.count_states is not None and self.loop is not None
+        with self._counting_lock:
+            if self._counting is None or self._counting.done():
+                self._counting = asyncio.run_coroutine_threadsafe(
+                    _awaited(self.count_states), self.loop
+                )
+            counting = self._counting
+        return counting.result(SCRAPE_COUNT_TIMEOUT)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         # Called on the HTTP server's thread: the registry is the event loop's.
@@ -114,9 +138,7 @@ class _LiveCollector(Collector):
                 labels=["state"],
             )
             try:
-                counts = asyncio.run_coroutine_threadsafe(
-                    _awaited(self.count_states), self.loop
-                ).result(SCRAPE_COUNT_TIMEOUT)
+                counts = self._count()
             except Exception as exc:  # a scrape must not fail for it: the gauge is left out
                 log.warning("could not count the sandboxes for a scrape", error=str(exc))
             else:
@@ -324,7 +346,58 @@ class MetricsServer:
         self.thread.join()
 
 
+class _ScrapeHandler(WSGIRequestHandler):
+    # A connection silent this long is closed: else each one idle holds a thread and a
+    # descriptor of the controller for ever (a thousand would leave it no descriptor).
+    timeout = SCRAPE_IDLE_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Logs nothing (a scrape every few seconds)."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus_client's threaded server, serving at most MAX_SCRAPE_CONNECTIONS
+    connections at once: any more are closed as they come, without a thread."""
+
+    request_queue_size = 64  # those beyond the limit are closed at once, not left to retry
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPE_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else will give the slot back
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went quiet or away is not worth a traceback (any client can cause
+        one); anything else is logged."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (TimeoutError, ConnectionError)):
+            log.warning("the metrics endpoint failed a request", error=repr(error))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer:
     """Serves the metrics on host:port (port 0: a free one), without authentication."""
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+
+    class Server(_BoundedServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(
+        host, port, make_wsgi_app(metrics.registry), Server, handler_class=_ScrapeHandler
+    )
+    thread = Thread(target=server.serve_forever, name="petri-metrics", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)

@@ -271,7 +271,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         """The file's chunks; the last one, marked final, only once the file was read to the
         size the first one states and was seen unchanged (else an error after the chunks)."""
         try:
-            reader = await self._files.run(FileReader, self._supervisor.workspace, request.path)
+            reader = await self._files.open(
+                FileReader, FileReader.close, self._supervisor.workspace, request.path
+            )
         except Exception as exc:
             await _abort_for_file(context, exc)
             raise
@@ -310,7 +312,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             if message is None or not message.HasField("chunk"):
                 raise InvalidPath("a WriteFile call begins with a chunk")
             path = message.chunk.path
-            writer = await self._files.run(FileWriter, self._supervisor.workspace, path)
+            writer = await self._files.open(
+                FileWriter, FileWriter.discard, self._supervisor.workspace, path
+            )
             while True:
                 if message.chunk.path != path:
                     raise InvalidPath("every chunk of a WriteFile call has the same path")

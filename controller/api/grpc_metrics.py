@@ -106,6 +106,22 @@ def _behaviour_of(handler: Handler) -> Behaviour:
     return cast(Behaviour, behaviour)
 
 
+class _CountedWrites:
+    """The call's context, its context.write counted as a message sent (a handler that
+    writes so, as ReadFile, yields nothing for the wrapper to count)."""
+
+    def __init__(self, context: Context, sent: Any) -> None:
+        self._context = context
+        self._sent = sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._sent.inc()
+
+
 def _measured(handler: Handler, method: _Method) -> Handler:
     inner = _behaviour_of(handler)
     serializer = handler.response_serializer
@@ -118,7 +134,7 @@ def _measured(handler: Handler, method: _Method) -> Handler:
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
-                responses = inner(request, context)
+                responses = inner(request, cast(Context, _CountedWrites(context, method.sent)))
                 if inspect.isawaitable(responses):  # it writes with context.write
                     await responses
                 else:

@@ -372,17 +372,16 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
             ),
         )
 
-    @_maps_stream_errors
-    async def ReadFile(
+    # Written with context.write: each chunk goes on as it comes (the file is never held
+    # here), and a caller that stops taking them is waited for no longer than a timeout.
+    @_maps_errors
+    async def ReadFile(  # type: ignore[override]
         self, request: files_pb2.ReadFileRequest, context: Context
-    ) -> AsyncIterator[execution_pb2.FileChunk]:
+    ) -> None:
         name = parse_sandbox_name(request.name)
         self._caller(context).check_project(name.project)
         check_input_path(request.path)
-        # Each chunk goes on as it comes: the file is never held here.
-        async with contextlib.aclosing(self._manager.read_file(name, request.path)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        await self._manager.read_file(name, request.path, context.write)
 
     @_maps_errors
     async def WriteFile(

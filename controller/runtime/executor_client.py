@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -20,6 +21,7 @@ from petri.v1 import execution_pb2, executor_pb2, executor_pb2_grpc, files_pb2
 
 # The call metadata the executor checks (executor.daemon.CallerCheck).
 KEY_METADATA = "petri-executor-key"
+T = TypeVar("T")
 SessionCall = grpc.aio.StreamStreamCall[executor_pb2.ExecuteInput, executor_pb2.ExecuteEvents]
 # How often to look for the executor's socket while a sandbox starts.
 READY_POLL_INTERVAL = 0.01
@@ -184,10 +186,9 @@ class ExecutorClient:
         self, request: files_pb2.ListFilesRequest, timeout: float
     ) -> files_pb2.ListFilesResponse:
         await self.check_protocol()
+        call = self._stub.ListFiles(request, timeout=timeout, metadata=self._metadata)
         try:
-            response: files_pb2.ListFilesResponse = await self._stub.ListFiles(
-                request, timeout=timeout, metadata=self._metadata
-            )
+            response: files_pb2.ListFilesResponse = await _unless_closed(call, call)
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from exc
         return response
@@ -200,7 +201,8 @@ class ExecutorClient:
         await self.check_protocol()
         call = self._stub.ReadFile(request, timeout=timeout, metadata=self._metadata)
         try:
-            async for chunk in call:
+            while (chunk := await _unless_closed(call, call.read())) is not grpc.aio.EOF:
+                assert isinstance(chunk, execution_pb2.FileChunk)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from exc
@@ -221,7 +223,7 @@ class ExecutorClient:
                 await _guarded(call, call.write(files_pb2.WriteFileRequest(chunk=chunk)), first)
                 first = False
             await _guarded(call, call.done_writing(), first=first)
-            info: files_pb2.FileInfo = await call
+            info: files_pb2.FileInfo = await _unless_closed(call, call)
             return info
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from exc
@@ -231,8 +233,9 @@ class ExecutorClient:
 
     async def delete_file(self, request: files_pb2.DeleteFileRequest, timeout: float) -> None:
         await self.check_protocol()
+        call = self._stub.DeleteFile(request, timeout=timeout, metadata=self._metadata)
         try:
-            await self._stub.DeleteFile(request, timeout=timeout, metadata=self._metadata)
+            await _unless_closed(call, call)
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from exc
 
@@ -354,6 +357,20 @@ async def _read(session: SessionCall) -> object:
         if task is not None and task.cancelling():
             raise  # we are cancelled, not just the call
     raise await _ended_with(session)
+
+
+async def _unless_closed(call: grpc.aio.Call, operation: Awaitable[T]) -> T:
+    """`operation` on `call`. A call whose channel closes while it waits (the sandbox is being
+    deleted) raises CancelledError in grpc.aio although we are not cancelled: left to rise,
+    it ended our caller's own call without a status, and that caller waited for ever. It
+    raises the status the call ended with instead."""
+    try:
+        return await operation
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are cancelled, not just the call
+    raise await _ended_with(call)
 
 
 async def _guarded(call: grpc.aio.Call, operation: Awaitable[None], first: bool = False) -> None:

@@ -13,11 +13,12 @@ sandbox like executions, so an agent syncing files does not use up its execution
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 from controller.config import Config
 from controller.errors import (
+    DeadlineExceeded,
     ExecutorFailed,
     FailedPrecondition,
     InvalidArgument,
@@ -37,6 +38,7 @@ from controller.sandboxes.mime_types import guess_mime_type
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.store.registry import Registry
+from controller.units import format_duration
 from petri.v1 import execution_pb2, files_pb2
 
 # How long the executor may take to answer a listing (it stops its own after 10 s) or a
@@ -88,16 +90,21 @@ class Files:
         return response
 
     async def read(
-        self, name: SandboxName, path: str
-    ) -> AsyncGenerator[execution_pb2.FileChunk, None]:
-        """The file's chunks as the executor sends them (none is held here), the first with
-        its size and MIME type, the last marked final. Close the generator to stop early."""
+        self,
+        name: SandboxName,
+        path: str,
+        send: Callable[[execution_pb2.FileChunk], Awaitable[None]],
+    ) -> None:
+        """Sends the file's chunks with `send` as the executor sends them (none is held
+        here), the first with its size and MIME type, the last marked final."""
         timeout = self._config.max_timeout.total_seconds()
         async with self._turn(name) as (record, client):
             chunks = client.read_file(files_pb2.ReadFileRequest(path=path), timeout)
             size, sent, first, final = 0, 0, True, False
             try:
-                async with contextlib.aclosing(chunks):
+                # The executor's deadline cannot end a wait in `send` for a caller that
+                # stopped taking chunks, which would hold the sandbox's queue for ever.
+                async with asyncio.timeout(timeout), contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         # The executor's words are the sandbox's: nothing after the final
                         # chunk, nor beyond the size the first one stated.
@@ -112,7 +119,12 @@ class Files:
                             out.size, out.mime_type = size, guess_mime_type(path)
                             first = False
                         out.final = final = chunk.final
-                        yield out
+                        await send(out)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the read of {quote(path)} took more than the longest execution timeout "
+                    f"({format_duration(self._config.max_timeout)}): read it again"
+                ) from None
             except ExecutorFailed as exc:
                 raise await self._file_error(record, path, exc) from exc
             if not final:
@@ -129,7 +141,15 @@ class Files:
         timeout = self._config.max_timeout.total_seconds()
         async with self._turn(name) as (record, client):
             try:
-                info = await client.write_file(chunks, timeout)
+                # The executor's deadline ends its call, not the wait for the caller's next
+                # chunk: a caller gone quiet would hold the sandbox's queue for ever.
+                async with asyncio.timeout(timeout):
+                    info = await client.write_file(chunks, timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the upload of {quote(path)} took more than the longest execution "
+                    f"timeout ({format_duration(self._config.max_timeout)}): nothing was written"
+                ) from None
             except ExecutorFailed as exc:
                 raise await self._file_error(record, path, exc) from exc
         info.path = path

@@ -19,7 +19,7 @@ each call to the noun that owns it:
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 
 from controller.clock import utcnow
@@ -265,10 +265,13 @@ class SandboxManager:
     ) -> files_pb2.ListFilesResponse:
         return await self._files.list(name, request)
 
-    def read_file(
-        self, name: SandboxName, path: str
-    ) -> AsyncGenerator[execution_pb2.FileChunk, None]:
-        return self._files.read(name, path)
+    async def read_file(
+        self,
+        name: SandboxName,
+        path: str,
+        send: Callable[[execution_pb2.FileChunk], Awaitable[None]],
+    ) -> None:
+        await self._files.read(name, path, send)
 
     async def write_file(
         self, name: SandboxName, path: str, chunks: AsyncIterator[execution_pb2.FileChunk]

@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -46,6 +46,9 @@ MAX_LIST_DEPTH = 64
 LIST_SECONDS = 10.0
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
+# A page ends sooner when its entries pass this many bytes: user code names them, and 10,000
+# paths 64 levels deep would make a message of 160 MiB for the controller to hold.
+MAX_PAGE_BYTES = 4 << 20
 # A delete may take this long (a huge tree, or user code filling it as it goes): the file
 # thread is every files call's, so none may hold it for ever.
 DELETE_SECONDS = 60.0
@@ -118,6 +121,24 @@ class UserThread:
     async def run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(function, *args))
+
+    async def open(
+        self, function: Callable[..., T], close: Callable[[T], object], *args: object
+    ) -> T:
+        """run(function, *args) for what holds descriptors (a FileReader, a FileWriter): if
+        the caller is cancelled while it runs, `close` gets what it returns, on this thread
+        (else nothing would, and each cancelled call would leave its descriptors open)."""
+        future = self._pool.submit(functools.partial(function, *args))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(self._close_unclaimed, close))
+            raise
+
+    def _close_unclaimed(self, close: Callable[[T], object], future: Future[T]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with contextlib.suppress(RuntimeError):  # shut down: the daemon is ending
+                self.later(functools.partial(close, future.result()))
 
     def later(self, function: Callable[[], object]) -> None:
         """Runs `function` after whatever the thread is doing (a cleanup that must not race
@@ -255,11 +276,16 @@ def list_page(
         for frame in stack:
             os.close(frame.fd)
     kept = page.kept
-    response = files_pb2.ListFilesResponse(
-        files=[file_info(os.fsdecode(p), info) for p, info in kept[:page_size]]
-    )
-    if len(kept) > page_size:
-        response.next_page_token = _encode_page_token(kept[page_size - 1][0])
+    response = files_pb2.ListFilesResponse()
+    size = 0
+    for path_bytes, info in kept[:page_size]:
+        entry = file_info(os.fsdecode(path_bytes), info)
+        size += entry.ByteSize()
+        if response.files and size > MAX_PAGE_BYTES:
+            break
+        response.files.append(entry)
+    if len(response.files) < len(kept):
+        response.next_page_token = _encode_page_token(kept[len(response.files) - 1][0])
     return response
 
 
@@ -550,9 +576,7 @@ def _remove_tree(parent: int, name: str, path: str, deadline: float) -> None:
     trail: list[tuple[str, tuple[int, int]]] = []
     try:
         while True:
-            if _clock() > deadline:
-                raise TooSlow(f"deleting {path!r} took too long: part of it remains")
-            subdirectory = _empty_but_directories(fd)
+            subdirectory = _empty_but_directories(fd, path, deadline)
             if subdirectory is not None:
                 here = os.fstat(fd)
                 try:
@@ -582,11 +606,14 @@ def _remove_tree(parent: int, name: str, path: str, deadline: float) -> None:
         os.rmdir(name, dir_fd=parent)
 
 
-def _empty_but_directories(fd: int) -> str | None:
+def _empty_but_directories(fd: int, path: str, deadline: float) -> str | None:
     """Removes every entry of the directory but directories; the name of one of those, or
-    None when it is empty."""
+    None when it is empty. TooSlow past `deadline`, checked every 256 entries too: user code
+    adding files as fast as they go would keep one pass over the directory going for ever."""
     with os.scandir(fd) as entries:
-        for entry in entries:
+        for count, entry in enumerate(entries):
+            if count % 256 == 0 and _clock() > deadline:
+                raise TooSlow(f"deleting {path!r} took too long: part of it remains")
             try:
                 is_directory = entry.is_dir(follow_symlinks=False)
             except OSError:

@@ -113,7 +113,9 @@ class ListFilesRequest(_message.Message):
     that takes more than 10 s to find (a huge tree) is RESOURCE_EXHAUSTED.
     """
     page_size: _builtins.int
-    """OPTIONAL. At most this many entries per page: default 1000, at most 10000."""
+    """OPTIONAL. At most this many entries per page: default 1000, at most 10000. A page also ends
+    once its entries pass 4 MiB (long paths): follow next_page_token.
+    """
     page_token: _builtins.str
     """OPTIONAL. The previous page's next_page_token, with the same other fields."""
     def __init__(

@@ -5,7 +5,10 @@ the request guard), petri's own figures, and the configuration that turns them o
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller.api.grpc_metrics import ServerMetrics
 from controller.app import start_controller
 from controller.config import Config, load_config
-from controller.metrics import Metrics
-from petri.v1 import execution_pb2, sandbox_pb2
+from controller.metrics import MAX_SCRAPE_CONNECTIONS, Metrics, serve_metrics
+from controller.records import State
+from petri.v1 import execution_pb2, files_pb2, sandbox_pb2
 from tests.unit.controller.inprocess import (
     Petri,
     eventually,
@@ -288,3 +292,72 @@ async def test_pauses_resumes_and_checkpoints_are_counted(tmp_path: Path) -> Non
             grpc.StatusCode.NOT_FOUND,
         )
         assert value(await scraped(petri), "petri_pauses_total") == 1
+
+
+def test_idle_connections_to_the_endpoint_neither_pile_up_nor_keep_scrapes_out(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Each connection held a thread and a descriptor for as long as its client kept it open:
+    a thousand idle ones left the controller no descriptor for anything else."""
+    monkeypatch.setattr("controller.metrics._ScrapeHandler.timeout", 0.5)
+    served = serve_metrics(Metrics(), "127.0.0.1", 0)
+    idle = []
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(40):
+            idle.append(socket.create_connection(("127.0.0.1", served.port)))
+        # Every one of ours is open; of the server's side, at most its limit.
+        assert len(os.listdir("/proc/self/fd")) - before <= 40 + MAX_SCRAPE_CONNECTIONS + 2
+        # The idle ones are closed after the timeout: a scrape gets through again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                scrape(served.port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the endpoint stayed full of idle connections"
+    finally:
+        for connection in idle:
+            connection.close()
+        served.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_scrapes_share_one_count_of_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scrape asked the registry to count, and one that timed out left its count
+    pending: a store that hangs piled one up per scrape, a flood of scrapes queued as many."""
+    monkeypatch.setattr("controller.metrics.SCRAPE_COUNT_TIMEOUT", 0.05)
+    metrics = Metrics()
+    counts, release = [], asyncio.Event()
+
+    async def count_states() -> dict[State, int]:
+        counts.append(1)
+        await release.wait()
+        return {State.RUNNING: 3}
+
+    metrics.watch_live(asyncio.get_running_loop(), count_states, list)
+
+    def running() -> float | None:  # a scrape, on a thread as the HTTP server's
+        return metrics.registry.get_sample_value("petri_sandboxes", {"state": "RUNNING"})
+
+    for _ in range(3):  # each times out (the gauge left out), the count still under way
+        assert await asyncio.to_thread(running) is None
+    assert counts == [1]
+    release.set()
+    assert await asyncio.to_thread(running) == 3  # that count's answer, or a fresh one's
+    done = len(counts)
+    assert await asyncio.to_thread(running) == 3
+    assert len(counts) == done + 1  # a finished count is never reused
+
+
+async def test_a_files_read_counts_the_chunks_it_writes(tmp_path: Path) -> None:
+    """ReadFile writes its chunks with context.write: each is a message sent."""
+    async with fast_petri(tmp_path, metrics_listen="127.0.0.1:0") as petri:
+        sandbox = await petri.create()
+        executor = await petri.executor(sandbox.name)
+        executor.files["f"] = b"abcdef"
+        call = petri.stub.ReadFile(files_pb2.ReadFileRequest(name=sandbox.name, path="f"))
+        chunks = [chunk async for chunk in call]
+        samples = await scraped(petri)
+        assert handled(samples, "ReadFile", "OK") == 1
+        assert value(samples, "grpc_server_msg_sent_total", grpc_method="ReadFile") == len(chunks)

@@ -5,7 +5,9 @@ sandbox resumed first, and a hostile executor's chunks refused."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -195,3 +197,50 @@ async def test_a_dead_executor_terminates_the_sandbox_and_a_deleted_one_is_not_f
             grpc.StatusCode.NOT_FOUND,
             f"sandbox {sandbox.name} was deleted",
         )
+
+
+async def test_a_write_gone_quiet_holds_the_queue_no_longer_than_the_longest_timeout(
+    tmp_path: Path,
+) -> None:
+    """The executor's deadline ended its call but not the wait for the caller's next chunk:
+    a caller that sent one chunk and then nothing held the sandbox's queue for ever, and its
+    executions waited behind it."""
+    second = timedelta(seconds=1)
+    async with fast_petri(tmp_path, max_timeout=second, default_timeout=second) as petri:
+        sandbox = await petri.create("quiet")
+        writing = petri.stub.WriteFile()
+        await writing.write(_chunk(sandbox.name, "f", b"x", False))  # and then nothing
+        await asyncio.wait_for(
+            expect(writing, grpc.StatusCode.DEADLINE_EXCEEDED, "nothing was written"), 10
+        )
+        response = await asyncio.wait_for(petri.execute(sandbox.name, "1 + 1"), 10)
+        assert not response.HasField("error")
+        writing.cancel()
+
+
+async def test_a_read_gone_quiet_holds_the_queue_no_longer_than_the_longest_timeout(
+    tmp_path: Path,
+) -> None:
+    """A caller that stops taking a big file's chunks leaves the controller waiting to send
+    one, where the executor's deadline cannot reach: that wait held the sandbox's queue for
+    ever, and its executions waited behind it."""
+    second = timedelta(seconds=1)
+    async with fast_petri(tmp_path, max_timeout=second, default_timeout=second) as petri:
+        sandbox = await petri.create("quiet")
+        executor = await petri.executor(sandbox.name)
+        piece, count = b"x" * (1 << 20), 64
+        executor.read_chunks = [
+            execution_pb2.FileChunk(
+                path="big", data=piece, size=len(piece) * count if i == 0 else 0, final=i == 63
+            )
+            for i in range(count)
+        ]
+        reading = petri.stub.ReadFile(files_pb2.ReadFileRequest(name=sandbox.name, path="big"))
+        await reading.read()  # the first chunk, then no more asked for
+        response = await asyncio.wait_for(petri.execute(sandbox.name, "1 + 1"), 10)
+        assert not response.HasField("error")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # what was sent, then the status
+            while (chunk := await reading.read()) is not grpc.aio.EOF:
+                assert isinstance(chunk, execution_pb2.FileChunk) and not chunk.final
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "read it again" in (caught.value.details() or "")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -367,3 +368,101 @@ async def _wait_for(condition: object, seconds: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+class _Context:
+    """What the service's handlers use of a gRPC context (none of it, when cancelled)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+    async def write(self, message: object) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("operation", ["read", "write"])
+async def test_a_call_cancelled_while_its_file_opens_closes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    """The file thread opens the file while the handler awaits it: a cancel then must not
+    leave the descriptors (and a write's staging file) to nobody."""
+    (tmp_path / "f").write_bytes(b"data")
+    opened, release = threading.Event(), threading.Event()
+    closed: list[object] = []
+
+    class GatedReader(FileReader):
+        def __init__(self, root: Path, path: str) -> None:
+            super().__init__(root, path)
+            opened.set()
+            release.wait(10)
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    class GatedWriter(FileWriter):
+        def __init__(self, root: Path, path: str) -> None:
+            super().__init__(root, path)
+            opened.set()
+            release.wait(10)
+
+        def discard(self) -> None:
+            closed.append(self)
+            super().discard()
+
+    monkeypatch.setattr("executor.daemon.FileReader", GatedReader)
+    monkeypatch.setattr("executor.daemon.FileWriter", GatedWriter)
+    service = ExecutorService(Supervisor(tmp_path))
+    context: Any = _Context()
+
+    async def requests() -> AsyncIterator[files_pb2.WriteFileRequest]:
+        yield _write("new", b"x", False)
+        await asyncio.Event().wait()  # a caller that goes quiet, then cancels
+
+    call: Awaitable[object]
+    if operation == "read":
+        call = service.ReadFile(files_pb2.ReadFileRequest(path="f"), context)
+    else:
+        call = service.WriteFile(requests(), context)
+    task = asyncio.ensure_future(call)
+    try:
+        assert await asyncio.to_thread(opened.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+    await _wait_for(lambda: len(closed) == 1)
+    await _wait_for(lambda: os.listdir(tmp_path) == ["f"])  # no staging file left
+    service.close()
+
+
+def test_a_page_of_long_paths_ends_at_its_byte_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User code names the entries: a full page of paths 64 levels of 255-byte names deep
+    was a message of 160 MiB for the controller to hold. A page now ends at MAX_PAGE_BYTES,
+    and the pages still give every entry once."""
+    monkeypatch.setattr(files, "MAX_PAGE_BYTES", 8192)
+    names = sorted(f"{i:03d}" + "x" * 200 for i in range(100))
+    for name in names:
+        (tmp_path / name).touch()
+    first = list_page(tmp_path, "", False, 1000, None)
+    assert 0 < len(first.files) < 100 and first.ByteSize() <= 8192 + 512
+    assert first.next_page_token
+    assert _all_paths(tmp_path, page_size=1000) == names
+
+
+def test_a_delete_checks_its_time_limit_within_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over a directory was never timed: user code creating files in it as fast as
+    they are removed kept the file thread, every files call's, for ever."""
+    (tmp_path / "dir").mkdir()
+    for index in range(1000):
+        (tmp_path / "dir" / str(index)).touch()
+    ticks = iter(range(1_000_000))  # a clock that moves one second per look
+    monkeypatch.setattr(files, "_clock", lambda: float(next(ticks)))
+    with pytest.raises(TooSlow):
+        delete(tmp_path, "dir", recursive=True, allow_missing=False, seconds=3)
+    assert 0 < len(os.listdir(tmp_path / "dir")) < 1000  # what was removed stays removed
