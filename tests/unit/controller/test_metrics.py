@@ -224,7 +224,9 @@ async def test_the_warm_pool_is_reported_by_kind(tmp_path: Path) -> None:
 
         async def full() -> Samples | None:
             samples = await scraped(petri)
-            return samples if value(samples, "petri_warm_pool_ready") == 1 else None
+            # The pool counts a member ready as the registry records it POOLED: both, at once.
+            ready = value(samples, "petri_warm_pool_ready") == 1
+            return samples if ready and value(samples, "petri_sandboxes", state="POOLED") else None
 
         samples = await eventually(full, "the pool's member to be ready")
         assert value(samples, "petri_warm_pool_target", profile="test", runtime="runc") == 1
