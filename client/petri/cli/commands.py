@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -31,7 +32,9 @@ from petri.cli.errors import CliError, Exit, describe, exit_code_of, report
 from petri.cli.formats import (
     console,
     human_size,
+    cell,
     message_dict,
+    printable,
     print_json,
     sandbox_details,
     sandbox_table,
@@ -172,7 +175,7 @@ def profiles(client: Client, args: argparse.Namespace) -> int:
     for column in ("PROFILE", "DEFAULT", "PYTHON", "OS", "SIZE", "PACKAGES"):
         table.add_column(column)
     for profile in response.image_profiles:
-        table.add_row(
+        row = (
             profile.name.rsplit("/", 1)[-1],
             "yes" if profile.is_default else "",
             profile.python_version,
@@ -180,6 +183,7 @@ def profiles(client: Client, args: argparse.Namespace) -> int:
             human_size(profile.size_bytes),
             str(len(profile.packages)),
         )
+        table.add_row(*(cell(value) for value in row))
     console().print(table)
     return Exit.OK
 
@@ -296,7 +300,10 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
             try:
                 saved_files[file.path] = str(file.save(save_dir))
             except (ValueError, OSError) as refused:  # a hostile path from the sandbox
-                print(f"petri: not saved: {file.path[:200]!r}: {refused}", file=sys.stderr)
+                print(
+                    f"petri: not saved: {file.path[:200]!r}: {printable(str(refused))}",
+                    file=sys.stderr,
+                )
     error = execution.error
     status = Exit.OK if error is None else _ERROR_EXITS.get(error.kind, Exit.EXCEPTION)
     if args.json:
@@ -367,7 +374,7 @@ def _notes(execution: Execution, saved: dict[str, str]) -> None:
         what = omitted.path or "more files"
         notes.append(f"{what} changed but not returned: {omitted.reason}")
     for note in notes:
-        print(f"petri: {note}", file=sys.stderr)
+        print(f"petri: {printable(note)}", file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -422,7 +429,7 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
         transient=True,
     )
     with bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(escape(printable(label)), total=total)  # a path is not markup
         yield lambda n: bar.advance(task, n)
 
 
@@ -482,7 +489,8 @@ def _download(client: Client, name: str, path: str, local: str, quiet: bool) -> 
     finally:
         partial.unlink(missing_ok=True)
     if not quiet:
-        print(f"{name}:{path} -> {target} ({human_size(target.stat().st_size)})", file=sys.stderr)
+        copied = f"{name}:{path} -> {target} ({human_size(target.stat().st_size)})"
+        print(printable(copied), file=sys.stderr)
     return info
 
 

@@ -9,6 +9,7 @@ from enum import IntEnum
 import grpc
 
 from petri import PetriError
+from petri.cli.formats import printable
 
 
 class Exit(IntEnum):
@@ -58,7 +59,7 @@ def exit_code_of(error: PetriError) -> Exit:
 
 def one_line(text: str, limit: int = 2000) -> str:
     """The server's words on one bounded line: they are shown, not trusted."""
-    flat = " ".join(text.split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
