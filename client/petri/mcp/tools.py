@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -170,6 +171,12 @@ def render_execution(execution: Execution) -> CallToolResult:
     return CallToolResult(content=list(content), is_error=error is not None)
 
 
+def check_timeout(timeout_seconds: float | None) -> None:
+    """A model's timeout_seconds: positive and finite (JSON schema lets "NaN" through)."""
+    if timeout_seconds is not None and not 0 < timeout_seconds < math.inf:
+        raise ToolError("timeout_seconds must be a positive number of seconds")
+
+
 def session_key(ctx: Context) -> str | None:
     """The MCP session the call belongs to: the Streamable HTTP session id, or None on stdio
     and for clients of the stateless protocol (2026-07-28), which share the server's one."""
@@ -215,8 +222,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
     async def run_python(
         code: str, ctx: Context, timeout_seconds: float | None = None
     ) -> CallToolResult:
-        if timeout_seconds is not None and timeout_seconds <= 0:
-            raise ToolError("timeout_seconds must be positive")
+        check_timeout(timeout_seconds)
 
         async def run(sandbox: AsyncSandbox) -> Execution:
             return await sandbox.run(code, timeout=timeout_seconds)
