@@ -167,14 +167,14 @@ def rm(client: Client, args: argparse.Namespace) -> int:
 
 
 def profiles(client: Client, args: argparse.Namespace) -> int:
-    response = _list_image_profiles(client)
+    found = client.profiles()
     if args.json:
-        print_json(message_dict(response))
+        print_json({"image_profiles": [message_dict(p) for p in found]})
         return Exit.OK
     table = Table(box=None, pad_edge=False)
     for column in ("PROFILE", "DEFAULT", "PYTHON", "OS", "SIZE", "PACKAGES"):
         table.add_column(column)
-    for profile in response.image_profiles:
+    for profile in found:
         row = (
             profile.name.rsplit("/", 1)[-1],
             "yes" if profile.is_default else "",
@@ -186,14 +186,6 @@ def profiles(client: Client, args: argparse.Namespace) -> int:
         table.add_row(*(cell(value) for value in row))
     console().print(table)
     return Exit.OK
-
-
-def _list_image_profiles(client: Client) -> sandbox_pb2.ListImageProfilesResponse:
-    # The SDK has no method for ListImageProfiles: its Client's unary call helper does it.
-    response: sandbox_pb2.ListImageProfilesResponse = client.call(
-        client.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest()
-    )
-    return response
 
 
 # exec ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import TypeVar
 import grpc
 
 from petri.sdk.errors import Unavailable, error_from_rpc
-from petri.v1 import sandbox_pb2_grpc
+from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_PROJECT = "default"
@@ -171,6 +171,14 @@ class Client:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def profiles(self) -> list[sandbox_pb2.ImageProfile]:
+        """The image profiles the service offers (ListImageProfiles): each one's ``name``
+        ("imageProfiles/full"), ``python_version``, ``os``, ``packages``, ``is_default``..."""
+        response = self.call(
+            self.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest(), retry=True
+        )
+        return list(response.image_profiles)
+
     def close(self) -> None:
         """Closes the channel; calls in progress are cancelled."""
         self._channel.close()
@@ -237,6 +245,13 @@ class AsyncClient:
                 raise error
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def profiles(self) -> list[sandbox_pb2.ImageProfile]:
+        """As :meth:`Client.profiles`, awaited."""
+        response = await self.call(
+            self.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest(), retry=True
+        )
+        return list(response.image_profiles)
 
     async def aclose(self) -> None:
         """Closes the channel; calls in progress are cancelled."""

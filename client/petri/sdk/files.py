@@ -123,9 +123,15 @@ class Files:
         """The whole content of the regular file ``path``."""
         return b"".join(chunk.data for chunk in self._chunks(path))
 
-    def download(self, path: str, dest: str | os.PathLike[str] | BinaryIO) -> FileInfo:
+    def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        on_progress: ProgressCallback | None = None,
+    ) -> FileInfo:
         """Streams the file ``path`` into ``dest`` (a local path, created or replaced, or a
-        binary file object), a chunk at a time."""
+        binary file object), a chunk at a time. ``on_progress(bytes_received)`` is called
+        after each chunk."""
         first: execution_pb2.FileChunk | None = None
         size = 0
         with _destination(dest) as out:
@@ -133,6 +139,8 @@ class Files:
                 first = first or chunk
                 out.write(chunk.data)
                 size += len(chunk.data)
+                if on_progress is not None:
+                    on_progress(size)
         return FileInfo.from_chunk(path, first, size)
 
     def write(
@@ -213,11 +221,25 @@ class AsyncFiles:
             call.cancel()
         return first, size
 
-    async def download(self, path: str, dest: str | os.PathLike[str] | BinaryIO) -> FileInfo:
+    async def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        on_progress: ProgressCallback | None = None,
+    ) -> FileInfo:
         """As :meth:`Files.download` (the local file is written in the event loop's thread, a
         chunk at a time)."""
+        received = 0
+
+        def take(chunk: execution_pb2.FileChunk) -> None:
+            nonlocal received
+            out.write(chunk.data)
+            received += len(chunk.data)
+            if on_progress is not None:
+                on_progress(received)
+
         with _destination(dest) as out:
-            first, size = await self._stream(path, lambda chunk: out.write(chunk.data))
+            first, size = await self._stream(path, take)
         return FileInfo.from_chunk(path, first, size)
 
     async def write(
