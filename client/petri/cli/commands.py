@@ -30,12 +30,12 @@ from rich.table import Table
 from petri import Client, Execution, FileInfo, NotFound, PetriError, Resources, Result, Sandbox
 from petri.cli.errors import CliError, Exit, describe, exit_code_of, report
 from petri.cli.formats import (
+    cell,
     console,
     human_size,
-    cell,
     message_dict,
-    printable,
     print_json,
+    printable,
     sandbox_details,
     sandbox_table,
     state_name,

@@ -7,9 +7,13 @@ import base64
 from typing import Any, cast
 
 import grpc
+import pytest
+from mcp.server.mcpserver import MCPServer
 from mcp_types import ImageContent, TextContent
+from starlette.testclient import TestClient
 
 from petri import AsyncClient, AsyncSandbox, Deleted
+from petri.mcp.server import http_app, rebinding_protection
 from petri.mcp.sessions import SandboxOptions, Sessions
 from petri.mcp.tools import (
     MAX_IMAGES,
@@ -68,3 +72,15 @@ def test_a_failure_on_an_old_sandbox_keeps_the_sessions_new_one() -> None:
     assert sessions.current("s") is new
     _explain(gone, sessions, "s", new)
     assert sessions.current("s") is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1"])
+def test_http_on_any_loopback_address_refuses_a_foreign_host_header(host: str) -> None:
+    app = http_app(MCPServer("t"), host)
+    named = f"[{host}]" if ":" in host else host
+    with TestClient(app, base_url=f"http://{named}:8000") as http:
+        rebound = http.post("/mcp", json={}, headers={"host": "evil.example:8000"})
+        assert rebound.status_code in (400, 421) and "Invalid Host" in rebound.text
+        local = http.post("/mcp", json={}, headers={"host": f"{named}:8000"})
+        assert "Invalid Host" not in local.text
+    assert rebinding_protection("0.0.0.0") is None
