@@ -122,6 +122,7 @@ def render_execution(execution: Execution) -> CallToolResult:
     if execution.stderr:
         sections.append("stderr:\n" + _cap(execution.stderr))
     for result in execution.results:
+        before = len(images)
         for mime in ("image/png", "image/jpeg"):
             data = result.mime(mime)
             if isinstance(data, bytes):
@@ -139,12 +140,11 @@ def render_execution(execution: Execution) -> CallToolResult:
                         type="image", data=base64.b64encode(data).decode("ascii"), mime_type=mime
                     )
                 )
-        has_image = any(m in result.mime_types for m in ("image/png", "image/jpeg"))
-        if result.text is not None and not has_image:
+        if len(images) > before:
+            sections.append(f"[{result.kind}: an image, attached]")
+        elif result.text is not None:
             title = "result" if result.kind == "result" else "display"
             sections.append(f"{title}:\n" + _cap(result.text))
-        elif has_image:
-            sections.append(f"[{result.kind}: an image, attached]")
     if execution.output_truncated:
         sections.append("note: the output was cut at the server's cap")
     error = execution.error

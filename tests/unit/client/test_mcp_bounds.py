@@ -38,10 +38,14 @@ def test_a_flood_of_images_attaches_at_most_max_images() -> None:
 
 
 def test_bytes_that_are_not_the_image_they_claim_are_not_attached() -> None:
-    fake = Result(kind="display", data={"image/png": b"<script>", "image/jpeg": b"GIF89a"})
+    fake = Result(
+        kind="display",
+        data={"text/plain": "<Figure>", "image/png": b"<script>", "image/jpeg": b"GIF89a"},
+    )
     rendered = render_execution(Execution(results=[fake]))
     assert not [c for c in rendered.content if isinstance(c, ImageContent)]
-    assert "not a valid image/png" in cast(TextContent, rendered.content[0]).text
+    said = cast(TextContent, rendered.content[0]).text
+    assert "not a valid image/png" in said and "attached" not in said and "<Figure>" in said
     downloaded = _file_content("x.png", "image/png", b"not a png")
     assert not [c for c in downloaded.content if isinstance(c, ImageContent)]
     webp = b"RIFF\0\0\0\0WEBPVP8 "
