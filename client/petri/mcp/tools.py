@@ -262,7 +262,8 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
 
     async def list_files(ctx: Context, path: str = "", recursive: bool = False) -> str:
         async def listing(sandbox: AsyncSandbox) -> str:
-            files = await sandbox.files.list(path, recursive=recursive)
+            # One more than shown says whether there are more, without listing them all.
+            files = await sandbox.files.list(path, recursive=recursive, limit=MAX_LISTED_FILES + 1)
             lines = []
             for info in files[:MAX_LISTED_FILES]:
                 if info.type == "directory":
@@ -272,7 +273,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
                 else:
                     lines.append(f"{info.path}  {_size(info.size)}")
             if len(files) > MAX_LISTED_FILES:
-                lines.append(f"... and {len(files) - MAX_LISTED_FILES} more")
+                lines.append(f"... and more: only the first {MAX_LISTED_FILES} are listed")
             where = f"/workspace/{path}".rstrip("/")
             return "\n".join(lines) if lines else f"{where} is empty"
 

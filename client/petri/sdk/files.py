@@ -68,8 +68,22 @@ class FileInfo:
         )
 
 
-def _list_request(name: str, path: str, recursive: bool, token: str) -> files_pb2.ListFilesRequest:
-    return files_pb2.ListFilesRequest(name=name, path=path, recursive=recursive, page_token=token)
+# The server's largest page of ListFiles.
+_MAX_PAGE_SIZE = 10_000
+
+
+def _list_request(
+    name: str, path: str, recursive: bool, token: str, limit: int | None
+) -> files_pb2.ListFilesRequest:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    return files_pb2.ListFilesRequest(
+        name=name,
+        path=path,
+        recursive=recursive,
+        page_token=token,
+        page_size=0 if limit is None else min(limit, _MAX_PAGE_SIZE),
+    )
 
 
 @contextlib.contextmanager
@@ -91,21 +105,24 @@ class Files:
     def __repr__(self) -> str:
         return f"<Files of {self._name}>"
 
-    def list(self, path: str = "", recursive: bool = False) -> list[FileInfo]:
+    def list(
+        self, path: str = "", recursive: bool = False, limit: int | None = None
+    ) -> list[FileInfo]:
         """The entries of directory ``path`` ("" is /workspace), or everything beneath it with
-        ``recursive`` (symlinks listed, not followed). Sorted by path."""
+        ``recursive`` (symlinks listed, not followed). Sorted by path. With ``limit``, the first
+        ``limit`` entries only, and no page fetched beyond them (a sandbox may hold millions)."""
         found: list[FileInfo] = []
         token = ""
         while True:
             response = self._client.call(
                 self._client.stub.ListFiles,
-                _list_request(self._name, path, recursive, token),
+                _list_request(self._name, path, recursive, token, limit),
                 retry=True,
             )
             found.extend(FileInfo.from_proto(info) for info in response.files)
             token = response.next_page_token
-            if not token:
-                return found
+            if not token or (limit is not None and len(found) >= limit):
+                return found[:limit]
 
     def _chunks(self, path: str) -> Iterator[execution_pb2.FileChunk]:
         request = files_pb2.ReadFileRequest(name=self._name, path=path)
@@ -179,20 +196,22 @@ class AsyncFiles:
     def __repr__(self) -> str:
         return f"<AsyncFiles of {self._name}>"
 
-    async def list(self, path: str = "", recursive: bool = False) -> list[FileInfo]:
+    async def list(
+        self, path: str = "", recursive: bool = False, limit: int | None = None
+    ) -> list[FileInfo]:
         """As :meth:`Files.list`."""
         found: list[FileInfo] = []
         token = ""
         while True:
             response = await self._client.call(
                 self._client.stub.ListFiles,
-                _list_request(self._name, path, recursive, token),
+                _list_request(self._name, path, recursive, token, limit),
                 retry=True,
             )
             found.extend(FileInfo.from_proto(info) for info in response.files)
             token = response.next_page_token
-            if not token:
-                return found
+            if not token or (limit is not None and len(found) >= limit):
+                return found[:limit]
 
     async def read(self, path: str) -> bytes:
         """As :meth:`Files.read`."""
