@@ -28,6 +28,7 @@ class Exit(IntEnum):
     INTERRUPTED = 130  # Ctrl-C, or exec: the execution was cancelled
     TIMEOUT = 124  # exec: the code ran past its timeout (as timeout(1))
     INTERPRETER_EXITED = 137  # exec: the interpreter died (os._exit, a crash, out of memory)
+    BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, as a shell reports it)
 
 
 _BY_STATUS: dict[grpc.StatusCode, Exit] = {
