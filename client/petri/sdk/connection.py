@@ -18,7 +18,6 @@ import asyncio
 import os
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,9 +270,9 @@ class AsyncClient:
 
 _default_lock = threading.Lock()
 _default: Client | None = None
-_default_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
+# Not weak: a grpc.aio channel refers to its loop, so a weak key would never go. The entries of
+# closed loops are dropped at the next lookup (their channels, and connections, with them).
+_default_async: dict[asyncio.AbstractEventLoop, AsyncClient] = {}
 
 
 def default_client() -> Client:
@@ -290,6 +289,8 @@ def default_async_client() -> AsyncClient:
     belongs to one loop), made on first use."""
     loop = asyncio.get_running_loop()
     with _default_lock:
+        for closed in [other for other in _default_async if other.is_closed()]:
+            del _default_async[closed]
         client = _default_async.get(loop)
         if client is None:
             client = _default_async[loop] = AsyncClient()
