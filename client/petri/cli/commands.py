@@ -275,6 +275,8 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
     code = _read_code(args)
     timeout = parse_duration(args.timeout) if args.timeout else None
     save_dir = Path(args.save_outputs) if args.save_outputs else None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)  # a bad directory fails before the code runs
     outputs = _Outputs(save_dir, live=not args.json)
     sandbox = Sandbox.connect(args.name, client=client)
     live = not args.json
