@@ -7,6 +7,7 @@ failure (petri.cli.errors.Exit, docs/cli.md)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -139,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         report(str(error))
         return error.code
+    except BrokenPipeError:
+        # The reader went away (`petri exec ... | head`): the run was cancelled on the way out;
+        # exit as a tool killed by SIGPIPE, without a word, and without a last flush failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.BROKEN_PIPE
     except OSError as error:
         report(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "))
         return Exit.LOCAL_IO

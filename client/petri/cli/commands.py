@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -29,10 +30,12 @@ from rich.table import Table
 from petri import Client, Execution, FileInfo, NotFound, PetriError, Resources, Result, Sandbox
 from petri.cli.errors import CliError, Exit, describe, exit_code_of, report
 from petri.cli.formats import (
+    cell,
     console,
     human_size,
     message_dict,
     print_json,
+    printable,
     sandbox_details,
     sandbox_table,
     state_name,
@@ -164,15 +167,15 @@ def rm(client: Client, args: argparse.Namespace) -> int:
 
 
 def profiles(client: Client, args: argparse.Namespace) -> int:
-    response = _list_image_profiles(client)
+    found = client.profiles()
     if args.json:
-        print_json(message_dict(response))
+        print_json({"image_profiles": [message_dict(p) for p in found]})
         return Exit.OK
     table = Table(box=None, pad_edge=False)
     for column in ("PROFILE", "DEFAULT", "PYTHON", "OS", "SIZE", "PACKAGES"):
         table.add_column(column)
-    for profile in response.image_profiles:
-        table.add_row(
+    for profile in found:
+        row = (
             profile.name.rsplit("/", 1)[-1],
             "yes" if profile.is_default else "",
             profile.python_version,
@@ -180,16 +183,9 @@ def profiles(client: Client, args: argparse.Namespace) -> int:
             human_size(profile.size_bytes),
             str(len(profile.packages)),
         )
+        table.add_row(*(cell(value) for value in row))
     console().print(table)
     return Exit.OK
-
-
-def _list_image_profiles(client: Client) -> sandbox_pb2.ListImageProfilesResponse:
-    # The SDK has no method for ListImageProfiles: its Client's unary call helper does it.
-    response: sandbox_pb2.ListImageProfilesResponse = client.call(
-        client.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest()
-    )
-    return response
 
 
 # exec ---------------------------------------------------------------------------------------
@@ -279,6 +275,8 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
     code = _read_code(args)
     timeout = parse_duration(args.timeout) if args.timeout else None
     save_dir = Path(args.save_outputs) if args.save_outputs else None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)  # a bad directory fails before the code runs
     outputs = _Outputs(save_dir, live=not args.json)
     sandbox = Sandbox.connect(args.name, client=client)
     live = not args.json
@@ -296,7 +294,10 @@ def exec_(client: Client, args: argparse.Namespace) -> int:
             try:
                 saved_files[file.path] = str(file.save(save_dir))
             except (ValueError, OSError) as refused:  # a hostile path from the sandbox
-                print(f"petri: not saved: {file.path[:200]!r}: {refused}", file=sys.stderr)
+                print(
+                    f"petri: not saved: {file.path[:200]!r}: {printable(str(refused))}",
+                    file=sys.stderr,
+                )
     error = execution.error
     status = Exit.OK if error is None else _ERROR_EXITS.get(error.kind, Exit.EXCEPTION)
     if args.json:
@@ -367,7 +368,7 @@ def _notes(execution: Execution, saved: dict[str, str]) -> None:
         what = omitted.path or "more files"
         notes.append(f"{what} changed but not returned: {omitted.reason}")
     for note in notes:
-        print(f"petri: {note}", file=sys.stderr)
+        print(f"petri: {printable(note)}", file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -422,7 +423,7 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
         transient=True,
     )
     with bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(escape(printable(label)), total=total)  # a path is not markup
         yield lambda n: bar.advance(task, n)
 
 
@@ -482,7 +483,8 @@ def _download(client: Client, name: str, path: str, local: str, quiet: bool) -> 
     finally:
         partial.unlink(missing_ok=True)
     if not quiet:
-        print(f"{name}:{path} -> {target} ({human_size(target.stat().st_size)})", file=sys.stderr)
+        copied = f"{name}:{path} -> {target} ({human_size(target.stat().st_size)})"
+        print(printable(copied), file=sys.stderr)
     return info
 
 

@@ -9,6 +9,7 @@ from enum import IntEnum
 import grpc
 
 from petri import PetriError
+from petri.cli.formats import printable
 
 
 class Exit(IntEnum):
@@ -27,6 +28,7 @@ class Exit(IntEnum):
     INTERRUPTED = 130  # Ctrl-C, or exec: the execution was cancelled
     TIMEOUT = 124  # exec: the code ran past its timeout (as timeout(1))
     INTERPRETER_EXITED = 137  # exec: the interpreter died (os._exit, a crash, out of memory)
+    BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, as a shell reports it)
 
 
 _BY_STATUS: dict[grpc.StatusCode, Exit] = {
@@ -58,7 +60,7 @@ def exit_code_of(error: PetriError) -> Exit:
 
 def one_line(text: str, limit: int = 2000) -> str:
     """The server's words on one bounded line: they are shown, not trusted."""
-    flat = " ".join(text.split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

@@ -12,8 +12,23 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from petri.v1 import sandbox_pb2
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character (ESC, CR, NUL, bidi overrides...) written
+    as its escape: names, labels and messages come from sandboxes and other users, and must
+    not drive the user's terminal."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+def cell(text: str) -> Text:
+    """A table cell showing `text` as it is: printable, and never read as rich markup."""
+    return Text(printable(text))
 
 
 def human_size(size: int) -> str:
@@ -73,7 +88,7 @@ def sandbox_table(sandboxes: Iterable[sandbox_pb2.Sandbox]) -> Table:
     for column in ("NAME", "STATE", "PROFILE", "RUNTIME", "CREATED", "EXPIRES", "EXECS", "LABELS"):
         table.add_column(column, overflow="fold")
     for info in sandboxes:
-        table.add_row(
+        row = (
             info.name.rsplit("/", 1)[-1],
             state_name(info),
             info.spec.image_profile or "-",
@@ -83,6 +98,7 @@ def sandbox_table(sandboxes: Iterable[sandbox_pb2.Sandbox]) -> Table:
             str(info.execution_count),
             labels_text(info.labels),
         )
+        table.add_row(*(cell(value) for value in row))
     return table
 
 
@@ -117,5 +133,5 @@ def sandbox_details(info: sandbox_pb2.Sandbox) -> Table:
         saved = human_time(_timestamp(checkpoint, "create_time"))
         rows.append(("checkpoint", f"{human_size(checkpoint.size_bytes)}, saved {saved}"))
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, cell(value))
     return table

@@ -14,6 +14,8 @@ from typing import Any
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
 
 from petri import AsyncClient
 from petri.cli.errors import CliError
@@ -64,6 +66,25 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def rebinding_protection(host: str) -> TransportSecuritySettings | None:
+    """On a loopback address, only requests naming a loopback host (Host and Origin headers):
+    a web page must not reach the server through DNS rebinding. mcp turns this on by itself
+    for 127.0.0.1, localhost and ::1 only, not for e.g. 127.0.0.2. None elsewhere (behind
+    --allow-remote, the proxy decides)."""
+    if not _is_loopback(host):
+        return None
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{name}:*" for name in sorted(names)],
+        allowed_origins=[f"http://{name}:*" for name in sorted(names)],
+    )
+
+
+def http_app(server: MCPServer[Any], host: str) -> Starlette:
+    return server.streamable_http_app(host=host, transport_security=rebinding_protection(host))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -153,6 +174,6 @@ async def _serve_http(server: MCPServer[Any], host: str, port: int) -> None:
     import uvicorn  # a dependency of mcp's HTTP transport
 
     signal.signal(signal.SIGTERM, _interrupt)
-    app = server.streamable_http_app(host=host)
+    app = http_app(server, host)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
     await uvicorn.Server(config).serve()

@@ -74,8 +74,11 @@ class Sessions:
         if left < self.options.ttl_seconds / 2:
             await sandbox.update(ttl=self.options.ttl_seconds)
 
-    def forget(self, key: str | None) -> AsyncSandbox | None:
-        return self._sandboxes.pop(key, None)
+    def forget(self, key: str | None, sandbox: AsyncSandbox) -> None:
+        """Drops the session's sandbox if it is still `sandbox`: a call that failed on an old
+        one (e.g. after a reset during it) must not drop the fresh one made since."""
+        if self._sandboxes.get(key) is sandbox:
+            del self._sandboxes[key]
 
     async def reset(self, key: str | None) -> bool:
         """Deletes the session's sandbox, if it has one; the next get() creates a fresh one."""

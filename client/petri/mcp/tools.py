@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +26,18 @@ MAX_IMAGE_BYTES = 5 << 20
 MAX_DOWNLOAD_TEXT_BYTES = 1 << 20
 MAX_DOWNLOAD_BINARY_BYTES = 256 << 10
 MAX_LISTED_FILES = 1000
+# A run's images and text all go into the model's context: a sandbox printing thousands of
+# figures or files must not flood it (the server caps bytes, not counts).
+MAX_IMAGES = 10
+MAX_NAMED_FILES = 100
+MAX_RESULT_CHARS = 4 * MAX_TEXT_CHARS
+# What a model provider accepts as an image: the magic bytes of each type. A sandbox can
+# label any bytes "image/png"; a bad image can make the provider refuse the whole turn.
+_MAGIC = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+}
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 _SANDBOX_GONE_REASONS = {"SANDBOX_NOT_FOUND", "SANDBOX_EXPIRED", "SANDBOX_DELETED"}
 
@@ -73,6 +86,18 @@ def _cap(text: str, limit: int = MAX_TEXT_CHARS) -> str:
     return text[:limit] + f"\n... [{len(text) - limit} more characters cut]"
 
 
+def _is_image(mime_type: str, data: bytes) -> bool:
+    if mime_type == "image/webp":
+        return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return data.startswith(_MAGIC.get(mime_type, ()))
+
+
+def _named(paths: list[str]) -> str:
+    listed = ", ".join(paths[:MAX_NAMED_FILES])
+    more = len(paths) - MAX_NAMED_FILES
+    return listed + (f" ... and {more} more" if more > 0 else "")
+
+
 def _size(size: int) -> str:
     return f"{size} B" if size < 1024 else f"{size / 1024:.1f} KiB"
 
@@ -97,23 +122,29 @@ def render_execution(execution: Execution) -> CallToolResult:
     if execution.stderr:
         sections.append("stderr:\n" + _cap(execution.stderr))
     for result in execution.results:
+        before = len(images)
         for mime in ("image/png", "image/jpeg"):
             data = result.mime(mime)
             if isinstance(data, bytes):
                 if len(data) > MAX_IMAGE_BYTES:
                     sections.append(f"[{mime} of {_size(len(data))} left out: too big]")
                     continue
+                if not _is_image(mime, data):
+                    sections.append(f"[{mime} left out: its data is not a valid {mime} image]")
+                    continue
+                if len(images) >= MAX_IMAGES:
+                    sections.append(f"[{mime} left out: only {MAX_IMAGES} images are attached]")
+                    continue
                 images.append(
                     ImageContent(
                         type="image", data=base64.b64encode(data).decode("ascii"), mime_type=mime
                     )
                 )
-        has_image = any(m in result.mime_types for m in ("image/png", "image/jpeg"))
-        if result.text is not None and not has_image:
+        if len(images) > before:
+            sections.append(f"[{result.kind}: an image, attached]")
+        elif result.text is not None:
             title = "result" if result.kind == "result" else "display"
             sections.append(f"{title}:\n" + _cap(result.text))
-        elif has_image:
-            sections.append(f"[{result.kind}: an image, attached]")
     if execution.output_truncated:
         sections.append("note: the output was cut at the server's cap")
     error = execution.error
@@ -126,18 +157,24 @@ def render_execution(execution: Execution) -> CallToolResult:
         detail = _cap(error.rendered) if error.rendered else ""
         sections.append(what + ("\n" + detail if detail else ""))
     if execution.files:
-        listed = ", ".join(f"{f.path} ({_size(f.size)})" for f in execution.files)
+        listed = _named([f"{f.path} ({_size(f.size)})" for f in execution.files])
         sections.append("files created or changed: " + listed)
     if execution.omitted_files:
-        names = ", ".join(f"{o.path or 'more'} ({o.reason})" for o in execution.omitted_files)
+        names = _named([f"{o.path or 'more'} ({o.reason})" for o in execution.omitted_files])
         sections.append("also changed (too big to return): " + names)
     if not sections:
         sections.append("(no output)")
     content: list[TextContent | ImageContent] = [
-        TextContent(type="text", text="\n\n".join(sections))
+        TextContent(type="text", text=_cap("\n\n".join(sections), MAX_RESULT_CHARS))
     ]
     content.extend(images)
     return CallToolResult(content=list(content), is_error=error is not None)
+
+
+def check_timeout(timeout_seconds: float | None) -> None:
+    """A model's timeout_seconds: positive and finite (JSON schema lets "NaN" through)."""
+    if timeout_seconds is not None and not 0 < timeout_seconds < math.inf:
+        raise ToolError("timeout_seconds must be a positive number of seconds")
 
 
 def session_key(ctx: Context) -> str | None:
@@ -175,17 +212,17 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
 
     async def call(ctx: Context, action: Callable[[AsyncSandbox], Awaitable[T]]) -> T:
         key = session_key(ctx)
+        sandbox: AsyncSandbox | None = None
         try:
             sandbox = await sessions.get(key)
             return await action(sandbox)
         except PetriError as error:
-            raise ToolError(_explain(error, sessions, key)) from error
+            raise ToolError(_explain(error, sessions, key, sandbox)) from error
 
     async def run_python(
         code: str, ctx: Context, timeout_seconds: float | None = None
     ) -> CallToolResult:
-        if timeout_seconds is not None and timeout_seconds <= 0:
-            raise ToolError("timeout_seconds must be positive")
+        check_timeout(timeout_seconds)
 
         async def run(sandbox: AsyncSandbox) -> Execution:
             return await sandbox.run(code, timeout=timeout_seconds)
@@ -225,7 +262,8 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
 
     async def list_files(ctx: Context, path: str = "", recursive: bool = False) -> str:
         async def listing(sandbox: AsyncSandbox) -> str:
-            files = await sandbox.files.list(path, recursive=recursive)
+            # One more than shown says whether there are more, without listing them all.
+            files = await sandbox.files.list(path, recursive=recursive, limit=MAX_LISTED_FILES + 1)
             lines = []
             for info in files[:MAX_LISTED_FILES]:
                 if info.type == "directory":
@@ -235,7 +273,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
                 else:
                     lines.append(f"{info.path}  {_size(info.size)}")
             if len(files) > MAX_LISTED_FILES:
-                lines.append(f"... and {len(files) - MAX_LISTED_FILES} more")
+                lines.append(f"... and more: only the first {MAX_LISTED_FILES} are listed")
             where = f"/workspace/{path}".rstrip("/")
             return "\n".join(lines) if lines else f"{where} is empty"
 
@@ -246,7 +284,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
         try:
             had = await sessions.reset(key)
         except PetriError as error:
-            raise ToolError(_explain(error, sessions, key)) from error
+            raise ToolError(_explain(error, sessions, key, None)) from error
         if had:
             return "the sandbox was deleted; the next call starts a fresh, empty one"
         return "there was no sandbox yet; the next call starts a fresh, empty one"
@@ -280,7 +318,7 @@ def register(server: MCPServer[Any], sessions: Sessions) -> None:
 
 def _file_content(path: str, mime_type: str, data: bytes) -> CallToolResult:
     header = f"/workspace/{path}: {mime_type or 'unknown type'}, {_size(len(data))}"
-    if mime_type in _IMAGE_TYPES:
+    if mime_type in _IMAGE_TYPES and _is_image(mime_type, data):
         image = ImageContent(
             type="image", data=base64.b64encode(data).decode("ascii"), mime_type=mime_type
         )
@@ -302,15 +340,19 @@ def _file_content(path: str, mime_type: str, data: bytes) -> CallToolResult:
     )
 
 
-def _explain(error: PetriError, sessions: Sessions, key: str | None) -> str:
-    """A petri failure as a tool error a model can act on. A sandbox that is gone (expired,
-    deleted, or its runtime died) is forgotten, so that the next call gets a fresh one."""
+def _explain(
+    error: PetriError, sessions: Sessions, key: str | None, sandbox: AsyncSandbox | None
+) -> str:
+    """A petri failure as a tool error a model can act on. The call's sandbox, if it is gone
+    (expired, deleted, or its runtime died), is forgotten, so that the next call gets a fresh
+    one."""
     message = f"petri: {error.message} ({error.code.name})"
     gone = isinstance(error, Expired | Deleted | Terminated) or (
         isinstance(error, NotFound) and error.reason in _SANDBOX_GONE_REASONS
     )
     if gone:
-        sessions.forget(key)
+        if sandbox is not None:
+            sessions.forget(key, sandbox)
         return (
             message + "\nThe sandbox is gone with its variables and files; the next call "
             "starts a fresh, empty one."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
@@ -203,4 +204,6 @@ class AsyncSandbox:
         tb: TracebackType | None,
     ) -> None:
         if not self.keep:
-            await self.delete(missing_ok=True)
+            # Shielded: a block left by cancellation (a timeout, a cancel scope that cancels
+            # every await after it) still deletes its sandbox.
+            await asyncio.shield(self.delete(missing_ok=True))

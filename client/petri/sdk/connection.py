@@ -18,7 +18,6 @@ import asyncio
 import os
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import TypeVar
 import grpc
 
 from petri.sdk.errors import Unavailable, error_from_rpc
-from petri.v1 import sandbox_pb2_grpc
+from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_PROJECT = "default"
@@ -171,6 +170,14 @@ class Client:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def profiles(self) -> list[sandbox_pb2.ImageProfile]:
+        """The image profiles the service offers (ListImageProfiles): each one's ``name``
+        ("imageProfiles/full"), ``python_version``, ``os``, ``packages``, ``is_default``..."""
+        response = self.call(
+            self.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest(), retry=True
+        )
+        return list(response.image_profiles)
+
     def close(self) -> None:
         """Closes the channel; calls in progress are cancelled."""
         self._channel.close()
@@ -238,6 +245,13 @@ class AsyncClient:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def profiles(self) -> list[sandbox_pb2.ImageProfile]:
+        """As :meth:`Client.profiles`, awaited."""
+        response = await self.call(
+            self.stub.ListImageProfiles, sandbox_pb2.ListImageProfilesRequest(), retry=True
+        )
+        return list(response.image_profiles)
+
     async def aclose(self) -> None:
         """Closes the channel; calls in progress are cancelled."""
         await self._channel.close()
@@ -256,9 +270,9 @@ class AsyncClient:
 
 _default_lock = threading.Lock()
 _default: Client | None = None
-_default_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
+# Not weak: a grpc.aio channel refers to its loop, so a weak key would never go. The entries of
+# closed loops are dropped at the next lookup (their channels, and connections, with them).
+_default_async: dict[asyncio.AbstractEventLoop, AsyncClient] = {}
 
 
 def default_client() -> Client:
@@ -275,6 +289,8 @@ def default_async_client() -> AsyncClient:
     belongs to one loop), made on first use."""
     loop = asyncio.get_running_loop()
     with _default_lock:
+        for closed in [other for other in _default_async if other.is_closed()]:
+            del _default_async[closed]
         client = _default_async.get(loop)
         if client is None:
             client = _default_async[loop] = AsyncClient()

@@ -69,8 +69,22 @@ class FileInfo:
         )
 
 
-def _list_request(name: str, path: str, recursive: bool, token: str) -> files_pb2.ListFilesRequest:
-    return files_pb2.ListFilesRequest(name=name, path=path, recursive=recursive, page_token=token)
+# The server's largest page of ListFiles.
+_MAX_PAGE_SIZE = 10_000
+
+
+def _list_request(
+    name: str, path: str, recursive: bool, token: str, limit: int | None
+) -> files_pb2.ListFilesRequest:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    return files_pb2.ListFilesRequest(
+        name=name,
+        path=path,
+        recursive=recursive,
+        page_token=token,
+        page_size=0 if limit is None else min(limit, _MAX_PAGE_SIZE),
+    )
 
 
 @contextlib.contextmanager
@@ -92,21 +106,24 @@ class Files:
     def __repr__(self) -> str:
         return f"<Files of {self._name}>"
 
-    def list(self, path: str = "", recursive: bool = False) -> list[FileInfo]:
+    def list(
+        self, path: str = "", recursive: bool = False, limit: int | None = None
+    ) -> list[FileInfo]:
         """The entries of directory ``path`` ("" is /workspace), or everything beneath it with
-        ``recursive`` (symlinks listed, not followed). Sorted by path."""
+        ``recursive`` (symlinks listed, not followed). Sorted by path. With ``limit``, the first
+        ``limit`` entries only, and no page fetched beyond them (a sandbox may hold millions)."""
         found: list[FileInfo] = []
         token = ""
         while True:
             response = self._client.call(
                 self._client.stub.ListFiles,
-                _list_request(self._name, path, recursive, token),
+                _list_request(self._name, path, recursive, token, limit),
                 retry=True,
             )
             found.extend(FileInfo.from_proto(info) for info in response.files)
             token = response.next_page_token
-            if not token:
-                return found
+            if not token or (limit is not None and len(found) >= limit):
+                return found[:limit]
 
     def _chunks(self, path: str) -> Iterator[execution_pb2.FileChunk]:
         request = files_pb2.ReadFileRequest(name=self._name, path=path)
@@ -129,9 +146,15 @@ class Files:
         self.download(path, buffer)
         return buffer.getvalue()
 
-    def download(self, path: str, dest: str | os.PathLike[str] | BinaryIO) -> FileInfo:
+    def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        on_progress: ProgressCallback | None = None,
+    ) -> FileInfo:
         """Streams the file ``path`` into ``dest`` (a local path, created or replaced, or a
-        binary file object), a chunk at a time."""
+        binary file object), a chunk at a time. ``on_progress(bytes_received)`` is called
+        after each chunk."""
         first: execution_pb2.FileChunk | None = None
         size = 0
         with _destination(dest) as out:
@@ -139,6 +162,8 @@ class Files:
                 first = first or chunk
                 out.write(chunk.data)
                 size += len(chunk.data)
+                if on_progress is not None:
+                    on_progress(size)
         return FileInfo.from_chunk(path, first, size)
 
     def write(
@@ -177,20 +202,22 @@ class AsyncFiles:
     def __repr__(self) -> str:
         return f"<AsyncFiles of {self._name}>"
 
-    async def list(self, path: str = "", recursive: bool = False) -> list[FileInfo]:
+    async def list(
+        self, path: str = "", recursive: bool = False, limit: int | None = None
+    ) -> list[FileInfo]:
         """As :meth:`Files.list`."""
         found: list[FileInfo] = []
         token = ""
         while True:
             response = await self._client.call(
                 self._client.stub.ListFiles,
-                _list_request(self._name, path, recursive, token),
+                _list_request(self._name, path, recursive, token, limit),
                 retry=True,
             )
             found.extend(FileInfo.from_proto(info) for info in response.files)
             token = response.next_page_token
-            if not token:
-                return found
+            if not token or (limit is not None and len(found) >= limit):
+                return found[:limit]
 
     async def read(self, path: str) -> bytes:
         """As :meth:`Files.read`."""
@@ -219,11 +246,25 @@ class AsyncFiles:
             call.cancel()
         return first, size
 
-    async def download(self, path: str, dest: str | os.PathLike[str] | BinaryIO) -> FileInfo:
+    async def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str] | BinaryIO,
+        on_progress: ProgressCallback | None = None,
+    ) -> FileInfo:
         """As :meth:`Files.download` (the local file is written in the event loop's thread, a
         chunk at a time)."""
+        received = 0
+
+        def take(chunk: execution_pb2.FileChunk) -> None:
+            nonlocal received
+            out.write(chunk.data)
+            received += len(chunk.data)
+            if on_progress is not None:
+                on_progress(received)
+
         with _destination(dest) as out:
-            first, size = await self._stream(path, lambda chunk: out.write(chunk.data))
+            first, size = await self._stream(path, take)
         return FileInfo.from_chunk(path, first, size)
 
     async def write(

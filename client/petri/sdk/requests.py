@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -31,14 +32,21 @@ def sandbox_name(project: str, name_or_id: str) -> str:
 
 def duration(value: Seconds) -> duration_pb2.Duration:
     proto = duration_pb2.Duration()
-    proto.FromTimedelta(value if isinstance(value, timedelta) else timedelta(seconds=value))
+    proto.FromTimedelta(value if isinstance(value, timedelta) else timedelta(seconds=finite(value)))
     return proto
+
+
+def finite(value: float | int) -> float:
+    """`value` in seconds; ValueError for NaN or infinity, which no duration can hold."""
+    if not math.isfinite(value):
+        raise ValueError(f"a duration must be a finite number of seconds, not {value!r}")
+    return float(value)
 
 
 def seconds(value: Seconds | None) -> float | None:
     if value is None:
         return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+    return value.total_seconds() if isinstance(value, timedelta) else finite(value)
 
 
 def create_request(
