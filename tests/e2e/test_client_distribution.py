@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.e2e.helpers import PROJECT
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
+_BUILD_LEFTOVERS = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
 
 # A user's code, typed against the SDK: mypy --strict must accept it as it is.
 TYPED_SNIPPET = """
@@ -78,6 +80,9 @@ async def test_the_client_installs_alone_type_checks_and_runs_the_quickstart(
     venv = tmp_path / "venv"
     await run(sys.executable, "-m", "venv", venv, cwd=tmp_path, env=env)
     python = venv / "bin" / "python"
+    # From a copy: pip builds in the source tree (build/, *.egg-info), which is not the test's
+    # to leave things in.
+    source = shutil.copytree(ROOT / "client", tmp_path / "client", ignore=_BUILD_LEFTOVERS)
     await run(
         # With its extras: examples/mcp_agent_loop.py imports the mcp package.
         python,
@@ -85,7 +90,7 @@ async def test_the_client_installs_alone_type_checks_and_runs_the_quickstart(
         "pip",
         "install",
         "--quiet",
-        f"{ROOT / 'client'}[cli,mcp]",
+        f"{source}[cli,mcp]",
         "mypy",
         cwd=tmp_path,
         env=env,
