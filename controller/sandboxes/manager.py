@@ -84,7 +84,9 @@ class SandboxManager:
             self._lifecycle,
             quotas,
             clock,
+            self.metrics,
         )
+        self.metrics.watch_create_queue(lambda: quotas.create_slots.waiting)
         self._creation = Creation(
             registry,
             self._policy,
