@@ -37,8 +37,10 @@ from controller.store.registry import Registry
 
 log = structlog.get_logger()
 
-# How much each cold start moves the estimate of the next one's duration (an EWMA).
+# How much each cold start moves the estimate of the next one's duration (an EWMA), and the
+# estimate before the first (none: a create waits while any of its deadline is left).
 START_ESTIMATE_WEIGHT = 0.3
+FIRST_START_ESTIMATE = 0.0
 
 
 class Creation:
@@ -63,9 +65,10 @@ class Creation:
         self._quotas = quotas
         self._clock = clock
         self._metrics = metrics
-        # Seconds a cold start takes, recently (0 until one has): a create waits in line
-        # only while its deadline still leaves this long.
-        self._start_estimate = 0.0
+        # Seconds a cold start takes, recently: a create waits in line only while its
+        # deadline still leaves this long.
+        self._start_estimate = FIRST_START_ESTIMATE
+        self._starts_measured = 0
 
     def __repr__(self) -> str:
         return f"<Creation {self._lifecycle!r}>"
@@ -152,10 +155,9 @@ class Creation:
         self._quotas.create_slots.release()
         if not done.cancelled() and done.exception() is None:
             took = asyncio.get_running_loop().time() - started
-            estimate = self._start_estimate
-            self._start_estimate = (
-                took if estimate == 0 else estimate + START_ESTIMATE_WEIGHT * (took - estimate)
-            )
+            estimate = self._start_estimate if self._starts_measured else took
+            self._start_estimate = estimate + START_ESTIMATE_WEIGHT * (took - estimate)
+            self._starts_measured += 1
 
     async def _effective_spec(self, params: CreateParams) -> Spec:
         profile, runtime = self._policy.profile_and_runtime(params.image_profile, params.runtime)

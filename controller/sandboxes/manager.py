@@ -86,7 +86,9 @@ class SandboxManager:
             clock,
             self.metrics,
         )
-        self.metrics.watch_create_queue(lambda: quotas.create_slots.waiting)
+        # The server's starts at once, and those waiting for one (read by tests and metrics).
+        self.create_slots = quotas.create_slots
+        self.metrics.watch_create_queue(lambda: self.create_slots.waiting)
         self._creation = Creation(
             registry,
             self._policy,

@@ -414,11 +414,12 @@ class PoolMembers:
                 log.info("pool target changed", kind=_kind(spec), **{"from": before, "to": target})
 
     def _shrink(self) -> None:
-        """Discards the ready members beyond each target, oldest first."""
+        """Discards the ready members beyond the target of each kind that learns, oldest
+        first (a fixed size keeps a member given back after its replacement started)."""
         if self._discard_member is None:
             return
         for spec, ready in self._ready.items():
-            while len(ready) > self._targets[spec]:
+            while self._bounds[spec].learns and len(ready) > self._targets[spec]:
                 task = asyncio.ensure_future(self._discard_member(ready.popleft()))
                 self._discards.add(task)
                 task.add_done_callback(self._discards.discard)
