@@ -296,7 +296,7 @@ class PoolMembers:
         self._discard_member = discard_member
         self._budget = budget or PoolBudget()
         self._clock = clock
-        self._concurrency = concurrency or os.cpu_count() or 1
+        self._concurrency = concurrency or len(os.sched_getaffinity(0)) or 1
         self._ready: dict[Spec, collections.deque[SandboxRecord]] = {
             spec: collections.deque() for spec in self._bounds
         }
