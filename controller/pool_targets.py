@@ -16,9 +16,11 @@ K = TypeVar("K", bound=Hashable)
 # seconds: about a cold start's time, so it counts what arrives while one member refills
 # (a burst of 20 counts 20; a steady 4 a second counts 20 too, what the refills must cover).
 DEMAND_WINDOW = 5.0
-# The learned level is the highest demand seen, halved for every this many seconds since:
-# after a burst of 20 the pool keeps about 17 a minute later, 10 after 5 minutes, and its
-# minimum within an hour.
+# The learned level is the highest demand seen, kept for DEMAND_HOLD seconds (a burst that
+# comes back within minutes finds the pool as large as the last one), then halved for every
+# DEMAND_HALF_LIFE seconds: after a burst of 20, 20 for 10 minutes, 10 at 15, 5 at 20, the
+# kind's minimum within the hour.
+DEMAND_HOLD = 600.0
 DEMAND_HALF_LIFE = 300.0
 
 
@@ -68,8 +70,9 @@ class KindBounds:
 
 
 class Demand(Generic[K]):
-    """Each kind's learned level: the peak of its demand within DEMAND_WINDOW, decaying
-    by half every DEMAND_HALF_LIFE. Times are the caller's clock's seconds (monotonic)."""
+    """Each kind's learned level: the peak of its demand within DEMAND_WINDOW, held for
+    DEMAND_HOLD, then halved every DEMAND_HALF_LIFE. Times are the caller's clock's seconds
+    (monotonic)."""
 
     def __init__(self) -> None:
         self._recent: dict[K, collections.deque[float]] = {}
@@ -88,7 +91,7 @@ class Demand(Generic[K]):
 
     def level(self, kind: K, now: float) -> float:
         peak, at = self._peak.get(kind, (0.0, now))
-        decay: float = 0.5 ** (max(0.0, now - at) / DEMAND_HALF_LIFE)
+        decay: float = 0.5 ** (max(0.0, now - at - DEMAND_HOLD) / DEMAND_HALF_LIFE)
         return peak * decay
 
 

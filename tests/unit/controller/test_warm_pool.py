@@ -6,6 +6,7 @@ import pytest
 from controller.config import load_config
 from controller.pool_targets import (
     DEMAND_HALF_LIFE,
+    DEMAND_HOLD,
     Demand,
     KindBounds,
     PoolTarget,
@@ -220,7 +221,10 @@ async def test_a_pool_that_learns_grows_after_a_burst_in_parallel_and_decays_to_
         await until(lambda: pool.count(FULL) == 8)
         assert starter.most_at_once == 3 and len(starter.started) == 10
         kept = [member.uid for member in starter.started[-8:]]
-        now[0] = DEMAND_HALF_LIFE  # idle for a half-life: half the peak
+        now[0] = DEMAND_HOLD  # the peak holds a while
+        await next_pass(pool)
+        assert pool.target(FULL) == 8 and pool.count(FULL) == 8
+        now[0] = DEMAND_HOLD + DEMAND_HALF_LIFE  # then halves every half-life
         await next_pass(pool)
         assert pool.target(FULL) == 4
         await until(lambda: pool.count(FULL) == 4 and len(discards.members) == 4)
@@ -293,9 +297,10 @@ def test_the_learned_level_is_the_recent_peak_decaying_by_half_lives() -> None:
     for tick in range(40):  # 4 a second for 10 s: 20 within the window, like a burst of 20
         levels.record("k", tick * 0.25)
     assert levels.level("k", 9.75) == 20
-    assert levels.level("k", 9.75 + DEMAND_HALF_LIFE) == pytest.approx(10)
-    levels.record("k", 9.75 + DEMAND_HALF_LIFE)  # one create: below the decayed peak
-    assert levels.level("k", 9.75 + 2 * DEMAND_HALF_LIFE) == pytest.approx(5)
+    assert levels.level("k", 9.75 + DEMAND_HOLD) == 20
+    assert levels.level("k", 9.75 + DEMAND_HOLD + DEMAND_HALF_LIFE) == pytest.approx(10)
+    levels.record("k", 9.75 + DEMAND_HOLD + DEMAND_HALF_LIFE)  # one create: below the level
+    assert levels.level("k", 9.75 + DEMAND_HOLD + 2 * DEMAND_HALF_LIFE) == pytest.approx(5)
     bounds = {"a": KindBounds(2, 20), "b": KindBounds(3, 3)}
     assert pool_targets(bounds, {"a": 30.0, "b": 9.0}, 24) == {"a": 20, "b": 3}
     assert pool_targets(bounds, {"a": 30.0}, 10) == {"a": 7, "b": 3}
