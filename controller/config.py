@@ -264,8 +264,8 @@ class Config:
         default=(PoolTarget(size=2, learns=True),),
     )
     warm_pool_max: int = _opt(
-        "most warm pool members in all, ready or starting: the kinds that learn grow within "
-        "what the configured sizes and minimums leave",
+        "most warm pool members in all, ready or starting, for the kinds that learn to grow "
+        "into: they share what the configured sizes and minimums (always kept) leave",
         int,
         default=24,
     )
@@ -464,12 +464,8 @@ def validate(config: Config) -> list[str]:
         )
     if not config.min_memory <= config.default_memory <= config.max_memory:
         problems.append("default_memory must be between min_memory and max_memory")
-    configured = sum(target.size for target in config.warm_pool)
-    if configured > config.warm_pool_max:
-        problems.append(
-            f"warm_pool_max ({config.warm_pool_max}) must be at least the warm pool's "
-            f"configured sizes and minimums ({configured})"
-        )
+    if config.warm_pool_max < 0:
+        problems.append("warm_pool_max must not be negative")
     if config.min_free_memory < 0:
         problems.append("min_free_memory must not be negative")
     if config.max_concurrent_creates < 1:

@@ -305,3 +305,13 @@ def test_the_learned_level_is_the_recent_peak_decaying_by_half_lives() -> None:
     assert pool_targets(bounds, {"a": 30.0, "b": 9.0}, 24) == {"a": 20, "b": 3}
     assert pool_targets(bounds, {"a": 30.0}, 10) == {"a": 7, "b": 3}
     assert pool_targets(bounds, {"a": 0.2}, 24) == {"a": 2, "b": 3}
+
+
+def test_the_pool_budget_is_configured_and_a_large_fixed_pool_still_loads() -> None:
+    config = load_config(
+        ["--warm-pool", "size=30", "--warm-pool-max", "8", "--min-free-memory", "1GiB"], {}
+    )
+    assert (config.warm_pool, config.warm_pool_max) == ((PoolTarget(size=30),), 8)
+    assert config.min_free_memory == 1 << 30
+    bounds = {"fixed": KindBounds(30, 30), "learns": KindBounds(1, 10)}
+    assert pool_targets(bounds, {"learns": 9.0}, 8) == {"fixed": 30, "learns": 1}
