@@ -256,16 +256,32 @@ class Config:
     )
     warm_pool: tuple[PoolTarget, ...] = _opt(
         "sandboxes kept started and preloaded for CreateSandbox to claim, per kind: entries "
-        "separated by ';', each 'size=N' plus the spec a create must match: profile=, "
-        "runtime=, memory=, disk=, processes=, cpu= (unset: the server's defaults). "
+        "separated by ';', each 'size=N' (a fixed size) or 'min=N' (a size that follows "
+        "recent demand, never below N; 'max=M' caps it) plus the spec a create must match: "
+        "profile=, runtime=, memory=, disk=, processes=, cpu= (unset: the server's defaults). "
         "Empty for no pool",
         parse_pool,
-        default=(PoolTarget(size=2),),
+        default=(PoolTarget(size=2, learns=True),),
+    )
+    warm_pool_max: int = _opt(
+        "most warm pool members in all, ready or starting, for the kinds that learn to grow "
+        "into: they share what the configured sizes and minimums (always kept) leave",
+        int,
+        default=24,
+    )
+    min_free_memory: int = _opt(
+        "the warm pool starts no member beyond its kinds' configured sizes and minimums "
+        "while the host's available memory (MemAvailable) is below this",
+        parse_size,
+        default=2 << 30,
     )
     max_sandboxes_per_project: int = _opt("live sandboxes per project", int, default=100)
     max_executes_per_minute: int = _opt("executions per project per minute", int, default=1200)
     max_concurrent_creates: int = _opt(
-        "sandboxes being created at once, server-wide", int, default=16
+        "containers started at once, server-wide (creates, resumes, warm pool refills); "
+        "more wait their turn, first come first served, within each caller's deadline",
+        int,
+        default=16,
     )
     checkpoint_dir: Path | None = _opt(
         "where paused and idle sandboxes are saved, one file each (default "
@@ -448,6 +464,12 @@ def validate(config: Config) -> list[str]:
         )
     if not config.min_memory <= config.default_memory <= config.max_memory:
         problems.append("default_memory must be between min_memory and max_memory")
+    if config.warm_pool_max < 0:
+        problems.append("warm_pool_max must not be negative")
+    if config.min_free_memory < 0:
+        problems.append("min_free_memory must not be negative")
+    if config.max_concurrent_creates < 1:
+        problems.append("max_concurrent_creates must be at least 1")
     if config.default_runtime not in ("runc", "gvisor"):
         problems.append("default_runtime must be runc or gvisor")
     if config.log_format not in ("console", "json"):

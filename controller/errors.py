@@ -8,7 +8,8 @@
     ├── AlreadyExists             ALREADY_EXISTS     sandbox_id taken in the project
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
     ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
-    ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive;
+    │                                                  a create's deadline passed in line
     ├── Cancelled                 CANCELLED          the caller cancelled an upload: nothing ran
     ├── Unavailable               UNAVAILABLE        podman or the sandbox's executor unreachable;
     │                                                  nothing ran, so a retry is safe

@@ -25,6 +25,7 @@ import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     make_wsgi_app,
@@ -98,7 +99,8 @@ class GrpcMetrics:
 
 @dataclass(frozen=True)
 class PoolFigures:
-    """One warm pool kind: its configured size and its members ready now."""
+    """One warm pool kind: its current target (its configured size, or what it learned from
+    demand) and its members ready now."""
 
     profile: str
     runtime: str
@@ -149,7 +151,8 @@ class _LiveCollector(Collector):
         if self.pool is not None:
             target = GaugeMetricFamily(
                 "petri_warm_pool_target",
-                "Configured size of each warm pool kind.",
+                "Current target size of each warm pool kind: its configured size, or, for a "
+                "kind that learns, what recent demand asks within its bounds and the budget.",
                 labels=["profile", "runtime"],
             )
             ready = GaugeMetricFamily(
@@ -261,6 +264,32 @@ class Metrics:
             buckets=SIZE_BUCKETS,
             registry=r,
         )
+        self.create_queue = Gauge(
+            "petri_create_queue",
+            "Container starts (creates, resumes, warm pool refills) waiting now for one of "
+            "the server's starts at once (--max-concurrent-creates).",
+            registry=r,
+        )
+        self.create_queue_seconds = Histogram(
+            "petri_create_queue_seconds",
+            "Time a container start waited for a slot, by what it was for: create, resume, "
+            "refill (the warm pool's).",
+            ["waiter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pool_hits = Counter(
+            "petri_warm_pool_hits",
+            "Creates and resumes of a pooled kind that found a ready member.",
+            ["profile", "runtime"],
+            registry=r,
+        )
+        self.pool_misses = Counter(
+            "petri_warm_pool_misses",
+            "Creates and resumes of a pooled kind that found no ready member (a cold start).",
+            ["profile", "runtime"],
+            registry=r,
+        )
         self._executions_ok = self.executions.labels("ok")
 
     def __repr__(self) -> str:
@@ -277,6 +306,10 @@ class Metrics:
         self._live.loop = loop
         self._live.count_states = count_states
         self._live.pool = pool
+
+    def watch_create_queue(self, waiting: Callable[[], int]) -> None:
+        """Reads the starts waiting for a slot at each scrape (lengths only: thread-safe)."""
+        self.create_queue.set_function(lambda: float(waiting()))
 
     # --- the domain's events --------------------------------------------------------------
 

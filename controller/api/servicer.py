@@ -166,6 +166,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
                 ttl=ttl,
                 request_id=request.request_id,
                 auto_pause_after=convert.auto_pause_after_from_proto(sandbox),
+                deadline=_deadline_of(context),
             )
         )
         return convert.sandbox_to_proto(record)
@@ -494,6 +495,12 @@ async def _check_half_closed(context: Context) -> None:
             "the request stream ended with the call cancelled or past its deadline, not "
             "half-closed: no input file was written and nothing ran"
         )
+
+
+def _deadline_of(context: Context) -> float | None:
+    """The call's deadline on the event loop's clock; None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def _timeout_of(

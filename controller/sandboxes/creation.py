@@ -1,5 +1,7 @@
 """CreateSandbox: a retry answered from its request_id, else a warm pool member, else a new
-container; the server's limit on creates in progress, and the project's quota, hold for each.
+container; the project's quota holds for each, and a new container waits its turn for the
+server's limit on starts at once (FIFO, within the caller's deadline: DEADLINE_EXCEEDED,
+nothing created, when a start can no longer fit before it).
 
 A request_id names one request (AIP-155): a retry with it gets the sandbox the first request
 made, once RUNNING, and a different request that reuses it is ALREADY_EXISTS, naming the
@@ -12,7 +14,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from controller.errors import AlreadyExists
+import structlog
+
+from controller.errors import AlreadyExists, DeadlineExceeded
 from controller.metrics import Metrics
 from controller.names import generate_sandbox_id, validate_sandbox_id
 from controller.quoting import quote
@@ -30,6 +34,13 @@ from controller.sandboxes.specs import (
 )
 from controller.sandboxes.warm_pool import WarmPool
 from controller.store.registry import Registry
+
+log = structlog.get_logger()
+
+# How much each cold start moves the estimate of the next one's duration (an EWMA), and the
+# estimate before the first (none: a create waits while any of its deadline is left).
+START_ESTIMATE_WEIGHT = 0.3
+FIRST_START_ESTIMATE = 0.0
 
 
 class Creation:
@@ -54,6 +65,10 @@ class Creation:
         self._quotas = quotas
         self._clock = clock
         self._metrics = metrics
+        # Seconds a cold start takes, recently: a create waits in line only while its
+        # deadline still leaves this long.
+        self._start_estimate = FIRST_START_ESTIMATE
+        self._starts_measured = 0
 
     def __repr__(self) -> str:
         return f"<Creation {self._lifecycle!r}>"
@@ -88,21 +103,61 @@ class Creation:
             raise
         if claimed is not None:
             return claimed, "pool"
-        self._quotas.take_create_slot()
+        slots = self._quotas.create_slots
+        await self._wait_for_a_slot(params)
         try:
             await self._lifecycle.admit(record)
         except AlreadyExists:
-            self._quotas.release_create_slot()
+            slots.release()
             earlier = await self._earlier_answer(params)  # a concurrent retry won the race
             if earlier is not None:
                 return earlier, "cold"
             raise
         except BaseException:
-            self._quotas.release_create_slot()
+            slots.release()
             raise
+        started = asyncio.get_running_loop().time()
         future = self._lifecycle.provision(record)
-        future.add_done_callback(lambda _: self._quotas.release_create_slot())
+        future.add_done_callback(lambda done: self._started(done, started))
         return await asyncio.shield(future), "cold"
+
+    async def _wait_for_a_slot(self, params: CreateParams) -> None:
+        """Takes one of the server's starts at once, in line behind the creates before it;
+        DeadlineExceeded (nothing made yet) once the caller's deadline leaves no time for a
+        start. A caller that leaves while it waits leaves the line."""
+        slots = self._quotas.create_slots
+        loop = asyncio.get_running_loop()
+        timeout = None
+        if params.deadline is not None:
+            timeout = params.deadline - loop.time() - self._start_estimate
+        try:
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError
+            waited = await slots.take(timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "CreateSandbox's deadline leaves no time to start a sandbox (about "
+                f"{self._start_estimate:.1f} s each now; the server starts "
+                f"{slots.limit} at once and {slots.waiting} more wait): nothing was created; "
+                "retry, with a longer deadline"
+            ) from None
+        self._metrics.create_queue_seconds.labels("create").observe(waited)
+        if waited > 0:
+            log.info(
+                "a create waited for a start slot",
+                seconds=round(waited, 3),
+                still_waiting=slots.waiting,
+            )
+
+    def _started(self, done: "asyncio.Future[SandboxRecord]", started: float) -> None:
+        """A cold start ended: its slot goes to the next in line; a success moves the
+        estimate of a start's duration."""
+        self._quotas.create_slots.release()
+        if not done.cancelled() and done.exception() is None:
+            took = asyncio.get_running_loop().time() - started
+            estimate = self._start_estimate if self._starts_measured else took
+            self._start_estimate = estimate + START_ESTIMATE_WEIGHT * (took - estimate)
+            self._starts_measured += 1
 
     async def _effective_spec(self, params: CreateParams) -> Spec:
         profile, runtime = self._policy.profile_and_runtime(params.image_profile, params.runtime)

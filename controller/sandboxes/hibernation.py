@@ -259,17 +259,22 @@ class Hibernation:
                 raise FailedPrecondition(
                     f"could not resume sandbox {record.name}: {exc}; it is still PAUSED"
                 ) from exc
-            # A container start like a create's: within the server's limit of them at once.
-            try:
-                self._quotas.take_create_slot()
-            except ResourceExhausted as exc:
-                raise ResourceExhausted(
-                    f"could not resume sandbox {record.name}: {exc}; it is still PAUSED"
-                ) from exc
+            # A container start like a create's: in line for the server's limit of them at
+            # once (a caller that leaves, e.g. at its deadline, leaves the line).
+            slots = self._quotas.create_slots
+            waited = await slots.take(None)
+            self._metrics.create_queue_seconds.labels("resume").observe(waited)
+            if waited > 0:
+                log.info(
+                    "a resume waited for a start slot",
+                    sandbox=record.name,
+                    seconds=round(waited, 3),
+                    still_waiting=slots.waiting,
+                )
             try:
                 into = await self._start_container(record)
             finally:
-                self._quotas.release_create_slot()
+                slots.release()
         try:
             restored = await self._provisioner.client_for(into).restore(
                 self._checkpoints.read(record.uid),

@@ -84,7 +84,11 @@ class SandboxManager:
             self._lifecycle,
             quotas,
             clock,
+            self.metrics,
         )
+        # The server's starts at once, and those waiting for one (read by tests and metrics).
+        self.create_slots = quotas.create_slots
+        self.metrics.watch_create_queue(lambda: self.create_slots.waiting)
         self._creation = Creation(
             registry,
             self._policy,

@@ -1,6 +1,7 @@
-"""Per-project quotas and the server's concurrency limits: RESOURCE_EXHAUSTED, naming the
-limit, rather than a slow or fallen-over service."""
+"""Per-project quotas, RESOURCE_EXHAUSTED naming the limit; and the server's own limit on
+container starts at once, where a start waits its turn instead (CreateSlots)."""
 
+import asyncio
 import collections
 import time
 from collections.abc import Callable
@@ -9,6 +10,72 @@ from typing import Any
 from controller.errors import ResourceExhausted
 
 WINDOW_SECONDS = 60.0
+
+
+class CreateSlots:
+    """The server's limit on containers starting at once (creates, resumes, warm pool
+    refills). A start beyond it waits its turn, first come first served; users' starts go
+    before the pool's refills. A slot that ends is handed straight to the next in line, so a
+    newcomer never overtakes a waiter, and a waiter that leaves (cancelled, or past its
+    timeout) leaves the line without losing anyone's slot.
+
+    Not asyncio.Semaphore: it has no priority for users over refills, and its fairness under
+    cancellation has changed between point releases; here the hand-off is explicit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._taken = 0
+        # Invariant: while anyone waits, every slot is taken (a release hands its slot on).
+        self._users: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._refills: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"<CreateSlots {self._taken}/{self.limit} waiting={self.waiting}>"
+
+    @property
+    def taken(self) -> int:
+        return self._taken
+
+    @property
+    def waiting(self) -> int:
+        """Starts waiting for a slot (read by the metrics' thread: only lengths)."""
+        return len(self._users) + len(self._refills)
+
+    async def take(self, timeout: float | None, refill: bool = False) -> float:
+        """Waits for a slot, at most `timeout` seconds (None: no limit; TimeoutError past
+        it); returns the seconds waited. Give it back with release()."""
+        if self._taken < self.limit:
+            self._taken += 1
+            return 0.0
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        granted: asyncio.Future[None] = loop.create_future()
+        line = self._refills if refill else self._users
+        line.append(granted)
+        try:
+            async with asyncio.timeout(timeout):
+                await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted as it left: the slot goes to the next in line
+            else:
+                granted.cancel()
+                if granted in line:  # a release may have dropped it already
+                    line.remove(granted)
+            raise
+        return loop.time() - started
+
+    def release(self) -> None:
+        """Gives a slot back: to the first user waiting, else to the first refill."""
+        for line in (self._users, self._refills):
+            while line:
+                waiter = line.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # the slot changes hands: still taken
+                    return
+        self._taken -= 1
 
 
 class Quotas:
@@ -21,16 +88,14 @@ class Quotas:
     ) -> None:
         self.max_sandboxes_per_project = max_sandboxes_per_project
         self.max_executes_per_minute = max_executes_per_minute
-        self.max_concurrent_creates = max_concurrent_creates
+        self.create_slots = CreateSlots(max_concurrent_creates)
         self._clock = clock
-        self._creating = 0
         self._executes: dict[str, collections.deque[float]] = {}
 
     def __repr__(self) -> str:
         return (
             f"<Quotas sandboxes/project={self.max_sandboxes_per_project} "
-            f"executes/min={self.max_executes_per_minute} creating={self._creating}"
-            f"/{self.max_concurrent_creates}>"
+            f"executes/min={self.max_executes_per_minute} {self.create_slots!r}>"
         )
 
     def check_sandbox_count(self, project: str, live: int) -> None:
@@ -40,27 +105,6 @@ class Quotas:
                 f"{self.max_sandboxes_per_project}: delete some first",
                 **_quota("max_sandboxes_per_project", self.max_sandboxes_per_project),
             )
-
-    def take_create_slot(self) -> None:
-        """Claims one of the creates in progress; give it back with release_create_slot when
-        the sandbox is created or failed (not when its caller gives up: it is still being
-        created)."""
-        if self._creating >= self.max_concurrent_creates:
-            raise ResourceExhausted(
-                f"the server is already creating {self._creating} sandboxes, its limit of "
-                f"{self.max_concurrent_creates} at once: retry in a moment"
-            )
-        self._creating += 1
-
-    def try_take_create_slot(self) -> bool:
-        """take_create_slot for the warm pool's refills: False instead of an error."""
-        if self._creating >= self.max_concurrent_creates:
-            return False
-        self._creating += 1
-        return True
-
-    def release_create_slot(self) -> None:
-        self._creating -= 1
 
     def count_execute(self, project: str) -> None:
         now = self._clock()

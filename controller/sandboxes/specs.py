@@ -39,6 +39,9 @@ class CreateParams:
     request_id: str
     # None: the server's default.
     auto_pause_after: timedelta | None = None
+    # When the caller stops waiting, on the event loop's clock (loop.time()); None: never.
+    # A create waiting for a slot past it fails, leaving nothing behind.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """The warm pool: sandboxes started and preloaded ahead of any request, per kind of sandbox.
 
 A CreateSandbox whose effective spec (image profile, runtime, resources) matches a pool key
-claims a member instead of starting a container; one background task refills the pool, one
-sandbox at a time. A member is WARMING while it starts and POOLED once it has preloaded; it
-belongs to no project until claimed, so it is invisible to List and counts toward no quota.
+claims a member instead of starting a container; a background task refills the pool, several
+members at once (up to the host's cores), each start waiting for one of the server's start
+slots behind the users' creates. A kind configured with `min=` learns its target from demand
+(pool_targets.Demand): it grows after a burst and decays back to its minimum when idle,
+within --warm-pool-max members in all and, beyond the minimums, --min-free-memory.
+
+A member is WARMING while it starts and POOLED once it has preloaded; it belongs to no
+project until claimed, so it is invisible to List and counts toward no quota.
 A member is handed out at most once: `take` removes it, and nothing ever puts a used sandbox
 back. Every member goes when the controller stops: the pool's are the only sandboxes that do
 not outlive it.
@@ -12,26 +17,30 @@ not outlive it.
 import asyncio
 import collections
 import contextlib
+import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 
 from controller.config import Config
 from controller.errors import FailedPrecondition, InvalidArgument
-from controller.metrics import PoolFigures
-from controller.pool_targets import PoolTarget, parse_pool
+from controller.metrics import Metrics, PoolFigures
+from controller.pool_targets import Demand, KindBounds, PoolTarget, parse_pool, pool_targets
 from controller.records import POOL_PROJECT, Runtime, SandboxRecord, Spec, State
 from controller.sandboxes.images import ImageCatalogue
 from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
-from controller.sandboxes.provisioner import START_CHECK_INTERVAL, Provisioner
+from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.shielding import shielded
 from controller.sandboxes.specs import SpecPolicy
 from controller.store.registry import Registry
 
-__all__ = ["PoolMembers", "PoolTarget", "WarmPool", "parse_pool"]
+__all__ = ["PoolBudget", "PoolMembers", "PoolTarget", "WarmPool", "parse_pool"]
 
 log = structlog.get_logger()
 
@@ -43,6 +52,37 @@ RETRY_LONGEST = 60.0
 POOL_DRAIN_TIMEOUT = 10.0
 # How long a member may take to answer the status call that proves it alive before a claim.
 CLAIM_CHECK_TIMEOUT = 1.0
+# How often the targets are looked at again without an event: a learned one decays.
+RETARGET_INTERVAL = 10.0
+
+
+def mem_available() -> int | None:
+    """The host's MemAvailable in bytes; None where /proc/meminfo does not say."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable":
+            return int(value.split()[0]) * 1024
+    return None
+
+
+@dataclass(frozen=True)
+class PoolBudget:
+    """What the pool may hold: `total` members in all (ready or starting), and no member
+    beyond a kind's minimum while `mem_available()` is below `min_free` bytes."""
+
+    total: int = 1 << 30
+    min_free: int = 0
+    mem_available: Callable[[], int | None] = mem_available
+
+    def memory_allows_growth(self) -> bool:
+        if self.min_free <= 0:
+            return True
+        available = self.mem_available()
+        return available is None or available >= self.min_free
 
 
 class WarmPool:
@@ -59,6 +99,7 @@ class WarmPool:
         lifecycle: Lifecycle,
         quotas: Quotas,
         clock: Callable[[], datetime],
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -68,6 +109,7 @@ class WarmPool:
         self._lifecycle = lifecycle
         self._quotas = quotas
         self._clock = clock
+        self._metrics = metrics
         self._members = PoolMembers({}, self._start_member)
 
     def __repr__(self) -> str:
@@ -75,12 +117,18 @@ class WarmPool:
 
     def start(self) -> None:
         """Starts filling the pool (the spec policy must know the host by now)."""
-        self._members = PoolMembers(self._sizes(), self._start_member)
+        self._members = PoolMembers(
+            self._bounds(),
+            self._start_member,
+            self._discard_member,
+            PoolBudget(self._config.warm_pool_max, self._config.min_free_memory),
+        )
         self._members.start()
 
-    def _sizes(self) -> dict[Spec, int]:
-        """The pool's keys: each configured target as the spec a create must match."""
-        sizes: dict[Spec, int] = {}
+    def _bounds(self) -> dict[Spec, KindBounds]:
+        """The pool's keys: each configured target as the spec a create must match, with
+        its bounds (a fixed size, or a minimum and maximum it learns between)."""
+        bounds: dict[Spec, KindBounds] = {}
         for target in self._config.warm_pool:
             try:
                 profile, runtime = self._policy.profile_and_runtime(
@@ -90,8 +138,12 @@ class WarmPool:
             except (InvalidArgument, FailedPrecondition) as exc:
                 raise ValueError(f"warm_pool entry {target}: {exc}") from exc
             spec = Spec(profile, runtime, resources)
-            sizes[spec] = sizes.get(spec, 0) + target.size
-        return {spec: size for spec, size in sizes.items() if size > 0}
+            before = bounds.get(spec, KindBounds(0, 0))
+            most = target.size
+            if target.learns:
+                most = max(target.size, target.maximum or self._config.warm_pool_max)
+            bounds[spec] = KindBounds(before.minimum + target.size, before.maximum + most)
+        return {spec: bound for spec, bound in bounds.items() if bound.maximum > 0}
 
     def ready_uids(self) -> set[str]:
         return self._members.ready_uids()
@@ -105,17 +157,33 @@ class WarmPool:
         """The sandbox `record` describes, made of a member of its spec; None when the pool
         has none ready. ResourceExhausted over the project's quota; AlreadyExists when the
         name or the request_id is taken."""
-        while (member := await self.take(record.spec)) is not None:
+        claimed = None
+        while (member := await self._take_answering(record.spec)) is not None:
             # Once the claim is written, the sandbox is the caller's even if the caller left:
             # the claim runs on, shielded, so a member is never both claimed and given back.
             claimed = await shielded(self._claim_or_give_back(member, record))
             if claimed is not None:
-                return claimed
-        return None
+                break
+        self._demand(record.spec, hit=claimed is not None)
+        return claimed
 
     async def take(self, spec: Spec) -> SandboxRecord | None:
         """A ready member of this spec that answers, now the caller's alone (to resume a
         paused sandbox into, or to discard); None when the pool has none ready."""
+        member = await self._take_answering(spec)
+        self._demand(spec, hit=member is not None)
+        return member
+
+    def _demand(self, spec: Spec, hit: bool) -> None:
+        """Counts a create or resume of a pooled kind toward its demand, and its metrics."""
+        if not self._members.record_demand(spec):
+            return  # not a pooled kind
+        kind = (spec.image_profile, spec.runtime.name.lower())
+        (self._metrics.pool_hits if hit else self._metrics.pool_misses).labels(*kind).inc()
+        if not hit:
+            log.info("warm pool miss", profile=kind[0], runtime=kind[1])
+
+    async def _take_answering(self, spec: Spec) -> SandboxRecord | None:
         while (member := self._members.take(spec)) is not None:
             try:
                 await self._provisioner.check_answers(member, CLAIM_CHECK_TIMEOUT)
@@ -150,11 +218,11 @@ class WarmPool:
                 f"no image {self._config.image_for(spec.image_profile)}: build it with "
                 f"sandbox-image/build.sh {spec.image_profile}"
             )
-        # A slot as users' creates leave one: the pool never takes their place.
-        while True:
-            if self._quotas.try_take_create_slot():
-                break
-            await asyncio.sleep(START_CHECK_INTERVAL)
+        # A start slot behind every user's create waiting for one: the pool never takes
+        # their place.
+        slots = self._quotas.create_slots
+        waited = await slots.take(None, refill=True)
+        self._metrics.create_queue_seconds.labels("refill").observe(waited)
         try:
             now = self._clock()
             uid = secrets.token_hex(16)
@@ -176,7 +244,7 @@ class WarmPool:
             await self._lifecycle.warm(member)
             member = await asyncio.shield(self._lifecycle.provision(member))
         finally:
-            self._quotas.release_create_slot()
+            slots.release()
         try:
             await self._provisioner.wait_preloaded(member)
             await self._lifecycle.pool(member)
@@ -184,6 +252,10 @@ class WarmPool:
             await shielded(self._lifecycle.discard(member, "it did not preload"))
             raise
         return member
+
+    async def _discard_member(self, member: SandboxRecord) -> None:
+        log.info("a warm pool sandbox is discarded", uid=member.uid, why="the pool shrank")
+        await shielded(self._lifecycle.discard(member, "the pool shrank"))
 
     async def close(self) -> None:
         """Stops refilling and discards every member, ready or still starting (a start runs
@@ -201,27 +273,53 @@ class WarmPool:
 
 
 class PoolMembers:
-    """Ready members by spec, and the task that keeps each spec at its size."""
+    """Ready members by spec; the task that keeps each spec at its target, several starts at
+    once; and each kind's demand, from which a kind that learns takes its target."""
 
     def __init__(
         self,
-        sizes: Mapping[Spec, int],
+        bounds: Mapping[Spec, KindBounds | int],
         start_member: Callable[[Spec], Awaitable[SandboxRecord]],
+        discard_member: Callable[[SandboxRecord], Awaitable[None]] | None = None,
+        budget: PoolBudget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        concurrency: int | None = None,
     ) -> None:
-        self._sizes = dict(sizes)
-        self._start_member = start_member
-        self._ready: dict[Spec, collections.deque[SandboxRecord]] = {
-            spec: collections.deque() for spec in self._sizes
+        """`bounds`: each kind's fixed size, or its bounds; `clock`: the demand's seconds;
+        `concurrency`: starts at once (default: one per core, so that refills never take
+        every core from the running sandboxes)."""
+        self._bounds = {
+            spec: bound if isinstance(bound, KindBounds) else KindBounds(bound, bound)
+            for spec, bound in bounds.items()
         }
+        self._start_member = start_member
+        self._discard_member = discard_member
+        self._budget = budget or PoolBudget()
+        self._clock = clock
+        self._concurrency = concurrency or len(os.sched_getaffinity(0)) or 1
+        self._ready: dict[Spec, collections.deque[SandboxRecord]] = {
+            spec: collections.deque() for spec in self._bounds
+        }
+        self._starting = dict.fromkeys(self._bounds, 0)
+        self._targets = {spec: bound.minimum for spec, bound in self._bounds.items()}
+        self._demand: Demand[Spec] = Demand()
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._starts: set[asyncio.Task[None]] = set()
+        self._discards: set[asyncio.Task[None]] = set()
+        # After a failed start of a spec: when to try again (the loop's clock), and the pause.
+        self._retry_at: dict[Spec, float] = {}
+        self._pause: dict[Spec, float] = {}
+        self._memory_short = False
+        # Refill passes so far: a test waits for the next one to see what it did.
+        self.passes = 0
 
     def __repr__(self) -> str:
         counts = {spec.image_profile: len(ready) for spec, ready in self._ready.items()}
-        return f"<PoolMembers ready={counts}>"
+        return f"<PoolMembers ready={counts} targets={list(self._targets.values())}>"
 
     def start(self) -> None:
-        if self._sizes and self._task is None:
+        if self._bounds and self._task is None:
             self._task = asyncio.create_task(self._refill_forever(), name="warm-pool")
             self._wanted.set()
 
@@ -232,6 +330,9 @@ class PoolMembers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in self._starts:
+            task.cancel()
+        await asyncio.gather(*self._starts, *self._discards, return_exceptions=True)
         left = [member for ready in self._ready.values() for member in ready]
         for ready in self._ready.values():
             ready.clear()
@@ -244,6 +345,19 @@ class PoolMembers:
             return None
         self._wanted.set()
         return ready.popleft()
+
+    def record_demand(self, spec: Spec) -> bool:
+        """Counts a create or resume of this spec toward its demand; False when the spec is
+        not a pool kind (its demand is not learned)."""
+        if spec not in self._bounds:
+            return False
+        self._demand.record(spec, self._clock())
+        self._wanted.set()
+        return True
+
+    def retarget(self) -> None:
+        """Looks at the targets again now (they decay with the clock)."""
+        self._wanted.set()
 
     def give_back(self, member: SandboxRecord) -> None:
         """Returns a member that `take` gave out but that was not claimed (its caller's
@@ -264,38 +378,114 @@ class PoolMembers:
     def count(self, spec: Spec) -> int:
         return len(self._ready.get(spec, ()))
 
+    def starting(self, spec: Spec) -> int:
+        return self._starting.get(spec, 0)
+
+    def target(self, spec: Spec) -> int:
+        return self._targets.get(spec, 0)
+
     def figures(self) -> list[PoolFigures]:
         return [
-            PoolFigures(spec.image_profile, spec.runtime.name.lower(), size, self.count(spec))
-            for spec, size in list(self._sizes.items())
+            PoolFigures(spec.image_profile, spec.runtime.name.lower(), target, self.count(spec))
+            for spec, target in list(self._targets.items())
         ]
 
     def ready_uids(self) -> set[str]:
         return {member.uid for ready in self._ready.values() for member in ready}
 
     async def _refill_forever(self) -> None:
-        retry_at: dict[Spec, float] = {}
-        pause: dict[Spec, float] = {}
-        loop = asyncio.get_running_loop()
         while True:
-            await self._wanted.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RETARGET_INTERVAL):
+                    await self._wanted.wait()
             self._wanted.clear()
-            for spec, size in self._sizes.items():
-                while len(self._ready[spec]) < size and loop.time() >= retry_at.get(spec, 0.0):
-                    try:
-                        member = await self._start_member(spec)
-                    except Exception as exc:
-                        wait = pause.get(spec, RETRY_FIRST)
-                        pause[spec] = min(RETRY_LONGEST, wait * 2)
-                        retry_at[spec] = loop.time() + wait
-                        log.warning(
-                            "could not start a warm pool sandbox",
-                            profile=spec.image_profile,
-                            runtime=spec.runtime.name,
-                            error=str(exc),
-                            retry_in_seconds=wait,
-                        )
-                        loop.call_later(wait, self._wanted.set)
-                        break
-                    pause.pop(spec, None)
-                    self._ready[spec].append(member)
+            self._retarget()
+            self._shrink()
+            self._launch()
+            self.passes += 1
+
+    def _retarget(self) -> None:
+        now = self._clock()
+        levels = {spec: self._demand.level(spec, now) for spec in self._bounds}
+        for spec, target in pool_targets(self._bounds, levels, self._budget.total).items():
+            before = self._targets[spec]
+            if target != before:
+                self._targets[spec] = target
+                log.info("pool target changed", kind=_kind(spec), **{"from": before, "to": target})
+
+    def _shrink(self) -> None:
+        """Discards the ready members beyond the target of each kind that learns, oldest
+        first (a fixed size keeps a member given back after its replacement started)."""
+        if self._discard_member is None:
+            return
+        for spec, ready in self._ready.items():
+            while self._bounds[spec].learns and len(ready) > self._targets[spec]:
+                task = asyncio.ensure_future(self._discard_member(ready.popleft()))
+                self._discards.add(task)
+                task.add_done_callback(self._discards.discard)
+
+    def _launch(self) -> None:
+        """Starts members where a kind is below its target, the furthest below first, as
+        many at once as the concurrency allows; beyond a kind's minimum only while the
+        host's free memory allows."""
+        now = asyncio.get_running_loop().time()
+        growth_allowed: bool | None = None  # read once a pass, when needed
+        while sum(self._starting.values()) < self._concurrency:
+            candidates = []
+            for spec, target in self._targets.items():
+                have = len(self._ready[spec]) + self._starting[spec]
+                if have >= target or now < self._retry_at.get(spec, 0.0):
+                    continue
+                if have >= self._bounds[spec].minimum:
+                    if growth_allowed is None:
+                        growth_allowed = self._memory_allows_growth()
+                    if not growth_allowed:
+                        continue
+                candidates.append((target - have, spec))
+            if not candidates:
+                return
+            spec = max(candidates, key=lambda candidate: candidate[0])[1]
+            self._starting[spec] += 1
+            task = asyncio.create_task(self._start(spec))
+            self._starts.add(task)
+            task.add_done_callback(self._starts.discard)
+
+    def _memory_allows_growth(self) -> bool:
+        allowed = self._budget.memory_allows_growth()
+        if allowed == self._memory_short:  # it changed: say so once
+            self._memory_short = not allowed
+            log.info(
+                "the warm pool stops growing beyond its minimums: the host's available memory "
+                "is below --min-free-memory"
+                if not allowed
+                else "the warm pool may grow again: the host's available memory is enough",
+                min_free_bytes=self._budget.min_free,
+            )
+        return allowed
+
+    async def _start(self, spec: Spec) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            member = await self._start_member(spec)
+        except Exception as exc:
+            wait = self._pause.get(spec, RETRY_FIRST)
+            self._pause[spec] = min(RETRY_LONGEST, wait * 2)
+            self._retry_at[spec] = loop.time() + wait
+            log.warning(
+                "could not start a warm pool sandbox",
+                profile=spec.image_profile,
+                runtime=spec.runtime.name,
+                error=str(exc),
+                retry_in_seconds=wait,
+            )
+            loop.call_later(wait, self._wanted.set)
+            return
+        finally:
+            self._starting[spec] -= 1
+            self._wanted.set()  # room for another start
+        self._pause.pop(spec, None)
+        self._ready[spec].append(member)
+
+
+def _kind(spec: Spec) -> str:
+    return f"{spec.image_profile}/{spec.runtime.name.lower()}"

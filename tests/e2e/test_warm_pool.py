@@ -204,3 +204,51 @@ async def test_pandas_is_imported_before_the_first_execution_and_after_a_crash(
     # The preload printed nothing into anyone's output.
     response = await execute(pool_stub, sandbox.name, "print('only this')")
     assert (response.stdout, response.stderr) == ("only this\n", "")
+
+
+BURST = 20
+
+
+async def test_a_burst_beyond_the_starts_at_once_waits_its_turn_and_every_create_succeeds(
+    e2e_config: Config, controller: Controller
+) -> None:
+    """20 creates at once, each followed by `1+1`, on a pool of 2 and 4 starts at once: the
+    creates that miss the pool wait their turn for a start instead of RESOURCE_EXHAUSTED."""
+    config = sibling_config(
+        e2e_config,
+        controller,
+        "burst",
+        state_dir=e2e_config.state_dir / "burst",
+        warm_pool=(PoolTarget(size=POOL_SIZE),),
+        max_concurrent_creates=4,
+    )
+    burst = await start_controller(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{burst.port}") as channel:
+            stub: Stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            await full_pool(burst)
+
+            async def create_and_run(index: int) -> str | None:
+                sandbox = await create(stub, sandbox_id=f"burst-{index}")
+                return value_of(await execute(stub, sandbox.name, "1+1"))
+
+            try:
+                answers = await asyncio.gather(*(create_and_run(i) for i in range(BURST)))
+                assert answers == ["2"] * BURST
+                metrics = burst.manager.metrics.registry
+                kind = {"profile": config.default_image_profile, "runtime": "runc"}
+                hits = metrics.get_sample_value("petri_warm_pool_hits_total", kind) or 0
+                misses = metrics.get_sample_value("petri_warm_pool_misses_total", kind) or 0
+                assert hits >= POOL_SIZE and hits + misses == BURST
+                waits = {"waiter": "create"}  # every miss took its turn for a start
+                assert metrics.get_sample_value("petri_create_queue_seconds_count", waits) == misses
+                assert burst.manager.create_slots.waiting == 0
+            finally:
+                listed = await stub.ListSandboxes(
+                    sandbox_pb2.ListSandboxesRequest(parent=PARENT, page_size=100)
+                )
+                for sandbox in listed.sandboxes:
+                    await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
+    finally:
+        await burst.stop(grace=1)
+    assert not managed_uids(burst)

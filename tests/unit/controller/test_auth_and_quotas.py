@@ -1,3 +1,4 @@
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from controller.api.auth import TokenTable
 from controller.app import tokens_for
 from controller.config import load_config
 from controller.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.quotas import CreateSlots, Quotas
 
 
 def tokens_file(tmp_path: Path) -> Path:
@@ -81,10 +82,58 @@ def test_execute_rate_is_per_project_over_a_sliding_minute() -> None:
     quotas.count_execute("alpha")
 
 
-def test_concurrent_creates_are_bounded() -> None:
-    quotas = Quotas(10, 10, 1)
-    quotas.take_create_slot()
-    with pytest.raises(ResourceExhausted, match="limit of 1 at once"):
-        quotas.take_create_slot()
-    quotas.release_create_slot()
-    quotas.take_create_slot()
+async def test_starts_beyond_the_limit_wait_their_turn_first_come_first_served() -> None:
+    slots = CreateSlots(1)
+    assert await slots.take(None) == 0.0
+    order: list[str] = []
+
+    async def start(name: str, refill: bool = False) -> None:
+        await slots.take(None, refill=refill)
+        order.append(name)
+
+    waiters = [asyncio.ensure_future(start("refill", refill=True))]
+    await until_waiting(slots, 1)
+    for name in ("a", "b", "c"):
+        waiters.append(asyncio.ensure_future(start(name)))
+        await until_waiting(slots, len(waiters))
+    for _ in waiters:
+        slots.release()
+        await asyncio.sleep(0)  # the one it went to runs
+    await asyncio.gather(*waiters)
+    assert order == ["a", "b", "c", "refill"]  # users first, each in arrival order
+    assert slots.taken == 1 and slots.waiting == 0
+
+
+async def test_a_waiter_that_leaves_loses_nobodys_slot() -> None:
+    slots = CreateSlots(1)
+    await slots.take(None)
+    leaving = asyncio.ensure_future(slots.take(None))
+    staying = asyncio.ensure_future(slots.take(None))
+    await until_waiting(slots, 2)
+    leaving.cancel()  # cancelled while waiting: it leaves the line
+    await asyncio.sleep(0)
+    assert slots.waiting == 1
+    slots.release()
+    assert await staying >= 0.0
+    with pytest.raises(TimeoutError):
+        await slots.take(0.01)  # its timeout passes in line: nothing taken
+    assert slots.waiting == 0
+    # Granted and cancelled at once: the slot goes on to the next in line.
+    granted = asyncio.ensure_future(slots.take(None))
+    after = asyncio.ensure_future(slots.take(None))
+    await until_waiting(slots, 2)
+    slots.release()
+    granted.cancel()
+    await asyncio.sleep(0)
+    await after
+    assert granted.cancelled() and slots.taken == 1 and slots.waiting == 0
+    slots.release()
+    assert slots.taken == 0
+
+
+async def until_waiting(slots: CreateSlots, count: int) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            if slots.waiting == count:
+                return
+            await asyncio.sleep(0)

@@ -10,6 +10,7 @@ import pytest
 
 from controller.config import Config
 from controller.errors import ResourceExhausted
+from controller.metrics import Metrics
 from controller.pool_targets import PoolTarget
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.runtime.container import (
@@ -108,7 +109,9 @@ async def parts(registry: Registry, tmp_path: Path) -> AsyncIterator[Parts]:
         registry, provisioner, quotas, lambda: T0, CheckpointStore(tmp_path / "checkpoints")
     )
     images = ImageCatalogue(config, containers)
-    pool = InstantPool(config, registry, policy, images, provisioner, lifecycle, quotas, lambda: T0)
+    pool = InstantPool(
+        config, registry, policy, images, provisioner, lifecycle, quotas, lambda: T0, Metrics()
+    )
     spec = Spec(
         config.default_image_profile,
         Runtime.RUNC,

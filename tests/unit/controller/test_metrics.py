@@ -32,6 +32,7 @@ from tests.unit.controller.inprocess import (
     fast_config,
     fast_petri,
     short_runtime_dir,
+    wait_until,
 )
 from tests.unit.controller.standin_executor import Execution, Hang, sends
 
@@ -234,6 +235,30 @@ async def test_the_warm_pool_is_reported_by_kind(tmp_path: Path) -> None:
         await petri.create()
         samples = await scraped(petri)
         assert value(samples, "petri_sandbox_creates_total", source="pool", outcome="ok") == 1
+
+
+async def test_a_pool_that_learns_reports_its_hits_misses_and_target(tmp_path: Path) -> None:
+    pool = load_config(["--warm-pool", "min=1,max=4"], environ={}).warm_pool
+    async with fast_petri(tmp_path, metrics_listen="127.0.0.1:0", warm_pool=pool) as petri:
+        kind = {"profile": "test", "runtime": "runc"}
+
+        async def ready(count: int) -> Samples | None:
+            samples = await scraped(petri)
+            return samples if value(samples, "petri_warm_pool_ready") == count else None
+
+        samples = await eventually(lambda: ready(1), "the pool's member to be ready")
+        assert value(samples, "petri_warm_pool_target", **kind) == 1
+        assert value(samples, "petri_create_queue") == 0
+        petri.runtime.starts_open.clear()  # no refill ends before the burst has come
+        burst = asyncio.gather(*(petri.create() for _ in range(4)))  # 1 hit, 3 misses
+        await wait_until(lambda: petri.runtime.starts_waiting >= 3, "the misses' starts")
+        petri.runtime.starts_open.set()
+        await burst
+        samples = await eventually(lambda: ready(4), "the pool to grow to the burst")
+        assert value(samples, "petri_warm_pool_target", **kind) == 4
+        assert value(samples, "petri_warm_pool_hits_total", **kind) == 1
+        assert value(samples, "petri_warm_pool_misses_total", **kind) == 3
+        assert value(samples, "petri_create_queue_seconds_count", waiter="create") == 3
 
 
 async def test_an_exception_past_the_servicer_is_counted_unknown() -> None:

@@ -7,13 +7,16 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 
 from controller.errors import Unavailable
 from controller.runtime.container import LABEL_EXECUTOR_KEY, LABEL_WORKER_UID
+from controller.sandboxes import creation
 from controller.sandboxes.warm_pool import PoolTarget
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.inprocess import (
     PARENT,
+    PROJECT,
     Petri,
     create_request,
     expect,
@@ -173,17 +176,85 @@ async def test_concurrent_creates_never_exceed_the_project_quota(tmp_path: Path)
         await petri.create()  # room again
 
 
-async def test_creates_beyond_the_concurrent_limit_are_refused_until_one_ends(
+async def test_creates_beyond_the_concurrent_limit_wait_their_turn_in_order(
     tmp_path: Path,
 ) -> None:
+    """Beyond --max-concurrent-creates a create waits in line (first come, first served)
+    rather than failing: RESOURCE_EXHAUSTED is for the caller's own quotas."""
     async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        slots = petri.controller.manager.create_slots
+        metrics = petri.controller.manager.metrics.registry
+        petri.runtime.starts_open.clear()
+        calls = [asyncio.ensure_future(petri.create("a"))]
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
+        for waiting, sandbox_id in enumerate(("b", "c", "d"), start=1):
+            calls.append(asyncio.ensure_future(petri.create(sandbox_id)))
+            await wait_until(lambda: slots.waiting == waiting, f"{sandbox_id} in line")  # noqa: B023
+        assert metrics.get_sample_value("petri_create_queue") == 3
+        petri.runtime.starts_open.set()
+        made = await asyncio.gather(*calls)
+        assert [sandbox.state for sandbox in made] == [RUNNING] * 4
+        started = [name.removeprefix("petri-") for name in petri.runtime.containers]
+        assert started == [sandbox.uid for sandbox in made]  # in the order they came
+        assert slots.taken == 0 and slots.waiting == 0
+        waits = {"waiter": "create"}
+        assert metrics.get_sample_value("petri_create_queue_seconds_count", waits) == 4
+
+
+async def test_a_create_whose_deadline_passes_in_line_leaves_nothing(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path, max_concurrent_creates=1, max_sandboxes_per_project=2) as petri:
+        slots = petri.controller.manager.create_slots
         petri.runtime.starts_open.clear()
         first = asyncio.ensure_future(petri.create("first"))
         await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
-        await expect(petri.create("second"), EXHAUSTED, "limit of 1 at once: retry in a moment")
+        late = petri.stub.CreateSandbox(create_request("late", "r-late"), timeout=0.3)
+        await expect(late, grpc.StatusCode.DEADLINE_EXCEEDED)
+        await wait_until(lambda: slots.waiting == 0, "the late create to leave the line")
         petri.runtime.starts_open.set()
-        assert (await first).state == RUNNING
-        assert (await petri.create("second")).state == RUNNING
+        await first
+        # Nothing of it: no row, no container, no quota used, its request_id free.
+        assert await petri.controller.registry.get_by_request_id(PROJECT, "r-late") is None
+        assert len(petri.runtime.containers) == 1
+        assert (await petri.create("late", "r-late")).state == RUNNING  # the quota's 2nd
+        assert slots.taken == 0
+
+
+async def test_a_create_whose_deadline_cannot_cover_a_start_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(creation, "FIRST_START_ESTIMATE", 60.0)  # a start takes a minute
+    async with fast_petri(tmp_path) as petri:
+        call = petri.stub.CreateSandbox(create_request("quick", "r-quick"), timeout=10)
+        await expect(
+            call,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "deadline leaves no time to start a sandbox (about 60.0 s each now",
+            "nothing was created; retry, with a longer deadline",
+        )
+        assert petri.runtime.starts == 0 and petri.runtime.containers == {}
+        assert await petri.controller.registry.get_by_request_id(PROJECT, "r-quick") is None
+        assert (await petri.create("quick", "r-quick")).state == RUNNING  # no deadline
+
+
+async def test_a_create_cancelled_in_line_leaves_it(tmp_path: Path) -> None:
+    async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        slots = petri.controller.manager.create_slots
+        petri.runtime.starts_open.clear()
+        first = asyncio.ensure_future(petri.create("first"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
+        leaving = petri.stub.CreateSandbox(create_request("leaving", "r-leaving"))
+        staying = asyncio.ensure_future(petri.create("staying"))
+        await wait_until(lambda: slots.waiting == 2, "both in line")
+        leaving.cancel()
+        await wait_until(lambda: slots.waiting == 1, "the cancelled create to leave the line")
+        petri.runtime.starts_open.set()
+        await first
+        assert (await staying).state == RUNNING
+        assert await petri.controller.registry.get_by_request_id(PROJECT, "r-leaving") is None
+        assert sorted(await petri.names()) == [
+            f"{PARENT}/sandboxes/{n}" for n in ("first", "staying")
+        ]
+        assert slots.taken == 0 and slots.waiting == 0
 
 
 async def test_a_failed_start_leaves_nothing_and_frees_its_slot(tmp_path: Path) -> None:
