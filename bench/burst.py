@@ -11,10 +11,12 @@ part), timed together from the create's start. In one run, on one controller pro
 3. --rate calls per second for --sustain seconds, each sandbox deleted once its call is done;
    the host's MemAvailable is sampled throughout.
 4. Idle: waits (at most --idle-wait seconds) until every pooled kind's target is back at its
-   minimum, read from the controller's metrics, then one lone create: a pool hit?
+   minimum (--pool-min, the default config's min=2), read from the controller's metrics, then
+   one lone create: a pool hit? (A learned level is held 10 minutes, then halves every 5.)
 
 Run as the service user (scripts/bench does): python -m bench.burst [--profile full]
-[--burst 20] [--gap 60] [--rate 4] [--sustain 60] [--idle-wait 900] [--setting KEY=VALUE]...
+[--burst 20] [--gap 60] [--rate 4] [--sustain 60] [--idle-wait 2400] [--pool-min 2]
+[--setting KEY=VALUE]...
 (--setting passes a controller option through its PETRI_* variable, e.g. a shorter pool
 decay for the idle part; the figures say which were given.)
 """
@@ -167,8 +169,10 @@ async def sustained(stub: "Stub", rate: float, seconds: float, profile: str) -> 
     return part, lowest
 
 
-async def idle_then_lone_create(stub: "Stub", metrics_url: str, wait: float, profile: str) -> Part:
-    """Waits until each pooled kind's target equals its minimum and its members are ready, then
+async def idle_then_lone_create(
+    stub: "Stub", metrics_url: str, wait: float, minimum: float, profile: str
+) -> Part:
+    """Waits until each pooled kind's target is down to `minimum` and its members are ready, then
     times one create + `1+1` and reads whether it came from the pool."""
     part = Part("idle, then a lone create")
     began = time.monotonic()
@@ -176,9 +180,8 @@ async def idle_then_lone_create(stub: "Stub", metrics_url: str, wait: float, pro
     while time.monotonic() - began < wait:
         samples = scrape(metrics_url)
         targets = {labels: v for (n, labels), v in samples.items() if n == "petri_warm_pool_target"}
-        minimums = {labels: v for (n, labels), v in samples.items() if n == "petri_warm_pool_min"}
         ready = {labels: v for (n, labels), v in samples.items() if n == "petri_warm_pool_ready"}
-        at_minimum = all(minimums.get(labels, value) >= value for labels, value in targets.items())
+        at_minimum = all(value <= minimum for value in targets.values())
         if targets and at_minimum and all(ready.get(k, 0) >= v for k, v in targets.items()):
             settled = True
             break
@@ -273,7 +276,9 @@ async def run(args: argparse.Namespace) -> None:
         )
         parts.append((steady, "p99 <= 1 s, memory within budget"))
         print(f"sustained part done in {steady.wall:.1f} s", flush=True)
-        lone = await idle_then_lone_create(stub, metrics_url, args.idle_wait, args.profile)
+        lone = await idle_then_lone_create(
+            stub, metrics_url, args.idle_wait, args.pool_min, args.profile
+        )
         parts.append((lone, "a pool hit, <= 30 ms to create"))
         final = scrape(metrics_url)
     given = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "metrics_listen")
@@ -304,7 +309,8 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--sustain", type=float, default=60.0)
-    parser.add_argument("--idle-wait", type=float, default=900.0)
+    parser.add_argument("--idle-wait", type=float, default=2400.0)
+    parser.add_argument("--pool-min", type=float, default=2.0, help="the pool's configured min=")
     parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE")
     asyncio.run(run(parser.parse_args()))
 
