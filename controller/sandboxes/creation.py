@@ -41,6 +41,10 @@ log = structlog.get_logger()
 # estimate before the first (none: a create waits while any of its deadline is left).
 START_ESTIMATE_WEIGHT = 0.3
 FIRST_START_ESTIMATE = 0.0
+# An estimate no start has confirmed for this many seconds counts half as much: one slow
+# start cannot refuse every later create for good (a refused create starts nothing to
+# measure, so without it the estimate would never come down).
+START_ESTIMATE_HALF_LIFE = 30.0
 
 
 class Creation:
@@ -69,6 +73,7 @@ class Creation:
         # deadline still leaves this long.
         self._start_estimate = FIRST_START_ESTIMATE
         self._starts_measured = 0
+        self._estimated_at: float | None = None  # the loop's time of the last measurement
 
     def __repr__(self) -> str:
         return f"<Creation {self._lifecycle!r}>"
@@ -127,9 +132,10 @@ class Creation:
         start. A caller that leaves while it waits leaves the line."""
         slots = self._quotas.create_slots
         loop = asyncio.get_running_loop()
+        estimate = self._current_estimate(loop.time())
         timeout = None
         if params.deadline is not None:
-            timeout = params.deadline - loop.time() - self._start_estimate
+            timeout = params.deadline - loop.time() - estimate
         try:
             if timeout is not None and timeout <= 0:
                 raise TimeoutError
@@ -137,7 +143,7 @@ class Creation:
         except TimeoutError:
             raise DeadlineExceeded(
                 "CreateSandbox's deadline leaves no time to start a sandbox (about "
-                f"{self._start_estimate:.1f} s each now; the server starts "
+                f"{estimate:.1f} s each now; the server starts "
                 f"{slots.limit} at once and {slots.waiting} more wait): nothing was created; "
                 "retry, with a longer deadline"
             ) from None
@@ -149,15 +155,26 @@ class Creation:
                 still_waiting=slots.waiting,
             )
 
+    def _current_estimate(self, now: float) -> float:
+        """The seconds a start takes, as recent starts say: halved for every
+        START_ESTIMATE_HALF_LIFE since the last one measured."""
+        if self._estimated_at is None:
+            return self._start_estimate
+        age = max(0.0, now - self._estimated_at)
+        decay: float = 0.5 ** (age / START_ESTIMATE_HALF_LIFE)
+        return self._start_estimate * decay
+
     def _started(self, done: "asyncio.Future[SandboxRecord]", started: float) -> None:
         """A cold start ended: its slot goes to the next in line; a success moves the
         estimate of a start's duration."""
         self._quotas.create_slots.release()
         if not done.cancelled() and done.exception() is None:
-            took = asyncio.get_running_loop().time() - started
-            estimate = self._start_estimate if self._starts_measured else took
+            now = asyncio.get_running_loop().time()
+            took = now - started
+            estimate = self._current_estimate(now) if self._starts_measured else took
             self._start_estimate = estimate + START_ESTIMATE_WEIGHT * (took - estimate)
             self._starts_measured += 1
+            self._estimated_at = now
 
     async def _effective_spec(self, params: CreateParams) -> Spec:
         profile, runtime = self._policy.profile_and_runtime(params.image_profile, params.runtime)

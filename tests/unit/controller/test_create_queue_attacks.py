@@ -1,0 +1,97 @@
+"""The create line and the start estimate under attack: cancels at every moment, a poisoned
+estimate, floods from one project, retries of a queued create."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.sandboxes import creation
+from controller.sandboxes.quotas import CreateSlots
+from petri.v1 import sandbox_pb2
+from tests.unit.controller.inprocess import create_request, expect, fast_petri, wait_until
+
+RUNNING = sandbox_pb2.Sandbox.RUNNING
+
+
+async def test_two_hundred_cancels_at_random_moments_leak_no_slot() -> None:
+    """Waiters cancelled before, at and after the moment their slot is granted: every slot
+    comes back, and the limit's worth of starts can still run at once."""
+    rng = random.Random(16)
+    slots = CreateSlots(3)
+    held: list[int] = []
+
+    async def start(index: int) -> None:
+        await slots.take(None, refill=index % 5 == 0)
+        held.append(index)
+        try:
+            for _ in range(rng.randrange(3)):
+                await asyncio.sleep(0)
+        finally:
+            held.remove(index)
+            slots.release()
+
+    tasks = [asyncio.ensure_future(start(index)) for index in range(200)]
+    for task in tasks:
+        for _ in range(rng.randrange(4)):
+            await asyncio.sleep(0)
+        if rng.random() < 0.7:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert held == [] and slots.taken == 0 and slots.waiting == 0
+    for _ in range(3):
+        assert await slots.take(0) == 0.0  # all three at once, no wait
+    assert slots.taken == 3
+
+
+async def test_creates_cancelled_at_random_moments_leave_every_start_slot(
+    tmp_path: Path,
+) -> None:
+    """Callers that leave while in line, as their slot is handed over, or while their start
+    runs: afterwards max_concurrent_creates creates still start at once."""
+    rng = random.Random(61)
+    async with fast_petri(tmp_path, max_concurrent_creates=2) as petri:
+        slots = petri.controller.manager.create_slots
+        for round_ in range(4):
+            petri.runtime.starts_open.clear()
+            calls = [
+                petri.stub.CreateSandbox(create_request(f"r{round_}-{index}"))
+                for index in range(12)
+            ]
+            await wait_until(lambda: petri.runtime.starts_waiting == 2, "two starts at once")
+            petri.runtime.starts_open.set()
+            for call in calls:
+                for _ in range(rng.randrange(6)):
+                    await asyncio.sleep(0)
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            await wait_until(
+                lambda: slots.taken == 0 and slots.waiting == 0, "every slot given back"
+            )
+        petri.runtime.starts_open.clear()
+        last = [asyncio.ensure_future(petri.create(f"last-{index}")) for index in range(2)]
+        await wait_until(lambda: petri.runtime.starts_waiting == 2, "two starts at once again")
+        petri.runtime.starts_open.set()
+        assert [sandbox.state for sandbox in await asyncio.gather(*last)] == [RUNNING] * 2
+
+
+async def test_one_slow_start_does_not_refuse_every_later_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that took a minute refuses the creates that cannot wait that long, but not
+    for good: a refused create starts nothing that could bring the estimate down, so an
+    estimate no start confirms loses weight with time."""
+    monkeypatch.setattr(creation, "START_ESTIMATE_HALF_LIFE", 0.05, raising=False)
+    async with fast_petri(tmp_path) as petri:
+        made = petri.controller.manager._creation
+        made._start_estimate, made._starts_measured = 60.0, 1  # the one slow start
+        made._estimated_at = asyncio.get_running_loop().time()
+        refused = petri.stub.CreateSandbox(create_request("early"), timeout=10)
+        await expect(refused, grpc.StatusCode.DEADLINE_EXCEEDED, "no time to start a sandbox")
+        await asyncio.sleep(1.0)  # time passes with no start: 20 half-lives
+        later = await petri.stub.CreateSandbox(create_request("later"), timeout=10)
+        assert later.state == RUNNING
