@@ -279,7 +279,8 @@ class Config:
     max_executes_per_minute: int = _opt("executions per project per minute", int, default=1200)
     max_concurrent_creates: int = _opt(
         "containers started at once, server-wide (creates, resumes, warm pool refills); "
-        "more wait their turn, first come first served, within each caller's deadline",
+        "more wait their turn, first come first served within a project, the projects taking "
+        "turns, within each caller's deadline",
         int,
         default=16,
     )

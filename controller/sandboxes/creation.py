@@ -1,7 +1,8 @@
 """CreateSandbox: a retry answered from its request_id, else a warm pool member, else a new
 container; the project's quota holds for each, and a new container waits its turn for the
-server's limit on starts at once (FIFO, within the caller's deadline: DEADLINE_EXCEEDED,
-nothing created, when a start can no longer fit before it).
+server's limit on starts at once (FIFO per project, the projects taking turns, within the
+caller's deadline: DEADLINE_EXCEEDED, nothing created, when a start can no longer fit
+before it).
 
 A request_id names one request (AIP-155): a retry with it gets the sandbox the first request
 made, once RUNNING, and a different request that reuses it is ALREADY_EXISTS, naming the
@@ -139,7 +140,7 @@ class Creation:
         try:
             if timeout is not None and timeout <= 0:
                 raise TimeoutError
-            waited = await slots.take(timeout)
+            waited = await slots.take(timeout, project=params.project)
         except TimeoutError:
             raise DeadlineExceeded(
                 "CreateSandbox's deadline leaves no time to start a sandbox (about "

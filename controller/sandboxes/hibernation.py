@@ -262,7 +262,7 @@ class Hibernation:
             # A container start like a create's: in line for the server's limit of them at
             # once (a caller that leaves, e.g. at its deadline, leaves the line).
             slots = self._quotas.create_slots
-            waited = await slots.take(None)
+            waited = await slots.take(None, project=record.project)
             self._metrics.create_queue_seconds.labels("resume").observe(waited)
             if waited > 0:
                 log.info(

@@ -14,10 +14,12 @@ WINDOW_SECONDS = 60.0
 
 class CreateSlots:
     """The server's limit on containers starting at once (creates, resumes, warm pool
-    refills). A start beyond it waits its turn, first come first served; users' starts go
-    before the pool's refills. A slot that ends is handed straight to the next in line, so a
-    newcomer never overtakes a waiter, and a waiter that leaves (cancelled, or past its
-    timeout) leaves the line without losing anyone's slot.
+    refills). A start beyond it waits its turn, first come first served within its project,
+    the projects taking turns (one project's flood of creates does not hold another's lone
+    create behind all of it); users' starts go before the pool's refills. A slot that ends
+    is handed straight to the next in line, so a newcomer never overtakes a waiter, and a
+    waiter that leaves (cancelled, or past its timeout) leaves the line without losing
+    anyone's slot.
 
     Not asyncio.Semaphore: it has no priority for users over refills, and its fairness under
     cancellation has changed between point releases; here the hand-off is explicit."""
@@ -26,7 +28,8 @@ class CreateSlots:
         self.limit = limit
         self._taken = 0
         # Invariant: while anyone waits, every slot is taken (a release hands its slot on).
-        self._users: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Each project's line, in the order the projects take turns; then the refills'.
+        self._users: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._refills: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def __repr__(self) -> str:
@@ -39,11 +42,11 @@ class CreateSlots:
     @property
     def waiting(self) -> int:
         """Starts waiting for a slot (read by the metrics' thread: only lengths)."""
-        return len(self._users) + len(self._refills)
+        return sum(len(line) for line in list(self._users.values())) + len(self._refills)
 
-    async def take(self, timeout: float | None, refill: bool = False) -> float:
+    async def take(self, timeout: float | None, refill: bool = False, project: str = "") -> float:
         """Waits for a slot, at most `timeout` seconds (None: no limit; TimeoutError past
-        it); returns the seconds waited. Give it back with release()."""
+        it), in `project`'s line; returns the seconds waited. Give it back with release()."""
         if self._taken < self.limit:
             self._taken += 1
             return 0.0
@@ -52,7 +55,7 @@ class CreateSlots:
         loop = asyncio.get_running_loop()
         started = loop.time()
         granted: asyncio.Future[None] = loop.create_future()
-        line = self._refills if refill else self._users
+        line = self._refills if refill else self._users.setdefault(project, collections.deque())
         line.append(granted)
         try:
             async with asyncio.timeout(timeout):
@@ -64,18 +67,33 @@ class CreateSlots:
                 granted.cancel()
                 if granted in line:  # a release may have dropped it already
                     line.remove(granted)
+                if not refill and not line and self._users.get(project) is line:
+                    del self._users[project]
             raise
         return loop.time() - started
 
     def release(self) -> None:
-        """Gives a slot back: to the first user waiting, else to the first refill."""
-        for line in (self._users, self._refills):
-            while line:
-                waiter = line.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)  # the slot changes hands: still taken
-                    return
-        self._taken -= 1
+        """Gives a slot back: to the first waiter of the project whose turn it is (that
+        project's turn then passes to the next), else to the first refill."""
+        for project in list(self._users):
+            line = self._users.pop(project)
+            handed = _hand_over(line)
+            if line:
+                self._users[project] = line  # its next waiter goes after the other projects'
+            if handed:
+                return
+        if not _hand_over(self._refills):
+            self._taken -= 1
+
+
+def _hand_over(line: collections.deque[asyncio.Future[None]]) -> bool:
+    """Grants the slot to the first waiter in `line` still waiting; False when none is."""
+    while line:
+        waiter = line.popleft()
+        if not waiter.done():
+            waiter.set_result(None)  # the slot changes hands: still taken
+            return True
+    return False
 
 
 class Quotas:

@@ -95,3 +95,32 @@ async def test_one_slow_start_does_not_refuse_every_later_create(
         await asyncio.sleep(1.0)  # time passes with no start: 20 half-lives
         later = await petri.stub.CreateSandbox(create_request("later"), timeout=10)
         assert later.state == RUNNING
+
+
+async def test_one_projects_flood_of_creates_does_not_hold_anothers_lone_create_behind_it(
+    tmp_path: Path,
+) -> None:
+    """The projects take turns at the start slots: a lone create of another project starts
+    after at most one more of the flood's, not after all of them."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        slots = petri.controller.manager.create_slots
+        petri.runtime.starts_open.clear()
+        flood = [asyncio.ensure_future(petri.create("flood-0"))]
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the flood's first start")
+        for index in range(1, 7):
+            flood.append(asyncio.ensure_future(petri.create(f"flood-{index}")))
+        await wait_until(lambda: slots.waiting == 6, "the flood in line")
+        lone = asyncio.ensure_future(
+            petri.stub.CreateSandbox(
+                sandbox_pb2.CreateSandboxRequest(parent="projects/other", sandbox_id="lone")
+            )
+        )
+        await wait_until(lambda: slots.waiting == 7, "the lone create in line")
+        petri.runtime.starts_open.set()
+        made = await asyncio.gather(*flood)
+        alone = await lone
+        started = [name.removeprefix("petri-") for name in petri.runtime.containers]
+        assert started.index(alone.uid) <= 2, started.index(alone.uid)
+        started.remove(alone.uid)
+        assert started == [sandbox.uid for sandbox in made]  # the flood itself in arrival order
+        assert slots.taken == 0 and slots.waiting == 0
