@@ -10,6 +10,7 @@ fields that differ.
 """
 
 import asyncio
+import collections
 import secrets
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from datetime import datetime
 
 import structlog
 
-from controller.errors import AlreadyExists, DeadlineExceeded
+from controller.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted
 from controller.metrics import Metrics
 from controller.names import generate_sandbox_id, validate_sandbox_id
 from controller.quoting import quote
@@ -75,6 +76,9 @@ class Creation:
         self._start_estimate = FIRST_START_ESTIMATE
         self._starts_measured = 0
         self._estimated_at: float | None = None  # the loop's time of the last measurement
+        # Each project's creates between their quota check and their row: their requests
+        # (a request_id, else the record's uid) and how many calls each.
+        self._in_line: dict[str, collections.Counter[str]] = {}
 
     def __repr__(self) -> str:
         return f"<Creation {self._lifecycle!r}>"
@@ -102,30 +106,52 @@ class Creation:
         container ("cold")."""
         try:
             claimed = await self._pool.claim(record)
-        except AlreadyExists:
-            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+        except (AlreadyExists, ResourceExhausted):
+            # A concurrent retry won the race (its sandbox may be the one filling the quota).
+            earlier = await self._earlier_answer(params)
             if earlier is not None:
                 return earlier, "cold"
             raise
         if claimed is not None:
             return claimed, "pool"
-        slots = self._quotas.create_slots
-        await self._wait_for_a_slot(params)
         try:
-            await self._lifecycle.admit(record)
-        except AlreadyExists:
-            slots.release()
-            earlier = await self._earlier_answer(params)  # a concurrent retry won the race
+            await self._wait_and_admit(params, record)
+        except (AlreadyExists, ResourceExhausted):
+            earlier = await self._earlier_answer(params)  # as above
             if earlier is not None:
                 return earlier, "cold"
-            raise
-        except BaseException:
-            slots.release()
             raise
         started = asyncio.get_running_loop().time()
         future = self._lifecycle.provision(record)
         future.add_done_callback(lambda done: self._started(done, started))
         return await asyncio.shield(future), "cold"
+
+    async def _wait_and_admit(self, params: CreateParams, record: SandboxRecord) -> None:
+        """Waits for a start slot and adds the sandbox's row, holding the slot once the row
+        is in. Counted in its project's line meanwhile: a create the project's quota
+        cannot take even with those before it refused at once (ResourceExhausted), not at
+        the end of its wait; a retry of a request in line is not counted twice."""
+        project, key = params.project, params.request_id or f"#{record.uid}"
+        if key not in self._in_line.get(project, ()):
+            await self._lifecycle.check_room(project, lambda: len(self._in_line.get(project, ())))
+        # No await since the check: the next create's check counts this one.
+        line = self._in_line.setdefault(project, collections.Counter())
+        line[key] += 1
+        try:
+            try:
+                await self._wait_for_a_slot(params)
+                try:
+                    await self._lifecycle.admit(record)
+                except BaseException:
+                    self._quotas.create_slots.release()
+                    raise
+            finally:
+                line[key] -= 1
+        finally:
+            if line[key] <= 0:
+                del line[key]
+            if not line:
+                del self._in_line[project]
 
     async def _wait_for_a_slot(self, params: CreateParams) -> None:
         """Takes one of the server's starts at once, in line behind the creates before it;

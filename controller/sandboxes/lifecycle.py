@@ -88,6 +88,13 @@ class Lifecycle:
             self._quotas.check_sandbox_count(record.project, live)
             await self._registry.insert(record)
 
+    async def check_room(self, project: str, starting: Callable[[], int]) -> None:
+        """ResourceExhausted when the project's live sandboxes and `starting()` more being
+        created (counted under the lock that admit's rows are added under) fill its quota."""
+        async with self._project_locks.setdefault(project, asyncio.Lock()):
+            live = await self._registry.count_live(project)
+            self._quotas.check_sandbox_count(project, live, starting())
+
     async def warm(self, record: SandboxRecord) -> None:
         """Adds a warm pool member's WARMING row: no project's, counted toward no quota."""
         assert record.state is State.WARMING and record.project == POOL_PROJECT

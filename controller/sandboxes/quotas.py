@@ -116,10 +116,13 @@ class Quotas:
             f"executes/min={self.max_executes_per_minute} {self.create_slots!r}>"
         )
 
-    def check_sandbox_count(self, project: str, live: int) -> None:
-        if live >= self.max_sandboxes_per_project:
+    def check_sandbox_count(self, project: str, live: int, starting: int = 0) -> None:
+        """ResourceExhausted when `live` sandboxes and `starting` more being created leave
+        the project no room for one more."""
+        if live + starting >= self.max_sandboxes_per_project:
+            more = f" and {starting} more being created" if starting else ""
             raise ResourceExhausted(
-                f"project {project!r} has {live} sandboxes, its quota of "
+                f"project {project!r} has {live} sandboxes{more}, its quota of "
                 f"{self.max_sandboxes_per_project}: delete some first",
                 **_quota("max_sandboxes_per_project", self.max_sandboxes_per_project),
             )

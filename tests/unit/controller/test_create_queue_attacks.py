@@ -124,3 +124,52 @@ async def test_one_projects_flood_of_creates_does_not_hold_anothers_lone_create_
         started.remove(alone.uid)
         assert started == [sandbox.uid for sandbox in made]  # the flood itself in arrival order
         assert slots.taken == 0 and slots.waiting == 0
+
+
+
+async def test_a_create_the_quota_cannot_take_even_with_those_in_line_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """The project's quota counts its creates in line: one beyond it is RESOURCE_EXHAUSTED
+    now, not after waiting its turn (nor DEADLINE_EXCEEDED in line)."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1, max_sandboxes_per_project=2) as petri:
+        slots = petri.controller.manager.create_slots
+        petri.runtime.starts_open.clear()
+        first = asyncio.ensure_future(petri.create("first"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
+        queued = asyncio.ensure_future(petri.create("queued"))
+        await wait_until(lambda: slots.waiting == 1, "the second create in line")
+        beyond = petri.stub.CreateSandbox(create_request("beyond"), timeout=5)
+        await expect(
+            beyond,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "has 1 sandboxes and 1 more being created, its quota of 2",
+        )
+        assert slots.waiting == 1  # the refused create never queued
+        petri.runtime.starts_open.set()
+        assert [s.state for s in await asyncio.gather(first, queued)] == [RUNNING] * 2
+        assert slots.taken == 0 and slots.waiting == 0
+        assert petri.controller.manager._creation._in_line == {}
+
+
+async def test_a_retry_of_a_create_in_line_gets_its_sandbox_though_it_fills_the_quota(
+    tmp_path: Path,
+) -> None:
+    """A retry sent while its request waits in line is the same request: once the first
+    is in (filling the project's quota), the retry gets its sandbox, not RESOURCE_EXHAUSTED,
+    and it did not count as one more create in line."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1, max_sandboxes_per_project=2) as petri:
+        slots = petri.controller.manager.create_slots
+        petri.runtime.starts_open.clear()
+        first = asyncio.ensure_future(petri.create("first"))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
+        queued = asyncio.ensure_future(petri.create("queued", "r-queued"))
+        await wait_until(lambda: slots.waiting == 1, "the second create in line")
+        retry = asyncio.ensure_future(petri.create("queued", "r-queued"))
+        await wait_until(lambda: slots.waiting == 2, "its retry in line")
+        petri.runtime.starts_open.set()
+        await first
+        made, again = await asyncio.gather(queued, retry)
+        assert made.uid == again.uid and made.state == RUNNING
+        assert len(petri.runtime.containers) == 2
+        assert slots.taken == 0 and slots.waiting == 0
