@@ -75,7 +75,8 @@ class CreateSlots:
     def release(self) -> None:
         """Gives a slot back: to the first waiter of the project whose turn it is (that
         project's turn then passes to the next), else to the first refill."""
-        for project in list(self._users):
+        while self._users:
+            project = next(iter(self._users))
             line = self._users.pop(project)
             handed = _hand_over(line)
             if line:

@@ -10,10 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from controller.pool_targets import KindBounds
 from controller.sandboxes import creation
 from controller.sandboxes.quotas import CreateSlots
+from controller.sandboxes.warm_pool import PoolMembers
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.inprocess import create_request, expect, fast_petri, wait_until
+from tests.unit.controller.test_warm_pool import FULL, Discards, Starter, demand, next_pass, until
 
 RUNNING = sandbox_pb2.Sandbox.RUNNING
 
@@ -173,3 +176,67 @@ async def test_a_retry_of_a_create_in_line_gets_its_sandbox_though_it_fills_the_
         assert made.uid == again.uid and made.state == RUNNING
         assert len(petri.runtime.containers) == 2
         assert slots.taken == 0 and slots.waiting == 0
+
+
+async def test_a_shrinking_pool_never_discards_a_member_being_handed_out() -> None:
+    """Members taken for a claim are out of the pool's reach while the target falls; one
+    given back unclaimed (its create failed) is discarded only if still beyond the target."""
+    now = [0.0]
+    starter, discards = Starter(), Discards()
+    pool = PoolMembers({FULL: KindBounds(1, 10)}, starter, discards, clock=lambda: now[0])
+    pool.start()
+    try:
+        demand(pool, FULL, 6)
+        await until(lambda: pool.count(FULL) == 6 and pool.starting(FULL) == 0)
+        in_flight = [pool.take(FULL) for _ in range(3)]
+        now[0] = 3600.0  # idle for an hour: back to the minimum
+        await next_pass(pool)
+        assert pool.target(FULL) == 1
+        await until(lambda: pool.count(FULL) == 1 and len(discards.members) >= 2)
+        taken = {member.uid for member in in_flight if member is not None}
+        assert len(taken) == 3 and not taken & {member.uid for member in discards.members}
+        given_back = in_flight[0]
+        assert given_back is not None
+        pool.give_back(given_back)
+        await next_pass(pool)
+        await until(lambda: pool.count(FULL) == 1)
+        assert {member.uid for member in discards.members} & taken == {given_back.uid}
+    finally:
+        await pool.close()
+
+
+async def test_thousands_in_line_are_served_with_the_projects_taking_turns() -> None:
+    """3000 waiters of 1000 projects (one of each project's cancelled on the way): each
+    project's in arrival order, the projects in turn, then the refills; nothing left."""
+    slots = CreateSlots(1)
+    await slots.take(None)
+    order: list[str] = []
+
+    async def wait(name: str, project: str, refill: bool = False) -> None:
+        await slots.take(None, refill=refill, project=project)
+        order.append(name)
+        slots.release()
+
+    refill = asyncio.ensure_future(wait("refill", "", refill=True))
+    waiters = {
+        (round_, project): asyncio.ensure_future(wait(f"{project}/{round_}", f"p{project}"))
+        for round_ in range(3)
+        for project in range(1000)
+    }
+    await until(lambda: slots.waiting == 3001)
+    for project in range(0, 1000, 7):
+        waiters[(1, project)].cancel()
+    slots.release()
+    await asyncio.gather(refill, *waiters.values(), return_exceptions=True)
+    left = {
+        project: [r for r in range(3) if not (r == 1 and project % 7 == 0)]
+        for project in range(1000)
+    }
+    expected = [  # each turn, every project with a waiter left serves its next one
+        f"{project}/{rounds[turn]}"
+        for turn in range(3)
+        for project, rounds in left.items()
+        if turn < len(rounds)
+    ]
+    assert order == [*expected, "refill"]
+    assert slots.taken == 0 and slots.waiting == 0
