@@ -67,6 +67,8 @@ class Controller:
     podman_health: tuple[PodmanHealth, ...] = ()
     # The Prometheus endpoint, when metrics_listen asks for one.
     metrics_server: MetricsServer | None = None
+    # Exports the spans still buffered and stops the exporter, when otel_tracing is on.
+    stop_tracing: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
@@ -79,6 +81,8 @@ class Controller:
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
         await self.server.stop(grace)
+        if self.stop_tracing is not None:  # blocks until the last spans are sent or time out
+            await asyncio.to_thread(self.stop_tracing)
         if not self.config.keep_running_on_shutdown:
             await self.manager.pause_all(self.config.shutdown_pause_timeout.total_seconds())
         await self.manager.close()
@@ -210,13 +214,18 @@ def _grpc_services() -> list[ServiceDescriptor]:
     ]
 
 
-def _tracing_interceptors(config: Config) -> list[grpc.aio.ServerInterceptor]:
+@dataclass(frozen=True)
+class _Tracing:
+    interceptors: list[grpc.aio.ServerInterceptor]
+    stop: Callable[[], object] | None = None
+
+
+def _tracing(config: Config) -> _Tracing:
     """OpenTelemetry's server interceptor when --otel-tracing asks for it (the [otel] extra),
     exporting over OTLP as the standard OTEL_* environment variables say."""
     if not config.otel_tracing:
-        return []
+        return _Tracing([])
     try:
-        from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
         from opentelemetry.sdk.trace import TracerProvider
@@ -228,9 +237,10 @@ def _tracing_interceptors(config: Config) -> list[grpc.aio.ServerInterceptor]:
         ) from exc
     provider = TracerProvider()  # its resource and sampler from OTEL_* variables
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(tracer_provider=provider)
-    return [interceptor]
+    # The controller's own provider, not the process-wide one (settable once): the interceptor
+    # is the only tracer, and controllers started one after another in a process each get one.
+    make: Callable[..., grpc.aio.ServerInterceptor] = aio_server_interceptor  # untyped upstream
+    return _Tracing([make(tracer_provider=provider)], provider.shutdown)
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
@@ -238,7 +248,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     watched, and gVisor is not available."""
     tokens = tokens_for(config)
     credentials = _server_credentials(config)
-    tracing = _tracing_interceptors(config)
+    tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry: Registry = SqliteRegistry(config.database_path)
@@ -271,6 +281,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     try:
         await manager.start()
     except BaseException:
+        if tracing.stop is not None:
+            tracing.stop()
         await runtime.close()
         for service in (podman_service, gvisor_service):
             if service is not None:
@@ -315,7 +327,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         count_requests=measured.counter_of_requests if measured else None,
     )
     server = grpc.aio.server(
-        interceptors=[*([measured] if measured else []), *tracing, guard],
+        interceptors=[*([measured] if measured else []), *tracing.interceptors, guard],
         options=[
             # No request needs more than a unary ExecuteCode; responses may be bigger.
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
@@ -398,6 +410,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         health_servicer,
         reaper,
         podman_health=podman_health,
+        stop_tracing=tracing.stop,
         metrics_server=metrics_server,
     )
 
