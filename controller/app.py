@@ -8,8 +8,9 @@ import asyncio
 import functools
 import ipaddress
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -21,8 +22,10 @@ from prometheus_client import Counter
 from controller.api.auth import TokenTable
 from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import (
+    Behaviour,
     BudgetLimits,
     Context,
+    Handler,
     OpenAnswer,
     RequestBudget,
     RequestGuard,
@@ -214,6 +217,83 @@ def _grpc_services() -> list[ServiceDescriptor]:
     ]
 
 
+_HANDLER_KINDS = {  # (request streaming, response streaming) → how such a handler is made
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class _SpanEndings(grpc.aio.ServerInterceptor):
+    """Installed right inside OpenTelemetry's interceptor, whose span has a call's code only
+    when it aborts: gives it the code of a call that ends otherwise, which it would leave at
+    OK: CANCELLED when the caller went away (DEADLINE_EXCEEDED when its deadline passed),
+    UNKNOWN for an exception grpc.aio answers."""
+
+    def __init__(self, current_span: Callable[[], Any], error: Callable[[str], Any]) -> None:
+        self._current_span = current_span  # opentelemetry.trace.get_current_span
+        self._error = error  # a span status of error, with a description
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> "Handler | None":
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        inner = cast(
+            Behaviour,
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream,
+        )
+        make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        behaviour = self._stream(inner) if handler.response_streaming else self._unary(inner)
+        return make(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, inner: Behaviour) -> Behaviour:
+        async def unary(request: Any, context: Context) -> Any:
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                self._ended(exc, context)
+                raise
+
+        return unary
+
+    def _stream(self, inner: Behaviour) -> Behaviour:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as exc:
+                self._ended(exc, context)
+                raise
+
+        return stream
+
+    def _ended(self, error: BaseException, context: Context) -> None:
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            remaining = context.time_remaining()
+            late = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+            code = grpc.StatusCode.UNKNOWN
+        else:  # an abort: the span has its code
+            return
+        span = self._current_span()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.CANCELLED:  # the server's fault, as OpenTelemetry says
+            span.set_status(self._error(str(code)))
+
+
 @dataclass(frozen=True)
 class _Tracing:
     interceptors: list[grpc.aio.ServerInterceptor]
@@ -226,6 +306,7 @@ def _tracing(config: Config) -> _Tracing:
     if not config.otel_tracing:
         return _Tracing([])
     try:
+        from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
         from opentelemetry.sdk.trace import TracerProvider
@@ -240,7 +321,12 @@ def _tracing(config: Config) -> _Tracing:
     # The controller's own provider, not the process-wide one (settable once): the interceptor
     # is the only tracer, and controllers started one after another in a process each get one.
     make: Callable[..., grpc.aio.ServerInterceptor] = aio_server_interceptor  # untyped upstream
-    return _Tracing([make(tracer_provider=provider)], provider.shutdown)
+
+    def error(description: str) -> object:
+        return trace.Status(trace.StatusCode.ERROR, description)
+
+    endings = _SpanEndings(trace.get_current_span, error)
+    return _Tracing([make(tracer_provider=provider), endings], provider.shutdown)
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:

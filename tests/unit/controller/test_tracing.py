@@ -4,23 +4,27 @@ interceptor and the request guard, for unary and streaming methods."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from controller.app import _tracing
 from petri.v1 import execution_pb2, sandbox_pb2
-from tests.unit.controller.inprocess import eventually, expect, fast_petri
+from tests.unit.controller.inprocess import eventually, expect, fast_config, fast_petri
+from tests.unit.controller.standin_executor import Hang
 
 SERVICE = "petri.v1.SandboxService"
 # rpc.grpc.status_code's values.
-OK, NOT_FOUND, INTERNAL = 0, 5, 13
+OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, NOT_FOUND, INTERNAL = 0, 1, 2, 4, 5, 13
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -174,3 +178,71 @@ async def test_a_second_controller_in_the_process_traces_too(tmp_path: Path) -> 
                 # Stopped: its span was flushed on the way out.
                 spans = collector.named("GetSandbox")
                 assert len(spans) == (1 if run == "first" else 2), spans
+
+
+async def test_calls_that_end_without_an_abort_have_their_code(tmp_path: Path) -> None:
+    """OpenTelemetry's interceptor sees a code only in an abort: a call whose caller went away
+    or whose deadline passed would be OK in its span without _SpanEndings."""
+    async with collecting() as (collector, port):
+        with exporting_to(port):
+            async with fast_petri(tmp_path, otel_tracing=True) as petri:
+                sandbox = await petri.create()
+                gone, late, streamed = Hang(), Hang(), Hang()
+                petri.runtime.scripts.update(gone=gone, late=late, streamed=streamed)
+
+                call = petri.stub.ExecuteCode(
+                    sandbox_pb2.ExecuteCodeRequest(name=sandbox.name, code="gone")
+                )
+                await gone.began.wait()
+                call.cancel()
+                (cancelled,) = await spans_of(collector, "ExecuteCode", 1)
+
+                request = sandbox_pb2.ExecuteCodeRequest(name=sandbox.name, code="late")
+                await expect(
+                    petri.stub.ExecuteCode(request, timeout=0.5), grpc.StatusCode.DEADLINE_EXCEEDED
+                )
+                _, overdue = await spans_of(collector, "ExecuteCode", 2)
+
+                async def stream() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+                    start = sandbox_pb2.ExecuteCodeStart(name=sandbox.name, code="streamed")
+                    yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
+
+                stream_call = petri.stub.StreamExecuteCode(stream())
+                first = await stream_call.read()
+                assert isinstance(first, sandbox_pb2.StreamExecuteCodeResponse), first
+                stream_call.cancel()
+                (cancelled_stream,) = await spans_of(collector, "StreamExecuteCode", 1)
+
+    check_server_span(cancelled, "ExecuteCode", CANCELLED)
+    assert cancelled.status.code == Status.STATUS_CODE_UNSET, cancelled.status
+    check_server_span(overdue, "ExecuteCode", DEADLINE_EXCEEDED)
+    assert overdue.status.code == Status.STATUS_CODE_ERROR, overdue.status
+    check_server_span(cancelled_stream, "StreamExecuteCode", CANCELLED)
+
+
+async def test_an_exception_past_the_servicer_is_unknown_in_its_span(tmp_path: Path) -> None:
+    """grpc.aio answers an exception a handler raises UNKNOWN (the servicer's own are INTERNAL
+    aborts): so does the span."""
+
+    class Broken(health.aio.HealthServicer):  # type: ignore[misc]
+        async def Check(self, request: Any, context: Any) -> NoReturn:
+            raise RuntimeError("a bug")
+
+    async with collecting() as (collector, port):
+        with exporting_to(port):
+            tracing = _tracing(fast_config(tmp_path, tmp_path, otel_tracing=True))
+        assert tracing.stop is not None
+        server = grpc.aio.server(interceptors=tracing.interceptors)
+        health_pb2_grpc.add_HealthServicer_to_server(Broken(), server)
+        server_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                await expect(stub.Check(health_pb2.HealthCheckRequest()), grpc.StatusCode.UNKNOWN)
+        finally:
+            await server.stop(None)
+            await asyncio.to_thread(tracing.stop)
+        (span,) = [span for span in collector.spans if span.name == "/grpc.health.v1.Health/Check"]
+    assert _attributes(span.attributes)["rpc.grpc.status_code"] == UNKNOWN
+    assert span.status.code == Status.STATUS_CODE_ERROR, span.status
