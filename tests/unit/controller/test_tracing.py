@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,7 +25,16 @@ from tests.unit.controller.standin_executor import Hang
 
 SERVICE = "petri.v1.SandboxService"
 # rpc.grpc.status_code's values.
-OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, NOT_FOUND, INTERNAL = 0, 1, 2, 4, 5, 13
+CALLER_TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, NOT_FOUND, INTERNAL, UNAUTHENTICATED = (
+    0,
+    1,
+    2,
+    4,
+    5,
+    13,
+    16,
+)
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -111,6 +121,11 @@ async def test_calls_become_server_spans_at_the_otlp_collector(tmp_path: Path) -
                 await expect(
                     petri.get("projects/fast/sandboxes/nothing"), grpc.StatusCode.NOT_FOUND
                 )
+                # A caller's trace context (W3C traceparent) is continued.
+                await petri.stub.ListSandboxes(
+                    sandbox_pb2.ListSandboxesRequest(parent="projects/fast"),
+                    metadata=(("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),),
+                )
                 sandbox = await petri.create()
                 result = await petri.execute(sandbox.name, "1+1")
                 assert not result.HasField("error"), result
@@ -137,6 +152,7 @@ async def test_calls_become_server_spans_at_the_otlp_collector(tmp_path: Path) -
                 (create,) = await spans_of(collector, "CreateSandbox", 1)
                 (execute,) = await spans_of(collector, "ExecuteCode", 1)
                 (streamed,) = await spans_of(collector, "StreamExecuteCode", 1)
+                (listed,) = await spans_of(collector, "ListSandboxes", 1)
 
     # Semantic conventions: a server span's status is an error only for the server's faults
     # (INTERNAL, UNKNOWN, UNAVAILABLE...); a caller's (NOT_FOUND) is the status code attribute.
@@ -156,6 +172,9 @@ async def test_calls_become_server_spans_at_the_otlp_collector(tmp_path: Path) -
         check_server_span(span, method, OK)
         assert span.status.code == Status.STATUS_CODE_UNSET, span.status
     check_server_span(streamed, "StreamExecuteCode", OK)
+    check_server_span(listed, "ListSandboxes", OK)
+    assert (listed.trace_id.hex(), listed.parent_span_id.hex()) == (CALLER_TRACE, CALLER_SPAN)
+    assert not got.parent_span_id
     # The calls are separate traces (no caller's context was sent), from this service.
     assert len({span.trace_id for span in (got, create, execute, streamed)}) == 4
     assert {resource["service.name"] for resource in collector.resources} == {"petri-test"}
@@ -246,3 +265,18 @@ async def test_an_exception_past_the_servicer_is_unknown_in_its_span(tmp_path: P
         (span,) = [span for span in collector.spans if span.name == "/grpc.health.v1.Health/Check"]
     assert _attributes(span.attributes)["rpc.grpc.status_code"] == UNKNOWN
     assert span.status.code == Status.STATUS_CODE_ERROR, span.status
+
+
+async def test_a_call_the_request_guard_refuses_unread_is_a_span(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.toml"
+    digest = hashlib.sha256(b"secret").hexdigest()
+    tokens.write_text(f'[[tokens]]\nname = "a"\nsha256 = "{digest}"\nprojects = ["fast"]\n')
+    async with collecting() as (collector, port):
+        with exporting_to(port):
+            async with fast_petri(tmp_path, otel_tracing=True, tokens_file=tokens) as petri:
+                await expect(
+                    petri.get("projects/fast/sandboxes/x"), grpc.StatusCode.UNAUTHENTICATED
+                )
+                (refused,) = await spans_of(collector, "GetSandbox", 1)
+    check_server_span(refused, "GetSandbox", UNAUTHENTICATED)
+    assert refused.status.code == Status.STATUS_CODE_UNSET, refused.status
