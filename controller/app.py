@@ -8,8 +8,9 @@ import asyncio
 import functools
 import ipaddress
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -21,8 +22,10 @@ from prometheus_client import Counter
 from controller.api.auth import TokenTable
 from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import (
+    Behaviour,
     BudgetLimits,
     Context,
+    Handler,
     OpenAnswer,
     RequestBudget,
     RequestGuard,
@@ -67,6 +70,8 @@ class Controller:
     podman_health: tuple[PodmanHealth, ...] = ()
     # The Prometheus endpoint, when metrics_listen asks for one.
     metrics_server: MetricsServer | None = None
+    # Exports the spans still buffered and stops the exporter, when otel_tracing is on.
+    stop_tracing: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
@@ -79,6 +84,8 @@ class Controller:
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
         await self.server.stop(grace)
+        if self.stop_tracing is not None:  # blocks until the last spans are sent or time out
+            await asyncio.to_thread(self.stop_tracing)
         if not self.config.keep_running_on_shutdown:
             await self.manager.pause_all(self.config.shutdown_pause_timeout.total_seconds())
         await self.manager.close()
@@ -210,11 +217,94 @@ def _grpc_services() -> list[ServiceDescriptor]:
     ]
 
 
-def _tracing_interceptors(config: Config) -> list[grpc.aio.ServerInterceptor]:
+_HANDLER_KINDS = {  # (request streaming, response streaming) → how such a handler is made
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class _SpanEndings(grpc.aio.ServerInterceptor):
+    """Installed right inside OpenTelemetry's interceptor, whose span has a call's code only
+    when it aborts: gives it the code of a call that ends otherwise, which it would leave at
+    OK: CANCELLED when the caller went away (DEADLINE_EXCEEDED when its deadline passed),
+    UNKNOWN for an exception grpc.aio answers."""
+
+    def __init__(self, current_span: Callable[[], Any], error: Callable[[str], Any]) -> None:
+        self._current_span = current_span  # opentelemetry.trace.get_current_span
+        self._error = error  # a span status of error, with a description
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> "Handler | None":
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        inner = cast(
+            Behaviour,
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream,
+        )
+        make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        behaviour = self._stream(inner) if handler.response_streaming else self._unary(inner)
+        return make(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, inner: Behaviour) -> Behaviour:
+        async def unary(request: Any, context: Context) -> Any:
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                self._ended(exc, context)
+                raise
+
+        return unary
+
+    def _stream(self, inner: Behaviour) -> Behaviour:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as exc:
+                self._ended(exc, context)
+                raise
+
+        return stream
+
+    def _ended(self, error: BaseException, context: Context) -> None:
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            remaining = context.time_remaining()
+            late = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+            code = grpc.StatusCode.UNKNOWN
+        else:  # an abort: the span has its code
+            return
+        span = self._current_span()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.CANCELLED:  # the server's fault, as OpenTelemetry says
+            span.set_status(self._error(str(code)))
+
+
+@dataclass(frozen=True)
+class _Tracing:
+    interceptors: list[grpc.aio.ServerInterceptor]
+    stop: Callable[[], object] | None = None
+
+
+def _tracing(config: Config) -> _Tracing:
     """OpenTelemetry's server interceptor when --otel-tracing asks for it (the [otel] extra),
     exporting over OTLP as the standard OTEL_* environment variables say."""
     if not config.otel_tracing:
-        return []
+        return _Tracing([])
     try:
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -228,9 +318,15 @@ def _tracing_interceptors(config: Config) -> list[grpc.aio.ServerInterceptor]:
         ) from exc
     provider = TracerProvider()  # its resource and sampler from OTEL_* variables
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(tracer_provider=provider)
-    return [interceptor]
+    # The controller's own provider, not the process-wide one (settable once): the interceptor
+    # is the only tracer, and controllers started one after another in a process each get one.
+    make: Callable[..., grpc.aio.ServerInterceptor] = aio_server_interceptor  # untyped upstream
+
+    def error(description: str) -> object:
+        return trace.Status(trace.StatusCode.ERROR, description)
+
+    endings = _SpanEndings(trace.get_current_span, error)
+    return _Tracing([make(tracer_provider=provider), endings], provider.shutdown)
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
@@ -238,7 +334,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     watched, and gVisor is not available."""
     tokens = tokens_for(config)
     credentials = _server_credentials(config)
-    tracing = _tracing_interceptors(config)
+    tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry: Registry = SqliteRegistry(config.database_path)
@@ -271,6 +367,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     try:
         await manager.start()
     except BaseException:
+        if tracing.stop is not None:
+            tracing.stop()
         await runtime.close()
         for service in (podman_service, gvisor_service):
             if service is not None:
@@ -315,7 +413,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         count_requests=measured.counter_of_requests if measured else None,
     )
     server = grpc.aio.server(
-        interceptors=[*([measured] if measured else []), *tracing, guard],
+        interceptors=[*([measured] if measured else []), *tracing.interceptors, guard],
         options=[
             # No request needs more than a unary ExecuteCode; responses may be bigger.
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
@@ -398,6 +496,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         health_servicer,
         reaper,
         podman_health=podman_health,
+        stop_tracing=tracing.stop,
         metrics_server=metrics_server,
     )
 
