@@ -129,7 +129,6 @@ async def test_one_projects_flood_of_creates_does_not_hold_anothers_lone_create_
         assert slots.taken == 0 and slots.waiting == 0
 
 
-
 async def test_a_create_the_quota_cannot_take_even_with_those_in_line_is_refused_at_once(
     tmp_path: Path,
 ) -> None:
