@@ -64,6 +64,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.subscriptions = 0  # how many times the event stream was subscribed to
+        self.named_checked = 0  # how many containers events named were checked
 
     def __repr__(self) -> str:
         return (
@@ -172,6 +173,7 @@ class Reconciler:
                         await shielded(self._check(record, None))
             except Exception:  # the slow poll finds what this missed
                 log.exception("checking containers that events named failed")
+            self.named_checked += len(names)
 
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
