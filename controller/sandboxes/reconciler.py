@@ -36,7 +36,7 @@ WATCHED_STATES = (State.RUNNING, State.POOLED)
 # Pauses between subscriptions to podman's events while it does not answer, or its stream
 # keeps ending at once (doubling up to the longest).
 SUBSCRIBE_PAUSE_FIRST = 0.25
-SUBSCRIBE_PAUSE_LONGEST = 8.0
+SUBSCRIBE_PAUSE_LONGEST = 4.0
 
 
 def _gone(status: ContainerStatus | None) -> str:
