@@ -155,6 +155,8 @@ class Reconciler:
             log.info("podman's container event stream ended: subscribing again")
         except PetriError as exc:
             log.warning("podman's container event stream broke: subscribing again", error=str(exc))
+        except Exception:  # the watcher must outlive any surprise; subscribing again retries
+            log.exception("following podman's container events failed: subscribing again")
         finally:
             await events.aclose()
 
@@ -166,13 +168,18 @@ class Reconciler:
             names, self._named = self._named, set()
             try:
                 records = await self._registry.list_live()
-                for record in records:
-                    if record.state in WATCHED_STATES and record.container_name in names:
-                        # A check that terminates or recovers finishes even when the
-                        # controller stops meanwhile.
-                        await shielded(self._check(record, None))
             except Exception:  # the slow poll finds what this missed
                 log.exception("checking containers that events named failed")
+                records = []
+            for record in records:
+                if record.state not in WATCHED_STATES or record.container_name not in names:
+                    continue
+                try:
+                    # A check that terminates or recovers finishes even when the controller
+                    # stops meanwhile.
+                    await shielded(self._check(record, None))
+                except Exception:  # the others are still checked; the slow poll retries
+                    log.exception("checking a container an event named failed", uid=record.uid)
             self.named_checked += len(names)
 
     async def check_containers(self) -> None:
