@@ -153,6 +153,11 @@ class PodmanRuntime:
         host = info.get("host", {})
         version = str(host.get("cgroupVersion", "v1"))
         controllers = set(host.get("cgroupControllers") or [])
+        if host.get("eventLogger") == "none":
+            log.warning(
+                "podman's events_logger is none (containers.conf): a sandbox's container that "
+                "dies is found only by the check every --container-check-interval"
+            )
         # Rootless podman enforces cgroup limits only on cgroups v2 with delegated controllers.
         v2 = version == "v2"
         return HostCapabilities(
