@@ -13,6 +13,7 @@ from controller.errors import Unavailable
 from controller.records import State
 from controller.runtime.container import ContainerEvent
 from controller.sandboxes.reconciler import Reconciler
+from controller.sandboxes.warm_pool import PoolTarget
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.inprocess import Petri, fast_petri, wait_for_state, wait_until
 
@@ -129,3 +130,16 @@ async def test_events_of_the_controllers_own_work_terminate_nothing(tmp_path: Pa
         assert seen.state == PAUSED and seen.state_message == ""
         await petri.execute(alive.name, "1")
         await petri.execute(created.name, "1")
+
+
+async def test_a_warm_pool_member_that_dies_is_discarded_at_once(tmp_path: Path) -> None:
+    async with fast_petri(
+        tmp_path, container_check_interval=SLOW_POLL, warm_pool=(PoolTarget(size=1),)
+    ) as petri:
+        pool = petri.controller.manager.warm_pool
+        await wait_until(lambda: len(pool.ready_uids()) == 1, "a pool member")
+        (member,) = pool.ready_uids()
+        await petri.runtime.exit(member)
+        await wait_until(lambda: member not in pool.ready_uids(), "the dead member to go")
+        await wait_until(lambda: petri.runtime.container_of(member) is None, "its removal")
+        assert (await petri.create("claims")).uid != member
