@@ -68,9 +68,9 @@ def reconciler(running: Controller) -> Reconciler:
     return found
 
 
-async def create(stub: Stub) -> sandbox_pb2.Sandbox:
+async def create(stub: Stub, spec: sandbox_pb2.SandboxSpec | None = None) -> sandbox_pb2.Sandbox:
     sandbox: sandbox_pb2.Sandbox = await stub.CreateSandbox(
-        sandbox_pb2.CreateSandboxRequest(parent=PARENT)
+        sandbox_pb2.CreateSandboxRequest(parent=PARENT, sandbox=sandbox_pb2.Sandbox(spec=spec))
     )
     return sandbox
 
@@ -157,3 +157,19 @@ async def test_the_watcher_outlives_a_restart_of_the_podman_service(e2e_config: 
         podman("kill", f"petri-{after.uid}")  # only the new stream can find it now
         await found(stub, after.name, TERMINATED, killed)
         assert reconciler(running).subscriptions == 2
+
+
+async def test_a_killed_gvisor_container_is_found_too(e2e_config: Config) -> None:
+    """gVisor's containers come from a podman service of their own; the events of the same
+    user's podman are one stream, which the watcher follows on runc's service."""
+    async with watching(e2e_config) as (running, stub):
+        if running.gvisor_service is None:
+            if os.environ.get("PETRI_REQUIRE_GVISOR"):
+                pytest.fail("PETRI_REQUIRE_GVISOR is set but runsc is not installed")
+            pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
+        spec = sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.GVISOR)
+        victim = await create(stub, spec)
+        killed = time.monotonic()
+        podman("kill", f"petri-{victim.uid}")
+        got = await found(stub, victim.name, TERMINATED, killed)
+        assert got.state_message.startswith("its container ")
