@@ -122,9 +122,10 @@ class Config:
         default=timedelta(seconds=1),
     )
     container_check_interval: timedelta = _opt(
-        "how often sandboxes' containers are checked for having died underneath the service",
+        "how often every sandbox's container is checked for having died underneath the "
+        "service: a safety net, as podman's event stream tells of such a container at once",
         parse_duration,
-        default=timedelta(seconds=2),
+        default=timedelta(seconds=60),
     )
     tombstone_retention: timedelta = _opt(
         "how long Get still says when a deleted or expired sandbox went away",

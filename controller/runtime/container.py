@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 # Labels on every container the controller creates, so it can find its own.
 LABEL_MANAGED = "io.petri.managed"
@@ -67,6 +67,29 @@ class ContainerStatus:
         return f"{text}: {self.error}" if self.error else text
 
 
+# The container events that may mean a container stopped running: what the watcher asks for.
+WATCHED_EVENTS = ("died", "oom", "remove")
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """One of WATCHED_EVENTS, of the container `name`."""
+
+    name: str
+    action: str
+
+
+class ContainerEvents(Protocol):
+    """A subscription to container events: iterate it; the iteration ends (or raises
+    Unavailable) when the stream breaks, e.g. the podman service restarted."""
+
+    def __aiter__(self) -> Self: ...
+
+    async def __anext__(self) -> ContainerEvent: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class HostCapabilities:
     """What the host's cgroups let the runtime enforce for a rootless container."""
@@ -110,6 +133,11 @@ class ContainerRuntime(Protocol):
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         """The containers of one registry, or of every registry (None) on this podman."""
+        ...
+
+    async def events(self, registry_label: str) -> ContainerEvents:
+        """Subscribes to the WATCHED_EVENTS of one registry's containers; returns once
+        subscribed, so that nothing after the return is missed. Raises Unavailable."""
         ...
 
     async def logs_tail(self, name: str, lines: int) -> str: ...

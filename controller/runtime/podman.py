@@ -7,7 +7,9 @@ and the HTTP client's exceptions are translated here and nowhere else.
 import asyncio
 import contextlib
 import functools
+import json
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +25,8 @@ from controller.runtime.container import (
     LABEL_MANAGED,
     LABEL_REGISTRY,
     SOCKET_NAME,
+    WATCHED_EVENTS,
+    ContainerEvent,
     ContainerSpec,
     ContainerStatus,
     HostCapabilities,
@@ -49,6 +53,54 @@ EXECUTOR_CAPABILITIES = (
 # podman's default profile, less new namespaces and unusual socket families (docs/security.md);
 # scripts/seccomp-profiles writes it. The podman service reads it: it runs on this host.
 SECCOMP_PROFILE = Path(__file__).parent / "seccomp-runc.json"
+
+
+# The event stream: how long podman may take to answer the subscription, and the longest
+# event line read (an event carries the container's labels, the image's included).
+EVENTS_CONNECT_TIMEOUT = 10.0
+EVENT_LINE_LIMIT = 1 << 20
+
+
+class PodmanEvents:
+    """podman's /events stream, asked over HTTP/1.0 so that podman sends it as it is (one JSON
+    object a line, no chunked encoding) and closes it when the service stops."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    def __repr__(self) -> str:
+        return f"<PodmanEvents closed={self._writer.is_closing()}>"
+
+    def __aiter__(self) -> "PodmanEvents":
+        return self
+
+    async def __anext__(self) -> ContainerEvent:
+        while True:
+            try:
+                line = await self._reader.readline()
+            except (OSError, ValueError) as exc:  # ValueError: a line over EVENT_LINE_LIMIT
+                raise Unavailable(f"podman's event stream broke: {exc}") from exc
+            if not line:
+                raise StopAsyncIteration
+            event = _container_event(line)
+            if event is not None:
+                return event
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+def _container_event(line: bytes) -> ContainerEvent | None:
+    try:
+        event = json.loads(line)
+        attributes = event["Actor"]["Attributes"]
+        return ContainerEvent(name=str(attributes["name"]), action=str(event["Action"]))
+    except (ValueError, KeyError, TypeError):
+        log.warning("podman sent an event that is not one", line=line[:200])
+        return None
 
 
 def _vanished(exc: podman.errors.APIError) -> bool:
@@ -101,6 +153,11 @@ class PodmanRuntime:
         host = info.get("host", {})
         version = str(host.get("cgroupVersion", "v1"))
         controllers = set(host.get("cgroupControllers") or [])
+        if host.get("eventLogger") == "none":
+            log.warning(
+                "podman's events_logger is none (containers.conf): a sandbox's container that "
+                "dies is found only by the check every --container-check-interval"
+            )
         # Rootless podman enforces cgroup limits only on cgroups v2 with delegated controllers.
         v2 = version == "v2"
         return HostCapabilities(
@@ -311,6 +368,36 @@ class PodmanRuntime:
                 )
             )
         return statuses
+
+    async def events(self, registry_label: str) -> PodmanEvents:
+        filters = {
+            "type": ["container"],
+            "event": list(WATCHED_EVENTS),
+            "label": [f"{LABEL_REGISTRY}={registry_label}"],
+        }
+        query = urllib.parse.urlencode({"stream": "true", "filters": json.dumps(filters)})
+        try:
+            async with asyncio.timeout(EVENTS_CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(
+                    str(self._socket_path), limit=EVENT_LINE_LIMIT
+                )
+                try:
+                    request = f"GET /v4.0.0/libpod/events?{query} HTTP/1.0\r\nHost: podman\r\n\r\n"
+                    writer.write(request.encode())
+                    status = await reader.readline()
+                    while (await reader.readline()).strip():  # the headers; podman flushes them
+                        pass  # once subscribed
+                except BaseException:
+                    writer.close()
+                    raise
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise Unavailable(
+                f"podman's event stream is not answering on {self._socket_path}: {exc!r}"
+            ) from exc
+        if status.split(b" ")[1:2] != [b"200"]:
+            writer.close()
+            raise Unavailable(f"podman refused its event stream: {status[:200]!r}")
+        return PodmanEvents(reader, writer)
 
     async def logs_tail(self, name: str, lines: int) -> str:
         return await self._call("read a sandbox's logs", self._logs_tail, name, lines)

@@ -167,6 +167,7 @@ class SandboxManager:
         self._checkpoints.open()
         await self._reconciler.adopt()
         await self._provisioner.reconcile_worker_uids()
+        self._reconciler.start_watching()
         self._pool.start()
 
     async def pause_all(self, within: float) -> None:
@@ -181,6 +182,7 @@ class SandboxManager:
         """Stops the background checks and discards the warm pool; every other sandbox
         outlives the controller (paused by pause_all, or running for the next one to
         adopt)."""
+        await self._reconciler.stop_watching()
         await self._hibernation.stop_background()
         await self._executions.close()
         await self._pool.close()

@@ -3,23 +3,40 @@
 At start it adopts what a previous controller left: RUNNING sandboxes whose container runs
 get a client again; anything half-done is finished (a deletion) or discarded (a create that
 never answered, warm pool members, which may not match this controller's settings); containers
-the registry does not know are removed. While the service runs, `check_containers` finds the
-sandboxes whose container died underneath us. Such a sandbox comes back from its checkpoint
-(PAUSED: its next execution resumes it) when it has one, and is TERMINATED, saying why, when it
-has none: never silently gone.
+the registry does not know are removed. While the service runs, it finds the sandboxes whose
+container died underneath us: at once from podman's event stream (`start_watching`), and with
+`check_containers`, a slow poll of every container, as a safety net. Such a sandbox comes back
+from its checkpoint (PAUSED: its next execution resumes it) when it has one, and is
+TERMINATED, saying why, when it has none: never silently gone.
+
+The controller's own creates, pauses and deletes make events too: a container is judged by
+its record's state when the event is handled (only RUNNING and POOLED ones are watched, and
+not while being provisioned) and by an inspection, never by the event alone.
 """
+
+import asyncio
+import contextlib
 
 import structlog
 
+from controller.errors import PetriError
 from controller.records import SandboxRecord, State
-from controller.runtime.container import ContainerRuntime, ContainerStatus
+from controller.runtime.container import ContainerEvents, ContainerRuntime, ContainerStatus
 from controller.sandboxes.lifecycle import UNOWNED_STATES, Lifecycle
 from controller.sandboxes.provisioner import Provisioner
+from controller.sandboxes.shielding import shielded
 from controller.sandboxes.warm_pool import WarmPool
 from controller.store.checkpoints import CheckpointStore
 from controller.store.registry import Registry
 
 log = structlog.get_logger()
+
+# The states whose containers must be running.
+WATCHED_STATES = (State.RUNNING, State.POOLED)
+# Pauses between subscriptions to podman's events while it does not answer, or its stream
+# keeps ending at once (doubling up to the longest).
+SUBSCRIBE_PAUSE_FIRST = 0.25
+SUBSCRIBE_PAUSE_LONGEST = 4.0
 
 
 def _gone(status: ContainerStatus | None) -> str:
@@ -42,9 +59,18 @@ class Reconciler:
         self._provisioner = provisioner
         self._lifecycle = lifecycle
         self._pool = pool
+        # The containers events named, not yet checked; the checker is woken for them.
+        self._named: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.subscriptions = 0  # how many times the event stream was subscribed to
+        self.named_checked = 0  # how many containers events named were checked
 
     def __repr__(self) -> str:
-        return f"<Reconciler registry={self._provisioner.registry_label}>"
+        return (
+            f"<Reconciler registry={self._provisioner.registry_label} "
+            f"subscriptions={self.subscriptions}>"
+        )
 
     async def adopt(self) -> None:
         """Takes over the sandboxes a previous controller of this registry left."""
@@ -80,30 +106,109 @@ class Reconciler:
             # the container goes, with what it held (its socket directory, its worker uid).
             await self._provisioner.release(record)
 
+    def start_watching(self) -> None:
+        """Follows podman's events of this registry's containers until stop_watching."""
+        self._tasks = [
+            asyncio.create_task(self._follow_events(), name="container-events"),
+            asyncio.create_task(self._check_named(), name="container-events-check"),
+        ]
+
+    async def stop_watching(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _follow_events(self) -> None:
+        """Subscribes, checks every container once (what happened while not subscribed), then
+        hands each event's container to _check_named; subscribes again when the stream ends
+        (the podman service restarted) or breaks."""
+        loop = asyncio.get_running_loop()
+        label = self._provisioner.registry_label
+        pause = SUBSCRIBE_PAUSE_FIRST
+        while True:
+            subscribed = loop.time()
+            try:
+                events = await self._containers.events(label)
+            except PetriError as exc:
+                log.warning("cannot follow podman's container events", error=str(exc))
+            else:
+                self.subscriptions += 1
+                await self._follow(events)
+            if loop.time() - subscribed < SUBSCRIBE_PAUSE_LONGEST:
+                await asyncio.sleep(pause)  # not a hot loop on a podman that keeps failing
+                pause = min(SUBSCRIBE_PAUSE_LONGEST, pause * 2)
+            else:
+                pause = SUBSCRIBE_PAUSE_FIRST
+
+    async def _follow(self, events: ContainerEvents) -> None:
+        try:
+            try:
+                await self.check_containers()
+            except Exception:  # the events still come; the slow poll catches up
+                log.exception("checking every container after subscribing failed")
+            async for event in events:
+                self._named.add(event.name)
+                self._wake.set()
+            log.info("podman's container event stream ended: subscribing again")
+        except PetriError as exc:
+            log.warning("podman's container event stream broke: subscribing again", error=str(exc))
+        except Exception:  # the watcher must outlive any surprise; subscribing again retries
+            log.exception("following podman's container events failed: subscribing again")
+        finally:
+            await events.aclose()
+
+    async def _check_named(self) -> None:
+        """Checks the containers events named, all of a burst's at once."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            names, self._named = self._named, set()
+            try:
+                records = await self._registry.list_live()
+            except Exception:  # the slow poll finds what this missed
+                log.exception("checking containers that events named failed")
+                records = []
+            for record in records:
+                if record.state not in WATCHED_STATES or record.container_name not in names:
+                    continue
+                try:
+                    # A check that terminates or recovers finishes even when the controller
+                    # stops meanwhile.
+                    await shielded(self._check(record, None))
+                except Exception:  # the others are still checked; the slow poll retries
+                    log.exception("checking a container an event named failed", uid=record.uid)
+            self.named_checked += len(names)
+
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
         us (killed from outside, OOM, the executor killed inside it, podman lost it), and
-        discards such warm pool members."""
-        watched = (State.RUNNING, State.POOLED)
-        records = [r for r in await self._registry.list_live() if r.state in watched]
+        discards such warm pool members: every container, in one listing."""
+        records = [r for r in await self._registry.list_live() if r.state in WATCHED_STATES]
         if not records:
             return
         label = self._provisioner.registry_label
         containers = {c.name: c for c in await self._containers.list_managed(label)}
         for record in records:
-            container = containers.get(record.container_name)
-            if container is not None and container.running:
-                continue
-            if self._lifecycle.provisioning(record.uid) is not None:
-                continue
-            # Inspect for the reason (exit code, OOM), and to be sure it is not just starting.
-            status = await self._containers.status(record.container_name)
-            if status is not None and status.running:
-                continue
-            if record.state is State.POOLED:
-                await self._pool.remove(record, f"it died: {_gone(status)}")
-            else:
-                await self._lost(record, _gone(status))
+            await self._check(record, containers.get(record.container_name))
+
+    async def _check(self, record: SandboxRecord, listed: ContainerStatus | None) -> None:
+        """Handles the container of a RUNNING or POOLED record that may have died (`listed`:
+        what a listing said of it, if one did)."""
+        if listed is not None and listed.running:
+            return
+        if self._lifecycle.provisioning(record.uid) is not None:
+            return  # its container is being started: its provisioning judges it
+        # Inspect for the reason (exit code, OOM), and to be sure it is not just starting.
+        status = await self._containers.status(record.container_name)
+        if status is not None and status.running:
+            return
+        if record.state is State.POOLED:
+            await self._pool.remove(record, f"it died: {_gone(status)}")
+        else:
+            await self._lost(record, _gone(status))
 
     async def _lost(self, record: SandboxRecord, why: str) -> None:
         """A RUNNING sandbox whose container is gone: back from its checkpoint (PAUSED) when

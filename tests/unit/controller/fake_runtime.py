@@ -12,6 +12,7 @@ from controller.errors import Unavailable
 from controller.runtime.container import (
     LABEL_REGISTRY,
     LABEL_UID,
+    ContainerEvent,
     ContainerSpec,
     ContainerStatus,
     HostCapabilities,
@@ -27,6 +28,33 @@ LABEL_MANIFEST = "io.petri.manifest"
 # caller's ExecuteCode without an answer (a race of the executor client: its reads are not
 # guarded as its writes are; test_service_execute.py shows it with executors_outlive_remove).
 REMOVE_SECONDS = 0.02
+
+
+class FakeEvents:
+    """A subscription to the fake's events: what podman's stream is to PodmanRuntime."""
+
+    def __init__(self, registry_label: str) -> None:
+        self.registry_label = registry_label
+        self._queue: asyncio.Queue[ContainerEvent | None] = asyncio.Queue()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<FakeEvents {self.registry_label} closed={self.closed}>"
+
+    def put(self, event: ContainerEvent | None) -> None:
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> FakeEvents:
+        return self
+
+    async def __anext__(self) -> ContainerEvent:
+        event = await self._queue.get()
+        if event is None:  # the stream ended (the podman service restarted)
+            raise StopAsyncIteration
+        return event
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 @dataclass
@@ -73,6 +101,14 @@ class FakeRuntime:
         # How long a remove takes after its container's executor stopped (a slow podman).
         self.remove_seconds = REMOVE_SECONDS
         self._lingering: list[StandInExecutor] = []
+        # The event streams subscribed, the ended ones too; while cleared, events() waits (a
+        # podman service that is down), and while set, events() raises it.
+        self.subscriptions: list[FakeEvents] = []
+        self.events_open = asyncio.Event()
+        self.events_open.set()
+        self.events_error: Exception | None = None
+        # While False, no event is sent (a stream that missed them: the poll must find them).
+        self.send_events = True
 
     def __repr__(self) -> str:
         return f"<FakeRuntime containers={len(self.containers)} starts={self.starts}>"
@@ -104,12 +140,32 @@ class FakeRuntime:
         if container.executor is not None:
             await container.executor.stop()
 
+        self.publish(container, "died")
+        if oom_killed:
+            self.publish(container, "oom")
+
     async def vanish(self, uid: str) -> None:
         """podman loses the sandbox's container altogether."""
         await self.exit(uid)
-        self.containers = {
-            n: c for n, c in self.containers.items() if c.spec.labels.get(LABEL_UID) != uid
-        }
+        gone = [c for c in self.containers.values() if c.spec.labels.get(LABEL_UID) == uid]
+        for container in gone:
+            del self.containers[container.spec.name]
+            self.publish(container, "remove")
+
+    def publish(self, container: FakeContainer, action: str) -> None:
+        """Tells the container's event to the streams of its registry, as podman does."""
+        if not self.send_events:
+            return
+        for stream in self.subscriptions:
+            if not stream.closed and stream.registry_label == container.spec.labels.get(
+                LABEL_REGISTRY
+            ):
+                stream.put(ContainerEvent(container.spec.name, action))
+
+    def end_events(self) -> None:
+        """Ends every event stream, as a restart of the podman service does."""
+        for stream in self.subscriptions:
+            stream.put(None)
 
     async def shutdown(self) -> None:
         """Stops every stand-in executor (the end of a test)."""
@@ -151,6 +207,7 @@ class FakeRuntime:
         if self.crash_on_start is not None:
             exited = FakeContainer(spec, None, False, 1, error=self.crash_on_start)
             self.containers[spec.name] = exited
+            self.publish(exited, "died")  # during the controller's own create
             return
         try:
             executor: StandInExecutor | None = StandInExecutor(
@@ -158,6 +215,7 @@ class FakeRuntime:
             )
         except KeyFileMissing as exc:  # the daemon exits: so does its container
             self.containers[spec.name] = FakeContainer(spec, None, False, 1, error=str(exc))
+            self.publish(self.containers[spec.name], "died")
             return
         assert executor is not None
         self.containers[spec.name] = FakeContainer(spec, executor)
@@ -175,6 +233,9 @@ class FakeRuntime:
             elif container.executor is not None:
                 await container.executor.stop()
                 await asyncio.sleep(self.remove_seconds)
+            if container.running:
+                self.publish(container, "died")
+            self.publish(container, "remove")
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return [
@@ -182,6 +243,17 @@ class FakeRuntime:
             for c in self.containers.values()
             if registry_label is None or c.spec.labels.get(LABEL_REGISTRY) == registry_label
         ]
+
+    async def events(self, registry_label: str) -> FakeEvents:
+        await self.events_open.wait()
+        if self.events_error is not None:
+            raise self.events_error
+        stream = FakeEvents(registry_label)
+        self.subscriptions.append(stream)
+        return stream
+
+    def live_subscriptions(self) -> int:
+        return sum(1 for stream in self.subscriptions if not stream.closed)
 
     async def logs_tail(self, name: str, lines: int) -> str:
         return ""

@@ -14,6 +14,7 @@ from controller.metrics import Metrics
 from controller.pool_targets import PoolTarget
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.runtime.container import (
+    ContainerEvents,
     ContainerSpec,
     ContainerStatus,
     HostCapabilities,
@@ -57,6 +58,9 @@ class FakeContainers:
 
     async def list_managed(self, registry_label: str | None) -> list[ContainerStatus]:
         return []
+
+    async def events(self, registry_label: str) -> ContainerEvents:
+        raise AssertionError("these tests watch no container")
 
     async def logs_tail(self, name: str, lines: int) -> str:
         return ""
