@@ -63,6 +63,8 @@ class WorkerProcess:
         self.incarnation = secrets.token_hex(6)
         self._requests = requests
         self._preload: asyncio.Task[bool] | None = None
+        # Written to (once) to make the worker stop preloading; closed once it has.
+        self._hurry: int | None = None
         self.replies = replies
         # It has run code or restored a namespace: a restore needs a new worker.
         self.used = False
@@ -96,6 +98,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
+        hurry_read, hurry_write = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -118,11 +121,13 @@ class WorkerProcess:
                 str(process_limit),
                 "--preload",
                 ",".join(preload),
+                "--hurry-fd",
+                str(hurry_read),
                 cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(requests_read, replies_write),
+                pass_fds=(requests_read, replies_write, hurry_read),
                 start_new_session=True,  # its own process group, so a kill takes its children
                 limit=STREAM_BUFFER_BYTES,
                 env=_worker_environment(user),
@@ -131,10 +136,12 @@ class WorkerProcess:
         except BaseException:
             os.close(requests_write)
             os.close(replies_read)
+            os.close(hurry_write)
             raise
         finally:
             os.close(requests_read)
             os.close(replies_write)
+            os.close(hurry_read)
         replies = asyncio.StreamReader(limit=STREAM_BUFFER_BYTES)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(replies_read, "rb", 0)
@@ -146,6 +153,7 @@ class WorkerProcess:
         )
         requests = asyncio.StreamWriter(transport, protocol, None, loop)
         worker = cls(process, requests, replies)
+        worker._hurry = hurry_write
         try:
             payload = await asyncio.wait_for(read_frame_async(replies), WORKER_READY_TIMEOUT)
             ready = payload is not None and executor_pb2.WorkerReply.FromString(payload).ready
@@ -183,7 +191,27 @@ class WorkerProcess:
         except TimeoutError:
             return False
 
+    def hurry(self) -> None:
+        """Asks the worker to stop preloading before its next module (the one it is
+        importing completes): an execution wants it now, and imports what it needs itself."""
+        if self._hurry is not None and not self.preloaded:
+            with contextlib.suppress(OSError):  # the worker is gone or has read it already
+                os.write(self._hurry, b"!")
+            log.info("an execution came before the preload ended: the worker stops preloading")
+        self._close_hurry()
+
+    def _close_hurry(self) -> None:
+        if self._hurry is not None:
+            os.close(self._hurry)
+            self._hurry = None
+
     async def _read_preload_report(self) -> bool:
+        try:
+            return await self._read_preload_reply()
+        finally:
+            self._close_hurry()
+
+    async def _read_preload_reply(self) -> bool:
         try:
             payload = await read_frame_async(self.replies)
         except FrameError:
@@ -215,6 +243,7 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self._requests.close()
+        self._close_hurry()
         await self.process.wait()
 
 
