@@ -234,7 +234,7 @@ class Supervisor:
         raise ExecutorBroken(f"cannot start the Python worker: {error}") from error
 
     async def wait_preloaded(self) -> bool:
-        """Waits until the current worker has preloaded (for tests and pool members)."""
+        """Waits until the current worker has preloaded; False when it died or hung doing so."""
         async with self._lock:
             return await (await self._ensure_worker()).wait_preloaded()
 

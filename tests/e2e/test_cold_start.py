@@ -56,7 +56,9 @@ async def test_a_first_one_plus_one_sent_at_once_then_matplotlib(
     plotted = await execute(
         stub,
         sandbox.name,
-        "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nbool(plt.gcf().axes[0].get_xlim()[0] < 1)",
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2])\n"
+        "bool(plt.gcf().axes[0].get_xlim()[0] < 1)",
     )
     assert not plotted.HasField("error"), plotted.error
     assert "Matplotlib is building the font cache" not in plotted.stderr
