@@ -68,6 +68,7 @@ async def read_frame_async(reader: "asyncio.StreamReader") -> bytes | None:
     # Imported here: the worker, which reads with read_frame, then never imports asyncio
     # (about a quarter of its start's CPU, and memory in every sandbox).
     import asyncio
+
     try:
         header = await reader.readexactly(_HEADER.size)
     except asyncio.IncompleteReadError as exc:
