@@ -241,9 +241,12 @@ def main() -> None:
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes")
     parser.add_argument("--process-limit", type=int, default=0, help="RLIMIT_NPROC")
     parser.add_argument("--preload", default="", help="comma-separated modules to import")
-    parser.add_argument("--hurry-fd", type=int, default=-1, help="readable: stop preloading")
     args = parser.parse_args()
     worker_pid = os.getpid()
+    # Readable once an execution waits for the preload (worker_process.HURRY_FD_VARIABLE;
+    # not imported from there: that module imports asyncio). User code does not see it.
+    hurry_text = os.environ.pop("PETRI_HURRY_FD", "")
+    hurry_fd = int(hurry_text) if hurry_text.isdigit() else -1
     if args.memory_limit:
         # Where no memory cgroup is delegated, this is the memory limit that holds: every
         # process of user code gets at most this much address space (MemoryError beyond).
@@ -253,8 +256,8 @@ def main() -> None:
     # User code's subprocesses must not inherit the protocol pipes.
     os.set_inheritable(args.requests_fd, False)
     os.set_inheritable(args.replies_fd, False)
-    if args.hurry_fd >= 0:
-        os.set_inheritable(args.hurry_fd, False)
+    if hurry_fd >= 0:
+        os.set_inheritable(hurry_fd, False)
     sys.argv = [""]
     os.chdir(args.workspace)
 
@@ -268,9 +271,9 @@ def main() -> None:
     modules = [name for name in args.preload.split(",") if name]
     if modules:
         seed_matplotlib_cache()
-    worker.send(executor_pb2.WorkerReply(preloaded=preload(modules, args.hurry_fd)))
-    if args.hurry_fd >= 0:
-        os.close(args.hurry_fd)  # user code has no use for it
+    worker.send(executor_pb2.WorkerReply(preloaded=preload(modules, hurry_fd)))
+    if hurry_fd >= 0:
+        os.close(hurry_fd)  # user code has no use for it
     namespace_snapshot.import_pickler()
     # Now, with the limits set and our modules loaded, user code may import its own files,
     # as in a notebook (the worker started isolated: see worker_process.WorkerProcess.start).

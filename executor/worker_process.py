@@ -23,6 +23,8 @@ log = logging.getLogger("petri.executor")
 
 # How long a new worker may take to say it is ready.
 WORKER_READY_TIMEOUT = 60.0
+# The worker's end of the pipe that tells it to stop preloading (see worker.preload).
+HURRY_FD_VARIABLE = "PETRI_HURRY_FD"
 # Pipe buffer per stream: beyond it the worker blocks on write instead of the daemon growing.
 STREAM_BUFFER_BYTES = 1 << 16
 
@@ -121,8 +123,6 @@ class WorkerProcess:
                 str(process_limit),
                 "--preload",
                 ",".join(preload),
-                "--hurry-fd",
-                str(hurry_read),
                 cwd=workspace_dir,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -130,7 +130,8 @@ class WorkerProcess:
                 pass_fds=(requests_read, replies_write, hurry_read),
                 start_new_session=True,  # its own process group, so a kill takes its children
                 limit=STREAM_BUFFER_BYTES,
-                env=_worker_environment(user),
+                # In the environment, not a flag: a worker of another version ignores it.
+                env={**_worker_environment(user), HURRY_FD_VARIABLE: str(hurry_read)},
                 **identity,
             )
         except BaseException:

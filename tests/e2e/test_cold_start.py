@@ -44,6 +44,19 @@ async def test_a_first_import_pandas_sent_at_once_is_complete(
     # The preload stopped or ended: either way one interpreter, pandas imported once.
     again = await execute(stub, sandbox.name, "import pandas, sys\nsys.modules['pandas'] is pandas")
     assert value_of(again) == "True" and again.incarnation == first.incarnation
+    # The pipe that stopped the preload is not user code's: beyond stdio, the worker holds the
+    # protocol's two pipes only.
+    hidden = (
+        "import os\n"
+        "links = []\n"
+        "for fd in sorted(int(name) for name in os.listdir('/proc/self/fd'))[3:]:\n"
+        "    try:\n"
+        "        links.append(os.readlink(f'/proc/self/fd/{fd}'))\n"
+        "    except OSError:\n"
+        "        pass  # listdir's own, closed by now\n"
+        "('PETRI_HURRY_FD' in os.environ, sum(link.startswith('pipe:') for link in links))"
+    )
+    assert value_of(await execute(stub, sandbox.name, hidden)) == "(False, 2)"
 
 
 async def test_a_first_one_plus_one_sent_at_once_then_matplotlib(
