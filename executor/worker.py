@@ -199,7 +199,7 @@ def seed_matplotlib_cache() -> None:
     """Copies the font list that the image build made into matplotlib's config directory
     (MPLCONFIGDIR, on the sandbox's /tmp): matplotlib wants it writable, so it cannot stay in
     the read-only image, and without it every sandbox's first `import matplotlib` scans the
-    fonts again (about 0.1 s of CPU). Anything amiss only costs that scan."""
+    fonts again (25 to 100 ms of CPU here). Anything amiss only costs that scan."""
     target = os.environ.get("MPLCONFIGDIR", "")
     if not target or not os.path.isdir(BUILT_MATPLOTLIB_CACHE):
         return
@@ -266,11 +266,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, worker.on_sigint)
     worker.send(executor_pb2.WorkerReply(ready=executor_pb2.WorkerReady(pid=os.getpid())))
     # Ready, then preloading: the daemon (and a sandbox's creation) need not wait for it; the
-    # first execution does. Before /workspace is on sys.path: a user's pandas.py found there
-    # after a crash must not be imported in the real one's place.
+    # first execution does, or stops it (see preload). Before /workspace is on sys.path: a
+    # user's pandas.py found there after a crash must not be imported in the real one's place.
     modules = [name for name in args.preload.split(",") if name]
-    if modules:
-        seed_matplotlib_cache()
+    seed_matplotlib_cache()  # also for user code's own `import matplotlib`
     worker.send(executor_pb2.WorkerReply(preloaded=preload(modules, hurry_fd)))
     if hurry_fd >= 0:
         os.close(hurry_fd)  # user code has no use for it
