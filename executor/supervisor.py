@@ -59,6 +59,8 @@ class Supervisor:
         self.preload = list(preload)
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
+        # The daemon's first worker: the one a cold sandbox's first execution may hurry.
+        self._first_worker: WorkerProcess | None = None
         self._drainers: set[asyncio.Task[None]] = set()
         self.execution_count = 0
         # No code has run since the daemon started, nor was a checkpoint restored: a restore
@@ -223,17 +225,29 @@ class Supervisor:
                 self._worker = await WorkerProcess.start(
                     self.workspace, self.memory_limit, self.user, self.process_limit, self.preload
                 )
+                if self._first_worker is None:
+                    self._first_worker = self._worker
                 return self._worker
             except (OSError, TimeoutError, FrameError, ExecutorBroken) as exc:
                 error = exc
                 await asyncio.sleep(delay)
         raise ExecutorBroken(f"cannot start the Python worker: {error}") from error
 
-    async def _preloaded_worker(self) -> WorkerProcess:
+    async def wait_preloaded(self) -> bool:
+        """Waits until the current worker has preloaded; False when it died or hung doing so."""
+        async with self._lock:
+            return await (await self._ensure_worker()).wait_preloaded()
+
+    async def _preloaded_worker(self, hurry: bool = False) -> WorkerProcess:
         """The worker, once it has preloaded. One that dies or hangs preloading is replaced
         by one that preloads nothing: a module that kills the interpreter on import must not
-        make the sandbox unusable."""
+        make the sandbox unusable. With `hurry` (an execution), the sandbox's first worker
+        stops preloading after the module it is importing: a cold sandbox's first execution
+        waits for no module it may never use. Pool members have preloaded long before theirs;
+        a worker started after a crash preloads in full, as the one it replaces had."""
         worker = await self._ensure_worker()
+        if hurry and worker is self._first_worker:
+            worker.hurry()
         if await worker.wait_preloaded():
             return worker
         log.warning("the worker died or hung while preloading %s; preloading nothing", self.preload)
@@ -283,7 +297,7 @@ class Supervisor:
         self.fresh = False  # from here it may write files: no restore over them
         if execution.inputs is not None:
             execution.inputs.commit()
-        worker = await self._preloaded_worker()  # the timeout starts after the preload
+        worker = await self._preloaded_worker(hurry=True)  # the timeout starts after it
         self.execution_count += 1
         worker.used = True
         if await execution.run(worker, self.execution_count):

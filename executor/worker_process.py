@@ -23,6 +23,8 @@ log = logging.getLogger("petri.executor")
 
 # How long a new worker may take to say it is ready.
 WORKER_READY_TIMEOUT = 60.0
+# The worker's end of the pipe that tells it to stop preloading (see worker.preload).
+HURRY_FD_VARIABLE = "PETRI_HURRY_FD"
 # Pipe buffer per stream: beyond it the worker blocks on write instead of the daemon growing.
 STREAM_BUFFER_BYTES = 1 << 16
 
@@ -63,6 +65,8 @@ class WorkerProcess:
         self.incarnation = secrets.token_hex(6)
         self._requests = requests
         self._preload: asyncio.Task[bool] | None = None
+        # Written to (once) to make the worker stop preloading; closed once it has.
+        self._hurry: int | None = None
         self.replies = replies
         # It has run code or restored a namespace: a restore needs a new worker.
         self.used = False
@@ -96,6 +100,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
+        hurry_read, hurry_write = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -122,19 +127,22 @@ class WorkerProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(requests_read, replies_write),
+                pass_fds=(requests_read, replies_write, hurry_read),
                 start_new_session=True,  # its own process group, so a kill takes its children
                 limit=STREAM_BUFFER_BYTES,
-                env=_worker_environment(user),
+                # In the environment, not a flag: a worker of another version ignores it.
+                env={**_worker_environment(user), HURRY_FD_VARIABLE: str(hurry_read)},
                 **identity,
             )
         except BaseException:
             os.close(requests_write)
             os.close(replies_read)
+            os.close(hurry_write)
             raise
         finally:
             os.close(requests_read)
             os.close(replies_write)
+            os.close(hurry_read)
         replies = asyncio.StreamReader(limit=STREAM_BUFFER_BYTES)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(replies_read, "rb", 0)
@@ -146,6 +154,7 @@ class WorkerProcess:
         )
         requests = asyncio.StreamWriter(transport, protocol, None, loop)
         worker = cls(process, requests, replies)
+        worker._hurry = hurry_write
         try:
             payload = await asyncio.wait_for(read_frame_async(replies), WORKER_READY_TIMEOUT)
             ready = payload is not None and executor_pb2.WorkerReply.FromString(payload).ready
@@ -183,7 +192,27 @@ class WorkerProcess:
         except TimeoutError:
             return False
 
+    def hurry(self) -> None:
+        """Asks the worker to stop preloading before its next module (the one it is
+        importing completes): an execution wants it now, and imports what it needs itself."""
+        if self._hurry is not None and not self.preloaded:
+            with contextlib.suppress(OSError):  # the worker is gone or has read it already
+                os.write(self._hurry, b"!")
+            log.info("an execution came before the preload ended: the worker stops preloading")
+        self._close_hurry()
+
+    def _close_hurry(self) -> None:
+        if self._hurry is not None:
+            os.close(self._hurry)
+            self._hurry = None
+
     async def _read_preload_report(self) -> bool:
+        try:
+            return await self._read_preload_reply()
+        finally:
+            self._close_hurry()
+
+    async def _read_preload_reply(self) -> bool:
         try:
             payload = await read_frame_async(self.replies)
         except FrameError:
@@ -215,6 +244,7 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self._requests.close()
+        self._close_hurry()
         await self.process.wait()
 
 
