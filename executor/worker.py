@@ -14,6 +14,7 @@ import ast
 import builtins
 import contextlib
 import ctypes
+import fcntl
 import importlib
 import io
 import linecache
@@ -22,7 +23,10 @@ import resource
 import select
 import shutil
 import signal
+import stat
+import struct
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -40,6 +44,9 @@ BUILT_MATPLOTLIB_CACHE = "/opt/petri/matplotlib"
 MAX_EVALUE_CHARS = 64 * 1024
 MAX_TRACEBACK_LINE_CHARS = 8 * 1024
 MAX_TRACEBACK_LINES = 400
+# How long an output waits at most for the daemon to read the text printed before it (a
+# flood of prints from a thread the code left running must not hold it back for long).
+OUTPUT_ORDER_WAIT = 0.2
 
 
 class Worker:
@@ -80,6 +87,7 @@ class Worker:
         if formatting.is_figure(obj):
             self._shown_figures.add(id(obj))
         output = formatting.bounded(formatting.to_output(obj, kind), MAX_OUTPUT_BYTES)
+        _wait_output_taken()
         self.send(executor_pb2.WorkerReply(output=output))
 
     def show_open_figures(self) -> None:
@@ -186,6 +194,28 @@ def _flush_all() -> None:
         ctypes.CDLL(None).fflush(None)  # C extensions' stdio buffers
     except (OSError, AttributeError):
         pass
+
+
+def _wait_output_taken() -> None:
+    """Waits (briefly, at most) until the daemon has read what the code printed so far: it
+    reads stdout, stderr and the replies on separate pipes, in whatever order the kernel
+    reports them ready, so an output sent while printed text still sits in a pipe could
+    overtake that text. Once a pipe is empty, its text is ahead of the output on the daemon's
+    side (its read comes first and is forwarded in the same step)."""
+    _flush_all()
+    deadline = time.monotonic() + OUTPUT_ORDER_WAIT
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):  # user code closed or replaced the descriptor
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            while _pending_bytes(fd) and time.monotonic() < deadline:
+                time.sleep(0.0002)
+
+
+def _pending_bytes(fd: int) -> int:
+    """Bytes written to the pipe on `fd` and not yet read (FIONREAD works on either end)."""
+    pending: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return pending
 
 
 def _write_marker(fd: int, marker: bytes) -> None:

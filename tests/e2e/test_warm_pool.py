@@ -252,3 +252,28 @@ async def test_a_burst_beyond_the_starts_at_once_waits_its_turn_and_every_create
     finally:
         await burst.stop(grace=1)
     assert not managed_uids(burst)
+
+
+async def test_a_pool_members_stream_keeps_printed_output_before_the_value(
+    pool_stub: Stub, pooled: Controller
+) -> None:
+    """What the code printed arrives before its last expression's value, in a preloaded
+    interpreter too."""
+    await full_pool(pooled)
+    sandbox = await pool_stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT))
+
+    async def kinds(code: str) -> list[str]:
+        async def requests() -> AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest]:
+            start = sandbox_pb2.ExecuteCodeStart(name=sandbox.name, code=code)
+            yield sandbox_pb2.StreamExecuteCodeRequest(start=start)
+
+        seen: list[str] = []
+        async for event in pool_stub.StreamExecuteCode(requests()):
+            kind = event.WhichOneof("event")
+            if kind == "stdout" or kind == "output":
+                seen.append(kind)
+        return seen
+
+    for code in ['print("first")\n6 * 7', 'import json\nprint("x")\n6 * 7'] * 5:
+        seen = await kinds(code)
+        assert seen.index("stdout") < seen.index("output"), (code, seen)
