@@ -203,6 +203,19 @@ async def test_display_and_rich_results(supervisor: Supervisor) -> None:
     assert (await run(supervisor, "1;")).value is None  # a trailing ; hides the value
 
 
+async def test_printed_text_comes_before_the_outputs_that_follow_it(
+    supervisor: Supervisor,
+) -> None:
+    # Text and outputs travel on separate pipes; a fast worker used to let the value overtake.
+    code = "import sys\nprint('out')\nprint('err', file=sys.stderr)\ndisplay(1)\n6 * 7"
+    for _ in range(20):
+        request = executor_pb2.ExecuteRequest(code=code)
+        async with supervisor.execute(request) as events:
+            kinds = [e.WhichOneof("event") async for e in events]
+        first_output = kinds.index("output")
+        assert "stdout" in kinds[:first_output] and "stderr" in kinds[:first_output], kinds
+
+
 async def test_input_is_not_the_protocol_pipe(supervisor: Supervisor) -> None:
     ran = await run(supervisor, "input()")
     assert ran.error is not None and ran.error.ename == "EOFError"
