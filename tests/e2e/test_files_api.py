@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -345,6 +346,8 @@ async def test_the_files_api_acts_as_user_code_under_gvisor(
     """The file thread takes user code's ids with raw per-thread system calls: gVisor's own
     kernel must honour them as Linux does (files owned by user code, root elsewhere)."""
     if controller.gvisor_service is None:
+        if os.environ.get("PETRI_REQUIRE_GVISOR"):
+            pytest.fail("PETRI_REQUIRE_GVISOR is set but runsc is not installed")
         pytest.skip("gVisor's runsc is not installed on this host (apt-get install runsc)")
     sandbox = await create_sandbox(
         spec=sandbox_pb2.SandboxSpec(runtime=sandbox_pb2.SandboxSpec.GVISOR)
