@@ -16,10 +16,14 @@ class CreateSlots:
     """The server's limit on containers starting at once (creates, resumes, warm pool
     refills). A start beyond it waits its turn, first come first served within its project,
     the projects taking turns (one project's flood of creates does not hold another's lone
-    create behind all of it); users' starts go before the pool's refills. A slot that ends
-    is handed straight to the next in line, so a newcomer never overtakes a waiter, and a
-    waiter that leaves (cancelled, or past its timeout) leaves the line without losing
-    anyone's slot.
+    create behind all of it). A slot that ends is handed straight to the next in line, so a
+    newcomer never overtakes a waiter, and a waiter that leaves (cancelled, or past its
+    timeout) leaves the line without losing anyone's slot.
+
+    Users' starts go before the pool's refills, and a refill starts only while no user's
+    start is under way or waiting: on a machine whose cores a burst of cold starts already
+    fills, a refill (a full preload, the costliest start there is) would only delay the
+    users' (issue 16: refills during a first burst of 20 doubled its p99).
 
     Not asyncio.Semaphore: it has no priority for users over refills, and its fairness under
     cancellation has changed between point releases; here the hand-off is explicit."""
@@ -27,7 +31,9 @@ class CreateSlots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._taken = 0
-        # Invariant: while anyone waits, every slot is taken (a release hands its slot on).
+        self._users_taken = 0  # of _taken: the users' starts
+        # Invariant: while a user waits, every slot is taken (a release hands its slot on);
+        # while a refill waits, a slot is taken or a user waits.
         # Each project's line, in the order the projects take turns; then the refills'.
         self._users: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._refills: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -47,8 +53,9 @@ class CreateSlots:
     async def take(self, timeout: float | None, refill: bool = False, project: str = "") -> float:
         """Waits for a slot, at most `timeout` seconds (None: no limit; TimeoutError past
         it), in `project`'s line; returns the seconds waited. Give it back with release()."""
-        if self._taken < self.limit:
+        if self._taken < self.limit and (not refill or self._users_idle()):
             self._taken += 1
+            self._users_taken += not refill
             return 0.0
         if timeout is not None and timeout <= 0:
             raise TimeoutError
@@ -62,7 +69,7 @@ class CreateSlots:
                 await granted
         except BaseException:
             if granted.done() and not granted.cancelled():
-                self.release()  # granted as it left: the slot goes to the next in line
+                self.release(refill)  # granted as it left: the slot goes to the next in line
             else:
                 granted.cancel()
                 if granted in line:  # a release may have dropped it already
@@ -72,9 +79,10 @@ class CreateSlots:
             raise
         return loop.time() - started
 
-    def release(self) -> None:
-        """Gives a slot back: to the first waiter of the project whose turn it is (that
-        project's turn then passes to the next), else to the first refill."""
+    def release(self, refill: bool = False) -> None:
+        """Gives a slot back (`refill`: a refill's): to the first waiter of the project whose
+        turn it is (that project's turn then passes to the next); else, once no user's
+        start is under way, to the first refills."""
         while self._users:
             project = next(iter(self._users))
             line = self._users.pop(project)
@@ -82,9 +90,15 @@ class CreateSlots:
             if line:
                 self._users[project] = line  # its next waiter goes after the other projects'
             if handed:
+                self._users_taken += refill  # a refill's slot became a user's
                 return
-        if not _hand_over(self._refills):
-            self._taken -= 1
+        self._taken -= 1
+        self._users_taken -= not refill
+        while self._taken < self.limit and self._users_taken == 0 and _hand_over(self._refills):
+            self._taken += 1
+
+    def _users_idle(self) -> bool:
+        return self._users_taken == 0 and not any(self._users.values())
 
 
 def _hand_over(line: collections.deque[asyncio.Future[None]]) -> bool:

@@ -218,8 +218,8 @@ class WarmPool:
                 f"no image {self._config.image_for(spec.image_profile)}: build it with "
                 f"sandbox-image/build.sh {spec.image_profile}"
             )
-        # A start slot behind every user's create waiting for one: the pool never takes
-        # their place.
+        # A start slot behind every user's create, once none is under way: the pool never
+        # takes their place, nor their cores.
         slots = self._quotas.create_slots
         waited = await slots.take(None, refill=True)
         self._metrics.create_queue_seconds.labels("refill").observe(waited)
@@ -244,7 +244,7 @@ class WarmPool:
             await self._lifecycle.warm(member)
             member = await asyncio.shield(self._lifecycle.provision(member))
         finally:
-            slots.release()
+            slots.release(refill=True)
         try:
             await self._provisioner.wait_preloaded(member)
             await self._lifecycle.pool(member)

@@ -104,6 +104,32 @@ async def test_starts_beyond_the_limit_wait_their_turn_first_come_first_served()
     assert slots.taken == 1 and slots.waiting == 0
 
 
+async def test_a_refill_waits_while_any_users_start_is_under_way_even_with_slots_free() -> None:
+    slots = CreateSlots(4)
+    await slots.take(None, project="p")  # a user's cold start, three slots free
+    refill = asyncio.ensure_future(slots.take(None, refill=True))
+    await until_waiting(slots, 1)  # it waits although slots are free: the user's start runs
+    await slots.take(None, project="q")  # a user still goes straight in
+    slots.release()
+    await asyncio.sleep(0)
+    assert not refill.done()  # one user's start is still under way
+    slots.release()
+    assert await refill == pytest.approx(0.0, abs=1.0)
+    assert slots.taken == 1 and slots.waiting == 0
+    # A user arriving while the refill holds a slot goes in at once; a second refill then
+    # waits for that user, and a refill's slot handed to a waiting user counts as a user's.
+    await slots.take(None, project="p")
+    second = asyncio.ensure_future(slots.take(None, refill=True))
+    await until_waiting(slots, 1)
+    slots.release(refill=True)  # the first refill's
+    await asyncio.sleep(0)
+    assert not second.done()
+    slots.release()  # the user's
+    await second
+    slots.release(refill=True)
+    assert slots.taken == 0
+
+
 async def test_a_waiter_that_leaves_loses_nobodys_slot() -> None:
     slots = CreateSlots(1)
     await slots.take(None)

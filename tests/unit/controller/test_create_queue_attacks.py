@@ -29,14 +29,15 @@ async def test_two_hundred_cancels_at_random_moments_leak_no_slot() -> None:
     held: list[int] = []
 
     async def start(index: int) -> None:
-        await slots.take(None, refill=index % 5 == 0)
+        refill = index % 5 == 0
+        await slots.take(None, refill=refill)
         held.append(index)
         try:
             for _ in range(rng.randrange(3)):
                 await asyncio.sleep(0)
         finally:
             held.remove(index)
-            slots.release()
+            slots.release(refill)
 
     tasks = [asyncio.ensure_future(start(index)) for index in range(200)]
     for task in tasks:
@@ -214,7 +215,7 @@ async def test_thousands_in_line_are_served_with_the_projects_taking_turns() -> 
     async def wait(name: str, project: str, refill: bool = False) -> None:
         await slots.take(None, refill=refill, project=project)
         order.append(name)
-        slots.release()
+        slots.release(refill)
 
     refill = asyncio.ensure_future(wait("refill", "", refill=True))
     waiters = {
