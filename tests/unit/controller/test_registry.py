@@ -1,6 +1,6 @@
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -8,8 +8,8 @@ from controller.errors import AlreadyExists
 from controller.listing import LabelIs, ListQuery, SortKey, StateIs, position_of
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.store.registry import Registry
-from controller.store.sqlite import SqliteRegistry
 from controller.store.table import NAMES
+from tests.unit.controller.conftest import MakeRegistry
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -53,8 +53,8 @@ def test_the_table_stores_every_field_of_a_record() -> None:
     assert sorted(f.name for f in fields(SandboxRecord)) == sorted(NAMES)
 
 
-async def test_a_record_survives_reopening(tmp_path: Path) -> None:
-    reg = SqliteRegistry(tmp_path / "petri.db")
+async def test_a_record_survives_reopening(make_registry: MakeRegistry) -> None:
+    reg = make_registry()
     await reg.open()
     original = record(
         "a", labels={"team": "ml"}, display_name="A", request_id="r1", create_request="{}"
@@ -64,7 +64,7 @@ async def test_a_record_survives_reopening(tmp_path: Path) -> None:
     await reg.insert(original)
     await reg.close()
 
-    reopened = SqliteRegistry(tmp_path / "petri.db")
+    reopened = make_registry()
     await reopened.open()
     assert await reopened.get_live("p", "a") == original
     await reopened.close()
@@ -212,7 +212,7 @@ async def test_a_pooled_member_is_claimed_once(registry: Registry) -> None:
     member = record("m1", project=POOL_PROJECT, state=State.POOLED)
     await registry.insert(member)
     await registry.insert(record("taken"))
-    owner = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
+    owner: dict[str, Any] = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
     with pytest.raises(AlreadyExists, match="projects/p/sandboxes/taken"):
         await registry.claim_pool_member(member.uid, **{**owner, "sandbox_id": "taken"})
     assert await registry.claim_pool_member(member.uid, **owner)
