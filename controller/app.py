@@ -329,7 +329,7 @@ def _tracing(config: Config) -> _Tracing:
     return _Tracing([make(tracer_provider=provider), endings], provider.shutdown)
 
 
-def _registry(config: Config) -> Registry:
+def registry_for(config: Config) -> Registry:
     """PostgreSQL when a database URL is configured, else the SQLite file."""
     if not config.database_url:
         return SqliteRegistry(config.database_path)
@@ -347,7 +347,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry = _registry(config)
+    registry = registry_for(config)
     await registry.open()
     podman_service: PodmanService | None = None
     gvisor_service: PodmanService | None = None

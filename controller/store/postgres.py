@@ -82,6 +82,10 @@ class PostgresRegistry:
             # A connection the database dropped (a restart) is replaced before it is used.
             check=AsyncConnectionPool.check_connection,
             timeout=timeout,
+            # A reconnection gives up as soon as the call that wanted it: the next call tries
+            # at once, so calls work again as soon as the database is back, not after a backoff
+            # as long as the outage was.
+            reconnect_timeout=timeout,
             name="registry",
         )
         self._opened = False

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from controller.errors import AlreadyExists
+from controller.errors import AlreadyExists, QuotaExceeded
 from controller.listing import LabelIs, ListQuery, SortKey, StateIs, position_of
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.store.registry import Registry
@@ -248,3 +248,29 @@ async def test_only_old_tombstones_are_purged(registry: Registry) -> None:
     assert await registry.get_latest_tombstone("p", "old") is None
     assert await registry.get_latest_tombstone("p", "recent") is not None
     assert await registry.get_live("p", "live") is not None
+
+
+async def test_a_quota_admits_a_sandbox_only_while_its_project_has_room(
+    registry: Registry,
+) -> None:
+    await registry.insert(record("a"))
+    # Neither a pool member, nor a tombstone, nor another project's sandbox takes room in p.
+    await registry.insert(record("m1", project=POOL_PROJECT, state=State.POOLED))
+    await registry.insert(record("gone"))
+    await registry.tombstone("uid-gone", "deleted", T0)
+    await registry.insert(record("elsewhere", project="q"))
+
+    await registry.insert(record("b"), quota=2)
+    with pytest.raises(QuotaExceeded) as caught:
+        await registry.insert(record("c"), quota=2)
+    assert str(caught.value) == "project 'p' has 2 sandboxes, its quota of 2: delete some first"
+    assert caught.value.reason == "QUOTA_EXCEEDED"
+    assert caught.value.metadata == {"quota": "max_sandboxes_per_project", "limit": "2"}
+    assert await registry.get_live("p", "c") is None
+    with pytest.raises(AlreadyExists):  # a taken name is taken, whatever the room
+        await registry.insert(record("a", uid="uid-a2"), quota=10)
+
+    with pytest.raises(QuotaExceeded):
+        await registry.claim_pool_member("uid-m1", quota=2, project="p", sandbox_id="d")
+    assert await registry.claim_pool_member("uid-m1", quota=3, project="p", sandbox_id="d")
+    assert await registry.count_live("p") == 3
