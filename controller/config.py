@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from controller.pool_targets import PoolTarget, parse_pool
 from controller.units import format_duration, parse_duration, parse_size
@@ -79,8 +79,10 @@ def _parse_database_url(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """A database URL as it may be shown: any password in it (the user part's, or a password
-    parameter) replaced by ***."""
+    """A database URL (or libpq's key=value string) as it may be shown: any password in it
+    (the user part's, or a password parameter) replaced by ***."""
+    if "://" not in url:  # empty, or libpq's key=value form
+        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -94,7 +96,10 @@ def redact_url(url: str) -> str:
         "password=***" if unquote(param.partition("=")[0]).lower() == "password" else param
         for param in parts.query.split("&")
     ]
-    return urlunsplit(parts._replace(netloc=netloc, query="&".join(params)))
+    # By hand: urlunsplit drops an empty host's "//" (postgresql:///db, a unix socket).
+    query = "?" + "&".join(params) if parts.query else ""
+    fragment = "#" + parts.fragment if parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}{fragment}"
 
 
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ they work again once it is back, without a restart.
 """
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -54,7 +55,9 @@ _NOT_IN_ANY_LABEL = "\ufffd"
 
 
 def _secrets(url: str) -> list[str]:
-    """The password in a URL, as written and decoded, wherever it is."""
+    """The password in a URL (as written and decoded) or in libpq's key=value string."""
+    if "://" not in url:
+        return [m.group(2) for m in re.finditer(r"(password\s*=\s*)('[^']*'|\S+)", url, re.I)]
     try:
         parts = urlsplit(url)
         found = [parts.password or ""]
