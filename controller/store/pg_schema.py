@@ -17,9 +17,6 @@ log = structlog.get_logger()
 MIGRATION_LOCK = 0x70657472_69000001  # "petri" and a serial number
 PROJECT_LOCK_CLASS = 0x70657472  # "petr"
 
-# Within a transaction: waits for the other controllers adding a sandbox to the same project.
-LOCK_PROJECT = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
-
 # The table as SQLite's version 3 holds it; text compares bytewise (COLLATE "C"), as SQLite's
 # does, so names sort the same on either and whatever the database's default collation is.
 # Times are microseconds since the epoch (BIGINT); JSON is text, as controller.store.table

@@ -274,3 +274,11 @@ async def test_a_quota_admits_a_sandbox_only_while_its_project_has_room(
         await registry.claim_pool_member("uid-m1", quota=2, project="p", sandbox_id="d")
     assert await registry.claim_pool_member("uid-m1", quota=3, project="p", sandbox_id="d")
     assert await registry.count_live("p") == 3
+
+
+async def test_a_label_value_with_nul_matches_no_sandbox(registry: Registry) -> None:
+    # The API's filter admits "\u0000"; PostgreSQL's text cannot hold it, and no label does.
+    await registry.insert(record("a", labels={"team": "ml"}))
+    await registry.insert(record("b"))
+    assert await listed(registry, conditions=(LabelIs("team", "ml\0"),)) == []
+    assert await listed(registry, conditions=(LabelIs("team", "\0", negated=True),)) == ["a", "b"]

@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from controller.errors import AlreadyExists, QuotaExceeded, Unavailable
+from controller.errors import AlreadyExists, InvalidArgument, QuotaExceeded, Unavailable
+from controller.listing import SortKey
 from controller.records import POOL_PROJECT, State
 from controller.store import pg_schema
 from controller.store.postgres import PostgresRegistry
@@ -22,7 +23,7 @@ from controller.store.table import NAMES
 from petri.v1 import sandbox_pb2
 from tests.postgres import Cluster
 from tests.unit.controller.inprocess import PARENT, fast_petri
-from tests.unit.controller.test_registry import record
+from tests.unit.controller.test_registry import query, record
 
 SECRET = "s3cret-pw"
 WAIT_SECONDS = 10.0
@@ -227,3 +228,24 @@ async def test_a_controller_on_postgresql_keeps_its_quota_and_its_sandboxes(
     async with fast_petri(tmp_path, database_url=pg_url) as petri:  # the same database
         listed = await petri.stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT))
         assert [s.name for s in listed.sandboxes] == [f"{PARENT}/sandboxes/one"]
+
+
+@pytest.mark.parametrize(
+    ("sort_key", "after"),
+    [
+        (SortKey.CREATE_TIME, ("1767225600000000", "uid-a")),  # a time as text
+        (SortKey.NAME, (5, "uid-a")),  # a name as a number
+        (SortKey.EXPIRE_TIME, (True, "uid-a")),
+        (SortKey.NAME, ("a\0", "uid-a")),
+    ],
+)
+async def test_a_position_postgresql_cannot_compare_is_an_invalid_page_token(
+    gateways: tuple[PostgresRegistry, PostgresRegistry],
+    sort_key: SortKey,
+    after: tuple[int | str, str],
+) -> None:
+    # Page tokens are the client's to send back: a forged one is the caller's error.
+    a, _ = gateways
+    await a.insert(record("a"))
+    with pytest.raises(InvalidArgument, match="invalid page_token"):
+        await a.list_page(query(sort_key=sort_key, after=after))
