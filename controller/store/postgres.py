@@ -42,6 +42,7 @@ _INSERT = (
     f"VALUES ({', '.join(f'%({name})s' for name in table.NAMES)})"
 )
 _COUNT_SHOWN = f"SELECT count(*) FROM sandboxes WHERE project = %s AND {SHOWN}"
+# Within a transaction: waits for the other controllers adding a sandbox to the same project.
 _LOCK_PROJECT = f"SELECT pg_advisory_xact_lock({pg_schema.PROJECT_LOCK_CLASS}, hashtext(%s))"
 # Rows `held` names with None (the first array), or with their last_active_time unchanged
 # (the other two, side by side), are left out.
