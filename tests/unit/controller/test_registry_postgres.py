@@ -249,3 +249,9 @@ async def test_a_position_postgresql_cannot_compare_is_an_invalid_page_token(
     await a.insert(record("a"))
     with pytest.raises(InvalidArgument, match="invalid page_token"):
         await a.list_page(query(sort_key=sort_key, after=after))
+
+
+async def test_the_tests_postgresql_listens_on_its_unix_socket_only(postgres_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        cursor = await conn.execute("SHOW listen_addresses")
+        assert await cursor.fetchone() == ("",)  # no TCP port at all
