@@ -329,6 +329,16 @@ def _tracing(config: Config) -> _Tracing:
     return _Tracing([make(tracer_provider=provider), endings], provider.shutdown)
 
 
+def registry_for(config: Config) -> Registry:
+    """PostgreSQL when a database URL is configured, else the SQLite file."""
+    if not config.database_url:
+        return SqliteRegistry(config.database_path)
+    # Imported only then: the embedded default needs no PostgreSQL driver loaded.
+    from controller.store.postgres import PostgresRegistry
+
+    return PostgresRegistry(config.database_url)
+
+
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
     """`runtime` replaces podman (the fast tests' fake): no podman service is then started or
     watched, and gVisor is not available."""
@@ -337,7 +347,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry: Registry = SqliteRegistry(config.database_path)
+    registry = registry_for(config)
     await registry.open()
     podman_service: PodmanService | None = None
     gvisor_service: PodmanService | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from controller.pool_targets import PoolTarget, parse_pool
 from controller.units import format_duration, parse_duration, parse_size
@@ -69,6 +70,38 @@ def _parse_listen_or_off(text: str) -> str:
     return text
 
 
+def _parse_database_url(text: str) -> str:
+    text = text.strip()
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        # Not echoed: it may hold a password.
+        raise ValueError("must be empty (SQLite) or a postgresql:// URL")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """A database URL (or libpq's key=value string) as it may be shown: any password in it
+    (the user part's, or a password parameter) replaced by ***."""
+    if "://" not in url:  # empty, or libpq's key=value form
+        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{host}"
+    params = [
+        "password=***" if unquote(param.partition("=")[0]).lower() == "password" else param
+        for param in parts.query.split("&")
+    ]
+    # By hand: urlunsplit drops an empty host's "//" (postgresql:///db, a unix socket).
+    query = "?" + "&".join(params) if parts.query else ""
+    fragment = "#" + parts.fragment if parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}{fragment}"
+
+
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "parse": parse}, **kwargs)
 
@@ -79,6 +112,14 @@ class Config:
     state_dir: Path = _opt("where the registry lives", Path, default_factory=_default_state_dir)
     database: Path | None = _opt(
         "SQLite registry file (default STATE_DIR/petri.db)", Path, default=None
+    )
+    database_url: str = _opt(
+        "the registry in PostgreSQL, shared by controllers: postgresql://USER@HOST/DB (libpq's "
+        "URL, e.g. postgresql:///petri?host=/run/pg for a unix socket); empty: SQLite at "
+        "DATABASE. Give a password in PGPASSFILE or this variable, not the flag (ps shows flags)",
+        _parse_database_url,
+        default="",
+        repr=False,  # a password must not reach a log through a repr
     )
     runtime_dir: Path = _opt(
         "per-sandbox socket directories and the podman socket the controller starts",
@@ -375,6 +416,8 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, timedelta):
                 out[f.name] = format_duration(value)
+            elif f.name == "database_url":
+                out[f.name] = redact_url(value)
             elif isinstance(value, tuple):
                 out[f.name] = (";" if f.name == "warm_pool" else ",").join(map(str, value))
             else:

@@ -8,6 +8,7 @@
     ├── AlreadyExists             ALREADY_EXISTS     sandbox_id taken in the project
     ├── FailedPrecondition        FAILED_PRECONDITION  sandbox not RUNNING, limit not enforceable
     ├── ResourceExhausted         RESOURCE_EXHAUSTED over a size limit or a quota (named)
+    │   └── QuotaExceeded                              a project's quota of sandboxes is full
     ├── DeadlineExceeded          DEADLINE_EXCEEDED  an execution's input files did not all arrive;
     │                                                  a create's deadline passed in line
     ├── Cancelled                 CANCELLED          the caller cancelled an upload: nothing ran
@@ -92,6 +93,20 @@ class FailedPrecondition(PetriError):
 
 class ResourceExhausted(PetriError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A project has as many sandboxes as max_sandboxes_per_project allows: raised by the
+    quota checks, and by the registry, which counts and adds a sandbox atomically."""
+
+    def __init__(self, project: str, live: int, limit: int, starting: int = 0) -> None:
+        more = f" and {starting} more being created" if starting else ""
+        super().__init__(
+            f"project {project!r} has {live} sandboxes{more}, its quota of {limit}: "
+            "delete some first",
+            reason="QUOTA_EXCEEDED",
+            metadata={"quota": "max_sandboxes_per_project", "limit": str(limit)},
+        )
 
 
 class DeadlineExceeded(PetriError):

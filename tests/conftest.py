@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from controller.app import Controller, start_controller
 from controller.config import Config
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, podman
+from tests.postgres import Cluster, cluster_fixture
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -32,6 +33,18 @@ def _short_temp_dir(prefix: str) -> Path:
     # Unix socket paths are limited to 107 bytes: keep the runtime directory short.
     base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real PostgreSQL (scripts/postgres) for the session, in a temporary directory."""
+    yield from cluster_fixture(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_cluster: Cluster) -> str:
+    """The URL of the session's PostgreSQL database `petri` (a unix socket)."""
+    return postgres_cluster.url
 
 
 @pytest.fixture(scope="session")

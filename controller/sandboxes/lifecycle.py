@@ -84,9 +84,9 @@ class Lifecycle:
         """Adds a CreateSandbox's PROVISIONING row, within its project's quota.
         ResourceExhausted over the quota; AlreadyExists when its name or request_id is taken."""
         async with self._project_locks.setdefault(record.project, asyncio.Lock()):
-            live = await self._registry.count_live(record.project)
-            self._quotas.check_sandbox_count(record.project, live)
-            await self._registry.insert(record)
+            # Counted by the registry, atomically with the insert: other controllers sharing
+            # the registry add sandboxes too.
+            await self._registry.insert(record, quota=self._quotas.max_sandboxes_per_project)
 
     async def check_room(self, project: str, starting: Callable[[], int]) -> None:
         """ResourceExhausted when the project's live sandboxes and `starting()` more being
@@ -150,10 +150,9 @@ class Lifecycle:
             incarnation=member.incarnation,
         )
         async with self._project_locks.setdefault(owned.project, asyncio.Lock()):
-            live = await self._registry.count_live(owned.project)
-            self._quotas.check_sandbox_count(owned.project, live)
-            done = await self._registry.claim_pool_member(  # POOLED -> RUNNING
+            done = await self._registry.claim_pool_member(  # POOLED -> RUNNING, as admit's
                 member.uid,
+                quota=self._quotas.max_sandboxes_per_project,
                 project=owned.project,
                 sandbox_id=owned.sandbox_id,
                 display_name=owned.display_name,

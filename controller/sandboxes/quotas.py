@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller.errors import ResourceExhausted
+from controller.errors import QuotaExceeded, ResourceExhausted
 
 WINDOW_SECONDS = 60.0
 
@@ -132,15 +132,10 @@ class Quotas:
         )
 
     def check_sandbox_count(self, project: str, live: int, starting: int = 0) -> None:
-        """ResourceExhausted when `live` sandboxes and `starting` more being created leave
+        """QuotaExceeded when `live` sandboxes and `starting` more being created leave
         the project no room for one more."""
         if live + starting >= self.max_sandboxes_per_project:
-            more = f" and {starting} more being created" if starting else ""
-            raise ResourceExhausted(
-                f"project {project!r} has {live} sandboxes{more}, its quota of "
-                f"{self.max_sandboxes_per_project}: delete some first",
-                **_quota("max_sandboxes_per_project", self.max_sandboxes_per_project),
-            )
+            raise QuotaExceeded(project, live, self.max_sandboxes_per_project, starting)
 
     def count_execute(self, project: str) -> None:
         now = self._clock()

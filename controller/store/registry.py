@@ -1,6 +1,7 @@
 """The registry of sandboxes, as the domain sees it: a small protocol in terms of records.
 
-SQLite (controller.store.sqlite) is the embedded implementation; another database plugs in by
+SQLite (controller.store.sqlite) is the embedded implementation, PostgreSQL
+(controller.store.postgres) the one several controllers share; another database plugs in by
 implementing this. Rows are keyed by uid; names are unique among live sandboxes.
 
 States and what the queries see (controller.records.State):
@@ -13,8 +14,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
+from controller.errors import AlreadyExists
 from controller.listing import ListQuery as ListQuery  # re-exported: callers name it from here
 from controller.records import SandboxRecord, State
+
+
+def already_exists(project: object, sandbox_id: object) -> AlreadyExists:
+    """What insert and claim_pool_member raise when the name or the request_id is taken."""
+    return AlreadyExists(
+        f"sandbox projects/{project}/sandboxes/{sandbox_id} already exists; pick another "
+        "sandbox_id or delete it"
+    )
 
 
 class Registry(Protocol):
@@ -23,8 +33,11 @@ class Registry(Protocol):
 
     async def close(self) -> None: ...
 
-    async def insert(self, record: SandboxRecord) -> None:
-        """Adds a sandbox; AlreadyExists when its name or its request_id is taken."""
+    async def insert(self, record: SandboxRecord, quota: int | None = None) -> None:
+        """Adds a sandbox; AlreadyExists when its name or its request_id is taken. With a
+        quota, only while its project has fewer shown sandboxes (count_live) than that,
+        counted and added atomically, whoever else adds some at once (another process, another
+        host): QuotaExceeded when it has as many."""
 
     async def set_fields(self, uid: str, **fields: object) -> bool:
         """Writes only the given fields (SandboxRecord's names and types) of a live sandbox;
@@ -44,10 +57,10 @@ class Registry(Protocol):
         """Makes a live sandbox a tombstone (state DELETED) that says when and why; False when
         it is not live."""
 
-    async def claim_pool_member(self, uid: str, **fields: object) -> bool:
+    async def claim_pool_member(self, uid: str, quota: int | None = None, **fields: object) -> bool:
         """Moves a warm pool member from POOLED to RUNNING with its claimant's fields (project,
         sandbox_id, labels...); False when it is not POOLED. AlreadyExists when the name or the
-        request_id is taken in that project."""
+        request_id is taken in that project; with a quota, QuotaExceeded as insert()."""
 
     async def forget(self, uid: str) -> None:
         """Removes a sandbox's row entirely: for one that never existed for its caller."""

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller.errors import AlreadyExists
+from controller.errors import QuotaExceeded
 from controller.listing import ListQuery, micros_since_epoch
 from controller.records import SandboxRecord, State
 from controller.store import filters, schema, table
+from controller.store.registry import already_exists
 from controller.store.schema import LIVE, SHOWN
 
 T = TypeVar("T")
@@ -28,13 +29,6 @@ log = structlog.get_logger()
 def _log_failure(future: "asyncio.Future[bool]") -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("a deferred registry write failed", error=str(future.exception()))
-
-
-def _already_exists(project: object, sandbox_id: object) -> AlreadyExists:
-    return AlreadyExists(
-        f"sandbox projects/{project}/sandboxes/{sandbox_id} already exists; pick another "
-        "sandbox_id or delete it"
-    )
 
 
 class SqliteRegistry:
@@ -82,14 +76,33 @@ class SqliteRegistry:
 
     # --- writes ---------------------------------------------------------------------------
 
-    async def insert(self, record: SandboxRecord) -> None:
-        await self._run(self._insert, record)
+    async def insert(self, record: SandboxRecord, quota: int | None = None) -> None:
+        await self._run(self._within_quota, record.project, quota, self._insert, record)
 
     def _insert(self, record: SandboxRecord) -> None:
         try:
             self._conn.execute(table.insert_sql(), table.to_row(record))
         except sqlite3.IntegrityError as exc:
-            raise _already_exists(record.project, record.sandbox_id) from exc
+            raise already_exists(record.project, record.sandbox_id) from exc
+
+    def _within_quota(
+        self, project: str, quota: int | None, write: Callable[..., T], *args: Any
+    ) -> T:
+        """`write(*args)`, only while the project has fewer than `quota` shown sandboxes: the
+        count and the write in one transaction (IMMEDIATE: another process's waits)."""
+        if quota is None:
+            return write(*args)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            live = self._count_shown(project)
+            if live >= quota:
+                raise QuotaExceeded(project, live, quota)
+            result = write(*args)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return result
 
     async def set_fields(self, uid: str, **fields: object) -> bool:
         return await self._run(self._set_fields, uid, fields)
@@ -111,12 +124,7 @@ class SqliteRegistry:
         self, uid: str, fields: dict[str, object], only_in: State | None = None
     ) -> bool:
         """UPDATE of a live row (and in state `only_in`, if given)."""
-        if "delete_time" in fields or fields.get("state") == State.DELETED:
-            # A tombstone is a state with a time: neither without the other.
-            if fields.get("delete_time") is None:
-                raise ValueError("a tombstone needs a delete_time: use tombstone()")
-            fields = {**fields, "state": State.DELETED}
-        row = table.encode_fields(fields)
+        row = table.encode_update(fields)
         assignments = ", ".join(f"{name} = :{name}" for name in row)
         condition = "" if only_in is None else f" AND state = {int(only_in)}"
         cursor = self._conn.execute(
@@ -125,16 +133,19 @@ class SqliteRegistry:
         )
         return cursor.rowcount == 1
 
-    async def claim_pool_member(self, uid: str, **fields: object) -> bool:
+    async def claim_pool_member(self, uid: str, quota: int | None = None, **fields: object) -> bool:
         if "state" in fields:
             raise ValueError("a claim sets the state: RUNNING")
-        return await self._run(self._claim_pool_member, uid, fields)
+        project = str(fields.get("project", ""))
+        return await self._run(
+            self._within_quota, project, quota, self._claim_pool_member, uid, fields
+        )
 
     def _claim_pool_member(self, uid: str, fields: dict[str, object]) -> bool:
         try:
             return self._set_fields(uid, {**fields, "state": State.RUNNING}, State.POOLED)
         except sqlite3.IntegrityError as exc:
-            raise _already_exists(fields.get("project"), fields.get("sandbox_id")) from exc
+            raise already_exists(fields.get("project"), fields.get("sandbox_id")) from exc
 
     async def forget(self, uid: str) -> None:
         await self._run(self._conn.execute, "DELETE FROM sandboxes WHERE uid = ?", (uid,))

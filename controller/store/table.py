@@ -2,7 +2,6 @@
 same name is stored in it. The schema, the row conversions and every write derive from it."""
 
 import json
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -154,7 +153,7 @@ def to_row(record: SandboxRecord) -> dict[str, Any]:
     return {column.name: column.encode(getattr(record, column.name)) for column in COLUMNS}
 
 
-def from_row(row: sqlite3.Row) -> SandboxRecord:
+def from_row(row: Mapping[str, Any]) -> SandboxRecord:
     return SandboxRecord(**{column.name: column.decode(row[column.name]) for column in COLUMNS})
 
 
@@ -164,6 +163,17 @@ def encode_fields(fields: Mapping[str, object]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"no such fields: {sorted(unknown)}")
     return {name: BY_NAME[name].encode(value) for name, value in fields.items()}
+
+
+def encode_update(fields: Mapping[str, object]) -> dict[str, Any]:
+    """The columns a targeted write of a live sandbox sets: `fields` as stored, and a delete_time
+    makes the row a tombstone (state DELETED); ValueError for a tombstone without a time."""
+    if "delete_time" in fields or fields.get("state") == State.DELETED:
+        # A tombstone is a state with a time: neither without the other.
+        if fields.get("delete_time") is None:
+            raise ValueError("a tombstone needs a delete_time: use tombstone()")
+        fields = {**fields, "state": State.DELETED}
+    return encode_fields(fields)
 
 
 def create_table_sql() -> str:

@@ -1,15 +1,15 @@
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from controller.errors import AlreadyExists
+from controller.errors import AlreadyExists, QuotaExceeded
 from controller.listing import LabelIs, ListQuery, SortKey, StateIs, position_of
 from controller.records import POOL_PROJECT, Resources, Runtime, SandboxRecord, Spec, State
 from controller.store.registry import Registry
-from controller.store.sqlite import SqliteRegistry
 from controller.store.table import NAMES
+from tests.unit.controller.conftest import MakeRegistry
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -53,8 +53,8 @@ def test_the_table_stores_every_field_of_a_record() -> None:
     assert sorted(f.name for f in fields(SandboxRecord)) == sorted(NAMES)
 
 
-async def test_a_record_survives_reopening(tmp_path: Path) -> None:
-    reg = SqliteRegistry(tmp_path / "petri.db")
+async def test_a_record_survives_reopening(make_registry: MakeRegistry) -> None:
+    reg = make_registry()
     await reg.open()
     original = record(
         "a", labels={"team": "ml"}, display_name="A", request_id="r1", create_request="{}"
@@ -64,7 +64,7 @@ async def test_a_record_survives_reopening(tmp_path: Path) -> None:
     await reg.insert(original)
     await reg.close()
 
-    reopened = SqliteRegistry(tmp_path / "petri.db")
+    reopened = make_registry()
     await reopened.open()
     assert await reopened.get_live("p", "a") == original
     await reopened.close()
@@ -212,7 +212,7 @@ async def test_a_pooled_member_is_claimed_once(registry: Registry) -> None:
     member = record("m1", project=POOL_PROJECT, state=State.POOLED)
     await registry.insert(member)
     await registry.insert(record("taken"))
-    owner = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
+    owner: dict[str, Any] = {"project": "p", "sandbox_id": "mine", "labels": {"a": "b"}}
     with pytest.raises(AlreadyExists, match="projects/p/sandboxes/taken"):
         await registry.claim_pool_member(member.uid, **{**owner, "sandbox_id": "taken"})
     assert await registry.claim_pool_member(member.uid, **owner)
@@ -248,3 +248,37 @@ async def test_only_old_tombstones_are_purged(registry: Registry) -> None:
     assert await registry.get_latest_tombstone("p", "old") is None
     assert await registry.get_latest_tombstone("p", "recent") is not None
     assert await registry.get_live("p", "live") is not None
+
+
+async def test_a_quota_admits_a_sandbox_only_while_its_project_has_room(
+    registry: Registry,
+) -> None:
+    await registry.insert(record("a"))
+    # Neither a pool member, nor a tombstone, nor another project's sandbox takes room in p.
+    await registry.insert(record("m1", project=POOL_PROJECT, state=State.POOLED))
+    await registry.insert(record("gone"))
+    await registry.tombstone("uid-gone", "deleted", T0)
+    await registry.insert(record("elsewhere", project="q"))
+
+    await registry.insert(record("b"), quota=2)
+    with pytest.raises(QuotaExceeded) as caught:
+        await registry.insert(record("c"), quota=2)
+    assert str(caught.value) == "project 'p' has 2 sandboxes, its quota of 2: delete some first"
+    assert caught.value.reason == "QUOTA_EXCEEDED"
+    assert caught.value.metadata == {"quota": "max_sandboxes_per_project", "limit": "2"}
+    assert await registry.get_live("p", "c") is None
+    with pytest.raises(AlreadyExists):  # a taken name is taken, whatever the room
+        await registry.insert(record("a", uid="uid-a2"), quota=10)
+
+    with pytest.raises(QuotaExceeded):
+        await registry.claim_pool_member("uid-m1", quota=2, project="p", sandbox_id="d")
+    assert await registry.claim_pool_member("uid-m1", quota=3, project="p", sandbox_id="d")
+    assert await registry.count_live("p") == 3
+
+
+async def test_a_label_value_with_nul_matches_no_sandbox(registry: Registry) -> None:
+    # The API's filter admits "\u0000"; PostgreSQL's text cannot hold it, and no label does.
+    await registry.insert(record("a", labels={"team": "ml"}))
+    await registry.insert(record("b"))
+    assert await listed(registry, conditions=(LabelIs("team", "ml\0"),)) == []
+    assert await listed(registry, conditions=(LabelIs("team", "\0", negated=True),)) == ["a", "b"]
