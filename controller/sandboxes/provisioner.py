@@ -19,7 +19,7 @@ import structlog
 
 from controller.config import Config
 from controller.errors import ResourceExhausted, Unavailable
-from controller.records import Runtime, SandboxRecord
+from controller.records import POOL_PROJECT, Runtime, SandboxRecord
 from controller.runtime.container import (
     KEY_FILE_NAME,
     LABEL_EXECUTOR_KEY,
@@ -48,6 +48,8 @@ MAX_SOCKET_PATH = 107
 PRELOAD_POLL_INTERVAL = 0.02
 # At shutdown, how long the background releases (a pause's container removal) may take.
 RELEASE_WAIT_SECONDS = 60.0
+# Seconds a cold sandbox's interpreter waits for its first execution before it preloads.
+COLD_PRELOAD_GRACE = "1"
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,12 @@ class Provisioner:
                 "PETRI_PRELOAD": ",".join(
                     self._config.gvisor_preload if gvisor else self._config.preload
                 ),
+                # A pool member preloads at once (nobody can execute before it has); a cold
+                # sandbox's first execution, which usually comes within the grace, would stop
+                # the preload anyway.
+                "PETRI_PRELOAD_GRACE": "0"
+                if record.project == POOL_PROJECT
+                else COLD_PRELOAD_GRACE,
             },
         )
 
