@@ -112,6 +112,9 @@ class SandboxRecord:
     # After a resume, what the next execution's response reports (namespace_restored, with
     # the names not restored); None when there is nothing to report.
     restore_report: tuple[LostName, ...] | None = None
+    # The node whose host holds its container, among controllers sharing one registry; ""
+    # for a controller with a registry of its own (role single).
+    node: str = ""
 
     @property
     def name(self) -> str:
