@@ -71,7 +71,7 @@ def _parse_listen_or_off(text: str) -> str:
     return text
 
 
-def _parse_database_url(text: str) -> str:
+def parse_database_url(text: str) -> str:
     text = text.strip()
     if text and not text.startswith(("postgresql://", "postgres://")):
         # Not echoed: it may hold a password.
@@ -146,7 +146,7 @@ class Config:
         "the registry in PostgreSQL, shared by controllers: postgresql://USER@HOST/DB (libpq's "
         "URL, e.g. postgresql:///petri?host=/run/pg for a unix socket); empty: SQLite at "
         "DATABASE. Give a password in PGPASSFILE or this variable, not the flag (ps shows flags)",
-        _parse_database_url,
+        parse_database_url,
         default="",
         repr=False,  # a password must not reach a log through a repr
     )

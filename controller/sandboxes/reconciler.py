@@ -101,6 +101,10 @@ class Reconciler:
             await self._lost(record, f"found at controller start: {_gone(container)}")
         elif record.state is State.RUNNING:
             self._provisioner.client_for(record)
+        elif record.given_up and container is not None:
+            # Another node declared this one dead meanwhile and terminated the sandbox: its
+            # caller was told it is gone, so what is left of it goes.
+            await self._provisioner.release(record)
         elif record.state is State.PAUSED and container is not None:
             # Left by a crash during its pause or its resume: the checkpoint is the sandbox;
             # the container goes, with what it held (its socket directory, its worker uid).

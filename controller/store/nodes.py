@@ -18,7 +18,7 @@ import structlog
 from psycopg.rows import dict_row
 
 from controller.listing import micros_since_epoch
-from controller.records import State
+from controller.records import State, given_up_message
 from controller.store import pg_schema
 from controller.store.postgres import PostgresRegistry
 
@@ -103,9 +103,7 @@ class PostgresNodes:
     async def list_nodes(self) -> list[NodeRecord]:
         async with self._registry.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(
-                "SELECT *, now() - heartbeat_time AS age FROM nodes ORDER BY name"
-            )
+            await cursor.execute("SELECT *, now() - heartbeat_time AS age FROM nodes ORDER BY name")
             return [_node(row) for row in await cursor.fetchall()]
 
     async def set_draining(self, name: str, draining: bool) -> bool:
@@ -174,7 +172,7 @@ async def _give_up(
     terminated = await conn.execute(
         f"UPDATE sandboxes SET state = {int(State.TERMINATED)}, state_message = %s, "
         f"update_time = %s WHERE node = %s AND {_in(_TERMINATED_FROM)}",
-        (f"node {name} stopped answering at {seen}; its sandbox's process is gone", when, name),
+        (given_up_message(name, seen), when, name),
     )
     await conn.execute(
         f"UPDATE sandboxes SET state = {int(State.DELETED)}, delete_time = %s, "
