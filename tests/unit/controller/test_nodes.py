@@ -6,17 +6,21 @@ import asyncio
 import socket
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import psycopg
 import pytest
 
+from controller.__main__ import drain
 from controller.clock import utcnow
 from controller.config import Config, load_config
 from controller.errors import AlreadyExists
 from controller.records import POOL_PROJECT, CheckpointInfo, State
+from controller.sandboxes.reaper import TtlReaper
 from controller.store import pg_schema, table
 from controller.store.nodes import NodeRecord, PostgresNodes
 from controller.store.postgres import PostgresRegistry
@@ -346,9 +350,73 @@ async def test_two_nodes_share_the_registry_and_one_terminates_the_dead_one_s_sa
                     sandbox = await eventually(terminated, "B to terminate A's sandbox")
                     assert sandbox.state_message.startswith("node a stopped answering at ")
             assert runtime.container_of(created.uid) is not None  # A stopped, leaving it
-            # A comes back: what was given up goes.
-            async with serving(config_a, runtime) as a:
+            # A comes back (its name the same, its state directory moved): what was given up
+            # goes.
+            moved = replace(config_a, state_dir=tmp_path / "a-moved")
+            async with serving(moved, runtime) as a:
                 assert runtime.container_of(created.uid) is None
                 assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.TERMINATED
     finally:
         await runtime.shutdown()
+
+
+# --- the operator's drain command, and the reaper's share ------------------------------
+
+
+def test_drain_marks_a_node_draining_and_undo_clears_it(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ = {"PETRI_DATABASE_URL": pg_url}
+    assert drain(["n1"], environ) == 1  # it has never heartbeated
+    assert "no node named 'n1' has heartbeated" in capsys.readouterr().err
+
+    async def beat() -> None:
+        registry = PostgresRegistry(pg_url, node="n1")
+        await registry.open()
+        await PostgresNodes(registry).heartbeat(heartbeat_of("n1"))
+        await registry.close()
+
+    asyncio.run(beat())
+
+    def draining() -> bool:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT draining FROM nodes WHERE name = 'n1'").fetchone()
+            return bool(row and row[0])
+
+    assert drain(["n1"], environ) == 0 and draining()
+    assert "node n1: draining" in capsys.readouterr().out
+    assert drain(["n1", "--undo"], environ) == 0 and not draining()
+    with pytest.raises(SystemExit):
+        drain(["n1"], {})
+    assert "set PETRI_DATABASE_URL or --database-url" in capsys.readouterr().err
+
+
+class _Membership:
+    heartbeat_interval = timedelta(seconds=1)
+
+    def __init__(self) -> None:
+        self.purged: list[Any] = []
+
+    async def heartbeat(self) -> None: ...
+
+    async def sweep_dead(self) -> None: ...
+
+    async def purge_tombstones(self, deleted_before: Any) -> int | None:
+        self.purged.append(deleted_before)
+        return None
+
+
+async def test_a_node_s_reaper_purges_tombstones_only_under_the_sweep_lock(
+    pg_url: str,
+) -> None:
+    registry = PostgresRegistry(pg_url, node="n1")
+    await registry.open()
+    await registry.insert(record("old", state=State.DELETED, delete_time=T0, delete_reason="x"))
+    membership = _Membership()
+    reaper = TtlReaper(
+        Mock(), registry, timedelta(seconds=1), timedelta(0), lambda: LATER, membership=membership
+    )
+    await reaper.purge_tombstones()
+    assert membership.purged == [LATER]
+    assert await registry.get_latest_tombstone("p", "old") is not None  # not by the registry
+    await registry.close()
