@@ -8,6 +8,7 @@ import asyncio
 import functools
 import ipaddress
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -359,12 +360,16 @@ class NodeMembership:
         registry: Registry,
         figures: Callable[[], list[PoolFigures]],
         address: str,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._nodes = nodes
         self._registry = registry
         self._figures = figures
         self.address = address
+        self._monotonic = monotonic
+        # Since when every heartbeat of this node succeeded (None: the last one failed).
+        self._beating_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<NodeMembership {self._config.node_name} at {self.address}>"
@@ -374,6 +379,15 @@ class NodeMembership:
         return self._config.heartbeat_interval
 
     async def heartbeat(self) -> None:
+        try:
+            await self._beat()
+        except BaseException:
+            self._beating_since = None
+            raise
+        if self._beating_since is None:
+            self._beating_since = self._monotonic()
+
+    async def _beat(self) -> None:
         from controller.store.nodes import NodeRecord  # with psycopg: nodes only
 
         counts = await self._registry.count_by_state()  # this node's own
@@ -392,7 +406,14 @@ class NodeMembership:
         )
 
     async def sweep_dead(self) -> None:
-        await self._nodes.sweep_dead(self._config.node_timeout, utcnow())
+        """Only once this node has heartbeated for a whole node timeout: after the database
+        was out of reach (every heartbeat failing, other nodes' too), or this node was, the
+        others get that long to heartbeat again before they can be judged dead."""
+        timeout = self._config.node_timeout
+        since = self._beating_since
+        if since is None or self._monotonic() - since < timeout.total_seconds():
+            return
+        await self._nodes.sweep_dead(timeout, utcnow())
 
     async def purge_tombstones(self, deleted_before: datetime) -> int | None:
         return await self._nodes.purge_tombstones(deleted_before)

@@ -124,7 +124,8 @@ class PostgresNodes:
     async def sweep_dead(self, timeout: timedelta, now: datetime) -> list[DeadNode] | None:
         """Under the sweep lock: the live sandboxes of every node whose heartbeat is older
         than `timeout` are TERMINATED saying which node and since when (DEPROVISIONING ones
-        become tombstones, warm pool members' rows are forgotten); `now` is written as their
+        become tombstones, warm pool members' rows are forgotten), and its TERMINATED ones
+        whose expire_time has come (by `now`) tombstones; `now` is written as their
         update_time. None when another node's sweep holds the lock (it does this)."""
         async with self._registry.connection() as conn, conn.transaction():
             if not await _take_sweep_lock(conn):
@@ -179,6 +180,14 @@ async def _give_up(
         f"delete_reason = 'deleted', update_time = %s WHERE node = %s "
         f"AND state = {int(State.DEPROVISIONING)}",
         (when, when, name),
+    )
+    # What expires meanwhile goes too (its node's reaper is not there to do it); its
+    # container, if the node comes back, is one its registry no longer knows: removed.
+    await conn.execute(
+        f"UPDATE sandboxes SET state = {int(State.DELETED)}, delete_time = %s, "
+        f"delete_reason = 'expired', update_time = %s WHERE node = %s "
+        f"AND state = {int(State.TERMINATED)} AND expire_time <= %s",
+        (when, when, name, when),
     )
     dead = DeadNode(name, last_seen, int(terminated.rowcount), int(forgotten.rowcount))
     if dead.terminated or dead.forgotten:

@@ -10,16 +10,17 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from unittest.mock import Mock
+from unittest.mock import AsyncMock, Mock
 
 import psycopg
 import pytest
 
 from controller.__main__ import drain
+from controller.app import NodeMembership
 from controller.clock import utcnow
 from controller.config import Config, load_config
-from controller.errors import AlreadyExists
-from controller.records import POOL_PROJECT, CheckpointInfo, State
+from controller.errors import AlreadyExists, Unavailable
+from controller.records import POOL_PROJECT, CheckpointInfo, State, given_up_message
 from controller.sandboxes.reaper import TtlReaper
 from controller.store import pg_schema, table
 from controller.store.nodes import NodeRecord, PostgresNodes
@@ -40,6 +41,7 @@ from tests.unit.controller.inprocess import (
 from tests.unit.controller.test_registry import T0, query, record
 
 LATER = T0 + timedelta(days=1)
+LATER_STILL = LATER + timedelta(hours=1)
 HELD: dict[str, Any] = {}
 
 
@@ -145,11 +147,12 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     pg_url: str, nodes: tuple[PostgresRegistry, PostgresRegistry]
 ) -> None:
     n1, n2 = nodes
-    await n1.insert(record("mine"))
-    await n2.insert(record("running"))
-    await n2.insert(record("paused", state=State.PAUSED))
-    await n2.insert(record("going", state=State.DEPROVISIONING))
-    await n2.insert(record("m", project=POOL_PROJECT, state=State.POOLED))
+    await n1.insert(record("mine", expire_time=LATER_STILL))
+    await n2.insert(record("running", expire_time=LATER_STILL))
+    await n2.insert(record("paused", state=State.PAUSED, expire_time=LATER_STILL))
+    await n2.insert(record("going", state=State.DEPROVISIONING, expire_time=LATER_STILL))
+    await n2.insert(record("m", project=POOL_PROJECT, state=State.POOLED, expire_time=LATER_STILL))
+    await n2.insert(record("expired", state=State.TERMINATED))  # its node would reap it
     first, second = PostgresNodes(n1), PostgresNodes(n2)
     await first.heartbeat(heartbeat_of("n1"))
     await second.heartbeat(heartbeat_of("n2"))
@@ -173,6 +176,11 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     assert await n1.get_live("p", "going") is None
     gone = await n1.get_latest_tombstone("p", "going")
     assert gone is not None and gone.delete_reason == "deleted"
+    expired = await n1.get_latest_tombstone("p", "expired")
+    assert expired is not None and (expired.delete_reason, expired.delete_time) == (
+        "expired",
+        LATER,
+    )
     assert {r.uid for r in await n2.list_live()} == {"uid-running", "uid-paused"}  # no pool row
     mine = await n1.get_live("p", "mine")
     assert mine is not None and mine.state is State.RUNNING and not mine.given_up
@@ -420,3 +428,76 @@ async def test_a_node_s_reaper_purges_tombstones_only_under_the_sweep_lock(
     assert membership.purged == [LATER]
     assert await registry.get_latest_tombstone("p", "old") is not None  # not by the registry
     await registry.close()
+
+
+async def test_a_running_node_removes_the_containers_of_sandboxes_given_up(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Its heartbeats did not reach the database for a while: another node gave up its sandbox.
+    with short_runtime_dir() as runtime_dir:
+        config = node_config(tmp_path, pg_url, "a", runtime_dir)
+        runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+        try:
+            async with serving(config, runtime) as a:
+                created, kept = await a.create("s1"), await a.create("s2")
+                async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c:
+                    await c.execute(
+                        "UPDATE sandboxes SET state = 4, state_message = %s WHERE uid = %s",
+                        (given_up_message("a", "2026-01-01T00:00:00+00:00"), created.uid),
+                    )
+                await a.controller.manager.check_containers()
+                assert runtime.container_of(created.uid) is None
+                assert runtime.container_of(kept.uid) is not None
+        finally:
+            await runtime.shutdown()
+
+
+class _Nodes:
+    """PostgresNodes' heartbeat and sweep, counted; its heartbeats fail while `down`."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.sweeps = 0
+
+    async def heartbeat(self, node: NodeRecord) -> None:
+        if self.down:
+            raise Unavailable("the registry's database is not answering")
+
+    async def sweep_dead(self, timeout: timedelta, now: Any) -> list[Any]:
+        self.sweeps += 1
+        return []
+
+
+async def test_a_node_sweeps_only_after_heartbeating_for_a_whole_node_timeout() -> None:
+    # After the database was out of reach, every node's heartbeat is old: the others get a
+    # node timeout to heartbeat again before anyone judges them.
+    now = [0.0]
+    nodes = _Nodes()
+    registry = Mock(count_by_state=AsyncMock(return_value={State.RUNNING: 2}))
+    config = Config(role="node", node_name="n1", node_timeout=timedelta(seconds=10))
+    membership = NodeMembership(
+        config,
+        nodes,  # type: ignore[arg-type]
+        registry,
+        list,
+        "n1:1",
+        monotonic=lambda: now[0],
+    )
+
+    async def sweeps_at(when: float) -> int:
+        now[0] = when
+        await membership.sweep_dead()
+        return nodes.sweeps
+
+    assert await sweeps_at(0) == 0  # never heartbeated
+    await membership.heartbeat()
+    assert await sweeps_at(9.9) == 0
+    assert await sweeps_at(10) == 1
+    nodes.down = True
+    with pytest.raises(Unavailable):
+        await membership.heartbeat()
+    assert await sweeps_at(30) == 1
+    nodes.down = False
+    await membership.heartbeat()
+    assert await sweeps_at(39.9) == 1
+    assert await sweeps_at(40) == 2
