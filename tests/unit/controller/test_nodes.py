@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, Mock
 
+import grpc
 import psycopg
 import pytest
 
@@ -349,6 +350,12 @@ async def test_two_nodes_share_the_registry_and_one_terminates_the_dead_one_s_sa
 
                     listed = await eventually(figures, "both nodes' heartbeats, with A's sandbox")
                     assert listed[0].address == f"127.0.0.1:{a.controller.port}"
+                    # What needs its container goes through its own node only.
+                    for call in (b.execute(created.name, "1"), b.delete(created.name)):
+                        with pytest.raises(grpc.aio.AioRpcError) as refused:
+                            await call
+                        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        assert "is held by node a, not this one (b)" in str(refused.value.details())
                     a.controller.reaper.stop()  # A stops heartbeating: dead to B
 
                     async def terminated() -> sandbox_pb2.Sandbox | None:
@@ -364,6 +371,9 @@ async def test_two_nodes_share_the_registry_and_one_terminates_the_dead_one_s_sa
             async with serving(moved, runtime) as a:
                 assert runtime.container_of(created.uid) is None
                 assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.TERMINATED
+                async with serving(config_b, runtime) as b:  # given up: any node ends it
+                    await b.delete(created.name)
+                    assert await b.names() == []
     finally:
         await runtime.shutdown()
 
