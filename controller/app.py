@@ -5,6 +5,7 @@ in-process); `serve(config)` runs one until SIGTERM or SIGINT, then shuts down g
 """
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import signal
@@ -89,6 +90,7 @@ class Controller:
         for watch in self.podman_health:  # nothing restarts a service being stopped
             await watch.stop()
         self.reaper.stop()
+        beating = asyncio.create_task(self.reaper.keep_beating(), name="heartbeat-while-stopping")
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
         await self.server.stop(grace)
@@ -101,6 +103,9 @@ class Controller:
         for service in (self.podman_service, self.gvisor_service):
             if service is not None:
                 await service.stop()
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
         await self.registry.close()
         log.info("controller stopped")
 

@@ -6,6 +6,7 @@ A sandbox is never deleted before its expire_time, and at most `reap_interval` (
 deletions take) after it; sandboxes are taken in the order they expire.
 """
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -146,6 +147,15 @@ class TtlReaper:
             await self._manager.hibernate_idle()
         except Exception:
             log.exception("pausing or saving idle sandboxes failed; retrying next round")
+
+    async def keep_beating(self) -> None:
+        """Heartbeats (role node) until cancelled, after stop(): while the controller stops,
+        pausing its sandboxes for minutes maybe, the other nodes must not judge it dead."""
+        if self._membership is None:
+            return
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(self._membership.heartbeat_interval.total_seconds())
 
     async def heartbeat(self) -> None:
         assert self._membership is not None

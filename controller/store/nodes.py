@@ -62,10 +62,15 @@ class DeadNode:
     forgotten: int
 
 
-# The states a dead node's sandbox is TERMINATED from: its container (or, PAUSED, its
-# checkpoint, on that node's disk) is out of reach. DEPROVISIONING ones become tombstones
-# (their caller asked for them gone); warm pool members' rows are forgotten.
-_TERMINATED_FROM = (State.PROVISIONING, State.RUNNING, State.PAUSED)
+# The states a dead node's sandbox is TERMINATED from: its process is gone with the node.
+# DEPROVISIONING ones become tombstones (their caller asked for them gone); warm pool members'
+# rows are forgotten. PAUSED ones stay: they hold no process, and their checkpoint, on that
+# node's disk, resumes when it comes back (a pause survives a reboot).
+_TERMINATED_FROM = (State.PROVISIONING, State.RUNNING)
+# A dead node's sandboxes whose expire_time has come become tombstones (its reaper is not
+# there to do it); if the node comes back, their containers are ones its registry does not
+# know: removed.
+_EXPIRED_FROM = (State.TERMINATED, State.PAUSED)
 
 
 def _in(states: tuple[State, ...]) -> str:
@@ -122,11 +127,12 @@ class PostgresNodes:
     # --- the sweep, under one lock across all nodes ---------------------------------------
 
     async def sweep_dead(self, timeout: timedelta, now: datetime) -> list[DeadNode] | None:
-        """Under the sweep lock: the live sandboxes of every node whose heartbeat is older
-        than `timeout` are TERMINATED saying which node and since when (DEPROVISIONING ones
-        become tombstones, warm pool members' rows are forgotten), and its TERMINATED ones
-        whose expire_time has come (by `now`) tombstones; `now` is written as their
-        update_time. None when another node's sweep holds the lock (it does this)."""
+        """Under the sweep lock: the PROVISIONING and RUNNING sandboxes of every node whose
+        heartbeat is older than `timeout` are TERMINATED saying which node and since when
+        (DEPROVISIONING ones become tombstones, warm pool members' rows are forgotten, PAUSED
+        ones stay), and its TERMINATED and PAUSED ones whose expire_time has come (by `now`)
+        tombstones; `now` is written as their update_time. None when another node's sweep
+        holds the lock (it does this)."""
         async with self._registry.connection() as conn, conn.transaction():
             if not await _take_sweep_lock(conn):
                 return None
@@ -181,12 +187,10 @@ async def _give_up(
         f"AND state = {int(State.DEPROVISIONING)}",
         (when, when, name),
     )
-    # What expires meanwhile goes too (its node's reaper is not there to do it); its
-    # container, if the node comes back, is one its registry no longer knows: removed.
     await conn.execute(
         f"UPDATE sandboxes SET state = {int(State.DELETED)}, delete_time = %s, "
         f"delete_reason = 'expired', update_time = %s WHERE node = %s "
-        f"AND state = {int(State.TERMINATED)} AND expire_time <= %s",
+        f"AND {_in(_EXPIRED_FROM)} AND expire_time <= %s",
         (when, when, name, when),
     )
     dead = DeadNode(name, last_seen, int(terminated.rowcount), int(forgotten.rowcount))

@@ -7,7 +7,7 @@ import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, Mock
@@ -154,6 +154,7 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     await n2.insert(record("going", state=State.DEPROVISIONING, expire_time=LATER_STILL))
     await n2.insert(record("m", project=POOL_PROJECT, state=State.POOLED, expire_time=LATER_STILL))
     await n2.insert(record("expired", state=State.TERMINATED))  # its node would reap it
+    await n2.insert(record("paused-expired", state=State.PAUSED))
     first, second = PostgresNodes(n1), PostgresNodes(n2)
     await first.heartbeat(heartbeat_of("n1"))
     await second.heartbeat(heartbeat_of("n2"))
@@ -161,27 +162,28 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     await make_dead(pg_url, "n2")
     swept = await first.sweep_dead(timedelta(seconds=10), LATER)
     assert swept is not None and [(d.name, d.terminated, d.forgotten) for d in swept] == [
-        ("n2", 2, 1)
+        ("n2", 1, 1)
     ]
     seen = swept[0].last_seen.isoformat(timespec="seconds")
     message = f"node n2 stopped answering at {seen}; its sandbox's process is gone"
-    for name in ("running", "paused"):
-        found = await n1.get_live("p", name)
-        assert found is not None
-        assert (found.state, found.state_message, found.update_time) == (
-            State.TERMINATED,
-            message,
-            LATER,
-        )
-        assert found.given_up
+    found = await n1.get_live("p", "running")
+    assert found is not None
+    assert (found.state, found.state_message, found.update_time) == (
+        State.TERMINATED,
+        message,
+        LATER,
+    )
+    assert found.given_up
+    # A paused one holds no process: its checkpoint resumes on its node once back.
+    paused = await n1.get_live("p", "paused")
+    assert paused is not None and paused.state is State.PAUSED and not paused.given_up
     assert await n1.get_live("p", "going") is None
     gone = await n1.get_latest_tombstone("p", "going")
     assert gone is not None and gone.delete_reason == "deleted"
-    expired = await n1.get_latest_tombstone("p", "expired")
-    assert expired is not None and (expired.delete_reason, expired.delete_time) == (
-        "expired",
-        LATER,
-    )
+    for name in ("expired", "paused-expired"):
+        expired = await n1.get_latest_tombstone("p", name)
+        assert expired is not None
+        assert (expired.delete_reason, expired.delete_time) == ("expired", LATER)
     assert {r.uid for r in await n2.list_live()} == {"uid-running", "uid-paused"}  # no pool row
     mine = await n1.get_live("p", "mine")
     assert mine is not None and mine.state is State.RUNNING and not mine.given_up
@@ -511,3 +513,34 @@ async def test_a_node_sweeps_only_after_heartbeating_for_a_whole_node_timeout() 
     await membership.heartbeat()
     assert await sweeps_at(39.9) == 1
     assert await sweeps_at(40) == 2
+
+
+async def test_a_stopping_node_heartbeats_until_its_sandboxes_are_paused(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Pausing every sandbox at shutdown may take minutes: meanwhile it is not dead.
+    beats_while_pausing: list[datetime] = []
+    with short_runtime_dir() as runtime_dir:
+        config = replace(
+            node_config(tmp_path, pg_url, "a", runtime_dir), keep_running_on_shutdown=False
+        )
+        runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+        try:
+            async with serving(config, runtime) as a:
+                registry = a.controller.registry
+                assert isinstance(registry, PostgresRegistry)
+                nodes = PostgresNodes(registry)
+
+                async def slow_pause_all(within: float) -> None:
+                    deadline = asyncio.get_running_loop().time() + 3
+                    while len(set(beats_while_pausing)) < 3:
+                        assert asyncio.get_running_loop().time() < deadline, beats_while_pausing
+                        beats_while_pausing.extend(
+                            n.heartbeat_time for n in await nodes.list_nodes()
+                        )
+                        await asyncio.sleep(0.05)
+
+                a.controller.manager.pause_all = slow_pause_all  # type: ignore[method-assign]
+        finally:
+            await runtime.shutdown()
+    assert len(set(beats_while_pausing)) >= 3
