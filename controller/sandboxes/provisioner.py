@@ -77,10 +77,14 @@ class Provisioner:
         self._gvisor_containers = gvisor_containers
         self._policy = policy
         self._socket_root = config.runtime_dir / "s"
-        # Tells this controller's containers from those of another registry on the same podman.
-        self.registry_label = hashlib.sha256(
-            str(config.database_path.resolve()).encode()
-        ).hexdigest()[:12]
+        # Tells this controller's containers from those of another registry on the same podman:
+        # a node's, from its name (its rows are its own in a registry that nodes share).
+        owner = (
+            f"node/{config.node_name}"
+            if config.role == "node"
+            else str(config.database_path.resolve())
+        )
+        self.registry_label = hashlib.sha256(owner.encode()).hexdigest()[:12]
         # The uid user code runs as, by sandbox uid (the executor is the sandbox's root):
         # reserved host-wide, with every controller of this service user.
         self._worker_uids = WorkerUids(config.userns_size, shared_directory(), self.registry_label)
