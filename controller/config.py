@@ -80,8 +80,11 @@ def parse_database_url(text: str) -> str:
 
 
 ROLES = ("single", "node", "gateway")
-# A node's name: a DNS label, as Kubernetes names pods and hosts are named.
-_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A node's name: a DNS subdomain (RFC 1123), as Kubernetes names its nodes
+# ("ip-10-0-0-1.ec2.internal": the deploy manifests pass spec.nodeName).
+_NODE_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_NODE_NAME = re.compile(rf"{_NODE_LABEL}(\.{_NODE_LABEL})*")
+MAX_NODE_NAME = 253
 
 
 def _parse_role(text: str) -> str:
@@ -93,10 +96,11 @@ def _parse_role(text: str) -> str:
 
 def _parse_node_name(text: str) -> str:
     text = text.strip()
-    if _NODE_NAME.fullmatch(text) is None:
+    if len(text) > MAX_NODE_NAME or _NODE_NAME.fullmatch(text) is None:
         raise ValueError(
-            f"{text[:80]!r} is not a node name: lowercase letters, digits and '-', at most "
-            "63, starting and ending with a letter or digit"
+            f"{text[:80]!r} is not a node name: a DNS name (lowercase letters, digits, '-' "
+            f"and '.', each part starting and ending with a letter or digit), at most "
+            f"{MAX_NODE_NAME} characters"
         )
     return text
 
@@ -158,8 +162,8 @@ class Config:
         default="single",
     )
     node_name: str = _opt(
-        "this node's name among the nodes sharing the registry (role node): lowercase "
-        "letters, digits and '-', at most 63; default: the host's name",
+        "this node's name among the nodes sharing the registry (role node): a DNS name "
+        "(lowercase letters, digits, '-', '.'), at most 253; default: the host's name",
         _parse_node_name,
         default_factory=_default_node_name,
     )

@@ -286,11 +286,31 @@ def test_node_and_gateway_roles_need_a_postgresql_registry(
     assert load_config([], environ={}).role == "single"
 
 
-@pytest.mark.parametrize("name", ["Web", "-web", "web-", "we_b", "a" * 64, "", "web 1"])
-def test_a_node_name_is_a_dns_label(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Web",
+        "-web",
+        "web-",
+        "we_b",
+        ".".join(["a" * 63] * 4),
+        "",
+        "web 1",
+        "web..1",
+        ".web",
+        "web.",
+    ],
+)
+def test_a_node_name_is_a_dns_name(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         load_config([f"--node-name={name}"], environ={})
     assert "is not a node name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ip-10-0-0-1.ec2.internal", "web-01", "a" * 63, "n1.b.c"])
+def test_kubernetes_node_names_are_node_names(name: str) -> None:
+    """The manifests pass spec.nodeName, a DNS subdomain with dots on most clouds."""
+    assert load_config([f"--node-name={name}"], environ={}).node_name == name
 
 
 def test_a_node_is_named_after_its_host_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
