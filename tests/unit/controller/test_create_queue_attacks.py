@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from controller.pool_targets import KindBounds
-from controller.sandboxes import creation
+from controller.sandboxes import creation, quotas
 from controller.sandboxes.quotas import CreateSlots
 from controller.sandboxes.warm_pool import PoolMembers
 from petri.v1 import sandbox_pb2
@@ -239,4 +239,39 @@ async def test_thousands_in_line_are_served_with_the_projects_taking_turns() -> 
         if turn < len(rounds)
     ]
     assert order == [*expected, "refill"]
+    assert slots.taken == 0 and slots.waiting == 0
+
+
+async def test_a_trickle_of_overlapping_user_starts_does_not_starve_the_refills_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user's start always under way (each next one begins before the last ends), slots
+    free all along: a refill waits its patience, then starts beside them; it never goes
+    before a user who waits for a slot."""
+    monkeypatch.setattr(quotas, "REFILL_PATIENCE", 0.2, raising=False)
+    slots = CreateSlots(2)
+    await slots.take(None, project="p")
+    refill = asyncio.ensure_future(slots.take(None, refill=True))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while not refill.done():  # the trickle: a new user's start, then the last one ends
+        assert loop.time() - began < 5.0, "the refill was starved by the trickle"
+        await slots.take(None, project="p")
+        slots.release()
+        await asyncio.sleep(0.01)
+    assert await refill >= 0.2  # not before its patience
+    assert slots.taken == 2  # the trickle's start and the refill's
+    # Every slot taken and a user waiting: an overdue refill still goes after the user.
+    second = asyncio.ensure_future(slots.take(None, refill=True))
+    await until(lambda: slots.waiting == 1)
+    user = asyncio.ensure_future(slots.take(None, project="q"))
+    await until(lambda: slots.waiting == 2)
+    await asyncio.sleep(0.3)  # the second refill is overdue now
+    slots.release(refill=True)  # the first refill's slot
+    await user
+    assert not second.done()
+    slots.release()  # the trickle's: still a user's start under way (q's), but none waits
+    await second
+    slots.release(refill=True)
+    slots.release()
     assert slots.taken == 0 and slots.waiting == 0
