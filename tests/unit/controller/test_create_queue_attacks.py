@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -275,3 +276,86 @@ async def test_a_trickle_of_overlapping_user_starts_does_not_starve_the_refills_
     slots.release(refill=True)
     slots.release()
     assert slots.taken == 0 and slots.waiting == 0
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_a_create_whose_caller_leaves_during_its_start_leaves_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    """Without a request_id nobody can ever be given the sandbox of a create whose caller
+    left (cancelled, or its deadline passed: no start was measured yet, so the create was
+    let in): once started it is discarded, not left RUNNING in the project's quota, and the
+    name is free again. The estimate learned from that start refuses the next such create
+    at once."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        slots = petri.controller.manager.create_slots
+        lifecycle = petri.controller.manager._lifecycle
+        petri.runtime.starts_open.clear()
+        call = petri.stub.CreateSandbox(
+            create_request("gone"), timeout=0.5 if how == "deadline" else None
+        )
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the create to start")
+        if how == "cancel":
+            call.cancel()
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+            await call
+        petri.runtime.starts_open.set()
+        await wait_until(
+            lambda: slots.taken == 0 and not lifecycle._provisioning, "the start to end"
+        )
+        assert petri.runtime.containers == {}
+        assert await petri.names() == []
+        assert await petri.controller.registry.list_live() == []
+        if how == "deadline":
+            await expect(
+                petri.stub.CreateSandbox(create_request("again"), timeout=0.5),
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "no time to start a sandbox",
+            )
+            assert petri.runtime.starts == 1  # refused before starting anything
+        assert (await petri.create("gone")).state == RUNNING
+
+
+async def test_a_create_cancelled_as_its_row_goes_in_leaves_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row's insert runs on in the store's thread when its caller leaves: it must not
+    stay behind without a start (a PROVISIONING row in the project's quota)."""
+    async with fast_petri(tmp_path) as petri:
+        registry = petri.controller.manager._lifecycle._registry
+        inserted, proceed, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        real_insert = registry.insert
+
+        async def insert_then_wait(record: Any, quota: int | None = None) -> None:
+            await real_insert(record, quota=quota)
+            inserted.set()
+            try:
+                await proceed.wait()  # the caller leaves here: the row is in
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        def caller_left() -> bool:
+            """The server has seen the cancel: the insert was cancelled, or (shielded from
+            it) is being waited for to undo it."""
+            undoing = any(
+                "_undo_admission" in getattr(task.get_coro(), "__qualname__", "")
+                for task in asyncio.all_tasks()
+            )
+            return cancelled.is_set() or undoing
+
+        monkeypatch.setattr(registry, "insert", insert_then_wait)
+        call = petri.stub.CreateSandbox(create_request("torn"))
+        await inserted.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_until(caller_left, "the server to see the cancel")
+        proceed.set()
+        await wait_until(
+            lambda: not petri.controller.manager._creation._in_line, "the create to leave"
+        )
+        monkeypatch.undo()
+        assert await petri.controller.registry.list_live() == []
+        assert petri.runtime.starts == 0
+        assert (await petri.create("torn")).state == RUNNING
