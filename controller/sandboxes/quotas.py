@@ -29,9 +29,9 @@ class CreateSlots:
     start is under way or waiting: on a machine whose cores a burst of cold starts already
     fills, a refill (a full preload, the costliest start there is) would only delay the
     users' (issue 16: refills during a first burst of 20 doubled its p99). But a refill
-    that has waited REFILL_PATIENCE takes a free slot while users' starts are under way (not
-    while a user waits): else a trickle of cold creates whose starts overlap would keep the
-    pool empty for as long as it lasts, every create of it a cold one.
+    that has waited REFILL_PATIENCE takes a free slot while users' starts are under way (one
+    such refill at a time, and not while a user waits): else a trickle of cold creates whose
+    starts overlap would keep the pool empty for as long as it lasts, each create of it cold.
 
     Not asyncio.Semaphore: it has no priority for users over refills, and its fairness under
     cancellation has changed between point releases; here the hand-off is explicit."""
@@ -42,8 +42,8 @@ class CreateSlots:
         self._taken = 0
         self._users_taken = 0  # of _taken: the users' starts
         # Invariant: while a user waits, every slot is taken (a release hands its slot on);
-        # while a refill waits, every slot is taken, or a user's start is under way or
-        # waiting and no refill has waited refill_patience.
+        # while a refill waits, every slot is taken, or a user waits, or a user's start is
+        # under way and either no refill has waited refill_patience or a refill runs.
         # Each project's line, in the order the projects take turns; then the refills'.
         self._users: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._refills: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -122,11 +122,14 @@ class CreateSlots:
 
     def _start_refills(self) -> None:
         """Hands free slots to the refills first in line: once no user's start is under way,
-        to any; while one is, only to those that have waited refill_patience; while a user
-        waits, to none."""
+        to any; while one is, to one at a time of those that have waited refill_patience;
+        while a user waits, to none."""
         while self._taken < self.limit and not any(self._users.values()) and self._refills:
             first = self._refills[0]
-            if not first.done() and self._users_taken and first not in self._overdue:
+            beside_users = self._users_taken and (
+                first not in self._overdue or self._taken > self._users_taken
+            )
+            if not first.done() and beside_users:
                 return
             self._refills.popleft()
             if not first.done():  # else it left the line

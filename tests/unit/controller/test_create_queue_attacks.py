@@ -247,34 +247,47 @@ async def test_a_trickle_of_overlapping_user_starts_does_not_starve_the_refills_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A user's start always under way (each next one begins before the last ends), slots
-    free all along: a refill waits its patience, then starts beside them; it never goes
-    before a user who waits for a slot."""
+    free all along: a refill waits its patience, then starts beside them, one refill at a
+    time; it never goes before a user who waits for a slot."""
     monkeypatch.setattr(quotas, "REFILL_PATIENCE", 0.2, raising=False)
-    slots = CreateSlots(2)
+    slots = CreateSlots(4)
     await slots.take(None, project="p")
-    refill = asyncio.ensure_future(slots.take(None, refill=True))
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    while not refill.done():  # the trickle: a new user's start, then the last one ends
-        assert loop.time() - began < 5.0, "the refill was starved by the trickle"
-        await slots.take(None, project="p")
-        slots.release()
-        await asyncio.sleep(0.01)
-    assert await refill >= 0.2  # not before its patience
-    assert slots.taken == 2  # the trickle's start and the refill's
-    # Every slot taken and a user waiting: an overdue refill still goes after the user.
+    first = asyncio.ensure_future(slots.take(None, refill=True))
     second = asyncio.ensure_future(slots.take(None, refill=True))
+    loop = asyncio.get_running_loop()
+
+    async def trickle_until(refill: asyncio.Future[float]) -> None:
+        """A new user's start, then the last one ends, until `refill` has its slot."""
+        began = loop.time()
+        while not refill.done():
+            assert loop.time() - began < 5.0, "the refill was starved by the trickle"
+            await slots.take(None, project="p")
+            slots.release()
+            await asyncio.sleep(0.01)
+
+    await trickle_until(first)
+    assert await first >= 0.2  # not before its patience
+    await asyncio.sleep(0.1)  # the second is overdue too, but a refill runs already
+    assert not second.done() and slots.taken == 2  # the trickle's start and the first's
+    slots.release(refill=True)
+    await trickle_until(second)
+    # Every slot taken and a user waiting: an overdue refill still goes after the user.
+    for _ in range(2):
+        await slots.take(None, project="p")
+    third = asyncio.ensure_future(slots.take(None, refill=True))
     await until(lambda: slots.waiting == 1)
     user = asyncio.ensure_future(slots.take(None, project="q"))
     await until(lambda: slots.waiting == 2)
-    await asyncio.sleep(0.3)  # the second refill is overdue now
-    slots.release(refill=True)  # the first refill's slot
+    await asyncio.sleep(0.3)  # the third refill is overdue now
+    slots.release(refill=True)  # the second refill's slot
     await user
-    assert not second.done()
-    slots.release()  # the trickle's: still a user's start under way (q's), but none waits
-    await second
+    assert not third.done()
+    for _ in range(2):
+        slots.release()  # users' starts end; q's is still under way, but none waits
+    await third
     slots.release(refill=True)
-    slots.release()
+    for _ in range(2):
+        slots.release()
     assert slots.taken == 0 and slots.waiting == 0
 
 
