@@ -14,9 +14,10 @@ import pytest
 from controller.pool_targets import KindBounds
 from controller.sandboxes import creation, quotas
 from controller.sandboxes.quotas import CreateSlots
-from controller.sandboxes.warm_pool import PoolMembers
+from controller.sandboxes.warm_pool import PoolMembers, PoolTarget
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.inprocess import create_request, expect, fast_petri, wait_until
+from tests.unit.controller.test_service_lifecycle import full_pool
 from tests.unit.controller.test_warm_pool import FULL, Discards, Starter, demand, next_pass, until
 
 RUNNING = sandbox_pb2.Sandbox.RUNNING
@@ -372,3 +373,35 @@ async def test_a_create_cancelled_as_its_row_goes_in_leaves_no_row(
         assert await petri.controller.registry.list_live() == []
         assert petri.runtime.starts == 0
         assert (await petri.create("torn")).state == RUNNING
+
+
+async def test_a_create_cancelled_while_its_pool_member_is_checked_leaks_no_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim first checks that the member answers (a status call): a caller that leaves
+    during it leaves the member in the pool, not running in nobody's hands until the
+    controller restarts (its expiry would skip it: it is no longer a ready member)."""
+    async with fast_petri(tmp_path, warm_pool=(PoolTarget(size=1),)) as petri:
+        (member,) = await full_pool(petri, 1)
+        pool = petri.controller.manager.warm_pool
+        provisioner = petri.controller.manager._provisioner
+        checking, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def slow_check(record: Any, timeout: float) -> None:
+            checking.set()
+            try:
+                await asyncio.Event().wait()  # a member slow to answer
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        monkeypatch.setattr(provisioner, "check_answers", slow_check)
+        call = petri.stub.CreateSandbox(create_request("leaving"))
+        await checking.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await cancelled.wait()
+        monkeypatch.undo()
+        assert member in pool.ready_uids()
+        assert (await petri.create("next")).uid == member
