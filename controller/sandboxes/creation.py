@@ -2,7 +2,8 @@
 container; the project's quota holds for each, and a new container waits its turn for the
 server's limit on starts at once (FIFO per project, the projects taking turns, within the
 caller's deadline: DEADLINE_EXCEEDED, nothing created, when a start can no longer fit
-before it).
+before it). A caller that leaves (its deadline passed) during the start leaves nothing
+either, unless it gave a request_id: then its retry gets the sandbox.
 
 A request_id names one request (AIP-155): a retry with it gets the sandbox the first request
 made, once RUNNING, and a different request that reuses it is ALREADY_EXISTS, naming the
@@ -11,6 +12,7 @@ fields that differ.
 
 import asyncio
 import collections
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from datetime import datetime
 
 import structlog
 
-from controller.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted
+from controller.errors import AlreadyExists, Cancelled, DeadlineExceeded, ResourceExhausted
 from controller.metrics import Metrics
 from controller.names import generate_sandbox_id, validate_sandbox_id
 from controller.quoting import quote
@@ -28,6 +30,7 @@ from controller.sandboxes.labels import validate_display_name, validate_labels
 from controller.sandboxes.lifecycle import Lifecycle
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
+from controller.sandboxes.shielding import shielded
 from controller.sandboxes.specs import (
     CreateParams,
     SpecPolicy,
@@ -85,7 +88,8 @@ class Creation:
 
     async def create(self, params: CreateParams) -> SandboxRecord:
         """The RUNNING sandbox `params` asks for. Its provisioning runs on if the caller
-        leaves, and holds its create slot until it ends."""
+        leaves, and holds its create slot until it ends (then, without a request_id, the
+        sandbox is discarded)."""
         earlier = await self._earlier_answer(params)
         if earlier is not None:
             return earlier
@@ -122,9 +126,17 @@ class Creation:
                 return earlier, "cold"
             raise
         started = asyncio.get_running_loop().time()
-        future = self._lifecycle.provision(record)
+        # A caller that leaves before its sandbox is ready gets no sandbox: without a
+        # request_id no retry can ever be given it, so it is discarded once started, not
+        # left RUNNING (in the project's quota, on the host) for a caller that saw an error.
+        left = asyncio.Event()
+        future = self._lifecycle.provision(record, lambda: left.is_set() and not params.request_id)
         future.add_done_callback(lambda done: self._started(done, started))
-        return await asyncio.shield(future), "cold"
+        try:
+            return await asyncio.shield(future), "cold"
+        except asyncio.CancelledError:
+            left.set()
+            raise
 
     async def _wait_and_admit(self, params: CreateParams, record: SandboxRecord) -> None:
         """Waits for a start slot and adds the sandbox's row, holding the slot once the row
@@ -141,7 +153,7 @@ class Creation:
             try:
                 await self._wait_for_a_slot(params)
                 try:
-                    await self._lifecycle.admit(record)
+                    await self._admit(record)
                 except BaseException:
                     self._quotas.create_slots.release()
                     raise
@@ -152,6 +164,24 @@ class Creation:
                 del line[key]
             if not line:
                 del self._in_line[project]
+
+    async def _admit(self, record: SandboxRecord) -> None:
+        """Adds the sandbox's row; a caller that leaves meanwhile leaves no row (the insert
+        runs on in the store's thread: a row without a start would hold a place in the
+        project's quota until the controller restarts)."""
+        admitting = asyncio.ensure_future(self._lifecycle.admit(record))
+        try:
+            await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            await shielded(self._undo_admission(admitting, record))
+            raise
+
+    async def _undo_admission(
+        self, admitting: "asyncio.Future[None]", record: SandboxRecord
+    ) -> None:
+        with contextlib.suppress(Exception):  # not admitted (over quota, name taken)
+            await admitting
+            await self._registry.forget(record.uid)
 
     async def _wait_for_a_slot(self, params: CreateParams) -> None:
         """Takes one of the server's starts at once, in line behind the creates before it;
@@ -193,9 +223,13 @@ class Creation:
 
     def _started(self, done: "asyncio.Future[SandboxRecord]", started: float) -> None:
         """A cold start ended: its slot goes to the next in line; a success moves the
-        estimate of a start's duration."""
+        estimate of a start's duration, and so does a start whose caller left (discarded
+        once started; its discard counted in): else creates with deadlines too short for a
+        start would each start one for nothing while no start is measured."""
         self._quotas.create_slots.release()
-        if not done.cancelled() and done.exception() is None:
+        if not done.cancelled() and (
+            done.exception() is None or isinstance(done.exception(), Cancelled)
+        ):
             now = asyncio.get_running_loop().time()
             took = now - started
             estimate = self._current_estimate(now) if self._starts_measured else took

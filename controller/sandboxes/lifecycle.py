@@ -27,6 +27,7 @@ from datetime import datetime
 
 import structlog
 
+from controller.errors import Cancelled
 from controller.records import POOL_PROJECT, CheckpointInfo, LostName, SandboxRecord, State
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
@@ -100,21 +101,30 @@ class Lifecycle:
         assert record.state is State.WARMING and record.project == POOL_PROJECT
         await self._registry.insert(record)
 
-    def provision(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
+    def provision(
+        self, record: SandboxRecord, abandoned: Callable[[], bool] = lambda: False
+    ) -> "asyncio.Future[SandboxRecord]":
         """Starts the sandbox of a PROVISIONING or WARMING row; the future runs on if its
         caller leaves (shield it), and ends RUNNING (a member: still WARMING) or, on failure,
-        discarded: it never existed for its caller, whose retry may start afresh."""
-        future = asyncio.ensure_future(self._provision(record))
+        discarded: it never existed for its caller, whose retry may start afresh. Discarded
+        too (Cancelled) when `abandoned()` says, once started, that nobody will ever be given
+        it."""
+        future = asyncio.ensure_future(self._provision(record, abandoned))
         self._provisioning[record.uid] = future
         future.add_done_callback(lambda _: self._provisioning.pop(record.uid, None))
         return future
 
-    async def _provision(self, record: SandboxRecord) -> SandboxRecord:
+    async def _provision(
+        self, record: SandboxRecord, abandoned: Callable[[], bool]
+    ) -> SandboxRecord:
         try:
             status: executor_pb2.ExecutorStatus = await self._provisioner.provision(record)
         except BaseException:
             await self._registry.forget(record.uid)  # the provisioner released the rest
             raise
+        if abandoned():  # still PROVISIONING: nobody has seen it RUNNING
+            await self.discard(record, "its create's caller left before it was ready")
+            raise Cancelled(f"the caller of {record.name}'s create left: it was discarded")
         if record.state is State.PROVISIONING:
             record.state = State.RUNNING
         record.incarnation = checked_incarnation(status.incarnation)

@@ -10,6 +10,11 @@ from typing import Any
 from controller.errors import QuotaExceeded, ResourceExhausted
 
 WINDOW_SECONDS = 60.0
+# How long a warm pool refill waits behind users' starts under way (never behind a user
+# waiting) before it takes a free slot anyway: a steady trickle of cold creates must not keep
+# the pool empty for good, which would make every create of the trickle a cold one. Longer
+# than a first burst's starts, which refills must not slow down (issue 16).
+REFILL_PATIENCE = 10.0
 
 
 class CreateSlots:
@@ -23,20 +28,27 @@ class CreateSlots:
     Users' starts go before the pool's refills, and a refill starts only while no user's
     start is under way or waiting: on a machine whose cores a burst of cold starts already
     fills, a refill (a full preload, the costliest start there is) would only delay the
-    users' (issue 16: refills during a first burst of 20 doubled its p99).
+    users' (issue 16: refills during a first burst of 20 doubled its p99). But a refill
+    that has waited REFILL_PATIENCE takes a free slot while users' starts are under way (one
+    such refill at a time, and not while a user waits): else a trickle of cold creates whose
+    starts overlap would keep the pool empty for as long as it lasts, each create of it cold.
 
     Not asyncio.Semaphore: it has no priority for users over refills, and its fairness under
     cancellation has changed between point releases; here the hand-off is explicit."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.refill_patience = REFILL_PATIENCE
         self._taken = 0
         self._users_taken = 0  # of _taken: the users' starts
         # Invariant: while a user waits, every slot is taken (a release hands its slot on);
-        # while a refill waits, a slot is taken or a user waits.
+        # while a refill waits, every slot is taken, or a user waits, or a user's start is
+        # under way and either no refill has waited refill_patience or a refill runs.
         # Each project's line, in the order the projects take turns; then the refills'.
         self._users: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._refills: collections.deque[asyncio.Future[None]] = collections.deque()
+        # The refills in line that have waited refill_patience.
+        self._overdue: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"<CreateSlots {self._taken}/{self.limit} waiting={self.waiting}>"
@@ -64,6 +76,9 @@ class CreateSlots:
         granted: asyncio.Future[None] = loop.create_future()
         line = self._refills if refill else self._users.setdefault(project, collections.deque())
         line.append(granted)
+        overdue = None
+        if refill:
+            overdue = loop.call_later(self.refill_patience, self._refill_overdue, granted)
         try:
             async with asyncio.timeout(timeout):
                 await granted
@@ -77,12 +92,16 @@ class CreateSlots:
                 if not refill and not line and self._users.get(project) is line:
                     del self._users[project]
             raise
+        finally:
+            if overdue is not None:
+                overdue.cancel()
+                self._overdue.discard(granted)
         return loop.time() - started
 
     def release(self, refill: bool = False) -> None:
         """Gives a slot back (`refill`: a refill's): to the first waiter of the project whose
-        turn it is (that project's turn then passes to the next); else, once no user's
-        start is under way, to the first refills."""
+        turn it is (that project's turn then passes to the next); else to the refills that
+        may start (see _start_refills)."""
         while self._users:
             project = next(iter(self._users))
             line = self._users.pop(project)
@@ -94,8 +113,28 @@ class CreateSlots:
                 return
         self._taken -= 1
         self._users_taken -= not refill
-        while self._taken < self.limit and self._users_taken == 0 and _hand_over(self._refills):
-            self._taken += 1
+        self._start_refills()
+
+    def _refill_overdue(self, granted: "asyncio.Future[None]") -> None:
+        """A refill has waited refill_patience: it may take a free slot from now on."""
+        self._overdue.add(granted)
+        self._start_refills()
+
+    def _start_refills(self) -> None:
+        """Hands free slots to the refills first in line: once no user's start is under way,
+        to any; while one is, to one at a time of those that have waited refill_patience;
+        while a user waits, to none."""
+        while self._taken < self.limit and not any(self._users.values()) and self._refills:
+            first = self._refills[0]
+            beside_users = self._users_taken and (
+                first not in self._overdue or self._taken > self._users_taken
+            )
+            if not first.done() and beside_users:
+                return
+            self._refills.popleft()
+            if not first.done():  # else it left the line
+                first.set_result(None)  # the slot is the refill's
+                self._taken += 1
 
     def _users_idle(self) -> bool:
         return self._users_taken == 0 and not any(self._users.values())

@@ -191,6 +191,12 @@ class WarmPool:
                 log.warning("a warm pool sandbox does not answer", uid=member.uid, error=str(exc))
                 await shielded(self._lifecycle.discard(member, "it did not answer"))
                 continue
+            except BaseException:
+                # The caller left (cancelled) during the check: the member is still unused.
+                # Else it would be in neither the pool nor anyone's hands: its container
+                # would run until the controller restarts, and its expiry would skip it.
+                self._members.give_back(member)
+                raise
             return member
         return None
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from controller.pool_targets import KindBounds
-from controller.sandboxes import creation
+from controller.sandboxes import creation, quotas
 from controller.sandboxes.quotas import CreateSlots
-from controller.sandboxes.warm_pool import PoolMembers
+from controller.sandboxes.warm_pool import PoolMembers, PoolTarget
 from petri.v1 import sandbox_pb2
 from tests.unit.controller.inprocess import create_request, expect, fast_petri, wait_until
+from tests.unit.controller.test_service_lifecycle import full_pool
 from tests.unit.controller.test_warm_pool import FULL, Discards, Starter, demand, next_pass, until
 
 RUNNING = sandbox_pb2.Sandbox.RUNNING
@@ -240,3 +242,166 @@ async def test_thousands_in_line_are_served_with_the_projects_taking_turns() -> 
     ]
     assert order == [*expected, "refill"]
     assert slots.taken == 0 and slots.waiting == 0
+
+
+async def test_a_trickle_of_overlapping_user_starts_does_not_starve_the_refills_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user's start always under way (each next one begins before the last ends), slots
+    free all along: a refill waits its patience, then starts beside them, one refill at a
+    time; it never goes before a user who waits for a slot."""
+    monkeypatch.setattr(quotas, "REFILL_PATIENCE", 0.2, raising=False)
+    slots = CreateSlots(4)
+    await slots.take(None, project="p")
+    first = asyncio.ensure_future(slots.take(None, refill=True))
+    second = asyncio.ensure_future(slots.take(None, refill=True))
+    loop = asyncio.get_running_loop()
+
+    async def trickle_until(refill: asyncio.Future[float]) -> None:
+        """A new user's start, then the last one ends, until `refill` has its slot."""
+        began = loop.time()
+        while not refill.done():
+            assert loop.time() - began < 5.0, "the refill was starved by the trickle"
+            await slots.take(None, project="p")
+            slots.release()
+            await asyncio.sleep(0.01)
+
+    await trickle_until(first)
+    assert await first >= 0.2  # not before its patience
+    await asyncio.sleep(0.1)  # the second is overdue too, but a refill runs already
+    assert not second.done() and slots.taken == 2  # the trickle's start and the first's
+    slots.release(refill=True)
+    await trickle_until(second)
+    # Every slot taken and a user waiting: an overdue refill still goes after the user.
+    for _ in range(2):
+        await slots.take(None, project="p")
+    third = asyncio.ensure_future(slots.take(None, refill=True))
+    await until(lambda: slots.waiting == 1)
+    user = asyncio.ensure_future(slots.take(None, project="q"))
+    await until(lambda: slots.waiting == 2)
+    await asyncio.sleep(0.3)  # the third refill is overdue now
+    slots.release(refill=True)  # the second refill's slot
+    await user
+    assert not third.done()
+    for _ in range(2):
+        slots.release()  # users' starts end; q's is still under way, but none waits
+    await third
+    slots.release(refill=True)
+    for _ in range(2):
+        slots.release()
+    assert slots.taken == 0 and slots.waiting == 0
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_a_create_whose_caller_leaves_during_its_start_leaves_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    """Without a request_id nobody can ever be given the sandbox of a create whose caller
+    left (cancelled, or its deadline passed: no start was measured yet, so the create was
+    let in): once started it is discarded, not left RUNNING in the project's quota, and the
+    name is free again. The estimate learned from that start refuses the next such create
+    at once."""
+    async with fast_petri(tmp_path, max_concurrent_creates=1) as petri:
+        slots = petri.controller.manager.create_slots
+        lifecycle = petri.controller.manager._lifecycle
+        petri.runtime.starts_open.clear()
+        call = petri.stub.CreateSandbox(
+            create_request("gone"), timeout=0.5 if how == "deadline" else None
+        )
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the create to start")
+        if how == "cancel":
+            call.cancel()
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+            await call
+        petri.runtime.starts_open.set()
+        await wait_until(
+            lambda: slots.taken == 0 and not lifecycle._provisioning, "the start to end"
+        )
+        assert petri.runtime.containers == {}
+        assert await petri.names() == []
+        assert await petri.controller.registry.list_live() == []
+        if how == "deadline":
+            await expect(
+                petri.stub.CreateSandbox(create_request("again"), timeout=0.5),
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "no time to start a sandbox",
+            )
+            assert petri.runtime.starts == 1  # refused before starting anything
+        assert (await petri.create("gone")).state == RUNNING
+
+
+async def test_a_create_cancelled_as_its_row_goes_in_leaves_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row's insert runs on in the store's thread when its caller leaves: it must not
+    stay behind without a start (a PROVISIONING row in the project's quota)."""
+    async with fast_petri(tmp_path) as petri:
+        registry = petri.controller.manager._lifecycle._registry
+        inserted, proceed, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        real_insert = registry.insert
+
+        async def insert_then_wait(record: Any, quota: int | None = None) -> None:
+            await real_insert(record, quota=quota)
+            inserted.set()
+            try:
+                await proceed.wait()  # the caller leaves here: the row is in
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        def caller_left() -> bool:
+            """The server has seen the cancel: the insert was cancelled, or (shielded from
+            it) is being waited for to undo it."""
+            undoing = any(
+                "_undo_admission" in getattr(task.get_coro(), "__qualname__", "")
+                for task in asyncio.all_tasks()
+            )
+            return cancelled.is_set() or undoing
+
+        monkeypatch.setattr(registry, "insert", insert_then_wait)
+        call = petri.stub.CreateSandbox(create_request("torn"))
+        await inserted.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_until(caller_left, "the server to see the cancel")
+        proceed.set()
+        await wait_until(
+            lambda: not petri.controller.manager._creation._in_line, "the create to leave"
+        )
+        monkeypatch.undo()
+        assert await petri.controller.registry.list_live() == []
+        assert petri.runtime.starts == 0
+        assert (await petri.create("torn")).state == RUNNING
+
+
+async def test_a_create_cancelled_while_its_pool_member_is_checked_leaks_no_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim first checks that the member answers (a status call): a caller that leaves
+    during it leaves the member in the pool, not running in nobody's hands until the
+    controller restarts (its expiry would skip it: it is no longer a ready member)."""
+    async with fast_petri(tmp_path, warm_pool=(PoolTarget(size=1),)) as petri:
+        (member,) = await full_pool(petri, 1)
+        pool = petri.controller.manager.warm_pool
+        provisioner = petri.controller.manager._provisioner
+        checking, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def slow_check(record: Any, timeout: float) -> None:
+            checking.set()
+            try:
+                await asyncio.Event().wait()  # a member slow to answer
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        monkeypatch.setattr(provisioner, "check_answers", slow_check)
+        call = petri.stub.CreateSandbox(create_request("leaving"))
+        await checking.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await cancelled.wait()
+        monkeypatch.undo()
+        assert member in pool.ready_uids()
+        assert (await petri.create("next")).uid == member
