@@ -1,0 +1,170 @@
+"""Stand-ins for the gateway's tests: petri nodes as small in-process gRPC servers that record
+what reaches them, and the membership table in memory."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from controller.errors import NotFound, status_details
+from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
+
+MiB = 1 << 20
+CHUNK = b"x" * MiB  # one buffer for every chunk a node sends: the node holds no file
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """As controller.store.nodes.NodeRecord."""
+
+    name: str
+    address: str
+    heartbeat_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    draining: bool = False
+    sandboxes: int = 0
+    max_sandboxes: int = 0
+    free_memory: int = 8 << 30
+    warm: Mapping[str, int] = field(default_factory=dict)
+
+
+class MemoryNodes:
+    """The membership table, in memory; `failing` makes it raise as a lost database would."""
+
+    def __init__(self, nodes: list[NodeRecord]) -> None:
+        self.nodes = nodes
+        self.failing = False
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        if self.failing:
+            raise ConnectionError("the database is not answering")
+        return list(self.nodes)
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.nodes = [replace(n, **fields) if n.name == name else n for n in self.nodes]
+
+
+@dataclass
+class Seen:
+    method: str
+    metadata: dict[str, str | bytes]
+    time_remaining: float | None
+
+
+class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
+    """A node answering what the tests ask, naming itself in its answers."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[Seen] = []
+        self.create_status: grpc.StatusCode | None = None
+        self.read_chunks = 0
+        self.written = 0
+        self.execute_started = asyncio.Event()
+        self.execute_cancelled = asyncio.Event()
+
+    def _saw(self, method: str, context: Context) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self.seen.append(Seen(method, metadata, context.time_remaining()))
+
+    def methods(self) -> list[str]:
+        return [seen.method for seen in self.seen]
+
+    async def GetSandbox(
+        self, request: sandbox_pb2.GetSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        self._saw("GetSandbox", context)
+        context.set_trailing_metadata((("x-node", self.name),))
+        return sandbox_pb2.Sandbox(name=request.name, display_name=self.name)
+
+    async def CreateSandbox(
+        self, request: sandbox_pb2.CreateSandboxRequest, context: Context
+    ) -> sandbox_pb2.Sandbox:
+        self._saw("CreateSandbox", context)
+        if self.create_status is not None:
+            await context.abort(self.create_status, f"{self.name} cannot create now")
+        name = f"{request.parent}/sandboxes/{request.sandbox_id or 'sbx'}"
+        return sandbox_pb2.Sandbox(name=name, display_name=self.name)
+
+    async def ListSandboxes(
+        self, request: sandbox_pb2.ListSandboxesRequest, context: Context
+    ) -> sandbox_pb2.ListSandboxesResponse:
+        self._saw("ListSandboxes", context)
+        return sandbox_pb2.ListSandboxesResponse(next_page_token=self.name)
+
+    async def DeleteSandbox(
+        self, request: sandbox_pb2.DeleteSandboxRequest, context: Context
+    ) -> empty_pb2.Empty:
+        self._saw("DeleteSandbox", context)
+        error = NotFound(
+            f"sandbox {request.name} was deleted",
+            reason="SANDBOX_DELETED",
+            metadata={"delete_time": "2026-01-01T00:00:00Z"},
+        )
+        await context.abort(
+            error.status, str(error), (*status_details(error), ("x-node", self.name))
+        )
+        raise AssertionError("unreachable")
+
+    async def ExecuteCode(
+        self, request: sandbox_pb2.ExecuteCodeRequest, context: Context
+    ) -> sandbox_pb2.ExecuteCodeResponse:
+        self._saw("ExecuteCode", context)
+        self.execute_started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.execute_cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    async def ReadFile(
+        self, request: files_pb2.ReadFileRequest, context: Context
+    ) -> AsyncIterator[execution_pb2.FileChunk]:
+        self._saw("ReadFile", context)
+        count = int(request.path.removesuffix(".bin"))  # "<MiB>.bin"
+        for index in range(count):
+            self.read_chunks += 1
+            yield execution_pb2.FileChunk(path=request.path, data=CHUNK, final=index == count - 1)
+
+    async def WriteFile(
+        self, request_iterator: AsyncIterator[files_pb2.WriteFileRequest], context: Context
+    ) -> files_pb2.FileInfo:
+        self._saw("WriteFile", context)
+        path = ""
+        async for request in request_iterator:
+            path = path or request.chunk.path
+            self.written += len(request.chunk.data)
+        return files_pb2.FileInfo(path=path, size=self.written)
+
+    async def StreamExecuteCode(
+        self,
+        request_iterator: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest],
+        context: Context,
+    ) -> AsyncIterator[sandbox_pb2.StreamExecuteCodeResponse]:
+        """Answers each message as it comes: `start` with the node's name, each input chunk
+        with its path; the result once the caller half-closes."""
+        self._saw("StreamExecuteCode", context)
+        async for request in request_iterator:
+            text = self.name if request.HasField("start") else request.input_chunk.path
+            yield sandbox_pb2.StreamExecuteCodeResponse(stdout=text)
+        yield sandbox_pb2.StreamExecuteCodeResponse(result=sandbox_pb2.ExecuteCodeResult())
+
+
+@contextlib.asynccontextmanager
+async def running_node(name: str) -> AsyncIterator[tuple[FakeNode, str]]:
+    """A fake node listening on a loopback port: (node, its address)."""
+    node = FakeNode(name)  # type: ignore[abstract]  # the others answer UNIMPLEMENTED
+    server = grpc.aio.server()
+    sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(node, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield node, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)

@@ -1,0 +1,54 @@
+"""The gateway's view of the nodes: live ones only, one channel per address, closed when its
+node leaves."""
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from controller.gateway.directory import Directory
+from tests.unit.gateway.fakes import MemoryNodes, NodeRecord
+
+
+class Channels:
+    """Makes real (lazy) channels and remembers them."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, grpc.aio.Channel] = {}
+
+    def __call__(self, address: str) -> grpc.aio.Channel:
+        channel = self.made[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+
+async def test_only_nodes_with_a_recent_heartbeat_are_live() -> None:
+    now = datetime.now(UTC)
+    nodes = MemoryNodes(
+        [
+            NodeRecord("fresh", "127.0.0.1:1", heartbeat_time=now - timedelta(seconds=5)),
+            NodeRecord("stale", "127.0.0.1:2", heartbeat_time=now - timedelta(seconds=20)),
+        ]
+    )
+    directory = Directory(nodes, Channels(), stale_after=timedelta(seconds=15))
+    await directory.refresh()
+    assert directory.live("fresh") is not None
+    assert directory.live("stale") is None
+    assert [node.name for node in directory.any_order()] == ["fresh"]
+    assert [node.name for node in directory.placement("full/runc")] == ["fresh"]
+    await directory.close()
+
+
+async def test_one_channel_per_address_reused_and_closed_when_its_node_leaves() -> None:
+    nodes = MemoryNodes([NodeRecord("a", "127.0.0.1:1"), NodeRecord("b", "127.0.0.1:2")])
+    channels = Channels()
+    directory = Directory(nodes, channels)
+    await directory.refresh()
+    first = directory.channel("127.0.0.1:1")
+    assert directory.channel("127.0.0.1:1") is first
+    other = directory.channel("127.0.0.1:2")
+    nodes.nodes = [NodeRecord("b", "127.0.0.1:2")]
+    await directory.refresh()
+    await directory.close()  # waits for the closing of a's channel too
+    assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    assert directory.channel("127.0.0.1:1") is not first  # a new node there gets a new one
+    assert other.get_state() is grpc.ChannelConnectivity.SHUTDOWN  # closed with the directory
+    await directory.close()
