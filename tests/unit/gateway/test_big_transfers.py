@@ -5,7 +5,8 @@ What is measured: the peak resident memory (VmHWM, reset through /proc/self/clea
 whole process, which runs the client, the gateway and the fake node. The node sends one shared
 1 MiB buffer and counts what it receives; the client does the same the other way; so a gateway
 that held the file, or let one side run ahead of the other, would add its 100 MiB to the peak.
-The bound (32 MiB) leaves room for gRPC's transport buffers and windows on two connections.
+The bound, 40 MiB (9 to 23 MiB measured; a gateway gathering the stream first: 108 to 120), leaves
+room for gRPC's transport buffers and flow-control windows on two connections.
 """
 
 import gc
@@ -17,7 +18,7 @@ from tests.unit.gateway.fakes import CHUNK, MemoryNodes, MiB, NodeRecord, runnin
 from tests.unit.gateway.harness import name_of, running_gateway
 
 FILE_MIB = 100
-GROWTH_BOUND = 32 * MiB
+GROWTH_BOUND = 40 * MiB
 
 
 def _status(field: str) -> int:
@@ -47,7 +48,7 @@ async def test_a_100_mib_read_file_passes_with_the_memory_flat(tmp_path: Path) -
         nodes = MemoryNodes([NodeRecord("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             async for _ in stub.ReadFile(
-                files_pb2.ReadFileRequest(name=name_of("s1"), path="2.bin")
+                files_pb2.ReadFileRequest(name=name_of("s1"), path="16.bin")
             ):
                 pass  # the connections and their buffers exist before the measurement
             before = _start_measuring()
@@ -59,7 +60,7 @@ async def test_a_100_mib_read_file_passes_with_the_memory_flat(tmp_path: Path) -
                 del chunk
             growth = _status("VmHWM") - before
     assert received == FILE_MIB * MiB
-    assert node.read_chunks == 2 + FILE_MIB
+    assert node.read_chunks == 16 + FILE_MIB
     assert growth < GROWTH_BOUND, f"peak memory grew {growth / MiB:.0f} MiB"
 
 
@@ -67,7 +68,7 @@ async def test_a_100_mib_write_file_passes_with_the_memory_flat(tmp_path: Path) 
     async with running_node("node-a") as (node, address):
         nodes = MemoryNodes([NodeRecord("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
-            await stub.WriteFile(_chunks(2))
+            await stub.WriteFile(_chunks(16))
             node.written = 0
             before = _start_measuring()
             info = await stub.WriteFile(_chunks(FILE_MIB))
