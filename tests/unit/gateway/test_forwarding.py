@@ -24,13 +24,13 @@ async def test_a_call_naming_a_sandbox_goes_to_the_node_holding_it(tmp_path: Pat
         nodes = MemoryNodes([NodeRecord("node-a", a_address), NodeRecord("node-b", b_address)])
         holders = {"on-a": "node-a", "on-b": "node-b"}
         async with running_gateway(tmp_path, nodes, holders) as (_, stub, _):
-            for _ in range(3):
+            for _ in range(8):
                 got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of("on-b")))
                 assert (got.name, got.display_name) == (name_of("on-b"), "node-b")
             got = await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of("on-a")))
             assert got.display_name == "node-a"
         assert a.methods() == ["GetSandbox"]
-        assert b.methods() == ["GetSandbox"] * 3
+        assert b.methods() == ["GetSandbox"] * 8
 
 
 async def test_a_sandbox_live_nowhere_is_answered_by_a_live_node(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ async def test_a_bidirectional_stream_is_pumped_one_message_at_a_time(tmp_path: 
 
 
 async def _read(call: Any) -> sandbox_pb2.StreamExecuteCodeResponse:
-    reply = await call.read()
+    reply = await asyncio.wait_for(call.read(), 10)
     assert isinstance(reply, sandbox_pb2.StreamExecuteCodeResponse)
     return reply
 
@@ -247,13 +247,15 @@ async def test_health_serves_while_the_database_answers(tmp_path: Path) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=SERVICE.full_name)
         assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
-        nodes.failing = True
         watch = health.Watch(request)
-        async for reply in watch:
-            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
+        nodes.failing = True
+        await asyncio.wait_for(_until(watch, health_pb2.HealthCheckResponse.NOT_SERVING), 10)
         nodes.failing = False
-        async for reply in watch:
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                break
+        await asyncio.wait_for(_until(watch, health_pb2.HealthCheckResponse.SERVING), 10)
         watch.cancel()
+
+
+async def _until(watch: Any, status: int) -> None:
+    async for reply in watch:
+        if reply.status == status:
+            return
