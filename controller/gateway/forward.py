@@ -205,7 +205,11 @@ class Forwarder:
             return self._anywhere()
         name = parse_sandbox_name(text)
         _caller().check_project(name.project)
-        holder = await self._locate(name.project, name.sandbox_id)
+        try:
+            holder = await self._locate(name.project, name.sandbox_id)
+        except Exception as exc:  # the database's errors; nothing was forwarded
+            log.warning("cannot locate a sandbox", name=str(name), error=str(exc)[:500])
+            raise Unavailable("the registry is not answering; retry") from None
         if holder is None:  # never existed, or deleted: any node answers from the registry
             return self._anywhere()
         unreachable = f"node {holder} holding the sandbox is not answering; retry"
@@ -317,9 +321,10 @@ class Forwarder:
                 await _refuse(context, error)
             method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
             call = method(timeout=context.time_remaining(), metadata=_outgoing(context))
+            sending = _send_all(call, first, requests)
+            del first  # the chunk is the sender's to let go of once written
             try:
-                await _send_all(call, first, requests)
-                del first
+                await sending
                 response: bytes = await call
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                 return response

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2
@@ -127,6 +127,9 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: files_pb2.ReadFileRequest, context: Context
     ) -> AsyncIterator[execution_pb2.FileChunk]:
         self._saw("ReadFile", context)
+        if request.path == "missing":
+            error = NotFound("no file missing")
+            await context.abort(error.status, str(error), status_details(error))
         count = int(request.path.removesuffix(".bin"))  # "<MiB>.bin"
         for index in range(count):
             self.read_chunks += 1
@@ -154,6 +157,56 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
             text = self.name if request.HasField("start") else request.input_chunk.path
             yield sandbox_pb2.StreamExecuteCodeResponse(stdout=text)
         yield sandbox_pb2.StreamExecuteCodeResponse(result=sandbox_pb2.ExecuteCodeResult())
+
+
+class Outcomes:
+    """Notes, on the gateway's channels to the nodes, which client-streaming calls the gateway
+    cancelled (rather than half-closed): a node tells a cancelled request stream from a
+    half-closed one only by waiting a moment (controller.api.servicer._check_half_closed)."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.ended = 0
+        self.changed = asyncio.Event()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return cast(grpc.aio.Channel, _NotingChannel(grpc.aio.insecure_channel(address), self))
+
+    def note(self, method: str, call: Any) -> None:
+        self.ended += 1
+        if call.cancelled():
+            self.cancelled.append(method.rsplit("/", 1)[-1])
+        self.changed.set()
+
+    async def until_ended(self, count: int) -> None:
+        while self.ended < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class _NotingChannel:
+    """A channel whose client-streaming calls tell `outcomes` how they ended."""
+
+    def __init__(self, channel: grpc.aio.Channel, outcomes: Outcomes) -> None:
+        self._channel = channel
+        self._outcomes = outcomes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def _noting(self, method: str, make: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            made = make(*args, **kwargs)
+            made.add_done_callback(lambda done: self._outcomes.note(method, done))
+            return made
+
+        return call
+
+    def stream_unary(self, method: str) -> Any:
+        return self._noting(method, self._channel.stream_unary(method))
+
+    def stream_stream(self, method: str) -> Any:
+        return self._noting(method, self._channel.stream_stream(method))
 
 
 @contextlib.asynccontextmanager

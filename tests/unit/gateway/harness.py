@@ -12,7 +12,7 @@ import grpc
 from controller.config import Config
 from controller.gateway.server import Gateway, start_gateway
 from petri.v1 import sandbox_pb2_grpc
-from tests.unit.gateway.fakes import MemoryNodes
+from tests.unit.gateway.fakes import MemoryNodes, Outcomes
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -31,12 +31,16 @@ async def running_gateway(
     tmp_path: Path,
     nodes: MemoryNodes,
     holders: dict[str, str] | None = None,
+    failing_locate: bool = False,
+    outcomes: Outcomes | None = None,
     **config: Any,
 ) -> AsyncIterator[tuple[Gateway, Stub, grpc.aio.Channel]]:
     """A gateway whose registry says `holders` (sandbox id -> node name) hold the sandboxes."""
     held = holders if holders is not None else {}
 
     async def locate(project: str, sandbox_id: str) -> str | None:
+        if failing_locate:
+            raise ConnectionError("the database is not answering")
         return held.get(sandbox_id)
 
     gateway = await start_gateway(
@@ -48,6 +52,7 @@ async def running_gateway(
         ),
         nodes,
         locate,
+        channel_for=None if outcomes is None else outcomes.channel,
         refresh_interval=0.05,
         connect_timeout=CONNECT_TIMEOUT,
     )
