@@ -160,9 +160,10 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
 
 
 class Outcomes:
-    """Notes, on the gateway's channels to the nodes, which client-streaming calls the gateway
-    cancelled (rather than half-closed): a node tells a cancelled request stream from a
-    half-closed one only by waiting a moment (controller.api.servicer._check_half_closed)."""
+    """Notes, on the gateway's channels to the nodes, which streaming calls the gateway
+    cancelled (rather than half-closed or finished): a node tells a cancelled request stream
+    from a half-closed one only by waiting a moment (controller.api.servicer's
+    _check_half_closed), and a cancelled response stream only at its next message."""
 
     def __init__(self) -> None:
         self.cancelled: list[str] = []
@@ -185,7 +186,7 @@ class Outcomes:
 
 
 class _NotingChannel:
-    """A channel whose client-streaming calls tell `outcomes` how they ended."""
+    """A channel whose streaming calls tell `outcomes` how they ended."""
 
     def __init__(self, channel: grpc.aio.Channel, outcomes: Outcomes) -> None:
         self._channel = channel
@@ -201,6 +202,9 @@ class _NotingChannel:
             return made
 
         return call
+
+    def unary_stream(self, method: str) -> Any:
+        return self._noting(method, self._channel.unary_stream(method))
 
     def stream_unary(self, method: str) -> Any:
         return self._noting(method, self._channel.stream_unary(method))

@@ -321,3 +321,17 @@ async def test_a_stream_message_over_the_gateways_budget_ends_both_calls(tmp_pat
             assert "too much request data in flight" in (await call.details() or "")
             await asyncio.wait_for(outcomes.until_ended(2), 10)
     assert outcomes.cancelled == ["WriteFile", "StreamExecuteCode"]
+
+
+async def test_a_caller_cancelling_a_stream_cancels_the_nodes_stream(tmp_path: Path) -> None:
+    outcomes = Outcomes()
+    async with running_node("node-a") as (_, address):
+        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        holders = {"s1": "node-a"}
+        async with running_gateway(tmp_path, nodes, holders, outcomes=outcomes) as (_, stub, _):
+            call = stub.ReadFile(files_pb2.ReadFileRequest(name=name_of("s1"), path="1000.bin"))
+            first = await asyncio.wait_for(call.read(), 10)
+            assert isinstance(first, execution_pb2.FileChunk) and len(first.data) == MiB
+            call.cancel()
+            await asyncio.wait_for(outcomes.until_ended(1), 10)
+    assert outcomes.cancelled == ["ReadFile"]
