@@ -4,7 +4,7 @@ channel per node address, and where a new sandbox goes."""
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 import grpc
@@ -12,7 +12,8 @@ import structlog
 
 log = structlog.get_logger()
 
-# A node whose last heartbeat is older than this is not live: calls do not go to it.
+# A node whose last heartbeat is older than this is not live: calls do not go to it (the
+# nodes' --node-timeout, which is when they give its sandboxes up).
 DEFAULT_STALE_AFTER = timedelta(seconds=15)
 # How long a channel to a node that left stays open for the calls still on it.
 CLOSE_GRACE_SECONDS = 30.0
@@ -26,7 +27,9 @@ class NodeInfo(Protocol):
     @property
     def address(self) -> str: ...
     @property
-    def heartbeat_time(self) -> datetime: ...
+    def age(self) -> timedelta:
+        """How long ago it last heartbeated, by the database's clock (not this host's)."""
+
     @property
     def draining(self) -> bool: ...
     @property
@@ -43,10 +46,6 @@ class NodeList(Protocol):
     """The part of controller.store.nodes.Nodes the gateway uses."""
 
     async def list_nodes(self) -> Sequence[NodeInfo]: ...
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def has_room(node: NodeInfo) -> bool:
@@ -84,13 +83,11 @@ class Directory:
         nodes: NodeList,
         channel_for: Callable[[str], grpc.aio.Channel],
         stale_after: timedelta = DEFAULT_STALE_AFTER,
-        clock: Callable[[], datetime] = _now,
         rng: random.Random | None = None,
     ) -> None:
         self._nodes = nodes
         self._channel_for = channel_for
         self._stale_after = stale_after
-        self._clock = clock
         self._rng = rng or random.Random()
         self._live: dict[str, NodeInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -103,8 +100,7 @@ class Directory:
         """Reads the membership table (raises what the database raises); closes the channels of
         addresses no node has any more."""
         listed = await self._nodes.list_nodes()
-        oldest = self._clock() - self._stale_after
-        self._live = {node.name: node for node in listed if node.heartbeat_time >= oldest}
+        self._live = {node.name: node for node in listed if node.age <= self._stale_after}
         addresses = {node.address for node in listed}
         for address in [a for a in self._channels if a not in addresses]:
             channel = self._channels.pop(address)

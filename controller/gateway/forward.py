@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import structlog
@@ -34,6 +34,31 @@ log = structlog.get_logger()
 SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"]
 # The node holding a sandbox, by the sandbox's project and id; None when it is live nowhere.
 Locate = Callable[[str, str], Awaitable[str | None]]
+
+
+class _Held(Protocol):
+    @property
+    def node(self) -> str: ...
+
+
+class SandboxDirectory(Protocol):
+    """The part of the registry (controller.store.registry.Registry) that locates sandboxes."""
+
+    async def get_live(self, project: str, sandbox_id: str) -> _Held | None: ...
+
+
+def locate_in(registry: SandboxDirectory) -> Locate:
+    """Locate by the shared registry: the node its live row names ("" is none)."""
+
+    async def locate(project: str, sandbox_id: str) -> str | None:
+        record = await registry.get_live(project, sandbox_id)
+        if record is None or not record.node:
+            return None
+        return record.node
+
+    return locate
+
+
 # How long a call waits for a connection to its node before answering UNAVAILABLE.
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 # How many nodes a call that any node may answer (or a create) tries before giving up.

@@ -16,7 +16,14 @@ from controller.api.interceptors import BudgetLimits, RequestBudget, RequestGuar
 from controller.api.transport import host_port, open_methods, server_credentials, tokens_for
 from controller.config import Config
 from controller.gateway.directory import DEFAULT_STALE_AFTER, Directory, NodeList
-from controller.gateway.forward import DEFAULT_CONNECT_TIMEOUT_SECONDS, SERVICE, Forwarder, Locate
+from controller.gateway.forward import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    SERVICE,
+    Forwarder,
+    Locate,
+    SandboxDirectory,
+    locate_in,
+)
 
 log = structlog.get_logger()
 
@@ -150,9 +157,12 @@ async def start_gateway(
     return gateway
 
 
-async def serve_gateway(config: Config, nodes: NodeList, locate: Locate) -> None:
-    """Runs a gateway until SIGTERM or SIGINT, then stops it gracefully."""
-    gateway = await start_gateway(config, nodes, locate)
+async def serve_gateway(
+    config: Config, nodes: NodeList, registry: SandboxDirectory, stale_after: timedelta
+) -> None:
+    """Runs a gateway until SIGTERM or SIGINT, then stops it gracefully. `registry` is open;
+    `stale_after` is the nodes' --node-timeout."""
+    gateway = await start_gateway(config, nodes, locate_in(registry), stale_after=stale_after)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import grpc
@@ -31,6 +31,7 @@ class NodeRecord:
     max_sandboxes: int = 0
     free_memory: int = 8 << 30
     warm: Mapping[str, int] = field(default_factory=dict)
+    age: timedelta = timedelta(0)  # since its last heartbeat, by the database's clock
 
 
 class MemoryNodes:

@@ -3,11 +3,13 @@ node leaves."""
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 
 from controller.gateway.directory import Directory
+from controller.gateway.forward import locate_in
 from tests.unit.gateway.fakes import MemoryNodes, NodeRecord
 
 
@@ -23,11 +25,10 @@ class Channels:
 
 
 async def test_only_nodes_with_a_recent_heartbeat_are_live() -> None:
-    now = datetime.now(UTC)
     nodes = MemoryNodes(
         [
-            NodeRecord("fresh", "127.0.0.1:1", heartbeat_time=now - timedelta(seconds=5)),
-            NodeRecord("stale", "127.0.0.1:2", heartbeat_time=now - timedelta(seconds=20)),
+            NodeRecord("fresh", "127.0.0.1:1", age=timedelta(seconds=5)),
+            NodeRecord("stale", "127.0.0.1:2", age=timedelta(seconds=20)),
         ]
     )
     directory = Directory(nodes, Channels(), stale_after=timedelta(seconds=15))
@@ -57,3 +58,25 @@ async def test_one_channel_per_address_reused_and_closed_when_its_node_leaves() 
     assert directory.channel("127.0.0.1:1") is not first  # a new node there gets a new one
     await directory.close()
     assert other.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+
+
+@dataclass(frozen=True)
+class Row:
+    node: str
+
+
+class Registry:
+    """get_live as the shared registry answers it: live rows by (project, sandbox id)."""
+
+    def __init__(self, rows: dict[tuple[str, str], Row]) -> None:
+        self.rows = rows
+
+    async def get_live(self, project: str, sandbox_id: str) -> Row | None:
+        return self.rows.get((project, sandbox_id))
+
+
+async def test_the_registry_locates_a_sandbox_by_its_rows_node() -> None:
+    locate = locate_in(Registry({("alpha", "s1"): Row("node-a"), ("alpha", "old"): Row("")}))
+    assert await locate("alpha", "s1") == "node-a"
+    assert await locate("beta", "s1") is None  # live nowhere: any node answers
+    assert await locate("alpha", "old") is None  # a row of no node (one controller's)

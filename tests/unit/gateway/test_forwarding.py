@@ -3,7 +3,7 @@
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ async def test_a_call_naming_a_sandbox_goes_to_the_node_holding_it(tmp_path: Pat
 async def test_a_sandbox_live_nowhere_is_answered_by_a_live_node(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
         # node-dead's heartbeat is old: it is not live, and no call goes to its address.
-        stale = NodeRecord("node-dead", "127.0.0.1:9", heartbeat_time=a_while_ago())
+        stale = NodeRecord("node-dead", "127.0.0.1:9", age=timedelta(minutes=5))
         nodes = MemoryNodes([stale, NodeRecord("node-a", address)])
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -45,10 +45,6 @@ async def test_a_sandbox_live_nowhere_is_answered_by_a_live_node(tmp_path: Path)
             listed = await stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent=PARENT))
             assert listed.next_page_token == "node-a"
         assert a.methods() == ["DeleteSandbox", "ListSandboxes"]
-
-
-def a_while_ago() -> datetime:
-    return datetime.now(UTC) - timedelta(minutes=5)
 
 
 async def test_the_nodes_status_details_and_trailing_metadata_pass_unchanged(
@@ -126,7 +122,7 @@ async def test_a_holder_that_stopped_heartbeating_is_unavailable_without_a_call(
     async with running_node("node-a") as (a, address), running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                NodeRecord("node-a", address, heartbeat_time=a_while_ago()),
+                NodeRecord("node-a", address, age=timedelta(minutes=5)),
                 NodeRecord("node-b", b_address),
             ]
         )
@@ -139,7 +135,7 @@ async def test_a_holder_that_stopped_heartbeating_is_unavailable_without_a_call(
 
 
 async def test_no_live_node_is_unavailable(tmp_path: Path) -> None:
-    nodes = MemoryNodes([NodeRecord("node-a", "127.0.0.1:9", heartbeat_time=a_while_ago())])
+    nodes = MemoryNodes([NodeRecord("node-a", "127.0.0.1:9", age=timedelta(minutes=5))])
     async with running_gateway(tmp_path, nodes) as (_, stub, _):
         for call in (
             stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT)),
