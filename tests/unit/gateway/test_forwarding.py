@@ -169,6 +169,10 @@ async def test_malformed_names_are_refused_with_the_nodes_words_and_reach_no_nod
                 await stub.ListSandboxes(sandbox_pb2.ListSandboxesRequest(parent="projects/"))
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "invalid parent" in (caught.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent="projects/-"))
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "invalid parent 'projects/-'" in (caught.value.details() or "")
         assert a.seen == []
 
 
