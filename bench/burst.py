@@ -8,15 +8,15 @@ part), timed together from the create's start. In one run, on one controller pro
 1. A first-ever burst of --burst concurrent calls, as soon as the controller is healthy and its
    warm pool is ready (its default size).
 2. A second burst --gap seconds after the first one started (the pool has seen the first).
-3. --rate calls per second for --sustain seconds, each sandbox deleted once its call is done;
-   the host's MemAvailable is sampled throughout.
+3. --rates calls per second for --sustain seconds (each rate in turn), each sandbox deleted
+   once its call is done; the host's MemAvailable is sampled throughout.
 4. Idle: waits (at most --idle-wait seconds) until every pooled kind's target is back at its
    minimum (--pool-min, the default config's min=2), read from the controller's metrics, then
    one lone create: a pool hit? (A learned level is held 10 minutes, then halves every 5.)
 
 Run as the service user (scripts/bench does): python -m bench.burst [--profile full]
-[--burst 20] [--gap 60] [--rate 4] [--sustain 60] [--idle-wait 2400] [--pool-min 2]
-[--setting KEY=VALUE]...
+[--burst 20] [--gap 60] [--rates 4[,R...]] [--sustain 60] [--idle-wait 2400] [--pool-min 2]
+[--parts first,second,sustained,idle] [--setting KEY=VALUE]...
 (--setting passes a controller option through its PETRI_* variable, e.g. a shorter pool
 decay for the idle part; the figures say which were given.)
 """
@@ -255,31 +255,35 @@ async def run(args: argparse.Namespace) -> None:
             if n == "petri_warm_pool_ready"
         }
         parts: list[tuple[Part, str]] = []
-        first_started = time.monotonic()
-        first = await burst(stub, f"first burst of {args.burst}", args.burst, args.profile)
-        parts.append((first, "all succeed, p99 <= 5 s"))
-        print(f"burst 1 done in {first.wall:.1f} s", flush=True)
-        await asyncio.sleep(max(0.0, first_started + args.gap - time.monotonic()))
-        second = await burst(
-            stub,
-            f"second burst of {args.burst}, {args.gap:g} s later",
-            args.burst,
-            args.profile,
-        )
-        parts.append((second, "p99 <= 1 s"))
-        print(f"burst 2 done in {second.wall:.1f} s", flush=True)
-        free_before = mem_available()
-        steady, lowest = await sustained(stub, args.rate, args.sustain, args.profile)
-        gib = 2**30
-        steady.note = (
-            f"MemAvailable {free_before / gib:.1f} GiB before, lowest {lowest / gib:.1f} GiB"
-        )
-        parts.append((steady, "p99 <= 1 s, memory within budget"))
-        print(f"sustained part done in {steady.wall:.1f} s", flush=True)
-        lone = await idle_then_lone_create(
-            stub, metrics_url, args.idle_wait, args.pool_min, args.profile
-        )
-        parts.append((lone, "a pool hit, <= 30 ms to create"))
+        if "first" in args.parts:
+            first_started = time.monotonic()
+            first = await burst(stub, f"first burst of {args.burst}", args.burst, args.profile)
+            parts.append((first, "all succeed, p99 <= 5 s"))
+            print(f"burst 1 done in {first.wall:.1f} s", flush=True)
+            await asyncio.sleep(max(0.0, first_started + args.gap - time.monotonic()))
+        if "second" in args.parts:
+            second = await burst(
+                stub,
+                f"second burst of {args.burst}, {args.gap:g} s later",
+                args.burst,
+                args.profile,
+            )
+            parts.append((second, "p99 <= 1 s"))
+            print(f"burst 2 done in {second.wall:.1f} s", flush=True)
+        for rate in args.rates if "sustained" in args.parts else []:
+            free_before = mem_available()
+            steady, lowest = await sustained(stub, rate, args.sustain, args.profile)
+            gib = 2**30
+            steady.note = (
+                f"MemAvailable {free_before / gib:.1f} GiB before, lowest {lowest / gib:.1f} GiB"
+            )
+            parts.append((steady, "p99 <= 1 s, memory within budget"))
+            print(f"sustained part at {rate:g}/s done in {steady.wall:.1f} s", flush=True)
+        if "idle" in args.parts:
+            lone = await idle_then_lone_create(
+                stub, metrics_url, args.idle_wait, args.pool_min, args.profile
+            )
+            parts.append((lone, "a pool hit, <= 30 ms to create"))
         final = scrape(metrics_url)
     given = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "metrics_listen")
     print_table(
@@ -307,7 +311,18 @@ def main() -> None:
     parser.add_argument("--profile", default="full")
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--gap", type=float, default=60.0)
-    parser.add_argument("--rate", type=float, default=4.0)
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(rate) for rate in text.split(",")],
+        default=[4.0],
+        help="calls per second of the sustained part, comma-separated: one part each, in turn",
+    )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: set(text.split(",")),
+        default={"first", "second", "sustained", "idle"},
+        help="which parts run, comma-separated: first, second, sustained, idle (default all)",
+    )
     parser.add_argument("--sustain", type=float, default=60.0)
     parser.add_argument("--idle-wait", type=float, default=2400.0)
     parser.add_argument("--pool-min", type=float, default=2.0, help="the pool's configured min=")

@@ -5,11 +5,14 @@ in-process); `serve(config)` runs one until SIGTERM or SIGINT, then shuts down g
 """
 
 import asyncio
+import contextlib
 import functools
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import structlog
@@ -35,8 +38,10 @@ from controller.api.transport import (
     server_credentials,
     tokens_for,
 )
+from controller.clock import utcnow
 from controller.config import Config, parse_host_port
-from controller.metrics import Metrics, MetricsServer, serve_metrics
+from controller.metrics import Metrics, MetricsServer, PoolFigures, serve_metrics
+from controller.records import PUBLIC_STATES
 from controller.runtime.container import LABEL_MANAGED, LABEL_REGISTRY, ContainerRuntime
 from controller.runtime.gvisor import SECCOMP_PROFILE as GVISOR_SECCOMP_PROFILE
 from controller.runtime.gvisor import runsc_wrapper
@@ -46,9 +51,13 @@ from controller.sandboxes.manager import SandboxManager
 from controller.sandboxes.quotas import Quotas
 from controller.sandboxes.reaper import TtlReaper
 from controller.sandboxes.results import OutputLimits
+from controller.sandboxes.warm_pool import mem_available
 from controller.store.registry import Registry
 from controller.store.sqlite import SqliteRegistry
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
+
+if TYPE_CHECKING:
+    from controller.store.nodes import PostgresNodes
 
 log = structlog.get_logger()
 
@@ -85,6 +94,7 @@ class Controller:
         for watch in self.podman_health:  # nothing restarts a service being stopped
             await watch.stop()
         self.reaper.stop()
+        beating = asyncio.create_task(self.reaper.keep_beating(), name="heartbeat-while-stopping")
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
         await self.server.stop(grace)
@@ -97,6 +107,9 @@ class Controller:
         for service in (self.podman_service, self.gvisor_service):
             if service is not None:
                 await service.stop()
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
         await self.registry.close()
         log.info("controller stopped")
 
@@ -276,13 +289,101 @@ def _tracing(config: Config) -> _Tracing:
 
 
 def registry_for(config: Config) -> Registry:
-    """PostgreSQL when a database URL is configured, else the SQLite file."""
+    """PostgreSQL when a database URL is configured, else the SQLite file; a node's registry
+    writes its name into its rows and sees its own in the per-host queries."""
     if not config.database_url:
         return SqliteRegistry(config.database_path)
     # Imported only then: the embedded default needs no PostgreSQL driver loaded.
     from controller.store.postgres import PostgresRegistry
 
-    return PostgresRegistry(config.database_url)
+    node = config.node_name if config.role == "node" else ""
+    return PostgresRegistry(config.database_url, node=node)
+
+
+class NodeMembership:
+    """A node's heartbeat, with its figures, and its share of the sweep of dead nodes
+    (controller.sandboxes.reaper.Membership)."""
+
+    def __init__(
+        self,
+        config: Config,
+        nodes: "PostgresNodes",
+        registry: Registry,
+        figures: Callable[[], list[PoolFigures]],
+        address: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._nodes = nodes
+        self._registry = registry
+        self._figures = figures
+        self.address = address
+        self._monotonic = monotonic
+        # Since when every heartbeat of this node succeeded (None: the last one failed).
+        self._beating_since: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<NodeMembership {self._config.node_name} at {self.address}>"
+
+    @property
+    def heartbeat_interval(self) -> timedelta:
+        return self._config.heartbeat_interval
+
+    async def heartbeat(self) -> None:
+        try:
+            await self._beat()
+        except BaseException:
+            self._beating_since = None
+            raise
+        if self._beating_since is None:
+            self._beating_since = self._monotonic()
+
+    async def _beat(self) -> None:
+        from controller.store.nodes import NodeRecord  # with psycopg: nodes only
+
+        counts = await self._registry.count_by_state()  # this node's own
+        warm = {f"{kind.profile}/{kind.runtime}": kind.ready for kind in self._figures()}
+        await self._nodes.heartbeat(
+            NodeRecord(
+                name=self._config.node_name,
+                address=self.address,
+                heartbeat_time=utcnow(),  # the database writes its own time
+                draining=False,  # kept as set_draining left it
+                sandboxes=sum(counts.get(state, 0) for state in PUBLIC_STATES),
+                max_sandboxes=self._config.max_sandboxes_per_node,
+                free_memory=mem_available() or 0,
+                warm=warm,
+            )
+        )
+
+    async def sweep_dead(self) -> None:
+        """Only once this node has heartbeated for a whole node timeout: after the database
+        was out of reach (every heartbeat failing, other nodes' too), or this node was, the
+        others get that long to heartbeat again before they can be judged dead."""
+        timeout = self._config.node_timeout
+        since = self._beating_since
+        if since is None or self._monotonic() - since < timeout.total_seconds():
+            return
+        await self._nodes.sweep_dead(timeout, utcnow())
+
+    async def purge_tombstones(self, deleted_before: datetime) -> int | None:
+        return await self._nodes.purge_tombstones(deleted_before)
+
+
+def membership_for(
+    config: Config, registry: Registry, figures: Callable[[], list[PoolFigures]], port: int
+) -> NodeMembership | None:
+    """A node's membership (role node), heartbeating the address gateways reach it at: the
+    configured one, else the listen address with the port bound."""
+    if config.role != "node":
+        return None
+    from controller.store.nodes import PostgresNodes
+    from controller.store.postgres import PostgresRegistry
+
+    assert isinstance(registry, PostgresRegistry)  # config.validate: a node has a database URL
+    host, _ = host_port(config.listen)
+    address = config.node_address or f"{host}:{port}"
+    return NodeMembership(config, PostgresNodes(registry), registry, figures, address)
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
@@ -393,6 +494,12 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         ),
         server,
     )
+    if credentials is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
     reaper = TtlReaper(
         manager,
         registry,
@@ -400,13 +507,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         config.tombstone_retention,
         watch_interval=config.container_check_interval,
         hibernate_interval=config.hibernate_interval,
+        membership=membership_for(config, registry, manager.warm_pool.figures, port),
     )
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
     await server.start()
     metrics_server = None
     if config.metrics_listen:

@@ -7,6 +7,7 @@ by `python -m controller --help`, with its variable.
 import argparse
 import os
 import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -70,12 +71,40 @@ def _parse_listen_or_off(text: str) -> str:
     return text
 
 
-def _parse_database_url(text: str) -> str:
+def parse_database_url(text: str) -> str:
     text = text.strip()
     if text and not text.startswith(("postgresql://", "postgres://")):
         # Not echoed: it may hold a password.
         raise ValueError("must be empty (SQLite) or a postgresql:// URL")
     return text
+
+
+ROLES = ("single", "node", "gateway")
+# A node's name: a DNS label, as Kubernetes names pods and hosts are named.
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _parse_role(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ROLES:
+        raise ValueError(f"{text[:40]!r} is no role: use single, node or gateway")
+    return text
+
+
+def _parse_node_name(text: str) -> str:
+    text = text.strip()
+    if _NODE_NAME.fullmatch(text) is None:
+        raise ValueError(
+            f"{text[:80]!r} is not a node name: lowercase letters, digits and '-', at most "
+            "63, starting and ending with a letter or digit"
+        )
+    return text
+
+
+def _default_node_name() -> str:
+    """The host's name as a node name: lowercased, its first label, anything else as '-'."""
+    host = socket.gethostname().split(".")[0].lower()
+    return re.sub(r"[^a-z0-9-]", "-", host)[:63].strip("-") or "node"
 
 
 def redact_url(url: str) -> str:
@@ -117,9 +146,44 @@ class Config:
         "the registry in PostgreSQL, shared by controllers: postgresql://USER@HOST/DB (libpq's "
         "URL, e.g. postgresql:///petri?host=/run/pg for a unix socket); empty: SQLite at "
         "DATABASE. Give a password in PGPASSFILE or this variable, not the flag (ps shows flags)",
-        _parse_database_url,
+        parse_database_url,
         default="",
         repr=False,  # a password must not reach a log through a repr
+    )
+    role: str = _opt(
+        "single: one controller with its own registry (the default); node: one of several "
+        "controllers, one per host, sharing the registry in PostgreSQL (--database-url) behind "
+        "gateways; gateway: a stateless front that places sandboxes on the nodes",
+        _parse_role,
+        default="single",
+    )
+    node_name: str = _opt(
+        "this node's name among the nodes sharing the registry (role node): lowercase "
+        "letters, digits and '-', at most 63; default: the host's name",
+        _parse_node_name,
+        default_factory=_default_node_name,
+    )
+    node_address: str = _opt(
+        "HOST:PORT at which the gateways reach this node's gRPC API (role node); default: "
+        "the listen address",
+        _parse_listen_or_off,
+        default="",
+    )
+    heartbeat_interval: timedelta = _opt(
+        "how often a node tells the registry it is alive, with its figures (role node)",
+        parse_duration,
+        default=timedelta(seconds=2),
+    )
+    node_timeout: timedelta = _opt(
+        "a node whose last heartbeat is older than this is dead: the other nodes mark its "
+        "sandboxes TERMINATED and gateways place nothing on it",
+        parse_duration,
+        default=timedelta(seconds=10),
+    )
+    max_sandboxes_per_node: int = _opt(
+        "most sandboxes this node holds, for the gateways' placement (0: no limit)",
+        int,
+        default=0,
     )
     runtime_dir: Path = _opt(
         "per-sandbox socket directories and the podman socket the controller starts",
@@ -404,6 +468,16 @@ class Config:
         return self.database or self.state_dir / "petri.db"
 
     @property
+    def advertised_address(self) -> str:
+        """Where gateways reach this node: node_address, else the listen address."""
+        return self.node_address or self.listen
+
+    @property
+    def shared(self) -> bool:
+        """Whether this process is one of several on one registry (role node or gateway)."""
+        return self.role != "single"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint_dir or self.state_dir / "checkpoints"
 
@@ -481,6 +555,18 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
 
 def validate(config: Config) -> list[str]:
     problems = []
+    if config.shared and not config.database_url.startswith(("postgresql://", "postgres://")):
+        problems.append(
+            f"role {config.role} needs the shared registry in PostgreSQL: set --database-url "
+            "(PETRI_DATABASE_URL) to a postgresql:// URL"
+        )
+    for name in ("heartbeat_interval", "node_timeout"):
+        if getattr(config, name) <= timedelta(0):
+            problems.append(f"{name} must be positive")
+    if config.node_timeout <= config.heartbeat_interval:
+        problems.append("node_timeout must exceed heartbeat_interval (a live node would look dead)")
+    if config.max_sandboxes_per_node < 0:
+        problems.append("max_sandboxes_per_node must not be negative")
     if config.max_ttl > timedelta(days=14):
         problems.append("max_ttl may be at most 14d")
     if not timedelta(0) < config.default_ttl <= config.max_ttl:

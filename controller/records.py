@@ -9,6 +9,15 @@ from datetime import datetime, timedelta
 POOL_PROJECT = ""
 
 
+def _given_up_prefix(node: str) -> str:
+    return f"node {node} stopped answering at "
+
+
+def given_up_message(node: str, last_seen: str) -> str:
+    """The state_message of a sandbox whose node stopped heartbeating (controller.store.nodes)."""
+    return f"{_given_up_prefix(node)}{last_seen}; its sandbox's process is gone"
+
+
 class State(enum.IntEnum):
     """Where a sandbox is in its lifecycle (docs/lifecycle.md has the diagram). The first five
     mirror petri.v1.Sandbox.State, value for value; the others are never shown to a caller."""
@@ -112,7 +121,20 @@ class SandboxRecord:
     # After a resume, what the next execution's response reports (namespace_restored, with
     # the names not restored); None when there is nothing to report.
     restore_report: tuple[LostName, ...] | None = None
+    # The node whose host holds its container, among controllers sharing one registry; ""
+    # for a controller with a registry of its own (role single).
+    node: str = ""
 
     @property
     def name(self) -> str:
         return f"projects/{self.project}/sandboxes/{self.sandbox_id}"
+
+    @property
+    def given_up(self) -> bool:
+        """TERMINATED by another node because its own stopped heartbeating: whatever of it
+        is still on its host (a container) is to be removed when that node comes back."""
+        return (
+            self.state is State.TERMINATED
+            and self.node != ""
+            and self.state_message.startswith(_given_up_prefix(self.node))
+        )

@@ -462,6 +462,15 @@ async def _next_request(
     return message.request, message.inputs_end_here
 
 
+def _preload_grace(text: str) -> float:
+    """The controller's PETRI_PRELOAD_GRACE: seconds, 0 to 10 (anything else: none)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return 0.0
+    return seconds if 0.0 <= seconds <= 10.0 else 0.0
+
+
 def _take_key(path: Path) -> str:
     """The controller's secret for this sandbox, from a file only we (the sandbox's root) can
     read, removed once read: it then lives in this process alone."""
@@ -527,6 +536,7 @@ async def run(socket_path: Path, workspace: Path) -> None:
         user=user,
         process_limit=int(os.environ.get("PETRI_PROCESS_LIMIT") or 0),
         preload=[m for m in os.environ.get("PETRI_PRELOAD", "").split(",") if m],
+        preload_grace=_preload_grace(os.environ.get("PETRI_PRELOAD_GRACE", "")),
     )
     await supervisor.start()
     server = grpc.aio.server(

@@ -51,12 +51,16 @@ class Supervisor:
         user: int | None = None,
         process_limit: int = 0,
         preload: Sequence[str] = (),
+        preload_grace: float = 0.0,
     ) -> None:
+        """`preload_grace`: seconds the first worker waits before preloading, for a first
+        execution that would stop it anyway (a cold sandbox's: see worker.preload)."""
         self.workspace = workspace
         self.memory_limit = memory_limit
         self.user = user
         self.process_limit = process_limit
         self.preload = list(preload)
+        self.preload_grace = preload_grace
         self._lock = asyncio.Lock()
         self._worker: WorkerProcess | None = None
         # The daemon's first worker: the one a cold sandbox's first execution may hurry.
@@ -223,7 +227,13 @@ class Supervisor:
         for delay in WORKER_START_RETRIES:
             try:
                 self._worker = await WorkerProcess.start(
-                    self.workspace, self.memory_limit, self.user, self.process_limit, self.preload
+                    self.workspace,
+                    self.memory_limit,
+                    self.user,
+                    self.process_limit,
+                    self.preload,
+                    # A worker started after a crash preloads at once, as before.
+                    self.preload_grace if self._first_worker is None else 0.0,
                 )
                 if self._first_worker is None:
                     self._first_worker = self._worker
@@ -236,7 +246,10 @@ class Supervisor:
     async def wait_preloaded(self) -> bool:
         """Waits until the current worker has preloaded; False when it died or hung doing so."""
         async with self._lock:
-            return await (await self._ensure_worker()).wait_preloaded()
+            worker = await self._ensure_worker()
+            if worker is self._first_worker:
+                worker.start_preload()
+            return await worker.wait_preloaded()
 
     async def _preloaded_worker(self, hurry: bool = False) -> WorkerProcess:
         """The worker, once it has preloaded. One that dies or hangs preloading is replaced
@@ -246,8 +259,11 @@ class Supervisor:
         waits for no module it may never use. Pool members have preloaded long before theirs;
         a worker started after a crash preloads in full, as the one it replaces had."""
         worker = await self._ensure_worker()
-        if hurry and worker is self._first_worker:
-            worker.hurry()
+        if worker is self._first_worker:
+            if hurry:
+                worker.hurry()
+            else:
+                worker.start_preload()
         if await worker.wait_preloaded():
             return worker
         log.warning("the worker died or hung while preloading %s; preloading nothing", self.preload)

@@ -241,18 +241,27 @@ def seed_matplotlib_cache() -> None:
                 shutil.copyfile(os.path.join(BUILT_MATPLOTLIB_CACHE, name), destination)
 
 
-def preload(modules: list[str], hurry_fd: int = -1) -> executor_pb2.WorkerPreloaded:
+def preload(
+    modules: list[str], hurry_fd: int = -1, grace: float = 0.0
+) -> executor_pb2.WorkerPreloaded:
     """Imports the modules this sandbox preloads, so that user code's first `import pandas`
     costs nothing. What they print is dropped (it belongs to no execution); what fails is
     reported, and user code that imports it later sees the error itself. Stops before the
-    next module once `hurry_fd` is readable: an execution is waiting (user code then imports
-    what it needs itself; a module is never left half imported)."""
+    next module once the daemon says "!" on `hurry_fd`: an execution is waiting (user code
+    then imports what it needs itself; a module is never left half imported).
+
+    A cold sandbox's first worker first waits `grace` seconds for that word: its first
+    execution usually comes within them, and then nothing is imported for nothing (under a
+    burst of cold creates, the part of the preload an execution cannot stop cost ~40 ms of
+    CPU each). "+" ends the grace: someone waits for the preload itself."""
     started = time.monotonic()
     failures = []
     sink = io.StringIO()
+    if _hurried(hurry_fd, grace):
+        modules = []
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         for name in modules:
-            if hurry_fd >= 0 and select.select([hurry_fd], [], [], 0)[0]:
+            if _hurried(hurry_fd, 0.0):
                 break
             try:
                 importlib.import_module(name)
@@ -261,6 +270,17 @@ def preload(modules: list[str], hurry_fd: int = -1) -> executor_pb2.WorkerPreloa
     reply = executor_pb2.WorkerPreloaded(failures=failures)
     reply.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
     return reply
+
+
+def _hurried(hurry_fd: int, wait: float) -> bool:
+    """Whether the daemon said "!" (or closed the pipe: it wants nothing preloaded any more),
+    waiting at most `wait` seconds for a word; "+" ends the wait without hurrying."""
+    while hurry_fd >= 0 and select.select([hurry_fd], [], [], wait)[0]:
+        word = os.read(hurry_fd, 1)
+        if word != b"+":
+            return True
+        wait = 0.0
+    return False
 
 
 def main() -> None:
@@ -277,6 +297,8 @@ def main() -> None:
     # not imported from there: that module imports asyncio). User code does not see it.
     hurry_text = os.environ.pop("PETRI_HURRY_FD", "")
     hurry_fd = int(hurry_text) if hurry_text.isdigit() else -1
+    grace_text = os.environ.pop("PETRI_PRELOAD_GRACE", "")
+    grace = float(grace_text) if grace_text.replace(".", "", 1).isdigit() else 0.0
     if args.memory_limit:
         # Where no memory cgroup is delegated, this is the memory limit that holds: every
         # process of user code gets at most this much address space (MemoryError beyond).
@@ -300,7 +322,7 @@ def main() -> None:
     # user's pandas.py found there after a crash must not be imported in the real one's place.
     modules = [name for name in args.preload.split(",") if name]
     seed_matplotlib_cache()  # also for user code's own `import matplotlib`
-    worker.send(executor_pb2.WorkerReply(preloaded=preload(modules, hurry_fd)))
+    worker.send(executor_pb2.WorkerReply(preloaded=preload(modules, hurry_fd, min(grace, 10.0))))
     if hurry_fd >= 0:
         os.close(hurry_fd)  # user code has no use for it
     namespace_snapshot.import_pickler()

@@ -25,6 +25,8 @@ log = logging.getLogger("petri.executor")
 WORKER_READY_TIMEOUT = 60.0
 # The worker's end of the pipe that tells it to stop preloading (see worker.preload).
 HURRY_FD_VARIABLE = "PETRI_HURRY_FD"
+# Seconds the first worker of a cold sandbox waits before it preloads (see worker.preload).
+PRELOAD_GRACE_VARIABLE = "PETRI_PRELOAD_GRACE"
 # Pipe buffer per stream: beyond it the worker blocks on write instead of the daemon growing.
 STREAM_BUFFER_BYTES = 1 << 16
 
@@ -91,9 +93,11 @@ class WorkerProcess:
         user: int | None = None,
         process_limit: int = 0,
         preload: Sequence[str] = (),
+        preload_grace: float = 0.0,
     ) -> "WorkerProcess":
         """Starts a worker; as `user` (uid = gid, no other groups) when given. It imports the
-        `preload` modules after it says it is ready."""
+        `preload` modules after it says it is ready, `preload_grace` seconds later unless
+        start_preload() or hurry() comes first."""
         identity: dict[str, Any] = {}
         if user is not None:
             identity = {"user": user, "group": user, "extra_groups": []}
@@ -131,7 +135,11 @@ class WorkerProcess:
                 start_new_session=True,  # its own process group, so a kill takes its children
                 limit=STREAM_BUFFER_BYTES,
                 # In the environment, not a flag: a worker of another version ignores it.
-                env={**_worker_environment(user), HURRY_FD_VARIABLE: str(hurry_read)},
+                env={
+                    **_worker_environment(user),
+                    HURRY_FD_VARIABLE: str(hurry_read),
+                    **({PRELOAD_GRACE_VARIABLE: f"{preload_grace:g}"} if preload_grace else {}),
+                },
                 **identity,
             )
         except BaseException:
@@ -191,6 +199,13 @@ class WorkerProcess:
             return await asyncio.wait_for(asyncio.shield(self._preload), WORKER_READY_TIMEOUT)
         except TimeoutError:
             return False
+
+    def start_preload(self) -> None:
+        """Ends the preload's grace: someone waits for the preload itself (a restore, a
+        checkpoint, a file call), not for an execution that could do without it."""
+        if self._hurry is not None and not self.preloaded:
+            with contextlib.suppress(OSError):  # the worker is gone or has preloaded
+                os.write(self._hurry, b"+")
 
     def hurry(self) -> None:
         """Asks the worker to stop preloading before its next module (the one it is
@@ -254,6 +269,7 @@ _DAEMON_ONLY = frozenset(
         "PETRI_MEMORY_LIMIT",
         "PETRI_PROCESS_LIMIT",
         "PETRI_PRELOAD",
+        PRELOAD_GRACE_VARIABLE,  # the first worker's alone: passed to it by start()
     )
 )
 

@@ -99,7 +99,7 @@ class Executions:
         """
         self._policy.check_code(code)
         effective_timeout = self._policy.execution_timeout(timeout)
-        record = await self._lookup.get(name)
+        record = await self._lookup.held(name)
         self._require_running_or_paused(record)
         self._quotas.count_execute(record.project)
         request = executor_pb2.ExecuteRequest(

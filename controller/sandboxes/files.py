@@ -168,7 +168,7 @@ class Files:
     async def _turn(self, name: SandboxName) -> AsyncIterator[tuple[SandboxRecord, ExecutorClient]]:
         """The sandbox's queue held, the sandbox RUNNING (resumed if it was PAUSED), and its
         executor's client; the sandbox counts as used when the call went through."""
-        record = await self._lookup.get(name)
+        record = await self._lookup.held(name)
         _require_usable(record)
         lock = self._queues.of(record.uid)
         queued = lock.locked()

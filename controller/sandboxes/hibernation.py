@@ -130,7 +130,7 @@ class Hibernation:
 
     async def pause(self, name: SandboxName) -> SandboxRecord:
         """PauseSandbox: after the executions queued before it."""
-        record = await self._lookup.get(name)
+        record = await self._lookup.held(name)
         async with self._queues.of(record.uid):
             record = await self._lookup.get(name)
             if record.state is State.RUNNING:
@@ -141,7 +141,7 @@ class Hibernation:
 
     async def resume(self, name: SandboxName) -> SandboxRecord:
         """ResumeSandbox: after the executions queued before it."""
-        record = await self._lookup.get(name)
+        record = await self._lookup.held(name)
         async with self._queues.of(record.uid):
             record = await self._lookup.get(name)
             if record.state is State.PAUSED:

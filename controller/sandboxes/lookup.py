@@ -3,15 +3,17 @@
 
 from typing import Any
 
-from controller.errors import NotFound
+from controller.errors import FailedPrecondition, NotFound
 from controller.names import SandboxName
 from controller.records import SandboxRecord, State
 from controller.store.registry import Registry
 
 
 class Lookup:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, node: str = "") -> None:
         self._registry = registry
+        # This controller's node name ("" in role single): whose containers it holds.
+        self.node = node
 
     def __repr__(self) -> str:
         return f"<Lookup {self._registry!r}>"
@@ -21,6 +23,13 @@ class Lookup:
         record = await self._registry.get_live(name.project, name.sandbox_id)
         if record is None:
             raise await self.not_found(name)
+        return record
+
+    async def held(self, name: SandboxName) -> SandboxRecord:
+        """get(), for a call that needs the sandbox's container or checkpoint: only one that
+        this node holds (FailedPrecondition naming the node that does)."""
+        record = await self.get(name)
+        check_held(record, self.node)
         return record
 
     async def not_found(self, name: SandboxName) -> NotFound:
@@ -35,6 +44,19 @@ class Lookup:
                 metadata={"expire_time" if expired else "delete_time": when},
             )
         return NotFound(f"sandbox {name} does not exist", reason="SANDBOX_NOT_FOUND")
+
+
+def check_held(record: SandboxRecord, node: str) -> None:
+    """FailedPrecondition unless the sandbox is `node`'s: its container is on another host,
+    out of this controller's reach (a gateway sends each call to the sandbox's node)."""
+    if record.node != node:
+        holder = f"node {record.node}" if record.node else "a controller that is no node"
+        raise FailedPrecondition(
+            f"sandbox {record.name} is held by {holder}, not this one ({node or 'single'}): "
+            "call it through a gateway",
+            reason="SANDBOX_ON_ANOTHER_NODE",
+            metadata={"node": record.node},
+        )
 
 
 def terminated_reason(record: SandboxRecord) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from controller.sandboxes.hibernation import Hibernation
 from controller.sandboxes.images import ImageCatalogue, ImageProfile
 from controller.sandboxes.labels import validate_display_name, validate_labels
 from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
-from controller.sandboxes.lookup import Lookup
+from controller.sandboxes.lookup import Lookup, check_held
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
@@ -74,7 +74,7 @@ class SandboxManager:
         self._checkpoints = CheckpointStore(config.checkpoint_path)
         self._lifecycle = Lifecycle(registry, self._provisioner, quotas, clock, self._checkpoints)
         self._queues = Queues()
-        self._lookup = Lookup(registry)
+        self._lookup = Lookup(registry, config.node_name if config.role == "node" else "")
         self._pool = WarmPool(
             config,
             registry,
@@ -230,6 +230,8 @@ class SandboxManager:
             if allow_missing:
                 return
             raise await self._lookup.not_found(name)
+        if not record.given_up:  # one given up has nothing left on its node: any may end it
+            check_held(record, self._lookup.node)
         await asyncio.shield(asyncio.ensure_future(self._end(record, "deleted")))
 
     async def expire(self, record: SandboxRecord) -> None:

@@ -19,7 +19,7 @@ import structlog
 
 from controller.config import Config
 from controller.errors import ResourceExhausted, Unavailable
-from controller.records import Runtime, SandboxRecord
+from controller.records import POOL_PROJECT, Runtime, SandboxRecord
 from controller.runtime.container import (
     KEY_FILE_NAME,
     LABEL_EXECUTOR_KEY,
@@ -48,6 +48,8 @@ MAX_SOCKET_PATH = 107
 PRELOAD_POLL_INTERVAL = 0.02
 # At shutdown, how long the background releases (a pause's container removal) may take.
 RELEASE_WAIT_SECONDS = 60.0
+# Seconds a cold sandbox's interpreter waits for its first execution before it preloads.
+COLD_PRELOAD_GRACE = "1"
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,14 @@ class Provisioner:
         self._gvisor_containers = gvisor_containers
         self._policy = policy
         self._socket_root = config.runtime_dir / "s"
-        # Tells this controller's containers from those of another registry on the same podman.
-        self.registry_label = hashlib.sha256(
-            str(config.database_path.resolve()).encode()
-        ).hexdigest()[:12]
+        # Tells this controller's containers from those of another registry on the same podman:
+        # a node's, from its name (its rows are its own in a registry that nodes share).
+        owner = (
+            f"node/{config.node_name}"
+            if config.role == "node"
+            else str(config.database_path.resolve())
+        )
+        self.registry_label = hashlib.sha256(owner.encode()).hexdigest()[:12]
         # The uid user code runs as, by sandbox uid (the executor is the sandbox's root):
         # reserved host-wide, with every controller of this service user.
         self._worker_uids = WorkerUids(config.userns_size, shared_directory(), self.registry_label)
@@ -198,6 +204,12 @@ class Provisioner:
                 "PETRI_PRELOAD": ",".join(
                     self._config.gvisor_preload if gvisor else self._config.preload
                 ),
+                # A pool member preloads at once (nobody can execute before it has); a cold
+                # sandbox's first execution, which usually comes within the grace, would stop
+                # the preload anyway.
+                "PETRI_PRELOAD_GRACE": "0"
+                if record.project == POOL_PROJECT
+                else COLD_PRELOAD_GRACE,
             },
         )
 
@@ -359,6 +371,12 @@ def _write_key(path: Path, key: str) -> None:
 def _remove_tree(path: str, podman_binary: str) -> None:
     """Removes a directory the sandbox could write into, however deep it made it, and
     whatever its own uids own in it."""
+    # The usual case: the executor's stop took its socket with it, and an empty directory
+    # goes as ourselves (rmtree cannot: it must read the directory, which is the sandbox's
+    # root's, mode 0711), without a `podman unshare` (~50 ms of CPU per delete).
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+        return
     try:
         shutil.rmtree(path, ignore_errors=True)
     except RecursionError:  # deeper than Python's recursion limit

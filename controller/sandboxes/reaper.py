@@ -6,6 +6,7 @@ A sandbox is never deleted before its expire_time, and at most `reap_interval` (
 deletions take) after it; sandboxes are taken in the order they expire.
 """
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -33,6 +34,23 @@ class Expirer(Protocol):
     async def hibernate_idle(self) -> None: ...
 
 
+class Membership(Protocol):
+    """What a node (role node) does beside its own sandboxes, on the reaper's schedule."""
+
+    @property
+    def heartbeat_interval(self) -> timedelta: ...
+
+    async def heartbeat(self) -> None:
+        """Tells the registry this node lives, with its figures."""
+
+    async def sweep_dead(self) -> None:
+        """Terminates the sandboxes of nodes that stopped heartbeating, if no other node's
+        sweep is under way (one lock across the nodes)."""
+
+    async def purge_tombstones(self, deleted_before: datetime) -> int | None:
+        """The registry's purge, under that lock; None when another node holds it."""
+
+
 class TtlReaper:
     def __init__(
         self,
@@ -43,7 +61,9 @@ class TtlReaper:
         clock: Callable[[], datetime] = utcnow,
         watch_interval: timedelta = timedelta(seconds=2),
         hibernate_interval: timedelta = timedelta(seconds=5),
+        membership: Membership | None = None,
     ) -> None:
+        self._membership = membership
         self._watch_interval = watch_interval
         self._hibernate_interval = hibernate_interval
         self._manager = manager
@@ -82,6 +102,22 @@ class TtlReaper:
             max_instances=1,
             coalesce=True,
         )
+        if self._membership is not None:
+            self._scheduler.add_job(
+                self.heartbeat,
+                "interval",
+                seconds=self._membership.heartbeat_interval.total_seconds(),
+                max_instances=1,
+                coalesce=True,
+                next_run_time=self._clock(),
+            )
+            self._scheduler.add_job(
+                self.sweep_dead,
+                "interval",
+                seconds=self._interval.total_seconds(),
+                max_instances=1,
+                coalesce=True,
+            )
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -112,9 +148,38 @@ class TtlReaper:
         except Exception:
             log.exception("pausing or saving idle sandboxes failed; retrying next round")
 
+    async def keep_beating(self) -> None:
+        """Heartbeats (role node) until cancelled, after stop(): while the controller stops,
+        pausing its sandboxes for minutes maybe, the other nodes must not judge it dead."""
+        if self._membership is None:
+            return
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(self._membership.heartbeat_interval.total_seconds())
+
+    async def heartbeat(self) -> None:
+        assert self._membership is not None
+        try:
+            await self._membership.heartbeat()
+        except Exception:
+            log.exception("the heartbeat failed; retrying next round")
+
+    async def sweep_dead(self) -> None:
+        assert self._membership is not None
+        try:
+            await self._membership.sweep_dead()
+        except Exception:
+            log.exception("sweeping dead nodes' sandboxes failed; retrying next round")
+
     async def purge_tombstones(self) -> None:
         try:
-            purged = await self._registry.purge_tombstones(self._clock() - self._retention)
+            before = self._clock() - self._retention
+            # Among nodes, one purges at a time.
+            purged = (
+                await self._registry.purge_tombstones(before)
+                if self._membership is None
+                else await self._membership.purge_tombstones(before)
+            )
             if purged:
                 log.info("forgot old tombstones", count=purged)
         except Exception:

@@ -101,6 +101,10 @@ class Reconciler:
             await self._lost(record, f"found at controller start: {_gone(container)}")
         elif record.state is State.RUNNING:
             self._provisioner.client_for(record)
+        elif record.given_up and container is not None:
+            # Another node declared this one dead meanwhile and terminated the sandbox: its
+            # caller was told it is gone, so what is left of it goes.
+            await self._provisioner.release(record)
         elif record.state is State.PAUSED and container is not None:
             # Left by a crash during its pause or its resume: the checkpoint is the sandbox;
             # the container goes, with what it held (its socket directory, its worker uid).
@@ -185,14 +189,22 @@ class Reconciler:
     async def check_containers(self) -> None:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
         us (killed from outside, OOM, the executor killed inside it, podman lost it), and
-        discards such warm pool members: every container, in one listing."""
-        records = [r for r in await self._registry.list_live() if r.state in WATCHED_STATES]
-        if not records:
+        discards such warm pool members: every container, in one listing. Removes the
+        containers of sandboxes another node gave up (SandboxRecord.given_up)."""
+        live = await self._registry.list_live()
+        records = [r for r in live if r.state in WATCHED_STATES]
+        given_up = [r for r in live if r.given_up]
+        if not records and not given_up:
             return
         label = self._provisioner.registry_label
         containers = {c.name: c for c in await self._containers.list_managed(label)}
         for record in records:
             await self._check(record, containers.get(record.container_name))
+        for record in given_up:
+            if record.container_name in containers:
+                # Another node declared this one dead (its heartbeats did not reach the
+                # database) and terminated the sandbox: what is left of it goes.
+                await self._provisioner.release(record)
 
     async def _check(self, record: SandboxRecord, listed: ContainerStatus | None) -> None:
         """Handles the container of a RUNNING or POOLED record that may have died (`listed`:

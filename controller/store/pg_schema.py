@@ -12,10 +12,14 @@ import structlog
 
 log = structlog.get_logger()
 
-# Advisory lock keys, constants of petri's own: the one-key form for migrating the schema, the
-# two-key form (this class, a hash of the project) for adding a sandbox within its quota.
+# Advisory lock keys, constants of petri's own: the one-key form for migrating the schema and
+# for the sweep, the two-key form (this class, a hash of the project) for adding a sandbox
+# within its quota.
 MIGRATION_LOCK = 0x70657472_69000001  # "petri" and a serial number
 PROJECT_LOCK_CLASS = 0x70657472  # "petr"
+# Held, for a transaction, by the one node sweeping dead nodes' sandboxes and old tombstones
+# (controller.store.nodes).
+SWEEP_LOCK = 0x70657472_69000002
 
 # The table as SQLite's version 3 holds it; text compares bytewise (COLLATE "C"), as SQLite's
 # does, so names sort the same on either and whatever the database's default collation is.
@@ -56,8 +60,26 @@ _V1 = (
     "CREATE INDEX running_by_activity ON sandboxes (last_active_time) WHERE state = 2",
 )
 
+# Version 2: the node holding each sandbox's container, when several controllers (role node)
+# share the database; the per-host queries (controller.store.postgres) look at their own.
+_V2 = (
+    "ALTER TABLE sandboxes ADD COLUMN node TEXT COLLATE \"C\" NOT NULL DEFAULT ''",
+    "CREATE INDEX live_by_node ON sandboxes (node, state) WHERE state != 10",
+    # Each node's heartbeat (the database's time) and figures, for gateways and the sweep.
+    """CREATE TABLE nodes (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    address TEXT NOT NULL,
+    heartbeat_time TIMESTAMPTZ NOT NULL,
+    draining BOOLEAN NOT NULL DEFAULT false,
+    sandboxes INTEGER NOT NULL,
+    max_sandboxes INTEGER NOT NULL,
+    free_memory BIGINT NOT NULL,
+    warm TEXT NOT NULL
+)""",
+)
+
 # MIGRATIONS[n - 1] brings the schema from version n - 1 to version n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _HISTORY = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -50,6 +50,8 @@ _NOT_HELD = (
     "AND NOT (uid = ANY(%s::text[])) AND (uid, last_active_time) NOT IN "
     "(SELECT * FROM unnest(%s::text[], %s::bigint[]))"
 )
+# The rows of this registry's node: those whose containers are on its host.
+_OWN = "AND node = %s"
 # No stored label value holds this character (they match [a-z0-9_-]*), nor NUL, which
 # PostgreSQL's text cannot carry: a filter's value with NUL compares the same with this instead.
 _NOT_IN_ANY_LABEL = "\ufffd"
@@ -70,10 +72,19 @@ def _secrets(url: str) -> list[str]:
 
 class PostgresRegistry:
     """The Registry protocol (controller.store.registry) on PostgreSQL. `url` is libpq's
-    (postgresql://...); it is shown only with its password masked."""
+    (postgresql://...); it is shown only with its password masked.
 
-    def __init__(self, url: str, *, timeout: float = 5.0, max_connections: int = 10) -> None:
+    `node` is the controller's node name when several share the database (role node; ""
+    for role single): the rows it adds say so, and what only makes sense for the containers
+    of its own host (list_live, list_expired, list_auto_pause_due, list_unsaved_idle,
+    count_by_state) sees its own rows only. Names, request ids, quotas (count_live), Get and
+    List span every node."""
+
+    def __init__(
+        self, url: str, *, node: str = "", timeout: float = 5.0, max_connections: int = 10
+    ) -> None:
         self._url = url
+        self.node = node
         self._shown_url = redact_url(url)
         # How long a call waits for a connection before it fails with Unavailable.
         self._timeout = timeout
@@ -98,7 +109,7 @@ class PostgresRegistry:
         self._deferred: asyncio.Future[bool] | None = None
 
     def __repr__(self) -> str:
-        return f"<PostgresRegistry {self._shown_url} open={self._opened}>"
+        return f"<PostgresRegistry {self._shown_url} node={self.node!r} open={self._opened}>"
 
     def _scrub(self, text: str) -> str:
         for secret in _secrets(self._url):
@@ -139,11 +150,12 @@ class PostgresRegistry:
         self._opened = False
 
     @asynccontextmanager
-    async def _connection(
+    async def connection(
         self, *, after_deferred: bool = True
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of the pool (autocommit: one statement, one transaction), after the
-        deferred writes issued before; Unavailable when the database does not answer."""
+        deferred writes issued before; Unavailable when the database does not answer. For
+        the store's other tables on the same database (controller.store.nodes)."""
         deferred = self._deferred
         if after_deferred and deferred is not None and not deferred.done():
             await asyncio.wait([deferred])
@@ -159,14 +171,14 @@ class PostgresRegistry:
 
     async def _execute(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> int:
         """Runs one statement; how many rows it changed."""
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             cursor = await conn.execute(sql, params)
             return int(cursor.rowcount)
 
     async def _fetch(
         self, sql: str, params: Sequence[object] | Mapping[str, object]
     ) -> list[dict[str, Any]]:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(sql, params)
             rows: list[dict[str, Any]] = await cursor.fetchall()
@@ -193,8 +205,8 @@ class PostgresRegistry:
     # --- writes ---------------------------------------------------------------------------
 
     async def insert(self, record: SandboxRecord, quota: int | None = None) -> None:
-        row = table.to_row(record)
-        async with self._connection() as conn:
+        row = {**table.to_row(record), "node": self.node}  # its container is on this host
+        async with self.connection() as conn:
             try:
                 if quota is None:
                     await conn.execute(_INSERT, row)
@@ -245,15 +257,16 @@ class PostgresRegistry:
     ) -> bool:
         """UPDATE of a live row (and in state `only_in`, if given)."""
         sql, params = self._update_sql(uid, fields, only_in)
-        async with self._connection(after_deferred=after_deferred) as conn:
+        async with self.connection(after_deferred=after_deferred) as conn:
             cursor = await conn.execute(sql, params)
             return bool(cursor.rowcount == 1)
 
     async def claim_pool_member(self, uid: str, quota: int | None = None, **fields: object) -> bool:
         if "state" in fields:
             raise ValueError("a claim sets the state: RUNNING")
-        sql, params = self._update_sql(uid, {**fields, "state": State.RUNNING}, State.POOLED)
-        async with self._connection() as conn:
+        claim = {**fields, "state": State.RUNNING, "node": self.node}
+        sql, params = self._update_sql(uid, claim, State.POOLED)
+        async with self.connection() as conn:
             try:
                 if quota is None:
                     cursor = await conn.execute(sql, params)
@@ -296,7 +309,7 @@ class PostgresRegistry:
         )
 
     async def list_live(self) -> list[SandboxRecord]:
-        return await self._many(f"SELECT * FROM sandboxes WHERE {LIVE}", ())
+        return await self._many(f"SELECT * FROM sandboxes WHERE {LIVE} {_OWN}", (self.node,))
 
     async def count_live(self, project: str) -> int:
         rows = await self._fetch(_COUNT_SHOWN, (project,))
@@ -304,36 +317,37 @@ class PostgresRegistry:
 
     async def count_by_state(self) -> dict[State, int]:
         rows = await self._fetch(
-            f"SELECT state, count(*) AS n FROM sandboxes WHERE {LIVE} GROUP BY state", ()
+            f"SELECT state, count(*) AS n FROM sandboxes WHERE {LIVE} {_OWN} GROUP BY state",
+            (self.node,),
         )
         return {State(row["state"]): int(row["n"]) for row in rows}
 
     async def list_expired(self, now: datetime, limit: int) -> list[SandboxRecord]:
         return await self._many(
-            f"SELECT * FROM sandboxes WHERE {LIVE} AND expire_time <= %s "
+            f"SELECT * FROM sandboxes WHERE {LIVE} {_OWN} AND expire_time <= %s "
             "ORDER BY expire_time, uid LIMIT %s",
-            (micros_since_epoch(now), limit),
+            (self.node, micros_since_epoch(now), limit),
         )
 
     async def list_auto_pause_due(
         self, now: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         return await self._many(
-            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
+            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} {_OWN} "
             f"AND auto_pause_after > 0 AND last_active_time + auto_pause_after <= %s {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT %s",
-            (micros_since_epoch(now), *_held_arrays(held), limit),
+            (self.node, micros_since_epoch(now), *_held_arrays(held), limit),
         )
 
     async def list_unsaved_idle(
         self, idle_since: datetime, limit: int, held: Mapping[str, datetime | None]
     ) -> list[SandboxRecord]:
         return await self._many(
-            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} "
+            f"SELECT * FROM sandboxes WHERE state = {int(State.RUNNING)} {_OWN} "
             "AND last_active_time <= %s AND (checkpoint IS NULL OR "
             f"(checkpoint::jsonb ->> 'create_time')::bigint < last_active_time) {_NOT_HELD} "
             "ORDER BY last_active_time, uid LIMIT %s",
-            (micros_since_epoch(idle_since), *_held_arrays(held), limit),
+            (self.node, micros_since_epoch(idle_since), *_held_arrays(held), limit),
         )
 
     async def list_page(self, query: ListQuery) -> list[SandboxRecord]:

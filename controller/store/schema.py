@@ -10,8 +10,9 @@ from controller.store.table import BY_NAME, create_table_sql
 # Version 1 marked a tombstone by its delete_time and a warm pool member by the project "";
 # version 2 by its state (WARMING, POOLED, DELETED); version 3 added PAUSED (5, the public
 # value: WARMING, POOLED and DELETED moved from 5, 6, 7 to 8, 9, 10), auto_pause_after,
-# checkpoint and restore_report.
-SCHEMA_VERSION = 3
+# checkpoint and restore_report; version 4 node (the controller holding the container, when
+# several share a registry).
+SCHEMA_VERSION = 4
 
 # Literal values, not parameters: SQLite uses a partial index only for a query whose WHERE
 # contains the index's condition as written.
@@ -33,6 +34,7 @@ _V1_INDEXES = ("live_sandbox_names", "live_by_project", "live_by_expiry")
 # Columns added while the schema was at version 1: a version-1 file may lack them.
 _ADDED_IN_V1 = ("create_request",)
 _ADDED_IN_V3 = ("auto_pause_after", "checkpoint", "restore_report")
+_ADDED_IN_V4 = ("node",)
 # Every index whose condition names states by value: made again after a renumbering.
 _STATE_INDEXES = ("live_sandbox_names", "shown_by_project", "live_by_expiry")
 # Version 2's values of the states that version 3 moved.
@@ -54,6 +56,8 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
             _renumber_v2_states(db)
         if version in (1, 2):
             _add_columns(db, _ADDED_IN_V3)
+        if version in (1, 2, 3):
+            _add_columns(db, _ADDED_IN_V4)
         if version == 1:
             _migrate_from_v1(db)
         db.execute(create_table_sql())

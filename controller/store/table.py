@@ -144,6 +144,8 @@ COLUMNS = (
     Column("auto_pause_after", "INTEGER NOT NULL DEFAULT 0", _micros, _duration),
     Column("checkpoint", "TEXT", _checkpoint_to_json, _checkpoint_from_json),
     Column("restore_report", "TEXT", _report_to_json, _report_from_json),
+    # Added in version 4.
+    Column("node", "TEXT NOT NULL DEFAULT ''"),
 )
 BY_NAME = {column.name: column for column in COLUMNS}
 NAMES = tuple(BY_NAME)

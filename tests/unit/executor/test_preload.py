@@ -6,6 +6,7 @@ process and the supervisor."""
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,80 @@ def test_a_preload_hurried_before_it_starts_imports_nothing(modules: list[str]) 
     assert reply == executor_pb2.WorkerPreloaded(duration=reply.duration)
 
 
+def _preload_thread(modules: list[str], read: int, grace: float) -> threading.Thread:
+    thread = threading.Thread(target=worker.preload, args=(modules, read, grace), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_cold_first_workers_grace_ends_with_the_first_execution_and_imports_nothing(
+    modules: list[str],
+) -> None:
+    read, write = os.pipe()
+    try:
+        preloading = _preload_thread(modules, read, grace=600)
+        preloading.join(0.2)
+        assert preloading.is_alive()  # in its grace: nothing imported yet
+        assert not any(name in sys.modules for name in modules)
+        os.write(write, b"!")  # the first execution
+        preloading.join(30)
+        assert not preloading.is_alive()
+    finally:
+        os.close(read)
+        os.close(write)
+    assert not any(name in sys.modules for name in modules)
+
+
+def test_someone_waiting_for_the_preload_itself_ends_the_grace(modules: list[str]) -> None:
+    """A restore or a checkpoint ("+") wants the modules: the preload starts at once."""
+    read, write = os.pipe()
+    os.write(write, b"+")
+    try:
+        preloading = _preload_thread(modules, read, grace=600)
+        preloading.join(30)
+        assert not preloading.is_alive()
+    finally:
+        os.close(read)
+        os.close(write)
+    assert all(name in sys.modules for name in modules)
+
+
+def test_an_execution_after_the_grace_was_ended_still_stops_the_preload(
+    modules: list[str], tmp_path: Path
+) -> None:
+    read, write = os.pipe()
+    os.write(write, b"+")
+    (tmp_path / f"{modules[0]}.py").write_text(f"import os\nos.write({write}, b'!')\n")
+    try:
+        worker.preload(modules, read, grace=600)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert modules[0] in sys.modules and modules[1] not in sys.modules
+
+
+def test_a_grace_that_passes_without_a_word_preloads_everything(modules: list[str]) -> None:
+    read, write = os.pipe()
+    try:
+        worker.preload(modules, read, grace=0.05)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert all(name in sys.modules for name in modules)
+
+
+def test_a_pipe_closed_during_the_grace_means_nothing_is_wanted(modules: list[str]) -> None:
+    read, write = os.pipe()
+    os.close(write)  # the daemon killed the worker, or went
+    try:
+        preloading = _preload_thread(modules, read, grace=600)
+        preloading.join(30)
+        assert not preloading.is_alive()
+    finally:
+        os.close(read)
+    assert not any(name in sys.modules for name in modules)
+
+
 def test_the_worker_starts_without_asyncio() -> None:
     """asyncio is the daemon's: importing it cost every worker's start ~25 ms of CPU."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this executor, not another
@@ -125,5 +200,21 @@ async def test_a_cold_first_execution_hurries_the_preload_and_runs_correctly(
         assert ran.error is None and ran.value == "'true'"
         assert (ran.stdout, ran.stderr) == ("", "")
         assert sup.preloaded
+    finally:
+        await sup.close()
+
+
+async def test_a_checkpoint_or_restore_does_not_wait_out_a_cold_workers_grace(
+    tmp_path: Path,
+) -> None:
+    """The first worker of a cold sandbox waits up to its grace for a first execution; a
+    caller waiting for the preload itself (a checkpoint, a restore) ends the grace."""
+    sup = Supervisor(tmp_path, preload=["colorsys"], preload_grace=600)
+    await sup.start()
+    try:
+        assert not sup.preloaded
+        assert await sup.wait_preloaded()  # not after 600 s: the worker is told to go on
+        ran = await run(sup, "import sys\n'colorsys' in sys.modules")
+        assert ran.value == "True"
     finally:
         await sup.close()
