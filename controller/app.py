@@ -560,6 +560,11 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
 
 
 async def serve(config: Config) -> None:
+    if config.role == "gateway":  # no podman, no sandboxes: the nodes hold them
+        from controller.gateway.server import run_gateway
+
+        await run_gateway(config)
+        return
     controller = await start_controller(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -24,6 +24,8 @@ from controller.gateway.forward import (
     SandboxDirectory,
     locate_in,
 )
+from controller.store.nodes import PostgresNodes
+from controller.store.postgres import PostgresRegistry
 
 log = structlog.get_logger()
 
@@ -155,6 +157,18 @@ async def start_gateway(
     host, _ = host_port(config.listen)
     log.info("gateway listening", address=f"{host}:{port}", **config.describe())
     return gateway
+
+
+async def run_gateway(config: Config) -> None:
+    """Role gateway: serves until SIGTERM or SIGINT in front of the nodes that share the
+    registry in PostgreSQL (config.database_url), which says where each sandbox is and which
+    nodes are live."""
+    registry = PostgresRegistry(config.database_url)
+    await registry.open()
+    try:
+        await serve_gateway(config, PostgresNodes(registry), registry, config.node_timeout)
+    finally:
+        await registry.close()
 
 
 async def serve_gateway(
