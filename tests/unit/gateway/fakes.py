@@ -4,7 +4,7 @@ what reaches them, and the membership table in memory."""
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from controller.errors import NotFound, status_details
+from controller.store.nodes import NodeRecord
 from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 MiB = 1 << 20
@@ -19,19 +20,29 @@ CHUNK = b"x" * MiB  # one buffer for every chunk a node sends: the node holds no
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-@dataclass(frozen=True)
-class NodeRecord:
-    """As controller.store.nodes.NodeRecord."""
-
-    name: str
-    address: str
-    heartbeat_time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    draining: bool = False
-    sandboxes: int = 0
-    max_sandboxes: int = 0
-    free_memory: int = 8 << 30
-    warm: Mapping[str, int] = field(default_factory=dict)
-    age: timedelta = timedelta(0)  # since its last heartbeat, by the database's clock
+def node_record(
+    name: str,
+    address: str,
+    *,
+    draining: bool = False,
+    sandboxes: int = 0,
+    max_sandboxes: int = 0,
+    free_memory: int = 8 << 30,
+    warm: Mapping[str, int] | None = None,
+    age: timedelta = timedelta(0),
+) -> NodeRecord:
+    """A node's row as list_nodes reads it, heartbeated `age` ago."""
+    return NodeRecord(
+        name,
+        address,
+        datetime.now(UTC) - age,
+        draining,
+        sandboxes,
+        max_sandboxes,
+        free_memory,
+        dict(warm or {}),
+        age,
+    )
 
 
 class MemoryNodes:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from petri.v1 import execution_pb2, files_pb2
-from tests.unit.gateway.fakes import CHUNK, MemoryNodes, MiB, NodeRecord, running_node
+from tests.unit.gateway.fakes import CHUNK, MemoryNodes, MiB, node_record, running_node
 from tests.unit.gateway.harness import name_of, running_gateway
 
 FILE_MIB = 100
@@ -45,7 +45,7 @@ async def _chunks(mib: int) -> AsyncIterator[files_pb2.WriteFileRequest]:
 
 async def test_a_100_mib_read_file_passes_with_the_memory_flat(tmp_path: Path) -> None:
     async with running_node("node-a") as (node, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             async for _ in stub.ReadFile(
                 files_pb2.ReadFileRequest(name=name_of("s1"), path="16.bin")
@@ -66,7 +66,7 @@ async def test_a_100_mib_read_file_passes_with_the_memory_flat(tmp_path: Path) -
 
 async def test_a_100_mib_write_file_passes_with_the_memory_flat(tmp_path: Path) -> None:
     async with running_node("node-a") as (node, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             await stub.WriteFile(_chunks(16))
             node.written = 0

@@ -10,7 +10,7 @@ import grpc
 
 from controller.gateway.directory import Directory
 from controller.gateway.forward import locate_in
-from tests.unit.gateway.fakes import MemoryNodes, NodeRecord
+from tests.unit.gateway.fakes import MemoryNodes, node_record
 
 
 class Channels:
@@ -27,8 +27,8 @@ class Channels:
 async def test_only_nodes_with_a_recent_heartbeat_are_live() -> None:
     nodes = MemoryNodes(
         [
-            NodeRecord("fresh", "127.0.0.1:1", age=timedelta(seconds=5)),
-            NodeRecord("stale", "127.0.0.1:2", age=timedelta(seconds=20)),
+            node_record("fresh", "127.0.0.1:1", age=timedelta(seconds=5)),
+            node_record("stale", "127.0.0.1:2", age=timedelta(seconds=20)),
         ]
     )
     directory = Directory(nodes, Channels(), stale_after=timedelta(seconds=15))
@@ -41,14 +41,14 @@ async def test_only_nodes_with_a_recent_heartbeat_are_live() -> None:
 
 
 async def test_one_channel_per_address_reused_and_closed_when_its_node_leaves() -> None:
-    nodes = MemoryNodes([NodeRecord("a", "127.0.0.1:1"), NodeRecord("b", "127.0.0.1:2")])
+    nodes = MemoryNodes([node_record("a", "127.0.0.1:1"), node_record("b", "127.0.0.1:2")])
     channels = Channels()
     directory = Directory(nodes, channels)
     await directory.refresh()
     first = directory.channel("127.0.0.1:1")
     assert directory.channel("127.0.0.1:1") is first
     other = directory.channel("127.0.0.1:2")
-    nodes.nodes = [NodeRecord("b", "127.0.0.1:2")]
+    nodes.nodes = [node_record("b", "127.0.0.1:2")]
     await directory.refresh()
     # Closing, in a task: wait for the state to leave IDLE (a watch the close ends raises).
     with contextlib.suppress(Exception):

@@ -15,13 +15,13 @@ from controller.errors import STATUS_DETAILS_KEY, InvalidArgument
 from controller.gateway.forward import SERVICE
 from controller.names import parse_sandbox_name
 from petri.v1 import error_details_pb2, execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
-from tests.unit.gateway.fakes import MemoryNodes, MiB, NodeRecord, Outcomes, running_node
+from tests.unit.gateway.fakes import MemoryNodes, MiB, Outcomes, node_record, running_node
 from tests.unit.gateway.harness import PARENT, name_of, running_gateway
 
 
 async def test_a_call_naming_a_sandbox_goes_to_the_node_holding_it(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, a_address), running_node("node-b") as (b, b_address):
-        nodes = MemoryNodes([NodeRecord("node-a", a_address), NodeRecord("node-b", b_address)])
+        nodes = MemoryNodes([node_record("node-a", a_address), node_record("node-b", b_address)])
         holders = {"on-a": "node-a", "on-b": "node-b"}
         async with running_gateway(tmp_path, nodes, holders) as (_, stub, _):
             for _ in range(8):
@@ -36,8 +36,8 @@ async def test_a_call_naming_a_sandbox_goes_to_the_node_holding_it(tmp_path: Pat
 async def test_a_sandbox_live_nowhere_is_answered_by_a_live_node(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
         # node-dead's heartbeat is old: it is not live, and no call goes to its address.
-        stale = NodeRecord("node-dead", "127.0.0.1:9", age=timedelta(minutes=5))
-        nodes = MemoryNodes([stale, NodeRecord("node-a", address)])
+        stale = node_record("node-dead", "127.0.0.1:9", age=timedelta(minutes=5))
+        nodes = MemoryNodes([stale, node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=name_of("gone")))
@@ -51,7 +51,7 @@ async def test_the_nodes_status_details_and_trailing_metadata_pass_unchanged(
     tmp_path: Path,
 ) -> None:
     async with running_node("node-a") as (_, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         direct = grpc.aio.insecure_channel(address)
         direct_stub = sandbox_pb2_grpc.SandboxServiceStub(direct)
         request = sandbox_pb2.DeleteSandboxRequest(name=name_of("s1"))
@@ -77,7 +77,7 @@ async def test_the_nodes_status_details_and_trailing_metadata_pass_unchanged(
 
 async def test_the_callers_deadline_and_metadata_reach_the_node(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             await stub.GetSandbox(
                 sandbox_pb2.GetSandboxRequest(name=name_of("s1")),
@@ -95,7 +95,7 @@ async def test_the_callers_deadline_and_metadata_reach_the_node(tmp_path: Path) 
 
 async def test_a_caller_cancelling_cancels_the_nodes_call(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             call = stub.ExecuteCode(sandbox_pb2.ExecuteCodeRequest(name=name_of("s1"), code="1"))
             await asyncio.wait_for(a.execute_started.wait(), 10)
@@ -107,7 +107,7 @@ async def test_a_node_down_before_the_call_is_unavailable_and_says_retry(tmp_pat
     async with running_node("node-a") as (a, address):
         holder_address = address
     # node-a's heartbeat is fresh but nothing listens there any more.
-    nodes = MemoryNodes([NodeRecord("node-a", holder_address)])
+    nodes = MemoryNodes([node_record("node-a", holder_address)])
     async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of("s1")), timeout=10)
@@ -122,8 +122,8 @@ async def test_a_holder_that_stopped_heartbeating_is_unavailable_without_a_call(
     async with running_node("node-a") as (a, address), running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                NodeRecord("node-a", address, age=timedelta(minutes=5)),
-                NodeRecord("node-b", b_address),
+                node_record("node-a", address, age=timedelta(minutes=5)),
+                node_record("node-b", b_address),
             ]
         )
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
@@ -135,7 +135,7 @@ async def test_a_holder_that_stopped_heartbeating_is_unavailable_without_a_call(
 
 
 async def test_no_live_node_is_unavailable(tmp_path: Path) -> None:
-    nodes = MemoryNodes([NodeRecord("node-a", "127.0.0.1:9", age=timedelta(minutes=5))])
+    nodes = MemoryNodes([node_record("node-a", "127.0.0.1:9", age=timedelta(minutes=5))])
     async with running_gateway(tmp_path, nodes) as (_, stub, _):
         for call in (
             stub.CreateSandbox(sandbox_pb2.CreateSandboxRequest(parent=PARENT)),
@@ -151,7 +151,7 @@ async def test_malformed_names_are_refused_with_the_nodes_words_and_reach_no_nod
     tmp_path: Path,
 ) -> None:
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
             bad = "projects/Alpha/sandboxes/s1"
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -181,7 +181,7 @@ async def test_tokens_are_checked_at_the_gateway_and_passed_on(tmp_path: Path) -
     digest = hashlib.sha256(b"secret-a").hexdigest()
     tokens.write_text(f'[[tokens]]\nname = "agent-a"\nsha256 = "{digest}"\nprojects = ["alpha"]\n')
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}, tokens_file=tokens) as (
             _,
             stub,
@@ -205,7 +205,7 @@ async def test_tokens_are_checked_at_the_gateway_and_passed_on(tmp_path: Path) -
 
 async def test_a_bidirectional_stream_is_pumped_one_message_at_a_time(tmp_path: Path) -> None:
     async with running_node("node-a") as (_, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             call = stub.StreamExecuteCode()
             start = sandbox_pb2.ExecuteCodeStart(name=name_of("s1"), code="1")
@@ -229,7 +229,7 @@ async def _read(call: Any) -> sandbox_pb2.StreamExecuteCodeResponse:
 
 async def test_a_stream_without_a_name_is_answered_by_a_node(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
 
             async def nothing() -> AsyncIterator[files_pb2.WriteFileRequest]:
@@ -263,7 +263,7 @@ async def _until(watch: Any, status: int) -> None:
 
 async def test_a_stream_error_of_the_node_passes_unchanged(tmp_path: Path) -> None:
     async with running_node("node-a") as (_, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
             request = files_pb2.ReadFileRequest(name=name_of("s1"), path="missing")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -277,7 +277,7 @@ async def test_a_stream_error_of_the_node_passes_unchanged(tmp_path: Path) -> No
 
 async def test_the_locating_registry_failing_is_unavailable(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(tmp_path, nodes, failing_locate=True) as (_, stub, _):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of("s1")))
@@ -299,7 +299,7 @@ async def test_a_stream_message_over_the_gateways_budget_ends_both_calls(tmp_pat
 
     outcomes = Outcomes()
     async with running_node("node-a") as (_, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         async with running_gateway(
             tmp_path,
             nodes,
@@ -326,7 +326,7 @@ async def test_a_stream_message_over_the_gateways_budget_ends_both_calls(tmp_pat
 async def test_a_caller_cancelling_a_stream_cancels_the_nodes_stream(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with running_node("node-a") as (_, address):
-        nodes = MemoryNodes([NodeRecord("node-a", address)])
+        nodes = MemoryNodes([node_record("node-a", address)])
         holders = {"s1": "node-a"}
         async with running_gateway(tmp_path, nodes, holders, outcomes=outcomes) as (_, stub, _):
             call = stub.ReadFile(files_pb2.ReadFileRequest(name=name_of("s1"), path="1000.bin"))

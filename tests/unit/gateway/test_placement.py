@@ -9,7 +9,7 @@ import grpc
 
 from controller.gateway.directory import NodeInfo, placement_order
 from petri.v1 import sandbox_pb2
-from tests.unit.gateway.fakes import MemoryNodes, NodeRecord, running_node
+from tests.unit.gateway.fakes import MemoryNodes, node_record, running_node
 from tests.unit.gateway.harness import PARENT, running_gateway
 
 
@@ -23,38 +23,38 @@ def _names(nodes: Sequence[NodeInfo]) -> list[str]:
 
 def test_placement_skips_draining_and_full_nodes() -> None:
     nodes = [
-        NodeRecord("draining", "h:1", draining=True),
-        NodeRecord("full", "h:2", sandboxes=4, max_sandboxes=4),
-        NodeRecord("room", "h:3", sandboxes=3, max_sandboxes=4),
-        NodeRecord("no-limit", "h:4", sandboxes=500),
+        node_record("draining", "h:1", draining=True),
+        node_record("full", "h:2", sandboxes=4, max_sandboxes=4),
+        node_record("room", "h:3", sandboxes=3, max_sandboxes=4),
+        node_record("no-limit", "h:4", sandboxes=500),
     ]
     assert sorted(_names(placement_order(nodes, "full/runc", _first_two))) == ["no-limit", "room"]
     assert placement_order(nodes[:2], "full/runc", _first_two) == []
 
 
 def test_of_the_two_drawn_a_warm_member_wins_then_fewer_sandboxes_then_more_memory() -> None:
-    warm = NodeRecord("warm", "h:1", sandboxes=9, warm={"full/runc": 1})
-    cold = NodeRecord("cold", "h:2", sandboxes=0, warm={"full/gvisor": 3})
+    warm = node_record("warm", "h:1", sandboxes=9, warm={"full/runc": 1})
+    cold = node_record("cold", "h:2", sandboxes=0, warm={"full/gvisor": 3})
     assert _names(placement_order([cold, warm], "full/runc", _first_two)) == ["warm", "cold"]
     assert _names(placement_order([warm, cold], "full/gvisor", _first_two)) == ["cold", "warm"]
-    busy = NodeRecord("busy", "h:1", sandboxes=5)
-    idle = NodeRecord("idle", "h:2", sandboxes=1)
+    busy = node_record("busy", "h:1", sandboxes=5)
+    idle = node_record("idle", "h:2", sandboxes=1)
     assert _names(placement_order([busy, idle], "full/runc", _first_two))[0] == "idle"
-    low = NodeRecord("low", "h:1", free_memory=1 << 30)
-    high = NodeRecord("high", "h:2", free_memory=4 << 30)
+    low = node_record("low", "h:1", free_memory=1 << 30)
+    high = node_record("high", "h:2", free_memory=4 << 30)
     assert _names(placement_order([low, high], "full/runc", _first_two))[0] == "high"
 
 
 def test_only_the_two_drawn_compete_for_first_place() -> None:
     # The best node overall is not drawn: the better of the two drawn goes first, the rest after.
-    best = NodeRecord("best", "h:3", warm={"full/runc": 2})
-    drawn = [NodeRecord("a", "h:1", sandboxes=3), NodeRecord("b", "h:2", sandboxes=1)]
+    best = node_record("best", "h:3", warm={"full/runc": 2})
+    drawn = [node_record("a", "h:1", sandboxes=3), node_record("b", "h:2", sandboxes=1)]
     order = _names(placement_order([*drawn, best], "full/runc", _first_two))
     assert order == ["b", "best", "a"]
 
 
 def test_placement_spreads_creates_over_equal_nodes() -> None:
-    nodes = [NodeRecord(f"n{i}", f"h:{i}") for i in range(4)]
+    nodes = [node_record(f"n{i}", f"h:{i}") for i in range(4)]
     rng = random.Random(7)
     firsts = Counter(placement_order(nodes, "full/runc", rng.sample)[0].name for _ in range(400))
     assert set(firsts) == {"n0", "n1", "n2", "n3"}
@@ -65,8 +65,8 @@ async def test_a_create_goes_to_the_node_with_a_warm_member_of_its_kind(tmp_path
     async with running_node("node-a") as (a, a_address), running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                NodeRecord("node-a", a_address, warm={"full/runc": 1}),
-                NodeRecord("node-b", b_address, warm={"slim/gvisor": 1}),
+                node_record("node-a", a_address, warm={"full/runc": 1}),
+                node_record("node-b", b_address, warm={"slim/gvisor": 1}),
             ]
         )
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
@@ -89,8 +89,8 @@ async def test_a_create_avoids_a_draining_node(tmp_path: Path) -> None:
     async with running_node("node-a") as (a, a_address), running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                NodeRecord("node-a", a_address, draining=True, warm={"full/runc": 5}),
-                NodeRecord("node-b", b_address),
+                node_record("node-a", a_address, draining=True, warm={"full/runc": 5}),
+                node_record("node-b", b_address),
             ]
         )
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
@@ -108,8 +108,8 @@ async def _two_nodes_a_first(
         a.create_status = grpc.StatusCode.UNAVAILABLE
         nodes = MemoryNodes(
             [
-                NodeRecord("node-a", a_address, warm={"full/runc": 1}),  # placed first
-                NodeRecord("node-b", b_address),
+                node_record("node-a", a_address, warm={"full/runc": 1}),  # placed first
+                node_record("node-b", b_address),
             ]
         )
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
@@ -145,8 +145,8 @@ async def test_a_create_goes_elsewhere_when_the_placed_node_does_not_answer(
     async with running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                NodeRecord("node-gone", gone_address, warm={"full/runc": 1}),  # placed first
-                NodeRecord("node-b", b_address),
+                node_record("node-gone", gone_address, warm={"full/runc": 1}),  # placed first
+                node_record("node-b", b_address),
             ]
         )
         async with running_gateway(tmp_path, nodes) as (_, stub, _):

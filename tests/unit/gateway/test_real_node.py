@@ -12,7 +12,7 @@ import pytest
 from controller.gateway.server import start_gateway
 from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
 from tests.unit.controller.inprocess import PARENT, PROJECT, create_request, fast_petri
-from tests.unit.gateway.fakes import MemoryNodes, NodeRecord
+from tests.unit.gateway.fakes import MemoryNodes, node_record
 
 
 async def _failure(call: object) -> grpc.aio.AioRpcError:
@@ -42,7 +42,7 @@ async def test_every_kind_of_call_through_the_gateway_to_a_real_node(tmp_path: P
             record = await petri.controller.registry.get_live(project, sandbox_id)
             return "node-1" if record is not None else None
 
-        nodes = MemoryNodes([NodeRecord("node-1", f"127.0.0.1:{petri.controller.port}")])
+        nodes = MemoryNodes([node_record("node-1", f"127.0.0.1:{petri.controller.port}")])
         config = dataclasses.replace(petri.config, listen="127.0.0.1:0")
         gateway = await start_gateway(config, nodes, locate)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")

@@ -12,7 +12,7 @@ from controller.config import Config
 from controller.gateway.server import start_gateway
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.unit.deploy.test_gateway_probe import make_certificate
-from tests.unit.gateway.fakes import MemoryNodes, NodeRecord, running_node
+from tests.unit.gateway.fakes import MemoryNodes, node_record, running_node
 from tests.unit.gateway.harness import name_of
 
 
@@ -37,7 +37,7 @@ async def test_tls_tokens_health_and_reflection(tmp_path: Path) -> None:
     )
     async with running_node("node-a") as (node, address):
         gateway = await start_gateway(
-            config, MemoryNodes([NodeRecord("node-a", address)]), _nowhere
+            config, MemoryNodes([node_record("node-a", address)]), _nowhere
         )
         credentials = grpc.ssl_channel_credentials(cert)
         channel = grpc.aio.secure_channel(
