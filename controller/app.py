@@ -7,7 +7,6 @@ in-process); `serve(config)` runs one until SIGTERM or SIGINT, then shuts down g
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,18 +21,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import Counter
 
-from controller.api.auth import TokenTable
 from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import (
     Behaviour,
     BudgetLimits,
     Context,
     Handler,
-    OpenAnswer,
     RequestBudget,
     RequestGuard,
 )
 from controller.api.servicer import SandboxService
+from controller.api.transport import (
+    host_port,
+    is_loopback,
+    open_methods,
+    server_credentials,
+    tokens_for,
+)
 from controller.clock import utcnow
 from controller.config import Config, parse_host_port
 from controller.metrics import Metrics, MetricsServer, PoolFigures, serve_metrics
@@ -108,64 +112,6 @@ class Controller:
             await beating
         await self.registry.close()
         log.info("controller stopped")
-
-
-def _host_port(listen: str) -> tuple[str, str]:
-    host, _, port = listen.rpartition(":")
-    return host, port
-
-
-def _is_loopback(listen: str) -> bool:
-    host, _ = _host_port(listen)
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def tokens_for(config: Config) -> TokenTable | None:
-    """The tokens file, or None when authentication is off, which must be asked for out loud
-    anywhere but on loopback."""
-    if config.tokens_file is not None:
-        return TokenTable.load(config.tokens_file)
-    if not _is_loopback(config.listen) and not config.insecure_no_auth:
-        raise ValueError(
-            f"refusing to listen on {config.listen} without authentication: pass "
-            "--tokens-file (see controller/api/auth.py), or --insecure-no-auth for development"
-        )
-    log.warning(
-        "AUTHENTICATION IS OFF: anyone who can reach this address can run code in any project",
-        listen=config.listen,
-    )
-    return None
-
-
-def _open_methods(health_servicer: health.aio.HealthServicer) -> dict[str, OpenAnswer]:
-    """What a caller without a token may ask, answered without reading its request: whether
-    the server serves (for probes and load balancers, which send no token). Reflection, which
-    reads requests, and health's Watch need a token when tokens are on."""
-
-    async def check(context: Context) -> health_pb2.HealthCheckResponse:
-        answer: health_pb2.HealthCheckResponse = await health_servicer.Check(
-            health_pb2.HealthCheckRequest(), context
-        )
-        return answer
-
-    return {"/grpc.health.v1.Health/Check": check}
-
-
-def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
 
 
 async def _start_gvisor(config: Config) -> tuple[PodmanService | None, PodmanRuntime | None]:
@@ -435,7 +381,7 @@ def membership_for(
     from controller.store.postgres import PostgresRegistry
 
     assert isinstance(registry, PostgresRegistry)  # config.validate: a node has a database URL
-    host, _ = _host_port(config.listen)
+    host, _ = host_port(config.listen)
     address = config.node_address or f"{host}:{port}"
     return NodeMembership(config, PostgresNodes(registry), registry, figures, address)
 
@@ -444,7 +390,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     """`runtime` replaces podman (the fast tests' fake): no podman service is then started or
     watched, and gVisor is not available."""
     tokens = tokens_for(config)
-    credentials = _server_credentials(config)
+    credentials = server_credentials(config)
     tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -520,7 +466,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     guard = RequestGuard(
         tokens,
         budget,
-        _open_methods(health_servicer),
+        open_methods(health_servicer),
         count_requests=measured.counter_of_requests if measured else None,
     )
     server = grpc.aio.server(
@@ -586,12 +532,12 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     )
     for watch in podman_health:
         watch.start()
-    host_part, _ = _host_port(config.listen)
+    host_part, _ = host_port(config.listen)
     log.info("controller listening", address=f"{host_part}:{port}", **config.describe())
     if metrics_server is not None:
-        metrics_host, _ = _host_port(config.metrics_listen)
+        metrics_host, _ = host_port(config.metrics_listen)
         log.info("metrics served", address=f"{metrics_host}:{metrics_server.port}/metrics")
-        if not _is_loopback(config.metrics_listen):
+        if not is_loopback(config.metrics_listen):
             log.warning(
                 "the metrics endpoint has no authentication: anyone who can reach it reads them",
                 metrics_listen=config.metrics_listen,
@@ -614,6 +560,11 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
 
 
 async def serve(config: Config) -> None:
+    if config.role == "gateway":  # no podman, no sandboxes: the nodes hold them
+        from controller.gateway.server import run_gateway
+
+        await run_gateway(config)
+        return
     controller = await start_controller(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

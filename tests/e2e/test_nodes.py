@@ -13,20 +13,17 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.config import Config
 from controller.runtime.container import LABEL_REGISTRY, LABEL_UID
-from controller.runtime.podman_service import PodmanService
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.e2e.helpers import PARENT, podman, value_of
-from tests.postgres import fresh_database
 
 if TYPE_CHECKING:
     from petri.v1.sandbox_pb2_grpc import SandboxServiceAsyncStub as Stub
@@ -47,22 +44,6 @@ def free_port() -> int:
 def label_of(node: str) -> str:
     """The registry label of a node's containers (controller.sandboxes.provisioner)."""
     return hashlib.sha256(f"node/{node}".encode()).hexdigest()[:12]
-
-
-@pytest.fixture
-def database(postgres_url: str) -> Iterator[str]:
-    yield from fresh_database(postgres_url)
-
-
-@pytest.fixture
-async def podman_socket(e2e_config: Config) -> AsyncIterator[Path]:
-    """One podman service that both nodes use, as two controllers on one host would."""
-    directory = Path(f"{e2e_config.runtime_dir}-nodes-{uuid.uuid4().hex[:6]}")
-    directory.mkdir(mode=0o700)
-    service = PodmanService("podman", directory / "podman.sock", directory / "podman.log")
-    await service.start()
-    yield service.socket_path
-    await service.stop()
 
 
 class Node:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from controller.api.auth import TokenTable
-from controller.app import tokens_for
+from controller.api.transport import tokens_for
 from controller.config import load_config
 from controller.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from controller.sandboxes.quotas import CreateSlots, Quotas

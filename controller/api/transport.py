@@ -1,0 +1,73 @@
+"""What a gRPC server of petri's public API needs from its configuration, whichever serves it (a
+node, today's single controller, or a gateway): its tokens, its TLS credentials, and the calls
+answered without a token."""
+
+import ipaddress
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2
+
+from controller.api.auth import TokenTable
+from controller.api.interceptors import Context, OpenAnswer
+from controller.config import Config
+
+log = structlog.get_logger()
+
+
+def host_port(listen: str) -> tuple[str, str]:
+    host, _, port = listen.rpartition(":")
+    return host, port
+
+
+def is_loopback(listen: str) -> bool:
+    host, _ = host_port(listen)
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tokens_for(config: Config) -> TokenTable | None:
+    """The tokens file, or None when authentication is off, which must be asked for out loud
+    anywhere but on loopback."""
+    if config.tokens_file is not None:
+        return TokenTable.load(config.tokens_file)
+    if not is_loopback(config.listen) and not config.insecure_no_auth:
+        raise ValueError(
+            f"refusing to listen on {config.listen} without authentication: pass "
+            "--tokens-file (see controller/api/auth.py), or --insecure-no-auth for development"
+        )
+    log.warning(
+        "AUTHENTICATION IS OFF: anyone who can reach this address can run code in any project",
+        listen=config.listen,
+    )
+    return None
+
+
+def open_methods(health_servicer: health.aio.HealthServicer) -> dict[str, OpenAnswer]:
+    """What a caller without a token may ask, answered without reading its request: whether
+    the server serves (for probes and load balancers, which send no token). Reflection, which
+    reads requests, and health's Watch need a token when tokens are on."""
+
+    async def check(context: Context) -> health_pb2.HealthCheckResponse:
+        answer: health_pb2.HealthCheckResponse = await health_servicer.Check(
+            health_pb2.HealthCheckRequest(), context
+        )
+        return answer
+
+    return {"/grpc.health.v1.Health/Check": check}
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

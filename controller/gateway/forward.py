@@ -1,0 +1,431 @@
+"""Forwarding: each SandboxService call goes, as the bytes it came in, to one petri node, and the
+node's answer comes back as it left the node.
+
+Requests and responses are never re-encoded: the handlers have no (de)serializers, the gateway
+reads only the name (or parent) that routes a call (controller.gateway.wire), and streams are
+pumped one message at a time, each write awaited, so that a big transfer moves at the pace of
+the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
+the node; the node's status, details and trailing metadata (AIP-193 details in
+grpc-status-details-bin) come back unchanged.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
+
+import grpc
+import structlog
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError
+
+from controller.api.auth import ANYONE, Principal, current_caller
+from controller.api.interceptors import Context
+from controller.errors import InvalidArgument, PetriError, Unavailable, status_details
+from controller.gateway.directory import Directory, NodeInfo
+from controller.gateway.wire import string_field
+from controller.names import parse_parent, parse_sandbox_name
+from controller.records import Runtime
+from petri.v1 import sandbox_pb2
+
+log = structlog.get_logger()
+
+SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"]
+# The node holding a sandbox, by the sandbox's project and id; None when it is live nowhere.
+Locate = Callable[[str, str], Awaitable[str | None]]
+
+
+class _Held(Protocol):
+    @property
+    def node(self) -> str: ...
+
+
+class SandboxDirectory(Protocol):
+    """The part of the registry (controller.store.registry.Registry) that locates sandboxes."""
+
+    async def get_live(self, project: str, sandbox_id: str) -> _Held | None: ...
+
+
+def locate_in(registry: SandboxDirectory) -> Locate:
+    """Locate by the shared registry: the node its live row names ("" is none)."""
+
+    async def locate(project: str, sandbox_id: str) -> str | None:
+        record = await registry.get_live(project, sandbox_id)
+        if record is None or not record.node:
+            return None
+        return record.node
+
+    return locate
+
+
+# How long a call waits for a connection to its node before answering UNAVAILABLE.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
+# How many nodes a call that any node may answer (or a create) tries before giving up.
+MAX_ATTEMPTS = 3
+NO_NODE = "no petri node is available; retry"
+# Request metadata that belongs to this hop's transport, not to the call.
+_HOP_KEYS = frozenset({"content-type", "te", "user-agent", "host", "authority"})
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a method's first request message picks its node."""
+
+    kind: str  # "sandbox" (its holder), "parent" or "any" (any live node), "create" (placement)
+    path: tuple[int, ...] = ()  # field numbers of the name or parent
+    # The node's first check is parsing that name: the gateway refuses a bad one itself, with
+    # the node's words. Otherwise (streams) a call without one goes to any node, which says why.
+    strict: bool = True
+
+
+def _path(message: Descriptor, *names: str) -> tuple[int, ...]:
+    numbers = []
+    current: Descriptor | None = message
+    for name in names:
+        assert current is not None, f"{name} is a field of a message"
+        field = current.fields_by_name[name]
+        numbers.append(field.number)
+        current = field.message_type
+    return tuple(numbers)
+
+
+def _routes() -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    for method in SERVICE.methods:
+        request = method.input_type
+        if method.name == "CreateSandbox":
+            routes[method.name] = Route("create", _path(request, "parent"))
+        elif method.name == "ListSandboxes":
+            routes[method.name] = Route("parent", _path(request, "parent"))
+        elif method.name == "ListImageProfiles":
+            routes[method.name] = Route("any")
+        elif method.name == "UpdateSandbox":
+            routes[method.name] = Route("sandbox", _path(request, "sandbox", "name"))
+        elif method.name == "StreamExecuteCode":
+            routes[method.name] = Route("sandbox", _path(request, "start", "name"), strict=False)
+        elif method.client_streaming:
+            routes[method.name] = Route("sandbox", _path(request, "name"), strict=False)
+        else:
+            routes[method.name] = Route("sandbox", _path(request, "name"))
+    return routes
+
+
+ROUTES = _routes()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    candidates: Sequence[NodeInfo]  # first choice first
+    unreachable: str  # what to answer when none can be reached (nothing was forwarded)
+    retry_unavailable: bool = False  # a create with a request_id: safe to make again elsewhere
+
+
+def _caller() -> Principal:
+    return current_caller() or ANYONE
+
+
+def _outgoing(context: Context) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata for the node: authorization and the rest, not this hop's."""
+    return tuple(
+        (key, value)
+        for key, value in context.invocation_metadata() or ()
+        if not key.startswith((":", "grpc-")) and key not in _HOP_KEYS
+    )
+
+
+def _trailing(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
+    """A node's trailing metadata for the caller: all of it but the transport's own keys."""
+    return tuple(
+        (key, value)
+        for key, value in metadata or ()
+        if key == _DETAILS_KEY or not key.startswith((":", "grpc-"))
+    )
+
+
+async def _pass_status(context: Context, error: grpc.aio.AioRpcError) -> NoReturn:
+    """Ends the call with the node's status, message and trailing metadata, as they came."""
+    await context.abort(error.code(), error.details() or "", _trailing(error.trailing_metadata()))
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _refuse(context: Context, error: PetriError) -> NoReturn:
+    """Ends the call as a node would with this error: status, message and details."""
+    await context.abort(error.status, str(error), status_details(error))
+    raise AssertionError("unreachable: abort raises")
+
+
+def _kind(request: sandbox_pb2.CreateSandboxRequest, profile: str, runtime: str) -> str:
+    """The warm pool kind ("profile/runtime") a create asks for, the node's defaults filled in;
+    an unknown runtime is the node's to refuse."""
+    spec = request.sandbox.spec
+    with contextlib.suppress(ValueError):
+        runtime = Runtime(spec.runtime).name.lower()
+    return f"{spec.image_profile or profile}/{runtime}"
+
+
+class Forwarder:
+    """The gateway's SandboxService: a generic handler per method, forwarding raw bytes."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        locate: Locate,
+        default_profile: str,
+        default_runtime: str,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    ) -> None:
+        self._directory = directory
+        self._locate = locate
+        self._default_profile = default_profile
+        self._default_runtime = default_runtime
+        self._connect_timeout = connect_timeout
+
+    def __repr__(self) -> str:
+        return f"<Forwarder {self._directory!r}>"
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in SERVICE.methods:
+            path = f"/{SERVICE.full_name}/{method.name}"
+            route = ROUTES[method.name]
+            streams = (method.client_streaming, method.server_streaming)
+            if streams == (False, False):
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary_unary(path, route)
+                )
+            elif streams == (False, True):
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self._unary_stream(path, route)
+                )
+            elif streams == (True, False):
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                    self._stream_unary(path, route)
+                )
+            else:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self._stream_stream(path, route)
+                )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def _anywhere(self) -> _Plan:
+        nodes = self._directory.any_order()
+        if not nodes:
+            raise Unavailable(NO_NODE)
+        return _Plan(nodes, NO_NODE)
+
+    async def _plan(self, route: Route, first: bytes | None) -> _Plan:
+        if route.kind == "any" or first is None:  # no message: any node says what is missing
+            return self._anywhere()
+        if route.kind == "create":
+            return self._placement(first)
+        text = string_field(first, route.path)
+        if route.kind == "parent":
+            _caller().check_project(parse_parent(text))
+            return self._anywhere()
+        if not text and not route.strict:
+            return self._anywhere()
+        name = parse_sandbox_name(text)
+        _caller().check_project(name.project)
+        try:
+            holder = await self._locate(name.project, name.sandbox_id)
+        except Exception as exc:  # the database's errors; nothing was forwarded
+            log.warning("cannot locate a sandbox", name=str(name), error=str(exc)[:500])
+            raise Unavailable("the registry is not answering; retry") from None
+        if holder is None:  # never existed, or deleted: any node answers from the registry
+            return self._anywhere()
+        unreachable = f"node {holder} holding the sandbox is not answering; retry"
+        node = self._directory.live(holder)
+        if node is None:
+            raise Unavailable(unreachable)
+        return _Plan([node], unreachable)
+
+    def _placement(self, first: bytes) -> _Plan:
+        try:
+            request = sandbox_pb2.CreateSandboxRequest.FromString(first)
+        except DecodeError:
+            raise InvalidArgument("the request message does not parse as its type") from None
+        _caller().check_project(parse_parent(request.parent))
+        kind = _kind(request, self._default_profile, self._default_runtime)
+        nodes = self._directory.placement(kind)
+        if not nodes:
+            raise Unavailable(NO_NODE)
+        return _Plan(nodes, NO_NODE, retry_unavailable=bool(request.request_id))
+
+    async def _ready(self, channel: grpc.aio.Channel, context: Context) -> bool:
+        """Whether the node's channel connects in time (nothing is sent before it does)."""
+        if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+            return True
+        timeout = self._connect_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.0, min(timeout, remaining))
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connect(
+        self, plan: _Plan, untried: list[NodeInfo], context: Context
+    ) -> grpc.aio.Channel:
+        """A connected channel to the first node of `untried` that answers (taken off it);
+        UNAVAILABLE, safe to retry, when none does."""
+        while untried and len(plan.candidates) - len(untried) < MAX_ATTEMPTS:
+            node = untried.pop(0)
+            channel = self._directory.channel(node.address)
+            if await self._ready(channel, context):
+                return channel
+            log.warning("node not answering", node=node.name, address=node.address)
+        raise Unavailable(plan.unreachable)
+
+    # --- the four kinds of calls ---------------------------------------------------------------
+
+    def _unary_unary(self, path: str, route: Route) -> Callable[[bytes, Context], Any]:
+        async def forward(request: bytes, context: Context) -> bytes:
+            try:
+                plan = await self._plan(route, request)
+                untried = list(plan.candidates)
+                while True:
+                    channel = await self._connect(plan, untried, context)
+                    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                        path
+                    )
+                    call = method(
+                        request, timeout=context.time_remaining(), metadata=_outgoing(context)
+                    )
+                    try:
+                        response: bytes = await call
+                    except grpc.aio.AioRpcError as error:
+                        retry = plan.retry_unavailable and untried
+                        if retry and error.code() is grpc.StatusCode.UNAVAILABLE:
+                            log.warning("create unavailable: retrying on another node")
+                            continue
+                        await _pass_status(context, error)
+                    context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
+                    return response
+            except PetriError as error:
+                await _refuse(context, error)
+
+        return forward
+
+    def _unary_stream(self, path: str, route: Route) -> Callable[[bytes, Context], Any]:
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            try:
+                plan = await self._plan(route, request)
+                channel = await self._connect(plan, list(plan.candidates), context)
+            except PetriError as error:
+                await _refuse(context, error)
+            method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+            call = method(request, timeout=context.time_remaining(), metadata=_outgoing(context))
+            del request
+            try:
+                async for response in call:  # the next is read once this one is sent on
+                    yield response
+                    del response
+                context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
+            except grpc.aio.AioRpcError as error:
+                await _pass_status(context, error)
+            finally:
+                call.cancel()  # the caller went away: so does the node's call
+
+        return forward
+
+    def _stream_unary(
+        self, path: str, route: Route
+    ) -> Callable[[AsyncIterator[bytes], Context], Any]:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            try:
+                first = await anext(requests, None)
+                plan = await self._plan(route, first)
+                channel = await self._connect(plan, list(plan.candidates), context)
+            except PetriError as error:
+                await _refuse(context, error)
+            method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
+            call = method(timeout=context.time_remaining(), metadata=_outgoing(context))
+            sending = _send_all(call, first, requests)
+            del first  # the chunk is the sender's to let go of once written
+            try:
+                await sending
+                response: bytes = await call
+                context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
+                return response
+            except grpc.aio.AioRpcError as error:
+                await _pass_status(context, error)
+            except PetriError as error:  # reading the caller's stream (its budget)
+                call.cancel()
+                await _refuse(context, error)
+            finally:
+                call.cancel()
+
+        return forward
+
+    def _stream_stream(
+        self, path: str, route: Route
+    ) -> Callable[[AsyncIterator[bytes], Context], Any]:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+            try:
+                first = await anext(requests, None)
+                plan = await self._plan(route, first)
+                channel = await self._connect(plan, list(plan.candidates), context)
+            except PetriError as error:
+                await _refuse(context, error)
+            method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+            call = method(timeout=context.time_remaining(), metadata=_outgoing(context))
+            # The caller's messages go on in their own task while the node's come back here.
+            sending = asyncio.get_running_loop().create_task(_send_all(call, first, requests))
+            del first
+            try:
+                async for response in call:
+                    yield response
+                    del response
+                context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
+            except grpc.aio.AioRpcError as error:
+                await _pass_status(context, error)
+            except asyncio.CancelledError:
+                failure = _failure_of(sending)
+                if failure is None:
+                    raise
+                await _refuse(context, failure)
+            finally:
+                call.cancel()
+                sending.cancel()
+                # Reading the caller's stream ends before the stream is closed after us.
+                await asyncio.gather(sending, return_exceptions=True)
+
+        return forward
+
+
+async def _send_all(
+    call: grpc.aio.StreamUnaryCall[Any, Any] | grpc.aio.StreamStreamCall[Any, Any],
+    first: bytes | None,
+    rest: AsyncIterator[bytes],
+) -> None:
+    """Writes the caller's messages to the node, each once the node's side took the one before;
+    then half-closes. A node that ended the call first has its status read by the caller of
+    this; a failure to read the caller's stream cancels the node's call and is raised."""
+    try:
+        if first is not None:
+            await call.write(first)
+            del first
+            async for message in rest:
+                await call.write(message)
+                del message
+        await call.done_writing()
+    except grpc.aio.AioRpcError:
+        return  # the node ended the call: its status is the answer
+    except PetriError:
+        call.cancel()
+        raise
+
+
+def _failure_of(task: asyncio.Task[None]) -> PetriError | None:
+    """The error that stopped sending the caller's messages, if that is what cancelled the node's
+    call."""
+    if not task.done() or task.cancelled():
+        return None
+    error = task.exception()
+    return error if isinstance(error, PetriError) else None

@@ -1,0 +1,186 @@
+"""Assembles and runs a gateway: the gRPC server of the public API (tokens, TLS, health,
+reflection as a single controller has them) in front of the petri nodes."""
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.api.interceptors import BudgetLimits, RequestBudget, RequestGuard
+from controller.api.transport import host_port, open_methods, server_credentials, tokens_for
+from controller.config import Config
+from controller.gateway.directory import DEFAULT_STALE_AFTER, Directory, NodeList
+from controller.gateway.forward import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    SERVICE,
+    Forwarder,
+    Locate,
+    SandboxDirectory,
+    locate_in,
+)
+from controller.store.nodes import PostgresNodes
+from controller.store.postgres import PostgresRegistry
+
+log = structlog.get_logger()
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+# How often the gateway reads the membership table (which nodes are live, their load).
+DEFAULT_REFRESH_SECONDS = 1.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def node_channel(config: Config) -> Callable[[str], grpc.aio.Channel]:
+    """How the gateway connects to a node: messages as big as the node's own limits allow."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_request_message_bytes),
+        # A node back from a restart is found within a second or two, not grpc's two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    return lambda address: grpc.aio.insecure_channel(address, options=options)
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    directory: Directory
+    health: health.aio.HealthServicer
+    refresher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.refresher is not None:
+            self.refresher.cancel()
+            await asyncio.gather(self.refresher, return_exceptions=True)
+        await self.server.stop(grace)
+        await self.directory.close()
+        log.info("gateway stopped")
+
+
+async def _refresh(directory: Directory, health_servicer: health.aio.HealthServicer) -> bool:
+    """Reads the nodes; SERVING while the database answers."""
+    try:
+        await directory.refresh()
+    except Exception as exc:  # the database's errors: the gateway cannot route, say so
+        log.warning("cannot read the petri nodes: not serving", error=str(exc)[:500])
+        serving = False
+    else:
+        serving = True
+    for name in ("", SERVICE.full_name):
+        await health_servicer.set(name, _SERVING if serving else _NOT_SERVING)
+    return serving
+
+
+async def _keep_refreshing(
+    directory: Directory, health_servicer: health.aio.HealthServicer, interval: float
+) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await _refresh(directory, health_servicer)
+
+
+async def start_gateway(
+    config: Config,
+    nodes: NodeList,
+    locate: Locate,
+    *,
+    channel_for: Callable[[str], grpc.aio.Channel] | None = None,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    refresh_interval: float = DEFAULT_REFRESH_SECONDS,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+) -> Gateway:
+    """A running gateway on config.listen. `nodes` lists the nodes (the membership table),
+    `locate` says which node holds a sandbox (the registry)."""
+    tokens = tokens_for(config)
+    credentials = server_credentials(config)
+    directory = Directory(nodes, channel_for or node_channel(config), stale_after)
+    health_servicer = health.aio.HealthServicer()
+    authenticated = tokens is not None
+    budget = RequestBudget(
+        BudgetLimits(
+            receives=config.max_concurrent_receives,
+            receives_per_caller=config.max_concurrent_receives_per_caller
+            if authenticated
+            else config.max_concurrent_receives,
+            bytes_in_flight=config.max_request_bytes_in_flight,
+            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller
+            if authenticated
+            else config.max_request_bytes_in_flight,
+        )
+    )
+    guard = RequestGuard(tokens, budget, open_methods(health_servicer))
+    server = grpc.aio.server(
+        interceptors=[guard],
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    forwarder = Forwarder(
+        directory,
+        locate,
+        config.default_image_profile,
+        config.default_runtime,
+        connect_timeout=connect_timeout,
+    )
+    server.add_generic_rpc_handlers((forwarder.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    if credentials is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await _refresh(directory, health_servicer)
+    await server.start()
+    gateway = Gateway(server, port, directory, health_servicer)
+    gateway.refresher = asyncio.get_running_loop().create_task(
+        _keep_refreshing(directory, health_servicer, refresh_interval)
+    )
+    host, _ = host_port(config.listen)
+    log.info("gateway listening", address=f"{host}:{port}", **config.describe())
+    return gateway
+
+
+async def run_gateway(config: Config) -> None:
+    """Role gateway: serves until SIGTERM or SIGINT in front of the nodes that share the
+    registry in PostgreSQL (config.database_url), which says where each sandbox is and which
+    nodes are live."""
+    registry = PostgresRegistry(config.database_url)
+    await registry.open()
+    try:
+        await serve_gateway(config, PostgresNodes(registry), registry, config.node_timeout)
+    finally:
+        await registry.close()
+
+
+async def serve_gateway(
+    config: Config, nodes: NodeList, registry: SandboxDirectory, stale_after: timedelta
+) -> None:
+    """Runs a gateway until SIGTERM or SIGINT, then stops it gracefully. `registry` is open;
+    `stale_after` is the nodes' --node-timeout."""
+    gateway = await start_gateway(config, nodes, locate_in(registry), stale_after=stale_after)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down", grace_seconds=SHUTDOWN_GRACE_SECONDS)
+    await gateway.stop()
