@@ -50,6 +50,8 @@ FIRST_START_ESTIMATE = 0.0
 # start cannot refuse every later create for good (a refused create starts nothing to
 # measure, so without it the estimate would never come down).
 START_ESTIMATE_HALF_LIFE = 30.0
+# How often a retry whose sandbox another node is starting reads the registry for its end.
+REPLAY_POLL_SECONDS = 0.1
 
 
 class Creation:
@@ -274,21 +276,38 @@ class Creation:
         if not params.request_id:
             return None
         previous = await self._registry.get_by_request_id(params.project, params.request_id)
+        # Started by another node sharing the registry (none of ours is under way): its
+        # answer is the sandbox once that start ends, as it is for a start of ours.
+        while previous is not None and self._started_elsewhere(previous, params):
+            await asyncio.sleep(REPLAY_POLL_SECONDS)
+            previous = await self._registry.get_by_request_id(params.project, params.request_id)
         return None if previous is None else await self._replay(previous, params)
+
+    def _started_elsewhere(self, previous: SandboxRecord, params: CreateParams) -> bool:
+        """Whether `previous`, the same request's sandbox, is PROVISIONING by no start of this
+        node's. AlreadyExists when the request_id was reused for a different request."""
+        self._check_same_request(previous, params)
+        pending = self._lifecycle.provisioning(previous.uid)
+        return previous.state is State.PROVISIONING and pending is None
+
+    @staticmethod
+    def _check_same_request(previous: SandboxRecord, params: CreateParams) -> None:
+        if previous.create_request is None:  # created before requests were kept
+            return
+        differing = differing_fields(previous.create_request, create_request_json(params))
+        if differing:
+            raise AlreadyExists(
+                f"request_id {quote(params.request_id)} was already used by a different "
+                f"CreateSandbox (which created {previous.name}); these fields differ: "
+                f"{', '.join(differing)}. Retry with the same request, or use a new "
+                "request_id for a new sandbox"
+            )
 
     async def _replay(self, previous: SandboxRecord, params: CreateParams) -> SandboxRecord:
         """The answer to a retried Create: the sandbox the first request made, once RUNNING.
         AlreadyExists when the request_id was reused for a different request."""
         request_id = quote(params.request_id)
-        if previous.create_request is not None:  # None: created before requests were kept
-            differing = differing_fields(previous.create_request, create_request_json(params))
-            if differing:
-                raise AlreadyExists(
-                    f"request_id {request_id} was already used by a different CreateSandbox "
-                    f"(which created {previous.name}); these fields differ: "
-                    f"{', '.join(differing)}. Retry with the same request, or use a new "
-                    "request_id for a new sandbox"
-                )
+        self._check_same_request(previous, params)
         if previous.state is State.DELETED and previous.delete_time is not None:
             raise AlreadyExists(
                 f"request_id {request_id} already created {previous.name}, which was "

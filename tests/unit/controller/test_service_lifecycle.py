@@ -147,6 +147,40 @@ async def test_a_retry_while_the_first_create_starts_gets_the_same_sandbox(
         ).uid
 
 
+async def test_a_retry_on_a_node_not_starting_the_sandbox_gets_it_once_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes share the registry: a retry that reaches another node than the first request's
+    finds its row PROVISIONING with no start of its own under way, and answers it RUNNING."""
+    async with fast_petri(tmp_path) as petri:
+        petri.runtime.starts_open.clear()  # a slow podman
+        request = create_request("slow", request_id="req-1")
+        first = asyncio.ensure_future(petri.stub.CreateSandbox(request))
+        await wait_until(lambda: petri.runtime.starts_waiting == 1, "the first create to start")
+        # From here on this controller is the other node: the start is none of its own.
+        lifecycle = petri.controller.manager._lifecycle
+        monkeypatch.setattr(lifecycle, "provisioning", lambda uid: None)
+        registry = petri.controller.registry
+        reads = 0
+        read = registry.get_by_request_id
+
+        async def counted(project: str, request_id: str) -> object:
+            nonlocal reads
+            reads += 1
+            return await read(project, request_id)
+
+        monkeypatch.setattr(registry, "get_by_request_id", counted)
+        retry = asyncio.ensure_future(petri.stub.CreateSandbox(request))
+        # It answered, or it read the row more than once: it waits for the start's end.
+        await wait_until(lambda: retry.done() or reads >= 2, "the retry to read the row")
+        petri.runtime.starts_open.set()
+        answers = await asyncio.gather(first, retry)
+        assert {(a.name, a.uid, a.state) for a in answers} == {
+            (answers[0].name, answers[0].uid, RUNNING)
+        }
+        assert petri.runtime.starts == 1
+
+
 async def test_a_request_id_reused_for_another_request_is_already_exists(tmp_path: Path) -> None:
     async with fast_petri(tmp_path) as petri:
         request = create_request("first", request_id="req", labels={"team": "ml"})
