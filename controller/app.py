@@ -32,8 +32,10 @@ from controller.api.interceptors import (
 )
 from controller.api.servicer import SandboxService
 from controller.api.transport import (
+    EXCLUSIVE_PORT,
     host_port,
     is_loopback,
+    listen_on,
     open_methods,
     server_credentials,
     tokens_for,
@@ -475,6 +477,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
             # No request needs more than a unary ExecuteCode; responses may be bigger.
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            EXCLUSIVE_PORT,
         ],
     )
     limits = OutputLimits(
@@ -494,12 +497,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         ),
         server,
     )
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    port = listen_on(server, config.listen, credentials)
     reaper = TtlReaper(
         manager,
         registry,

@@ -71,3 +71,25 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+# grpc shares a port with another process's server by default (SO_REUSEPORT): a second petri
+# started on a taken port would silently get part of the first one's calls. Not so: it fails.
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+def listen_on(
+    server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Binds `server` to `listen` (HOST:PORT); the port bound. OSError when it cannot: the
+    address is in use, or not this host's."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError:  # grpc's "Failed to bind"
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: the address is in use, or not this host's")
+    return port

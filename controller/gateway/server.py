@@ -13,7 +13,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.api.interceptors import BudgetLimits, RequestBudget, RequestGuard
-from controller.api.transport import host_port, open_methods, server_credentials, tokens_for
+from controller.api.transport import (
+    EXCLUSIVE_PORT,
+    host_port,
+    listen_on,
+    open_methods,
+    server_credentials,
+    tokens_for,
+)
 from controller.config import Config
 from controller.gateway.directory import DEFAULT_STALE_AFTER, Directory, NodeList
 from controller.gateway.forward import (
@@ -123,6 +130,7 @@ async def start_gateway(
         options=[
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            EXCLUSIVE_PORT,
         ],
     )
     forwarder = Forwarder(
@@ -142,12 +150,7 @@ async def start_gateway(
         ),
         server,
     )
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    port = listen_on(server, config.listen, credentials)
     await _refresh(directory, health_servicer)
     await server.start()
     gateway = Gateway(server, port, directory, health_servicer)
