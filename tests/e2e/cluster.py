@@ -37,10 +37,20 @@ REAP_SECONDS = 0.5
 START_SECONDS = 60.0
 
 
+# Ports handed out: the kernel may offer a released port again, and processes constructed
+# before they start would then be given the same one.
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port free now and never given before in this session."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def label_of(node: str) -> str:
@@ -105,8 +115,12 @@ class _Process:
     async def stop(self, signum: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signum)
-            async with asyncio.timeout(60):
-                await self.process.wait()
+            try:
+                async with asyncio.timeout(60):
+                    await self.process.wait()
+            except TimeoutError:
+                log = self.log.read_text()[-5000:]
+                raise AssertionError(f"{self.name} did not stop: {log}") from None
 
     @contextlib.asynccontextmanager
     async def stub(self) -> AsyncIterator[Stub]:
