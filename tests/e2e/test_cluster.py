@@ -151,6 +151,19 @@ async def drain(database: str, node: str, *flags: str) -> str:
     return output.decode().strip()
 
 
+async def heartbeats_say(cluster: Petri, counts: dict[str, int]) -> None:
+    """Waits for the nodes' heartbeats to say they hold `counts` sandboxes: what gateways
+    place by."""
+    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+    while True:
+        found = await rows(cluster.database, "SELECT name, sandboxes FROM nodes")
+        said = {str(name): int(str(count)) for name, count in found}
+        if said == counts:
+            return
+        assert asyncio.get_running_loop().time() < deadline, said
+        await asyncio.sleep(0.1)
+
+
 def quota_reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
     """The ErrorInfo's reason and metadata of a failed call."""
     details = dict(error.trailing_metadata() or ())
@@ -397,9 +410,13 @@ async def test_a_gateway_killed_loses_nothing(e2e_config: Config, cluster: Petri
 async def test_a_drained_node_gets_no_new_sandbox_and_serves_its_own(
     e2e_config: Config, cluster: Petri
 ) -> None:
-    drained = cluster.node_names[0]
+    drained, *others = cluster.node_names
     kept = await create(cluster.node_stubs[drained], new_project())
     assert await run(cluster.a, kept.name, "y = 3") is None
+    # The others hold more: placement would pick the drained node first, but for the drain.
+    for node in others * 2:
+        await create(cluster.node_stubs[node], new_project())
+    await heartbeats_say(cluster, {drained: 1, **{node: 2 for node in others}})
     # A gateway started after the drain reads it before it serves: no wait on a refresh.
     fresh = GatewayProcess(f"cl-gwd-{uuid.uuid4().hex[:6]}", e2e_config, cluster.database)
     try:
@@ -439,13 +456,7 @@ async def test_a_drained_node_gets_no_new_sandbox_and_serves_its_own(
 
 async def test_creates_spread_over_the_three_nodes(cluster: Petri) -> None:
     # The nodes start even: each says, in its heartbeat, that it holds nothing.
-    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
-    while True:
-        counts = await rows(cluster.database, "SELECT name, sandboxes FROM nodes")
-        if sorted(counts) == sorted((name, 0) for name in cluster.node_names):
-            break
-        assert asyncio.get_running_loop().time() < deadline, counts
-        await asyncio.sleep(0.1)
+    await heartbeats_say(cluster, dict.fromkeys(cluster.node_names, 0))
     placed: Counter[str] = Counter({name: 0 for name in cluster.node_names})
     projects = [new_project() for _ in range(3)]
     for n in range(9):
