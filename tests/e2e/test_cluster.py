@@ -496,6 +496,7 @@ async def _unavailable(method: str, call: Callable[[], Any]) -> None:
     assert took < CALL_DEADLINE - 5, (method, took)  # an answer, not the deadline's end
 
 
+@pytest.mark.usefixtures("postgres_cluster")  # skipped, or failed, as PostgreSQL's tests are
 async def test_postgres_restarting_is_unavailable_then_serves_again_by_itself(
     e2e_config: Config, module_podman: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
