@@ -62,7 +62,6 @@ class Petri:
     """The module's cluster: its registry, nodes and gateways, with a stub for each."""
 
     database: str
-    socket_path: Path
     nodes: list[Node]
     gateways: list[GatewayProcess]
     node_stubs: dict[str, Stub]
@@ -214,7 +213,6 @@ async def petri(
         async with stubs_of(nodes) as node_stubs, stubs_of(gateways) as (a, b):
             yield Petri(
                 module_database,
-                module_podman,
                 nodes,
                 gateways,
                 {node.name: stub for node, stub in zip(nodes, node_stubs, strict=True)},
