@@ -449,7 +449,7 @@ def report_nodes(
         [
             f"{count} node{'s' if count > 1 else ''}",
             f"{rate:.0f}",
-            ", ".join(str(n) for n in spread.values() if n or count > 1),
+            ", ".join(str(n) for n in spread.values()),
             "",
         ]
         for count, (rate, spread) in rates.items()
@@ -462,6 +462,11 @@ def report_nodes(
             f"≥ {TARGET_NODES_RATIO:.2f}: {'met' if met else 'MISSED'}",
         ]
     )
+    if sum(1 for n in rates[2][1].values() if n) < 2:
+        print(
+            "\n(placement put every sandbox on one node: the two-node figure is one node's, with "
+            "a second one idle)"
+        )
     print_table(
         f"3. executes/s of {sandboxes} clients looping `1+1` on a sandbox each through the "
         f"gateway, {seconds:.0f} s each",
@@ -582,20 +587,24 @@ def main() -> None:
     parser.add_argument("--placement-nodes", type=int, choices=(2, 3), default=3)
     parser.add_argument("--profile", default="test")
     args = parser.parse_args()
-    asyncio.run(
-        run(
-            Parameters(
-                args.rounds,
-                args.round_trips,
-                args.transfers,
-                args.sandboxes,
-                args.seconds,
-                args.creates,
-                args.placement_nodes,
-                args.profile,
+    try:
+        asyncio.run(
+            run(
+                Parameters(
+                    args.rounds,
+                    args.round_trips,
+                    args.transfers,
+                    args.sandboxes,
+                    args.seconds,
+                    args.creates,
+                    args.placement_nodes,
+                    args.profile,
+                )
             )
         )
-    )
+    except KeyboardInterrupt:
+        # run's cleanup has run: the sandboxes, processes and PostgreSQL are gone.
+        raise SystemExit("interrupted: everything the benchmark started is stopped") from None
 
 
 if __name__ == "__main__":
