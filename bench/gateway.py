@@ -9,14 +9,15 @@ controller processes of its own (role node and role gateway, on free loopback po
    transfers (VmHWM, reset through /proc/PID/clear_refs just before).
 3. Two nodes vs one: the executes/s of concurrent clients each looping `1+1` on a sandbox of its
    own (bench.latency's throughput workload) through the gateway, first with one node behind it,
-   then with two (the sandboxes where placement put them).
+   then with two (the sandboxes where placement put them, each created once the gateway knew
+   where the previous one went).
 4. Placement: creates through the gateway over three nodes (or two: --placement-nodes 2), one
    at a time, and how many each node got.
 
 Every sandbox, process and the PostgreSQL cluster go at the end, Ctrl-C included. Run as the
 service user (scripts/bench does): python -m bench.gateway [--rounds N] [--round-trips N]
 [--transfers N] [--sandboxes N] [--seconds S] [--creates N] [--placement-nodes 2|3]
-[--profile P]
+[--profile P] [--heartbeat DURATION]
 """
 
 import argparse
@@ -71,7 +72,6 @@ TARGET_SPREAD = 0.2
 GATEWAY_REFRESH_SECONDS = 1.0
 WAIT_SECONDS = 60.0
 WARM_UP_CALLS = 20
-CREATES_AT_ONCE = 4
 
 
 def load() -> str:
@@ -99,6 +99,7 @@ class Cluster:
     """The benchmark's PostgreSQL, podman service, nodes and gateways, all in `base`."""
 
     profile: str
+    heartbeat: str  # the nodes' --heartbeat-interval
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="petri-bench-gw-")))
     url: str = ""
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -159,6 +160,7 @@ class Cluster:
             **self.settings(),
             role="node",
             node_name=name,
+            heartbeat_interval=self.heartbeat,
             podman_socket=str(self.podman_socket),
             warm_pool="",
             preload="",  # nothing measured here imports anything
@@ -234,8 +236,8 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(profile: str) -> AsyncIterator[Cluster]:
-    running = Cluster(profile)
+async def cluster(profile: str, heartbeat: str) -> AsyncIterator[Cluster]:
+    running = Cluster(profile, heartbeat)
     try:
         await running.start()
         yield running
@@ -419,14 +421,16 @@ async def executes_per_second(
     cluster_: Cluster, stub: "Stub", sandboxes: int, seconds: float
 ) -> tuple[float, dict[str, int]]:
     """Creates `sandboxes` through the gateway, runs the throughput workload on them for
-    `seconds`, deletes them; returns the executes/s and the sandboxes per node."""
-    gate = asyncio.Semaphore(CREATES_AT_ONCE)
+    `seconds`, deletes them; returns the executes/s and the sandboxes per node.
 
-    async def gated() -> str:
-        async with gate:
-            return (await create(stub, cluster_.profile)).name
-
-    names = list(await asyncio.gather(*(gated() for _ in range(sandboxes))))
+    The creates go one at a time, each once the gateway has read the previous one in its node's
+    heartbeat: back to back, placement sees the counts of a heartbeat ago and may put them all
+    on one node (part 4 measures that); here two nodes are to share the work."""
+    names: list[str] = []
+    for _ in range(sandboxes):
+        names.append((await create(stub, cluster_.profile)).name)
+        if len(cluster_.nodes) > 1:
+            await cluster_.wait_nodes(lambda counts: sum(counts.values()) == len(names))
     try:
         spread = {node: 0 for node in cluster_.nodes}
         for name in names:
@@ -493,7 +497,7 @@ async def placement(cluster_: Cluster, stub: "Stub", creates: int) -> dict[str, 
     return spread
 
 
-def report_placement(spread: dict[str, int], creates: int) -> bool:
+def report_placement(spread: dict[str, int], creates: int, heartbeat: str) -> bool:
     mean = creates / len(spread)
     met = all(abs(count - mean) <= TARGET_SPREAD * mean for count in spread.values())
     rows = [[node, str(count), f"{count / mean:.2f}"] for node, count in spread.items()]
@@ -506,7 +510,7 @@ def report_placement(spread: dict[str, int], creates: int) -> bool:
     )
     print_table(
         f"4. placement: {creates} creates through the gateway, one at a time, over "
-        f"{len(spread)} nodes",
+        f"{len(spread)} nodes (heartbeats every {heartbeat})",
         ["node", "sandboxes", "/ mean"],
         rows,
     )
@@ -523,12 +527,13 @@ class Parameters:
     creates: int
     placement_nodes: int
     profile: str
+    heartbeat: str
 
 
 async def run(p: Parameters) -> None:
     print(f"load average at the start (1 / 5 / 15 min): {load()}", flush=True)
     met: dict[str, bool] = {}
-    async with cluster(p.profile) as running:
+    async with cluster(p.profile, p.heartbeat) as running:
         await running.add_node("a")
         gateway = await running.add_gateway()
         node = next(iter(running.nodes.values()))
@@ -566,7 +571,7 @@ async def run(p: Parameters) -> None:
             )
             print(f"\ngateway: 4. placement (load {load()})", flush=True)
             met["placement"] = report_placement(
-                await placement(running, through, p.creates), p.creates
+                await placement(running, through, p.creates), p.creates, p.heartbeat
             )
     print(f"\nload average at the end (1 / 5 / 15 min): {load()}")
     print(
@@ -586,6 +591,9 @@ def main() -> None:
     parser.add_argument("--creates", type=int, default=30, help="of part 4")
     parser.add_argument("--placement-nodes", type=int, choices=(2, 3), default=3)
     parser.add_argument("--profile", default="test")
+    parser.add_argument(
+        "--heartbeat", default="2s", help="the nodes' --heartbeat-interval (their default: 2s)"
+    )
     args = parser.parse_args()
     try:
         asyncio.run(
@@ -599,6 +607,7 @@ def main() -> None:
                     args.creates,
                     args.placement_nodes,
                     args.profile,
+                    args.heartbeat,
                 )
             )
         )
