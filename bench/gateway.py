@@ -424,18 +424,18 @@ def report_streams(figures: Streams, repeats: int) -> bool:
 
 
 async def executes_per_second(
-    cluster_: Cluster, stub: "Stub", sandboxes: int, seconds: float
+    cluster_: Cluster, stub: "Stub", sandboxes: int, seconds: float, *, spread_out: bool
 ) -> tuple[float, dict[str, int]]:
     """Creates `sandboxes` through the gateway, runs the throughput workload on them for
     `seconds`, deletes them; returns the executes/s and the sandboxes per node.
 
-    The creates go one at a time, each once the gateway has read the previous one in its node's
-    heartbeat: back to back, placement sees the counts of a heartbeat ago and may put them all
-    on one node (part 4 measures that); here two nodes are to share the work."""
+    With `spread_out`, the creates go one at a time, each once the gateway has read the previous
+    one in its node's heartbeat: back to back, placement sees the counts of a heartbeat ago and
+    may put them all on one node (part 4 measures that); here two nodes are to share the work."""
     names: list[str] = []
     for _ in range(sandboxes):
         names.append((await create(stub, cluster_.profile)).name)
-        if len(cluster_.nodes) > 1:  # (one wait too many when one is drained: harmless)
+        if spread_out:
             await cluster_.wait_nodes(lambda counts: sum(counts.values()) == len(names))
     try:
         spread = {node: 0 for node in cluster_.nodes}
@@ -564,15 +564,17 @@ async def run(p: Parameters) -> None:
                 await streams(stubs, sandbox.name, gateway.process.pid, p.transfers), p.transfers
             )
             await through.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=sandbox.name))
-            await running.wait_nodes(lambda counts: sum(counts.values()) == 0)
-            print(f"\ngateway: 3. one node, then two (load {load()})", flush=True)
-            rates = {PHASES[0]: await executes_per_second(running, through, p.sandboxes, p.seconds)}
-            second = await running.add_node("b")
-            await running.wait_nodes(lambda counts: len(counts) == 2 and not any(counts.values()))
-            rates[PHASES[1]] = await executes_per_second(running, through, p.sandboxes, p.seconds)
-            await running.drain(second, True)
-            await running.wait_nodes(lambda counts: not any(counts.values()))
-            rates[PHASES[2]] = await executes_per_second(running, through, p.sandboxes, p.seconds)
+            print(f"\ngateway: 3. one node, two, one again (load {load()})", flush=True)
+            rates = {}
+            for phase in PHASES:
+                if phase == PHASES[1]:
+                    second = await running.add_node("b")
+                elif phase == PHASES[2]:
+                    await running.drain(second, True)
+                await running.wait_nodes(lambda counts: not any(counts.values()))
+                rates[phase] = await executes_per_second(
+                    running, through, p.sandboxes, p.seconds, spread_out=phase == PHASES[1]
+                )
             await running.drain(second, False)
             met["nodes"] = report_nodes(rates, p.sandboxes, p.seconds)
             if p.placement_nodes == 3:
