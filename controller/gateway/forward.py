@@ -5,7 +5,7 @@ Requests and responses are never re-encoded: the handlers have no (de)serializer
 reads only the name (or parent) that routes a call (controller.gateway.wire), and streams are
 pumped one message at a time, each write awaited, so that a big transfer moves at the pace of
 the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
-the node; the node's status, details and trailing metadata (AIP-193 details in
+the node; the node's initial metadata, status, details and trailing metadata (AIP-193 details in
 grpc-status-details-bin) come back unchanged.
 """
 
@@ -142,6 +142,13 @@ def _trailing(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
         for key, value in metadata or ()
         if key == _DETAILS_KEY or not key.startswith((":", "grpc-"))
     )
+
+
+async def _pass_initial(context: Context, call: Any) -> None:
+    """Sends the caller the node's initial metadata, once per call, when it has any."""
+    metadata = _trailing(await call.initial_metadata())
+    if metadata:
+        await context.send_initial_metadata(metadata)
 
 
 async def _pass_status(context: Context, error: grpc.aio.AioRpcError) -> NoReturn:
@@ -305,6 +312,7 @@ class Forwarder:
                             log.warning("create unavailable: retrying on another node")
                             continue
                         await _pass_status(context, error)
+                    await _pass_initial(context, call)
                     context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                     return response
             except PetriError as error:
@@ -323,6 +331,7 @@ class Forwarder:
             call = method(request, timeout=context.time_remaining(), metadata=_outgoing(context))
             del request
             try:
+                await _pass_initial(context, call)
                 async for response in call:  # the next is read once this one is sent on
                     yield response
                     del response
@@ -351,6 +360,7 @@ class Forwarder:
             try:
                 await sending
                 response: bytes = await call
+                await _pass_initial(context, call)
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                 return response
             except grpc.aio.AioRpcError as error:
@@ -379,6 +389,7 @@ class Forwarder:
             sending = asyncio.get_running_loop().create_task(_send_all(call, first, requests))
             del first
             try:
+                await _pass_initial(context, call)
                 async for response in call:
                     yield response
                     del response
