@@ -112,6 +112,9 @@ class Directory:
     def live(self, name: str) -> NodeInfo | None:
         return self._live.get(name)
 
+    def live_count(self) -> int:
+        return len(self._live)
+
     def any_order(self) -> list[NodeInfo]:
         """The live nodes in a random order, for calls any node answers."""
         nodes = list(self._live.values())
