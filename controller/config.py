@@ -352,6 +352,24 @@ class Config:
         Path,
         default=None,
     )
+    node_tls_ca: Path | None = _opt(
+        "PEM CA bundle (role gateway): reach the nodes over TLS, verifying their certificates "
+        "by it; when unset, gateway to node channels are plaintext",
+        Path,
+        default=None,
+    )
+    node_tls_cert: Path | None = _opt(
+        "PEM certificate chain the gateway shows nodes that require client certificates "
+        "(their tls_client_ca); needs node_tls_ca",
+        Path,
+        default=None,
+    )
+    node_tls_key: Path | None = _opt("PEM private key of node_tls_cert", Path, default=None)
+    node_tls_name: str = _opt(
+        "the name the nodes' certificates must carry (role gateway), for certificates that "
+        "name a service rather than each node's address; default: the address's host",
+        default="",
+    )
     preload: tuple[str, ...] = _opt(
         "modules every sandbox's interpreter imports before its first execution (and after "
         "a crash), comma-separated; empty for none. Modules an image lacks are skipped",
@@ -593,6 +611,10 @@ def validate(config: Config) -> list[str]:
         problems.append("tls_cert and tls_key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if (config.node_tls_cert is None) != (config.node_tls_key is None):
+        problems.append("node_tls_cert and node_tls_key go together")
+    if config.node_tls_ca is None and (config.node_tls_cert or config.node_tls_name):
+        problems.append("node_tls_cert and node_tls_name need node_tls_ca (TLS to the nodes)")
     if config.userns_size <= WORKER_UID_FIRST:
         problems.append(
             f"userns_size must exceed {WORKER_UID_FIRST} (user code's uids start there)"

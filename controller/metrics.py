@@ -348,6 +348,41 @@ class Metrics:
         histogram.observe(time.perf_counter() - started)
 
 
+class GatewayMetrics:
+    """A gateway's metrics: the gRPC server's, the live nodes it routes to, and what became of
+    the calls it forwarded (no label per node, sandbox or project)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.grpc = GrpcMetrics(r)
+        self.live_nodes = Gauge(
+            "petri_gateway_live_nodes",
+            "Nodes whose heartbeat is recent enough for the gateway to send them calls.",
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "petri_gateway_forwarded",
+            "Calls by what the gateway did with them: forwarded (sent to a node, whatever it "
+            "answered; once per node tried), unreachable (answered UNAVAILABLE by the gateway: "
+            "no live node, or none reached in time; nothing was forwarded), retried (a create "
+            "with a request_id that a node answered UNAVAILABLE, made again on another).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reached = self.forwarded.labels("forwarded")
+        self.unreachable = self.forwarded.labels("unreachable")
+        self.retried = self.forwarded.labels("retried")
+
+    def __repr__(self) -> str:
+        return f"<GatewayMetrics {self.registry!r}>"
+
+    def watch_nodes(self, live: Callable[[], int]) -> None:
+        """Reads the live nodes' count at each scrape (a length: thread-safe)."""
+        self.live_nodes.set_function(lambda: float(live()))
+
+
 class _CountedChunks:
     def __init__(self, chunks: AsyncIterator[execution_pb2.FileChunk], counter: Counter) -> None:
         self._chunks = chunks
@@ -422,7 +457,7 @@ class _BoundedServer(ThreadingWSGIServer):
             self._slots.release()
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer:
+def serve_metrics(metrics: Metrics | GatewayMetrics, host: str, port: int) -> MetricsServer:
     """Serves the metrics on host:port (port 0: a free one), without authentication."""
 
     class Server(_BoundedServer):

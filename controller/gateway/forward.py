@@ -5,7 +5,7 @@ Requests and responses are never re-encoded: the handlers have no (de)serializer
 reads only the name (or parent) that routes a call (controller.gateway.wire), and streams are
 pumped one message at a time, each write awaited, so that a big transfer moves at the pace of
 the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
-the node; the node's status, details and trailing metadata (AIP-193 details in
+the node; the node's initial metadata, status, details and trailing metadata (AIP-193 details in
 grpc-status-details-bin) come back unchanged.
 """
 
@@ -25,6 +25,7 @@ from controller.api.interceptors import Context
 from controller.errors import InvalidArgument, PetriError, Unavailable, status_details
 from controller.gateway.directory import Directory, NodeInfo
 from controller.gateway.wire import string_field
+from controller.metrics import GatewayMetrics
 from controller.names import parse_parent, parse_sandbox_name
 from controller.records import Runtime
 from petri.v1 import sandbox_pb2
@@ -144,6 +145,13 @@ def _trailing(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
     )
 
 
+async def _pass_initial(context: Context, call: Any) -> None:
+    """Sends the caller the node's initial metadata, once per call, when it has any."""
+    metadata = _trailing(await call.initial_metadata())
+    if metadata:
+        await context.send_initial_metadata(metadata)
+
+
 async def _pass_status(context: Context, error: grpc.aio.AioRpcError) -> NoReturn:
     """Ends the call with the node's status, message and trailing metadata, as they came."""
     await context.abort(error.code(), error.details() or "", _trailing(error.trailing_metadata()))
@@ -175,8 +183,10 @@ class Forwarder:
         default_profile: str,
         default_runtime: str,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._directory = directory
+        self._metrics = metrics
         self._locate = locate
         self._default_profile = default_profile
         self._default_runtime = default_runtime
@@ -211,10 +221,16 @@ class Forwarder:
 
     # --- routing -----------------------------------------------------------------------------
 
+    def _unavailable(self, message: str) -> Unavailable:
+        """The gateway's own UNAVAILABLE (nothing was forwarded), counted."""
+        if self._metrics is not None:
+            self._metrics.unreachable.inc()
+        return Unavailable(message)
+
     def _anywhere(self) -> _Plan:
         nodes = self._directory.any_order()
         if not nodes:
-            raise Unavailable(NO_NODE)
+            raise self._unavailable(NO_NODE)
         return _Plan(nodes, NO_NODE)
 
     async def _plan(self, route: Route, first: bytes | None) -> _Plan:
@@ -234,13 +250,13 @@ class Forwarder:
             holder = await self._locate(name.project, name.sandbox_id)
         except Exception as exc:  # the database's errors; nothing was forwarded
             log.warning("cannot locate a sandbox", name=str(name), error=str(exc)[:500])
-            raise Unavailable("the registry is not answering; retry") from None
+            raise self._unavailable("the registry is not answering; retry") from None
         if holder is None:  # never existed, or deleted: any node answers from the registry
             return self._anywhere()
         unreachable = f"node {holder} holding the sandbox is not answering; retry"
         node = self._directory.live(holder)
         if node is None:
-            raise Unavailable(unreachable)
+            raise self._unavailable(unreachable)
         return _Plan([node], unreachable)
 
     def _placement(self, first: bytes) -> _Plan:
@@ -252,7 +268,7 @@ class Forwarder:
         kind = _kind(request, self._default_profile, self._default_runtime)
         nodes = self._directory.placement(kind)
         if not nodes:
-            raise Unavailable(NO_NODE)
+            raise self._unavailable(NO_NODE)
         return _Plan(nodes, NO_NODE, retry_unavailable=bool(request.request_id))
 
     async def _ready(self, channel: grpc.aio.Channel, context: Context) -> bool:
@@ -278,9 +294,11 @@ class Forwarder:
             node = untried.pop(0)
             channel = self._directory.channel(node.address)
             if await self._ready(channel, context):
+                if self._metrics is not None:
+                    self._metrics.reached.inc()
                 return channel
             log.warning("node not answering", node=node.name, address=node.address)
-        raise Unavailable(plan.unreachable)
+        raise self._unavailable(plan.unreachable)
 
     # --- the four kinds of calls ---------------------------------------------------------------
 
@@ -303,8 +321,11 @@ class Forwarder:
                         retry = plan.retry_unavailable and untried
                         if retry and error.code() is grpc.StatusCode.UNAVAILABLE:
                             log.warning("create unavailable: retrying on another node")
+                            if self._metrics is not None:
+                                self._metrics.retried.inc()
                             continue
                         await _pass_status(context, error)
+                    await _pass_initial(context, call)
                     context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                     return response
             except PetriError as error:
@@ -323,6 +344,7 @@ class Forwarder:
             call = method(request, timeout=context.time_remaining(), metadata=_outgoing(context))
             del request
             try:
+                await _pass_initial(context, call)
                 async for response in call:  # the next is read once this one is sent on
                     yield response
                     del response
@@ -351,6 +373,7 @@ class Forwarder:
             try:
                 await sending
                 response: bytes = await call
+                await _pass_initial(context, call)
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                 return response
             except grpc.aio.AioRpcError as error:
@@ -379,6 +402,7 @@ class Forwarder:
             sending = asyncio.get_running_loop().create_task(_send_all(call, first, requests))
             del first
             try:
+                await _pass_initial(context, call)
                 async for response in call:
                     yield response
                     del response

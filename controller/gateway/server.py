@@ -10,18 +10,20 @@ from datetime import timedelta
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import BudgetLimits, RequestBudget, RequestGuard
 from controller.api.transport import (
     EXCLUSIVE_PORT,
     host_port,
+    is_loopback,
     listen_on,
     open_methods,
     server_credentials,
     tokens_for,
 )
-from controller.config import Config
+from controller.config import Config, parse_host_port
 from controller.gateway.directory import DEFAULT_STALE_AFTER, Directory, NodeList
 from controller.gateway.forward import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
@@ -31,6 +33,7 @@ from controller.gateway.forward import (
     SandboxDirectory,
     locate_in,
 )
+from controller.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
 
@@ -39,20 +42,46 @@ log = structlog.get_logger()
 SHUTDOWN_GRACE_SECONDS = 10.0
 # How often the gateway reads the membership table (which nodes are live, their load).
 DEFAULT_REFRESH_SECONDS = 1.0
+# The services the gateway answers, for the metrics of their methods.
+_SERVICES = (
+    SERVICE,
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def node_channel(config: Config) -> Callable[[str], grpc.aio.Channel]:
-    """How the gateway connects to a node: messages as big as the node's own limits allow."""
-    options = [
+    """How the gateway connects to a node: messages as big as the node's own limits allow, over
+    TLS when node_tls_ca is set."""
+    options: list[tuple[str, str | int]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_request_message_bytes),
         # A node back from a restart is found within a second or two, not grpc's two minutes.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
-    return lambda address: grpc.aio.insecure_channel(address, options=options)
+    if config.node_tls_ca is None:
+        return lambda address: grpc.aio.insecure_channel(address, options=options)
+    credentials = node_credentials(config)
+    if config.node_tls_name:
+        options.append(("grpc.ssl_target_name_override", config.node_tls_name))
+    return lambda address: grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def node_credentials(config: Config) -> grpc.ChannelCredentials:
+    """TLS to the nodes: their certificates verified by node_tls_ca, and the gateway's own
+    certificate for nodes that require one. The files are read once, at start."""
+    assert config.node_tls_ca is not None
+    cert = key = None
+    if config.node_tls_cert is not None and config.node_tls_key is not None:
+        cert, key = config.node_tls_cert.read_bytes(), config.node_tls_key.read_bytes()
+    return grpc.ssl_channel_credentials(
+        root_certificates=config.node_tls_ca.read_bytes(),
+        private_key=key,
+        certificate_chain=cert,
+    )
 
 
 @dataclass
@@ -62,6 +91,8 @@ class Gateway:
     directory: Directory
     health: health.aio.HealthServicer
     refresher: asyncio.Task[None] | None = field(default=None, repr=False)
+    # The Prometheus endpoint, when metrics_listen asks for one.
+    metrics_server: MetricsServer | None = None
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
@@ -70,6 +101,8 @@ class Gateway:
             await asyncio.gather(self.refresher, return_exceptions=True)
         await self.server.stop(grace)
         await self.directory.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
         log.info("gateway stopped")
 
 
@@ -124,9 +157,18 @@ async def start_gateway(
             else config.max_request_bytes_in_flight,
         )
     )
-    guard = RequestGuard(tokens, budget, open_methods(health_servicer))
+    # As a node's: the metrics' interceptor first, so that it counts the guard's refusals too;
+    # with metrics off, nothing is measured per call.
+    metrics = GatewayMetrics() if config.metrics_listen else None
+    measured = ServerMetrics(metrics.grpc, _SERVICES) if metrics is not None else None
+    guard = RequestGuard(
+        tokens,
+        budget,
+        open_methods(health_servicer),
+        count_requests=measured.counter_of_requests if measured else None,
+    )
     server = grpc.aio.server(
-        interceptors=[guard],
+        interceptors=[*([measured] if measured else []), guard],
         options=[
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -139,6 +181,7 @@ async def start_gateway(
         config.default_image_profile,
         config.default_runtime,
         connect_timeout=connect_timeout,
+        metrics=metrics,
     )
     server.add_generic_rpc_handlers((forwarder.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -159,6 +202,16 @@ async def start_gateway(
     )
     host, _ = host_port(config.listen)
     log.info("gateway listening", address=f"{host}:{port}", **config.describe())
+    if metrics is not None:
+        metrics.watch_nodes(directory.live_count)
+        gateway.metrics_server = serve_metrics(metrics, *parse_host_port(config.metrics_listen))
+        metrics_host, _ = host_port(config.metrics_listen)
+        log.info("metrics served", address=f"{metrics_host}:{gateway.metrics_server.port}/metrics")
+        if not is_loopback(config.metrics_listen):
+            log.warning(
+                "the metrics endpoint has no authentication: anyone who can reach it reads them",
+                metrics_listen=config.metrics_listen,
+            )
     return gateway
 
 

@@ -45,7 +45,8 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """The Secrets secrets-example generates, with their keys."""
     example = tmp_path_factory.mktemp("secrets") / "secrets-example"
     shutil.copytree(KUBERNETES / "secrets-example", example)
-    for name in ("tokens.toml", "tls.crt", "tls.key", "ca.crt"):
+    tls = ("tls.crt", "tls.key", "ca.crt", "node-tls.crt", "node-tls.key", "node-ca.crt")
+    for name in ("tokens.toml", *tls):
         (example / name).write_text("placeholder")
     for name in ("database-url", "database-password"):
         (example / name).write_text("placeholder")
@@ -162,6 +163,9 @@ def test_secrets_and_config_maps_exist(
         for volume in pod.get("volumes", []):
             if "secret" in volume:
                 read.append((volume["secret"]["secretName"], None))
+                # The keys a volume picks (items), the Secret has.
+                for item in volume["secret"].get("items", []):
+                    read.append((volume["secret"]["secretName"], item["key"]))
                 # Secret files are root's: a non-root process reads them through fsGroup.
                 if not volume["secret"].get("defaultMode", 0o644) & 0o004:
                     fs_group = pod["securityContext"].get("fsGroup")
@@ -176,8 +180,9 @@ def test_secrets_and_config_maps_exist(
     assert {name for name, _ in read} == set(secrets)
     for name, key in read:
         assert key is None or key in secrets[name], (name, key)
-    # What the gateways mount from the TLS Secret, the Secret has.
+    # What the gateways and nodes mount from the TLS Secrets, the Secrets have.
     assert {"tls.crt", "tls.key", "ca.crt"} <= secrets["petri-tls"]
+    assert {"tls.crt", "tls.key", "ca.crt"} <= secrets["petri-node-tls"]
     assert "tokens.toml" in secrets["petri-tokens"]
 
 

@@ -91,6 +91,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: sandbox_pb2.GetSandboxRequest, context: Context
     ) -> sandbox_pb2.Sandbox:
         self._saw("GetSandbox", context)
+        await context.send_initial_metadata((("x-node-initial", self.name),))
         context.set_trailing_metadata((("x-node", self.name),))
         return sandbox_pb2.Sandbox(name=request.name, display_name=self.name)
 
@@ -143,6 +144,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
             error = NotFound("no file missing")
             await context.abort(error.status, str(error), status_details(error))
         count = int(request.path.removesuffix(".bin"))  # "<MiB>.bin"
+        await context.send_initial_metadata((("x-node-initial", self.name),))
         for index in range(count):
             self.read_chunks += 1
             yield execution_pb2.FileChunk(path=request.path, data=CHUNK, final=index == count - 1)
@@ -151,6 +153,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request_iterator: AsyncIterator[files_pb2.WriteFileRequest], context: Context
     ) -> files_pb2.FileInfo:
         self._saw("WriteFile", context)
+        await context.send_initial_metadata((("x-node-initial", self.name),))
         path = ""
         async for request in request_iterator:
             path = path or request.chunk.path
@@ -165,6 +168,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         """Answers each message as it comes: `start` with the node's name, each input chunk
         with its path; the result once the caller half-closes."""
         self._saw("StreamExecuteCode", context)
+        await context.send_initial_metadata((("x-node-initial", self.name),))
         async for request in request_iterator:
             text = self.name if request.HasField("start") else request.input_chunk.path
             yield sandbox_pb2.StreamExecuteCodeResponse(stdout=text)

@@ -80,3 +80,31 @@ async def test_the_registry_locates_a_sandbox_by_its_rows_node() -> None:
     assert await locate("alpha", "s1") == "node-a"
     assert await locate("beta", "s1") is None  # live nowhere: any node answers
     assert await locate("alpha", "old") is None  # a row of no node (one controller's)
+
+
+async def test_creates_in_a_row_between_two_heartbeats_spread_over_equal_nodes() -> None:
+    """The nodes' figures are seconds old: creates placed meanwhile count where they went, so
+    a row of them does not all go to the node the last figures said was best (bench/gateway
+    found 0/6 and 2/0/4 over equal nodes before)."""
+    nodes = MemoryNodes([node_record(name, f"127.0.0.1:{i}") for i, name in enumerate("abc")])
+    directory = Directory(nodes, Channels())
+    await directory.refresh()
+    firsts = [directory.placement("full/runc")[0].name for _ in range(9)]
+    assert sorted(firsts.count(name) for name in "abc") == [3, 3, 3], firsts
+    await directory.close()
+
+
+async def test_a_warm_member_the_gateway_just_used_is_not_counted_twice() -> None:
+    """One warm member on one node: the first create goes there, the next ones do not count
+    on that member any more."""
+    nodes = MemoryNodes(
+        [
+            node_record("warm", "127.0.0.1:1", warm={"full/runc": 1}),
+            node_record("cold", "127.0.0.1:2", sandboxes=0),
+        ]
+    )
+    directory = Directory(nodes, Channels())
+    await directory.refresh()
+    assert directory.placement("full/runc")[0].name == "warm"
+    assert directory.placement("full/runc")[0].name == "cold"  # fewer sandboxes now
+    await directory.close()

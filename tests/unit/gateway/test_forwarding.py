@@ -335,3 +335,27 @@ async def test_a_caller_cancelling_a_stream_cancels_the_nodes_stream(tmp_path: P
             call.cancel()
             await asyncio.wait_for(outcomes.until_ended(1), 10)
     assert outcomes.cancelled == ["ReadFile"]
+
+
+async def test_the_nodes_initial_metadata_passes_on_every_kind_of_call(tmp_path: Path) -> None:
+    async with running_node("node-a") as (_, address):
+        nodes = MemoryNodes([node_record("node-a", address)])
+        async with running_gateway(tmp_path, nodes, {"s1": "node-a"}) as (_, stub, _):
+            unary = stub.GetSandbox(sandbox_pb2.GetSandboxRequest(name=name_of("s1")))
+            await unary
+            read = stub.ReadFile(files_pb2.ReadFileRequest(name=name_of("s1"), path="1.bin"))
+            assert len([chunk async for chunk in read]) == 1
+
+            async def chunks() -> AsyncIterator[files_pb2.WriteFileRequest]:
+                chunk = execution_pb2.FileChunk(path="f", data=b"d", final=True)
+                yield files_pb2.WriteFileRequest(name=name_of("s1"), chunk=chunk)
+
+            written = stub.WriteFile(chunks())
+            await written
+            start = sandbox_pb2.ExecuteCodeStart(name=name_of("s1"), code="1")
+            streamed = stub.StreamExecuteCode(
+                iter([sandbox_pb2.StreamExecuteCodeRequest(start=start)])
+            )
+            assert [reply async for reply in streamed][-1].HasField("result")
+            for call in (unary, read, written, streamed):
+                assert ("x-node-initial", "node-a") in tuple(await call.initial_metadata())

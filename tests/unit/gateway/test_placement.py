@@ -65,8 +65,9 @@ async def test_a_create_goes_to_the_node_with_a_warm_member_of_its_kind(tmp_path
     async with running_node("node-a") as (a, a_address), running_node("node-b") as (b, b_address):
         nodes = MemoryNodes(
             [
-                node_record("node-a", a_address, warm={"full/runc": 1}),
-                node_record("node-b", b_address, warm={"slim/gvisor": 1}),
+                # Four ready members each: one per create, as the gateway counts them.
+                node_record("node-a", a_address, warm={"full/runc": 4}),
+                node_record("node-b", b_address, warm={"slim/gvisor": 4}),
             ]
         )
         async with running_gateway(tmp_path, nodes) as (_, stub, _):
