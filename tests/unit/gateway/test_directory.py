@@ -3,6 +3,7 @@ node leaves."""
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -86,12 +87,21 @@ async def test_creates_in_a_row_between_two_heartbeats_spread_over_equal_nodes()
     """The nodes' figures are seconds old: creates placed meanwhile count where they went, so
     a row of them does not all go to the node the last figures said was best (bench/gateway
     found 0/6 and 2/0/4 over equal nodes before)."""
-    nodes = MemoryNodes([node_record(name, f"127.0.0.1:{i}") for i, name in enumerate("abc")])
-    directory = Directory(nodes, Channels())
-    await directory.refresh()
-    firsts = [directory.placement("full/runc")[0].name for _ in range(9)]
-    assert sorted(firsts.count(name) for name in "abc") == [3, 3, 3], firsts
-    await directory.close()
+    # "a" has a little more free memory: with figures that stay as they are, it wins every
+    # draw it is in (two thirds of them), the herd bench/gateway saw.
+    nodes = MemoryNodes(
+        [
+            node_record(name, f"127.0.0.1:{i}", free_memory=(8 << 30) + (name == "a"))
+            for i, name in enumerate("abc")
+        ]
+    )
+    for seed in range(20):
+        directory = Directory(nodes, Channels(), rng=random.Random(seed))
+        await directory.refresh()
+        firsts = [directory.placement("full/runc")[0].name for _ in range(9)]
+        counts = sorted(firsts.count(name) for name in "abc")
+        assert counts[0] >= 2 and counts[-1] <= 4, (seed, firsts)
+        await directory.close()
 
 
 async def test_a_warm_member_the_gateway_just_used_is_not_counted_twice() -> None:
