@@ -24,10 +24,8 @@ from prometheus_client import Counter
 from controller.api.grpc_metrics import ServerMetrics
 from controller.api.interceptors import (
     Behaviour,
-    BudgetLimits,
     Context,
     Handler,
-    RequestBudget,
     RequestGuard,
 )
 from controller.api.servicer import SandboxService
@@ -37,6 +35,7 @@ from controller.api.transport import (
     is_loopback,
     listen_on,
     open_methods,
+    request_budget,
     server_credentials,
     tokens_for,
 )
@@ -447,21 +446,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     )
 
     health_servicer = health.aio.HealthServicer()
-    # Without tokens every caller is the same one (anyone): only the server-wide limits apply,
-    # or one client's big upload would hold back every other client's.
-    authenticated = tokens is not None
-    budget = RequestBudget(
-        BudgetLimits(
-            receives=config.max_concurrent_receives,
-            receives_per_caller=config.max_concurrent_receives_per_caller
-            if authenticated
-            else config.max_concurrent_receives,
-            bytes_in_flight=config.max_request_bytes_in_flight,
-            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller
-            if authenticated
-            else config.max_request_bytes_in_flight,
-        )
-    )
+    budget = request_budget(config, authenticated=tokens is not None)
     # Metrics first, so that they count the calls the guard refuses too; with metrics off,
     # nothing is measured per call.
     measured = ServerMetrics(metrics.grpc, _grpc_services()) if config.metrics_listen else None

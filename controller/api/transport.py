@@ -9,7 +9,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2
 
 from controller.api.auth import TokenTable
-from controller.api.interceptors import Context, OpenAnswer
+from controller.api.interceptors import BudgetLimits, Context, OpenAnswer, RequestBudget
 from controller.config import Config
 
 log = structlog.get_logger()
@@ -29,6 +29,24 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def request_budget(config: Config, authenticated: bool) -> RequestBudget:
+    """The bounds on requests being received, server-wide and per caller. Without tokens every
+    caller is the same one (anyone): only the server-wide limits apply, or one client's big
+    upload would hold back every other client's."""
+    return RequestBudget(
+        BudgetLimits(
+            receives=config.max_concurrent_receives,
+            receives_per_caller=config.max_concurrent_receives_per_caller
+            if authenticated
+            else config.max_concurrent_receives,
+            bytes_in_flight=config.max_request_bytes_in_flight,
+            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller
+            if authenticated
+            else config.max_request_bytes_in_flight,
+        )
+    )
 
 
 def tokens_for(config: Config) -> TokenTable | None:

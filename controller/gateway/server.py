@@ -13,13 +13,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from controller.api.grpc_metrics import ServerMetrics
-from controller.api.interceptors import BudgetLimits, RequestBudget, RequestGuard
+from controller.api.interceptors import RequestGuard
 from controller.api.transport import (
     EXCLUSIVE_PORT,
     host_port,
     is_loopback,
     listen_on,
     open_methods,
+    request_budget,
     server_credentials,
     tokens_for,
 )
@@ -144,19 +145,7 @@ async def start_gateway(
     credentials = server_credentials(config)
     directory = Directory(nodes, channel_for or node_channel(config), stale_after)
     health_servicer = health.aio.HealthServicer()
-    authenticated = tokens is not None
-    budget = RequestBudget(
-        BudgetLimits(
-            receives=config.max_concurrent_receives,
-            receives_per_caller=config.max_concurrent_receives_per_caller
-            if authenticated
-            else config.max_concurrent_receives,
-            bytes_in_flight=config.max_request_bytes_in_flight,
-            bytes_in_flight_per_caller=config.max_request_bytes_in_flight_per_caller
-            if authenticated
-            else config.max_request_bytes_in_flight,
-        )
-    )
+    budget = request_budget(config, authenticated=tokens is not None)
     # As a node's: the metrics' interceptor first, so that it counts the guard's refusals too;
     # with metrics off, nothing is measured per call.
     metrics = GatewayMetrics() if config.metrics_listen else None

@@ -4,7 +4,6 @@ certificate for another name and no server fail."""
 
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.tls import self_signed
 
 GATEWAY = Path(__file__).resolve().parents[3] / "deploy/kubernetes/base/gateway.yaml"
 CA_IN_POD = "/etc/petri/tls/ca.crt"
@@ -36,17 +37,7 @@ def probe_command() -> list[str]:
 
 
 def make_certificate(directory: Path, name: str) -> tuple[bytes, bytes]:
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI"):
-            pytest.fail("openssl is not installed, and CI must run the TLS tests")
-        pytest.skip("openssl is not installed")
-    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    cert, key = self_signed(directory, name)
     return key.read_bytes(), cert.read_bytes()
 
 

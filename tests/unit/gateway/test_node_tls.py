@@ -3,19 +3,16 @@
 
 import contextlib
 import dataclasses
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from controller.config import Config, validate
 from controller.gateway.server import start_gateway
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
+from tests.tls import self_signed
 from tests.unit.controller.inprocess import PARENT, Petri, fast_petri
 from tests.unit.gateway.fakes import MemoryNodes, node_record
 from tests.unit.gateway.harness import CONNECT_TIMEOUT
@@ -25,18 +22,7 @@ NODE_NAME = "petri-node"  # the name in the nodes' certificate: not their addres
 
 def certificate(directory: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate for DNS name `name` (its own CA) and its key."""
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI"):
-            pytest.fail("openssl is not installed, and CI must run the TLS tests")
-        pytest.skip("openssl is not installed")
-    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
+    return self_signed(directory, name)
 
 
 @contextlib.asynccontextmanager
