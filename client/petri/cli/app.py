@@ -104,18 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-ok", action="store_true", help="succeed when one does not exist")
 
     command("profiles", "list the image profiles", commands.profiles)
-    # Only for --help: main() hands `petri mcp ...` to petri.mcp before parsing.
+    # Only for --help: petri.cli.main hands `petri mcp ...` to petri.mcp before this parser.
     sub.add_parser("mcp", help="run the MCP server (petri mcp --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # `petri mcp ...` hands everything after it to the MCP server, which has its own options.
-    if args_list[:1] == ["mcp"]:
-        from petri import mcp  # the mcp package is an extra: loaded only here
-
-        return mcp.main(args_list[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(args_list)
     # argparse takes `exec NAME --timeout 1s CODE`'s optional CODE as absent at the option.

@@ -4,6 +4,7 @@ executions and files become tool results. No service: the e2e tests cover the re
 from __future__ import annotations
 
 import base64
+import subprocess
 import sys
 
 import grpc
@@ -148,3 +149,21 @@ def test_progress_bar_only_on_a_terminal(
         advance(4 << 20)
     with _progress("download", None, quiet=False) as advance:  # size unknown
         advance(1 << 20)
+
+
+@pytest.mark.parametrize(("argv", "extra"), [(["ls"], "cli"), (["mcp", "--help"], "mcp")])
+def test_the_command_without_its_extra_says_what_to_install(argv: list[str], extra: str) -> None:
+    # `pip install petri-client` installs `petri` without rich or mcp: a hint, not a traceback.
+    # A None in sys.modules makes importing that module fail as if it were not installed; only
+    # the extra the command needs is missing (`petri mcp` must not need the cli's rich).
+    module = "rich" if extra == "cli" else "mcp"
+    code = (
+        f"import sys, importlib.util; sys.modules[{module!r}] = None; "
+        "real = importlib.util.find_spec; "
+        f"importlib.util.find_spec = lambda n, *a: None if n == {module!r} else real(n, *a); "
+        f"from petri.cli import main; sys.exit(main({argv!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"pip install 'petri-client[{extra}]'" in done.stderr, done.stderr
