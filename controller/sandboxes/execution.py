@@ -115,7 +115,7 @@ class Executions:
         queued = lock.locked()
         async with lock:
             if queued:  # it may have changed while this execution waited its turn
-                record = await self._lookup.get(name)
+                record = await self._lookup.held(name)  # or moved to another node
                 self._require_running_or_paused(record)
             if record.state is State.PAUSED:  # resumed first: the caller need not know
                 record = await asyncio.shield(self._hibernation.resume_queued(record))

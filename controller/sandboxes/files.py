@@ -174,7 +174,7 @@ class Files:
         queued = lock.locked()
         async with lock:
             if queued:  # it may have changed while this call waited its turn
-                record = await self._lookup.get(name)
+                record = await self._lookup.held(name)  # or moved to another node
                 _require_usable(record)
             if record.state is State.PAUSED:  # resumed first, as for an execution
                 record = await asyncio.shield(self._hibernation.resume_queued(record))
