@@ -329,6 +329,7 @@ class Forwarder:
                             # It moved (a drain) while the call was on its way: the node
                             # refused before doing anything, so its new node takes the call.
                             relocated = True
+                            log.info("a sandbox moved: the call goes to its new node")
                             plan = await self._plan(route, request)
                             untried = list(plan.candidates)
                             continue

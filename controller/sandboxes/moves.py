@@ -236,6 +236,7 @@ class Mover:
     async def _move(self, record: SandboxRecord) -> bool:
         """Moves one sandbox; False when there was nothing to move (it ended meanwhile)."""
         queue = self._queues.of(record.uid)
+        log.info("moving a sandbox", sandbox=record.name, after_its_queue=queue.locked())
         async with queue:
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if (
@@ -246,7 +247,7 @@ class Mover:
             ):
                 return False
             target = await self._target(current)
-            log.info("moving a sandbox", sandbox=current.name, to=target.name)
+            log.info("moving a sandbox to a node", sandbox=current.name, to=target.name)
             was_running = current.state is State.RUNNING
             if was_running:
                 await self._hibernation.pause_queued(current)
@@ -355,7 +356,7 @@ class Mover:
         if not await shielded(self._ledger.take_over(uid, token, self._node, now)):
             await self._checkpoints.remove(uid)
             raise FailedPrecondition(f"sandbox {name} changed while it moved: not taken over")
-        log.info("sandbox taken over", sandbox=name, source=move.source)
+        log.info("sandbox taken over", sandbox=str(name), source=move.source)
         if move.resume:
             await self._resume_here(name)
 
@@ -374,6 +375,6 @@ class Mover:
         except Exception as exc:  # it is this node's, PAUSED: its next call resumes it
             log.warning(
                 "a sandbox taken over could not be resumed; it resumes on its next call",
-                sandbox=name,
+                sandbox=str(name),
                 error=str(exc)[:REPORT_TEXT],
             )

@@ -423,8 +423,24 @@ def test_drain_marks_a_node_draining_and_undo_clears_it(
             row = conn.execute("SELECT draining FROM nodes WHERE name = 'n1'").fetchone()
             return bool(row and row[0])
 
+    assert drain(["n1", "--no-wait"], environ) == 0 and draining()
+    assert capsys.readouterr().out == "node n1: draining\n"
+    # Waiting: n1 holds nothing to move (a TERMINATED sandbox stays until deleted).
+    registry = PostgresRegistry(pg_url, node="n1")
+
+    async def terminated() -> None:
+        await registry.open()
+        await registry.insert(record("t", state=State.TERMINATED))
+        await registry.close()
+
+    asyncio.run(terminated())
     assert drain(["n1"], environ) == 0 and draining()
-    assert "node n1: draining" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [
+        "node n1: draining",
+        "node n1: 0 left to move, 0 moved",
+        "node n1: 1 TERMINATED sandboxes stay until deleted",
+        "node n1: drained",
+    ]
     assert drain(["n1", "--undo"], environ) == 0 and not draining()
     with pytest.raises(SystemExit):
         drain(["n1"], {})
