@@ -173,7 +173,8 @@ class Files:
         lock = self._queues.of(record.uid)
         queued = lock.locked()
         async with lock:
-            if queued:  # it may have changed while this call waited its turn
+            # It may have changed while this call waited its turn, or moved to another node.
+            if queued or self._queues.moved(record.uid):
                 record = await self._lookup.held(name)  # or moved to another node
                 _require_usable(record)
             if record.state is State.PAUSED:  # resumed first, as for an execution

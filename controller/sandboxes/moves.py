@@ -296,6 +296,7 @@ class Mover:
         # so that no take-over can happen after this look.
         if not await shielded(self._settle(record, target.name, token, was_running)):
             raise failure or Unavailable(f"node {target.name} did not take it over")
+        self._queues.mark_moved(record.uid)
         await self._checkpoints.remove(record.uid)
         log.info("sandbox moved", sandbox=record.name, to=target.name, resumed=was_running)
         if isinstance(failure, asyncio.CancelledError):
@@ -356,6 +357,7 @@ class Mover:
         if not await shielded(self._ledger.take_over(uid, token, self._node, now)):
             await self._checkpoints.remove(uid)
             raise FailedPrecondition(f"sandbox {name} changed while it moved: not taken over")
+        self._queues.arrived(uid)
         log.info("sandbox taken over", sandbox=str(name), source=move.source)
         if move.resume:
             await self._resume_here(name)
