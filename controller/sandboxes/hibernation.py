@@ -169,6 +169,10 @@ class Hibernation:
         if current is None or current.uid != record.uid or current.state is State.DEPROVISIONING:
             await self._checkpoints.remove(record.uid)
 
+    def resume_under_way(self, uid: str) -> "asyncio.Future[SandboxRecord] | None":
+        """The resume of sandbox `uid` running on after its caller left, if any."""
+        return self._resuming.get(uid)
+
     def resume_queued(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
         """Resumes the PAUSED sandbox `record` (the caller holds its queue); the future runs
         on if the caller leaves, and a resume already under way is joined, not repeated."""

@@ -238,6 +238,9 @@ class Mover:
         queue = self._queues.of(record.uid)
         log.info("moving a sandbox", sandbox=record.name, after_its_queue=queue.locked())
         async with queue:
+            resuming = self._hibernation.resume_under_way(record.uid)
+            if resuming is not None:  # its caller left, and let the queue go: it ends first
+                await asyncio.gather(resuming, return_exceptions=True)
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if (
                 current is None
