@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from controller.config import load_config, parse_database_url
 from controller.errors import PetriError
 from controller.log_setup import configure
+from controller.records import State
 
 if TYPE_CHECKING:
     from controller.store.nodes import PostgresNodes
@@ -33,7 +34,7 @@ DRAIN_HELP = (
 POLL_SECONDS = 1.0
 # The states of a node's sandboxes that the drain moves, or waits for (a create or a delete
 # under way).
-_WAITED_FOR = ("RUNNING", "PAUSED", "PROVISIONING", "DEPROVISIONING")
+_WAITED_FOR = (State.RUNNING, State.PAUSED, State.PROVISIONING, State.DEPROVISIONING)
 
 
 def drain(argv: Sequence[str], environ: dict[str, str]) -> int:
@@ -84,15 +85,13 @@ def drain(argv: Sequence[str], environ: dict[str, str]) -> int:
 async def wait_for_drain(nodes: "PostgresNodes", name: str) -> int:
     """Prints the drain's progress as it changes until the node holds no sandbox to move;
     1 when the drain is undone first."""
-    from controller.records import State
-
     said = None
     while True:
         progress = await nodes.drain_progress(name)
         if progress is None or not progress.draining:
             print(f"node {name}: the drain was undone before it was empty", file=sys.stderr)
             return 1
-        left = sum(progress.held.get(State[state], 0) for state in _WAITED_FOR)
+        left = sum(progress.held.get(state, 0) for state in _WAITED_FOR)
         moved = progress.report.get("moved", 0)
         failed = progress.report.get("failed", {})
         line = f"node {name}: {left} left to move, {moved} moved"

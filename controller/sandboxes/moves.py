@@ -26,7 +26,7 @@ import asyncio
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -374,9 +374,8 @@ class Mover:
             raise InvalidArgument(f"the checkpoint sent is refused: {exc}") from exc
 
     async def _resume_here(self, name: SandboxName) -> None:
-        resume: Awaitable[object] = self._hibernation.resume(name)
         try:
-            await resume
+            await self._hibernation.resume(name)
         except Exception as exc:  # it is this node's, PAUSED: its next call resumes it
             log.warning(
                 "a sandbox taken over could not be resumed; it resumes on its next call",
