@@ -72,3 +72,37 @@ async def test_a_move_the_target_does_not_take_leaves_the_sandbox_running_where_
     finally:
         await registry.close()
         await runtime.shutdown()
+
+
+async def test_a_container_check_that_read_a_sandbox_before_it_moved_leaves_it_be(
+    tmp_path: Path, database: str
+) -> None:
+    """A's container check read the sandbox RUNNING on A; it moved to B meanwhile, and A's
+    container is gone: not a death to act on (it would terminate the sandbox on B)."""
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    registry = PostgresRegistry(database)
+    try:
+        with short_runtime_dir() as dir_a, short_runtime_dir() as dir_b:
+            async with (
+                serving(node_config(tmp_path, database, "a", dir_a), runtime) as a,
+                serving(node_config(tmp_path, database, "b", dir_b), runtime),
+            ):
+                await registry.open()
+                nodes = PostgresNodes(registry)
+                await a.create("s")
+                stale = await registry.get_live(PROJECT, "s")
+                assert stale is not None and stale.node == "a"
+                assert await nodes.set_draining("a", True)
+
+                async def moved() -> bool | None:
+                    record = await registry.get_live(PROJECT, "s")
+                    assert record is not None
+                    return True if (record.node, record.state) == ("b", State.RUNNING) else None
+
+                await eventually(moved, "the sandbox to run on B")
+                await a.controller.manager._reconciler._lost(stale, "its container vanished")
+                record = await registry.get_live(PROJECT, "s")
+                assert record is not None and (record.node, record.state) == ("b", State.RUNNING)
+    finally:
+        await registry.close()
+        await runtime.shutdown()
