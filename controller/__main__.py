@@ -96,7 +96,8 @@ async def wait_for_drain(nodes: "PostgresNodes", name: str) -> int:
         failed = progress.report.get("failed", {})
         line = f"node {name}: {left} left to move, {moved} moved"
         lines = [line] + [
-            f"  not moved yet: {sandbox}: {why}" for sandbox, why in sorted(dict(failed).items())
+            f"  not moved yet: {_printable(sandbox)}: {_printable(why)}"
+            for sandbox, why in sorted(dict(failed).items())
         ]
         if lines != said:
             print("\n".join(lines), flush=True)
@@ -108,6 +109,12 @@ async def wait_for_drain(nodes: "PostgresNodes", name: str) -> int:
             print(f"node {name}: drained")
             return 0
         await asyncio.sleep(POLL_SECONDS)
+
+
+def _printable(text: object, limit: int = 300) -> str:
+    """A node's words for the operator's terminal: a reason may quote a sandbox's own (its
+    executor's), so no control character reaches the terminal as one."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit])
 
 
 def main() -> None:
