@@ -28,6 +28,8 @@ from controller.api.interceptors import (
     Handler,
     RequestGuard,
 )
+from controller.api.node_transfer import METHOD as TRANSFER_METHOD
+from controller.api.node_transfer import GrpcTransfer, transfer_handler
 from controller.api.servicer import SandboxService
 from controller.api.transport import (
     EXCLUSIVE_PORT,
@@ -86,6 +88,8 @@ class Controller:
     metrics_server: MetricsServer | None = None
     # Exports the spans still buffered and stops the exporter, when otel_tracing is on.
     stop_tracing: Callable[[], object] | None = None
+    # A node's channels to other nodes, for moving its sandboxes (role node).
+    transfer: GrpcTransfer | None = None
 
     def __repr__(self) -> str:
         return f"<Controller port={self.port} {self.manager!r}>"
@@ -95,6 +99,7 @@ class Controller:
         for watch in self.podman_health:  # nothing restarts a service being stopped
             await watch.stop()
         self.reaper.stop()
+        await self.manager.stop_moves()
         beating = asyncio.create_task(self.reaper.keep_beating(), name="heartbeat-while-stopping")
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
@@ -104,6 +109,8 @@ class Controller:
         if not self.config.keep_running_on_shutdown:
             await self.manager.pause_all(self.config.shutdown_pause_timeout.total_seconds())
         await self.manager.close()
+        if self.transfer is not None:
+            await self.transfer.close()
         await self.runtime.close()
         for service in (self.podman_service, self.gvisor_service):
             if service is not None:
@@ -313,6 +320,7 @@ class NodeMembership:
         figures: Callable[[], list[PoolFigures]],
         address: str,
         monotonic: Callable[[], float] = time.monotonic,
+        on_draining: Callable[[bool], None] = lambda draining: None,
     ) -> None:
         self._config = config
         self._nodes = nodes
@@ -320,6 +328,8 @@ class NodeMembership:
         self._figures = figures
         self.address = address
         self._monotonic = monotonic
+        # Told, after each heartbeat, whether the node is draining (its sandboxes move away).
+        self._on_draining = on_draining
         # Since when every heartbeat of this node succeeded (None: the last one failed).
         self._beating_since: float | None = None
 
@@ -344,7 +354,7 @@ class NodeMembership:
 
         counts = await self._registry.count_by_state()  # this node's own
         warm = {f"{kind.profile}/{kind.runtime}": kind.ready for kind in self._figures()}
-        await self._nodes.heartbeat(
+        draining = await self._nodes.heartbeat(
             NodeRecord(
                 name=self._config.node_name,
                 address=self.address,
@@ -356,6 +366,7 @@ class NodeMembership:
                 warm=warm,
             )
         )
+        self._on_draining(draining)
 
     async def sweep_dead(self) -> None:
         """Only once this node has heartbeated for a whole node timeout: after the database
@@ -372,19 +383,32 @@ class NodeMembership:
 
 
 def membership_for(
-    config: Config, registry: Registry, figures: Callable[[], list[PoolFigures]], port: int
-) -> NodeMembership | None:
+    config: Config, registry: Registry, manager: SandboxManager, port: int
+) -> tuple[NodeMembership, GrpcTransfer] | None:
     """A node's membership (role node), heartbeating the address gateways reach it at: the
-    configured one, else the listen address with the port bound."""
+    configured one, else the listen address with the port bound; and its moves of sandboxes
+    to other nodes (a drain), node to node."""
     if config.role != "node":
         return None
+    from controller.store.moves import PostgresMoves
     from controller.store.nodes import PostgresNodes
     from controller.store.postgres import PostgresRegistry
 
     assert isinstance(registry, PostgresRegistry)  # config.validate: a node has a database URL
     host, _ = host_port(config.listen)
     address = config.node_address or f"{host}:{port}"
-    return NodeMembership(config, PostgresNodes(registry), registry, figures, address)
+    nodes = PostgresNodes(registry)
+    transfer = GrpcTransfer(config)
+    manager.connect_moves(PostgresMoves(registry), nodes, transfer)
+    membership = NodeMembership(
+        config,
+        nodes,
+        registry,
+        manager.warm_pool.figures,
+        address,
+        on_draining=manager.set_draining,
+    )
+    return membership, transfer
 
 
 async def start_controller(config: Config, runtime: ContainerRuntime | None = None) -> Controller:
@@ -455,6 +479,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         budget,
         open_methods(health_servicer),
         count_requests=measured.counter_of_requests if measured else None,
+        # A node's transfer checks its own one-time token (role node only).
+        internal_methods=frozenset({TRANSFER_METHOD}) if config.role == "node" else frozenset(),
     )
     server = grpc.aio.server(
         interceptors=[*([measured] if measured else []), *tracing.interceptors, guard],
@@ -474,6 +500,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         SandboxService(manager, limits, config.max_input_bytes, tokens), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.role == "node":
+        server.add_generic_rpc_handlers((transfer_handler(manager),))
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
@@ -483,6 +511,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         server,
     )
     port = listen_on(server, config.listen, credentials)
+    node = membership_for(config, registry, manager, port)
     reaper = TtlReaper(
         manager,
         registry,
@@ -490,7 +519,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         config.tombstone_retention,
         watch_interval=config.container_check_interval,
         hibernate_interval=config.hibernate_interval,
-        membership=membership_for(config, registry, manager.warm_pool.figures, port),
+        membership=node[0] if node else None,
     )
     await server.start()
     metrics_server = None
@@ -539,6 +568,7 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
         podman_health=podman_health,
         stop_tracing=tracing.stop,
         metrics_server=metrics_server,
+        transfer=node[1] if node else None,
     )
 
 

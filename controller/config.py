@@ -353,20 +353,21 @@ class Config:
         default=None,
     )
     node_tls_ca: Path | None = _opt(
-        "PEM CA bundle (role gateway): reach the nodes over TLS, verifying their certificates "
-        "by it; when unset, gateway to node channels are plaintext",
+        "PEM CA bundle (role gateway, and role node moving sandboxes off itself): reach the "
+        "nodes over TLS, verifying their certificates by it; when unset, channels to nodes "
+        "are plaintext",
         Path,
         default=None,
     )
     node_tls_cert: Path | None = _opt(
-        "PEM certificate chain the gateway shows nodes that require client certificates "
+        "PEM certificate chain the gateway (or node) shows nodes that require client certificates "
         "(their tls_client_ca); needs node_tls_ca",
         Path,
         default=None,
     )
     node_tls_key: Path | None = _opt("PEM private key of node_tls_cert", Path, default=None)
     node_tls_name: str = _opt(
-        "the name the nodes' certificates must carry (role gateway), for certificates that "
+        "the name the nodes' certificates must carry (roles gateway, node), for certificates that "
         "name a service rather than each node's address; default: the address's host",
         default="",
     )

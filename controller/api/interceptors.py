@@ -44,6 +44,8 @@ RequestCounter = Callable[[str], Callable[[], None] | None]
 Behaviour = Callable[[Any, Context], Any]
 
 MiB = 1 << 20
+# The caller of an internal method: no project's (a token of its own is checked by the method).
+A_NODE = Principal("a petri node", frozenset())
 # Freeing a request at least this big gives memory back to the OS (see _trim_memory), as
 # does refusing a request unread (the transport buffered some of it); at most once a second.
 TRIM_AFTER_BYTES = 1 * MiB
@@ -171,11 +173,16 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         budget: RequestBudget,
         open_methods: Mapping[str, OpenAnswer],
         count_requests: RequestCounter | None = None,
+        internal_methods: frozenset[str] = frozenset(),
     ) -> None:
+        """`internal_methods` (nodes calling nodes) authenticate their callers themselves
+        (controller.api.node_transfer): they are read, within the budget, as a caller with
+        no project."""
         self._tokens = tokens
         self._budget = budget
         self._open_methods = dict(open_methods)
         self._count_requests = count_requests
+        self._internal_methods = internal_methods
 
     def __repr__(self) -> str:
         return f"<RequestGuard tokens={self._tokens!r} {self._budget!r}>"
@@ -188,7 +195,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        if self._tokens is None:
+        if handler_call_details.method in self._internal_methods:
+            caller = A_NODE
+        elif self._tokens is None:
             caller = ANYONE
         else:
             try:

@@ -13,6 +13,9 @@ from typing import Protocol
 import grpc
 import structlog
 
+from controller.placement import has_room as has_room  # re-exported: the tests name them here
+from controller.placement import placement_order as placement_order
+
 log = structlog.get_logger()
 
 # A node whose last heartbeat is older than this is not live: calls do not go to it (the
@@ -98,33 +101,6 @@ class NodeList(Protocol):
     """The part of controller.store.nodes.Nodes the gateway uses."""
 
     async def list_nodes(self) -> Sequence[NodeInfo]: ...
-
-
-def has_room(node: NodeInfo) -> bool:
-    return not node.max_sandboxes or node.sandboxes < node.max_sandboxes
-
-
-def _better(kind: str) -> Callable[[NodeInfo], tuple[bool, int, int]]:
-    """Sort key, smallest best: a ready warm member of the kind, then fewer sandboxes, then
-    more free memory."""
-    return lambda node: (node.warm.get(kind, 0) <= 0, node.sandboxes, -node.free_memory)
-
-
-def placement_order(
-    nodes: Sequence[NodeInfo],
-    kind: str,
-    choose: Callable[[Sequence[NodeInfo], int], list[NodeInfo]],
-) -> list[NodeInfo]:
-    """Where to try a create of `kind` ("profile/runtime"), first choice first: the best of two
-    nodes drawn at random among those not draining and with room (the power of two choices
-    spreads load without a herd on the one best node), then the rest, best first."""
-    candidates = [node for node in nodes if not node.draining and has_room(node)]
-    if not candidates:
-        return []
-    drawn = choose(candidates, min(2, len(candidates)))
-    first = min(drawn, key=_better(kind))
-    rest = sorted((node for node in candidates if node is not first), key=_better(kind))
-    return [first, *rest]
 
 
 class Directory:

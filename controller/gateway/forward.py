@@ -22,13 +22,19 @@ from google.protobuf.message import DecodeError
 
 from controller.api.auth import ANYONE, Principal, current_caller
 from controller.api.interceptors import Context
-from controller.errors import InvalidArgument, PetriError, Unavailable, status_details
+from controller.errors import (
+    ERROR_INFO_TYPE_URL,
+    InvalidArgument,
+    PetriError,
+    Unavailable,
+    status_details,
+)
 from controller.gateway.directory import Directory, NodeInfo
 from controller.gateway.wire import string_field
 from controller.metrics import GatewayMetrics
 from controller.names import parse_parent, parse_sandbox_name
 from controller.records import Runtime
-from petri.v1 import sandbox_pb2
+from petri.v1 import error_details_pb2, sandbox_pb2
 
 log = structlog.get_logger()
 
@@ -307,6 +313,7 @@ class Forwarder:
             try:
                 plan = await self._plan(route, request)
                 untried = list(plan.candidates)
+                relocated = False
                 while True:
                     channel = await self._connect(plan, untried, context)
                     method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
@@ -318,6 +325,14 @@ class Forwarder:
                     try:
                         response: bytes = await call
                     except grpc.aio.AioRpcError as error:
+                        if not relocated and route.kind == "sandbox" and _moved(error):
+                            # It moved (a drain) while the call was on its way: the node
+                            # refused before doing anything, so its new node takes the call.
+                            relocated = True
+                            log.info("a sandbox moved: the call goes to its new node")
+                            plan = await self._plan(route, request)
+                            untried = list(plan.candidates)
+                            continue
                         retry = plan.retry_unavailable and untried
                         if retry and error.code() is grpc.StatusCode.UNAVAILABLE:
                             log.warning("create unavailable: retrying on another node")
@@ -444,6 +459,24 @@ async def _send_all(
     except PetriError:
         call.cancel()
         raise
+
+
+def _moved(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a node refused a call because another node holds the sandbox (it moved)."""
+    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    raw = dict(_trailing(error.trailing_metadata())).get(_DETAILS_KEY)
+    if not isinstance(raw, bytes):
+        return False
+    try:
+        status = error_details_pb2.Status.FromString(raw)
+        for detail in status.details:
+            if detail.type_url == ERROR_INFO_TYPE_URL:
+                info = error_details_pb2.ErrorInfo.FromString(detail.value)
+                return info.reason == "SANDBOX_ON_ANOTHER_NODE"
+    except DecodeError:
+        return False
+    return False
 
 
 def _failure_of(task: asyncio.Task[None]) -> PetriError | None:

@@ -19,6 +19,7 @@ from controller.api.transport import (
     host_port,
     is_loopback,
     listen_on,
+    node_channel,
     open_methods,
     request_budget,
     server_credentials,
@@ -51,38 +52,6 @@ _SERVICES = (
 )
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def node_channel(config: Config) -> Callable[[str], grpc.aio.Channel]:
-    """How the gateway connects to a node: messages as big as the node's own limits allow, over
-    TLS when node_tls_ca is set."""
-    options: list[tuple[str, str | int]] = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_request_message_bytes),
-        # A node back from a restart is found within a second or two, not grpc's two minutes.
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
-    if config.node_tls_ca is None:
-        return lambda address: grpc.aio.insecure_channel(address, options=options)
-    credentials = node_credentials(config)
-    if config.node_tls_name:
-        options.append(("grpc.ssl_target_name_override", config.node_tls_name))
-    return lambda address: grpc.aio.secure_channel(address, credentials, options=options)
-
-
-def node_credentials(config: Config) -> grpc.ChannelCredentials:
-    """TLS to the nodes: their certificates verified by node_tls_ca, and the gateway's own
-    certificate for nodes that require one. The files are read once, at start."""
-    assert config.node_tls_ca is not None
-    cert = key = None
-    if config.node_tls_cert is not None and config.node_tls_key is not None:
-        cert, key = config.node_tls_cert.read_bytes(), config.node_tls_key.read_bytes()
-    return grpc.ssl_channel_credentials(
-        root_certificates=config.node_tls_ca.read_bytes(),
-        private_key=key,
-        certificate_chain=cert,
-    )
 
 
 @dataclass

@@ -114,8 +114,10 @@ class Executions:
         lock = self._queues.of(record.uid)
         queued = lock.locked()
         async with lock:
-            if queued:  # it may have changed while this execution waited its turn
-                record = await self._lookup.get(name)
+            # It may have changed while this execution waited its turn, or moved to another
+            # node (a drain) since it was read.
+            if queued or self._queues.moved(record.uid):
+                record = await self._lookup.held(name)  # or moved to another node
                 self._require_running_or_paused(record)
             if record.state is State.PAUSED:  # resumed first: the caller need not know
                 record = await asyncio.shield(self._hibernation.resume_queued(record))

@@ -173,8 +173,9 @@ class Files:
         lock = self._queues.of(record.uid)
         queued = lock.locked()
         async with lock:
-            if queued:  # it may have changed while this call waited its turn
-                record = await self._lookup.get(name)
+            # It may have changed while this call waited its turn, or moved to another node.
+            if queued or self._queues.moved(record.uid):
+                record = await self._lookup.held(name)  # or moved to another node
                 _require_usable(record)
             if record.state is State.PAUSED:  # resumed first, as for an execution
                 record = await asyncio.shield(self._hibernation.resume_queued(record))

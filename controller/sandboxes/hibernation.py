@@ -132,9 +132,9 @@ class Hibernation:
         """PauseSandbox: after the executions queued before it."""
         record = await self._lookup.held(name)
         async with self._queues.of(record.uid):
-            record = await self._lookup.get(name)
+            record = await self._lookup.held(name)  # moved to another node while it waited?
             if record.state is State.RUNNING:
-                await self._pause_queued(record)
+                await self.pause_queued(record)
             elif record.state is not State.PAUSED:
                 raise _not_running(record, "paused")
         return await self._lookup.get(name)
@@ -143,7 +143,7 @@ class Hibernation:
         """ResumeSandbox: after the executions queued before it."""
         record = await self._lookup.held(name)
         async with self._queues.of(record.uid):
-            record = await self._lookup.get(name)
+            record = await self._lookup.held(name)  # moved to another node while it waited?
             if record.state is State.PAUSED:
                 await self.resume_queued(record)
             elif record.state is not State.RUNNING:
@@ -152,7 +152,8 @@ class Hibernation:
 
     # --- in the sandbox's queue ------------------------------------------------------------
 
-    async def _pause_queued(self, record: SandboxRecord) -> None:
+    async def pause_queued(self, record: SandboxRecord) -> None:
+        """Pauses the RUNNING sandbox `record` (the caller holds its queue)."""
         with self._metrics.timing(self._metrics.pauses, self._metrics.pause_seconds):
             checkpoint = await self._save(record)
             if not await shielded(self._lifecycle.pause(record, checkpoint)):
@@ -167,6 +168,10 @@ class Hibernation:
         current = await self._registry.get_live(record.project, record.sandbox_id)
         if current is None or current.uid != record.uid or current.state is State.DEPROVISIONING:
             await self._checkpoints.remove(record.uid)
+
+    def resume_under_way(self, uid: str) -> "asyncio.Future[SandboxRecord] | None":
+        """The resume of sandbox `uid` running on after its caller left, if any."""
+        return self._resuming.get(uid)
 
     def resume_queued(self, record: SandboxRecord) -> "asyncio.Future[SandboxRecord]":
         """Resumes the PAUSED sandbox `record` (the caller holds its queue); the future runs
@@ -411,6 +416,8 @@ class Hibernation:
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if current is None or current.state is not State.RUNNING:
                 return
+            if current.node != self._lookup.node:  # moved to another node meanwhile
+                return
             if not current.auto_pause_after or (
                 current.last_active_time + current.auto_pause_after > self._clock()
             ):
@@ -420,7 +427,7 @@ class Hibernation:
                 sandbox=current.name,
                 idle_for=format_duration(self._clock() - current.last_active_time),
             )
-            await self._pause_queued(current)
+            await self.pause_queued(current)
 
     async def _checkpoint_idle(self, record: SandboxRecord) -> None:
         queue = self._queues.of(record.uid)
@@ -429,6 +436,8 @@ class Hibernation:
         async with queue:
             current = await self._registry.get_live(record.project, record.sandbox_id)
             if current is None or current.state is not State.RUNNING:
+                return
+            if current.node != self._lookup.node:  # moved to another node meanwhile
                 return
             saved = current.checkpoint
             if saved is not None and saved.create_time >= current.last_active_time:
@@ -455,8 +464,9 @@ class Hibernation:
                 try:
                     async with self._queues.of(record.uid):
                         current = await self._registry.get_live(record.project, record.sandbox_id)
-                        if current is not None and current.state is State.RUNNING:
-                            await self._pause_queued(current)
+                        mine = current is not None and current.node == self._lookup.node
+                        if current is not None and mine and current.state is State.RUNNING:
+                            await self.pause_queued(current)
                 except Exception as exc:
                     log.warning("could not pause a sandbox", sandbox=record.name, error=str(exc))
                     return

@@ -13,6 +13,7 @@ each call to the noun that owns it:
     reconciler   adoption at start, containers that died
     lookup       a sandbox by name, and what became of one that is gone
     hibernation  pause, resume, and the idle sandboxes' checkpoints
+    moves        a draining node's sandboxes moved to other nodes, and taken over there
     queues       each sandbox's executions, pauses and checkpoints, one at a time
     files        the files API outside executions, in the same queue
 """
@@ -36,6 +37,7 @@ from controller.sandboxes.images import ImageCatalogue, ImageProfile
 from controller.sandboxes.labels import validate_display_name, validate_labels
 from controller.sandboxes.lifecycle import POOL_STATES, Lifecycle
 from controller.sandboxes.lookup import Lookup, check_held
+from controller.sandboxes.moves import MoveLedger, Mover, NodeBook, Transfer
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.quotas import Quotas
@@ -140,6 +142,15 @@ class SandboxManager:
             self._hibernation,
             clock,
         )
+        self._mover = Mover(
+            config,
+            registry,
+            self._checkpoints,
+            self._hibernation,
+            self._queues,
+            self._pool,
+            clock,
+        )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
         )
@@ -182,11 +193,32 @@ class SandboxManager:
         """Stops the background checks and discards the warm pool; every other sandbox
         outlives the controller (paused by pause_all, or running for the next one to
         adopt)."""
+        await self._mover.stop()
         await self._reconciler.stop_watching()
         await self._hibernation.stop_background()
         await self._executions.close()
         await self._pool.close()
         await self._provisioner.close()
+
+    # --- a node's drain (role node) ---------------------------------------------------------
+
+    def connect_moves(self, ledger: MoveLedger, nodes: NodeBook, transfer: Transfer) -> None:
+        """Lets this node move its sandboxes to other nodes, and take theirs over."""
+        self._mover.connect(ledger, nodes, transfer)
+
+    async def stop_moves(self) -> None:
+        """At shutdown: no more moves start; the one under way finishes."""
+        await self._mover.stop()
+
+    def set_draining(self, draining: bool) -> None:
+        """What the node's heartbeat read of its `draining` (see Mover.set_draining)."""
+        self._mover.set_draining(draining)
+
+    async def receive_move(
+        self, uid: str, name: str, token: str, data: AsyncIterator[bytes]
+    ) -> None:
+        """Takes over a sandbox another node moves here (see Mover.receive)."""
+        await self._mover.receive(uid, name, token, data)
 
     async def check_containers(self) -> None:
         await self._reconciler.check_containers()

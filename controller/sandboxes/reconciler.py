@@ -225,6 +225,13 @@ class Reconciler:
     async def _lost(self, record: SandboxRecord, why: str) -> None:
         """A RUNNING sandbox whose container is gone: back from its checkpoint (PAUSED) when
         it has one, else TERMINATED; `why` says what happened, and which."""
+        current = await self._registry.get_live(record.project, record.sandbox_id)
+        if current is None or (current.uid, current.node, current.container_name) != (
+            record.uid,
+            record.node,
+            record.container_name,
+        ):
+            return  # read before it was resumed elsewhere or moved: not this container's
         checkpoint = record.checkpoint
         if checkpoint is not None and self._checkpoints.exists(record.uid):
             when = checkpoint.create_time.isoformat(timespec="seconds")

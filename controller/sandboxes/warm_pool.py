@@ -263,6 +263,20 @@ class WarmPool:
         log.info("a warm pool sandbox is discarded", uid=member.uid, why="the pool shrank")
         await shielded(self._lifecycle.discard(member, "the pool shrank"))
 
+    async def suspend(self) -> None:
+        """Stops refilling and discards the members (a draining node's); start() fills the
+        pool again. A member a resume has taken (POOLED, out of the ready list) is the
+        resume's; one whose start was cut short (WARMING, no one's) goes."""
+        left = await self._members.close()
+        for member in left:
+            await shielded(self._lifecycle.discard(member, "the node is draining"))
+        await self._lifecycle.wait_provisioned()
+        for record in await self._registry.list_live():
+            if record.state is State.WARMING:
+                await shielded(self._lifecycle.discard(record, "the node is draining"))
+        if left:
+            log.info("warm pool emptied: the node is draining", discarded=len(left))
+
     async def close(self) -> None:
         """Stops refilling and discards every member, ready or still starting (a start runs
         on, shielded, and is waited for); a restart discards any left after the timeout."""

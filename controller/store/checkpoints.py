@@ -32,6 +32,8 @@ _FRAME = struct.Struct(">II")  # a chunk's length and CRC-32
 # A chunk, or a summary with up to a thousand lost names.
 MAX_FRAME_BYTES = CHECKPOINT_CHUNK_BYTES + (1 << 20)
 SUFFIX = ".ckpt"
+# A checkpoint moved to another node goes as its file's bytes, this many per message.
+TRANSFER_CHUNK_BYTES = 1 << 20
 TEMPORARY = ".tmp"
 
 
@@ -123,21 +125,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointUnreadable(f"no checkpoint: {exc.strerror or exc}") from exc
         with file:
-            header = await asyncio.to_thread(file.read, _HEADER.size)
-            if len(header) != _HEADER.size and header.startswith(MAGIC):
-                raise CheckpointUnreadable("the checkpoint file is cut short")
-            if len(header) != _HEADER.size:
-                raise CheckpointUnreadable("the file is not a checkpoint of this format")
-            magic, version, checkpoint_version, owner = _HEADER.unpack(header)
-            if magic != MAGIC or version != FORMAT:
-                raise CheckpointUnreadable("the file is not a checkpoint of this format")
-            if owner.rstrip(b"\0") != uid.encode():
-                raise CheckpointUnreadable("the file is another sandbox's checkpoint")
-            if checkpoint_version != CHECKPOINT_VERSION:
-                raise CheckpointUnreadable(
-                    f"the checkpoint is of version {checkpoint_version}; this controller's "
-                    f"sandboxes restore version {CHECKPOINT_VERSION}"
-                )
+            _check_header(await asyncio.to_thread(file.read, _HEADER.size), uid)
             while True:
                 chunk = await asyncio.to_thread(_read_frame, file)
                 if chunk is None:
@@ -145,6 +133,87 @@ class CheckpointStore:
                 yield chunk
                 if chunk.HasField("summary"):
                     return
+
+    # --- moving a checkpoint to another node, as its bytes on disk ------------------------
+
+    async def send(self, uid: str) -> AsyncIterator[bytes]:
+        """The checkpoint file's bytes, TRANSFER_CHUNK_BYTES at a time (never the whole file
+        in memory); CheckpointUnreadable when there is none."""
+        try:
+            file = await asyncio.to_thread(self.path(uid).open, "rb")
+        except OSError as exc:
+            raise CheckpointUnreadable(f"no checkpoint: {exc.strerror or exc}") from exc
+        with file:
+            while True:
+                data = await asyncio.to_thread(file.read, TRANSFER_CHUNK_BYTES)
+                if not data:
+                    return
+                yield data
+
+    async def receive(self, uid: str, data: AsyncIterator[bytes], max_bytes: int) -> int:
+        """Writes a checkpoint file that another node sent (send's bytes) as the sandbox's,
+        once it is whole and on disk and it reads as a checkpoint of sandbox `uid` (its header,
+        every chunk's CRC-32, the summary last and nothing after); returns its size.
+        ResourceExhausted past `max_bytes` or when the disk is full; CheckpointUnreadable when
+        it does not read so. In every case nothing is kept but a whole checkpoint."""
+        final = self.path(uid)
+        temporary = self.root / f"{uid}.{secrets.token_hex(4)}{TEMPORARY}"
+        try:
+            file = await _on_disk(_create, temporary)
+            size = 0
+            try:
+                async for piece in data:
+                    size += len(piece)
+                    if size > max_bytes:
+                        raise ResourceExhausted(
+                            f"the checkpoint passed the limit of {format_size(max_bytes)} for "
+                            "this sandbox"
+                        )
+                    await _on_disk(file.write, piece)
+                await _on_disk(_sync, file)
+                await _on_disk(file.close)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    file.close()
+                raise
+            await asyncio.to_thread(_verify, temporary, uid)
+            await _on_disk(_publish, temporary, final)
+            return size
+        finally:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+
+
+def _verify(path: Path, uid: str) -> None:
+    """Reads a whole checkpoint file as read() would, and that nothing follows its summary;
+    CheckpointUnreadable otherwise."""
+    with path.open("rb") as file:
+        _check_header(file.read(_HEADER.size), uid)
+        while True:
+            chunk = _read_frame(file)
+            if chunk is None:
+                raise CheckpointUnreadable("the checkpoint file ends before its summary")
+            if chunk.HasField("summary"):
+                break
+        if file.read(1):
+            raise CheckpointUnreadable("the checkpoint file goes on after its summary")
+
+
+def _check_header(header: bytes, uid: str) -> None:
+    if len(header) != _HEADER.size and header.startswith(MAGIC):
+        raise CheckpointUnreadable("the checkpoint file is cut short")
+    if len(header) != _HEADER.size:
+        raise CheckpointUnreadable("the file is not a checkpoint of this format")
+    magic, version, checkpoint_version, owner = _HEADER.unpack(header)
+    if magic != MAGIC or version != FORMAT:
+        raise CheckpointUnreadable("the file is not a checkpoint of this format")
+    if owner.rstrip(b"\0") != uid.encode():
+        raise CheckpointUnreadable("the file is another sandbox's checkpoint")
+    if checkpoint_version != CHECKPOINT_VERSION:
+        raise CheckpointUnreadable(
+            f"the checkpoint is of version {checkpoint_version}; this controller's "
+            f"sandboxes restore version {CHECKPOINT_VERSION}"
+        )
 
 
 async def _on_disk(operation: Callable[..., T], *args: Any) -> T:

@@ -40,8 +40,9 @@ class NodeRecord:
 
 
 class Nodes(Protocol):
-    async def heartbeat(self, node: NodeRecord) -> None:
-        """Upserts the node's row with the database's time; keeps its `draining`."""
+    async def heartbeat(self, node: NodeRecord) -> bool:
+        """Upserts the node's row with the database's time; keeps its `draining`, and
+        returns it."""
 
     async def list_nodes(self) -> list[NodeRecord]:
         """Every node, dead ones too (their heartbeat_time and age say so), by name."""
@@ -50,6 +51,13 @@ class Nodes(Protocol):
         """False when no such node has heartbeated."""
 
     async def node_address(self, name: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class DrainProgress:
+    draining: bool
+    held: Mapping[State, int]  # its live sandboxes by state (warm pool members too)
+    report: Mapping[str, Any]  # the node's own words (controller.sandboxes.moves)
 
 
 @dataclass(frozen=True)
@@ -86,15 +94,15 @@ class PostgresNodes:
     def __repr__(self) -> str:
         return f"<PostgresNodes {self._registry!r}>"
 
-    async def heartbeat(self, node: NodeRecord) -> None:
+    async def heartbeat(self, node: NodeRecord) -> bool:
         async with self._registry.connection() as conn:
-            await conn.execute(
+            cursor = await conn.execute(
                 "INSERT INTO nodes (name, address, heartbeat_time, draining, sandboxes, "
                 "max_sandboxes, free_memory, warm) VALUES (%s, %s, now(), false, %s, %s, %s, %s) "
                 "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
                 "heartbeat_time = excluded.heartbeat_time, sandboxes = excluded.sandboxes, "
                 "max_sandboxes = excluded.max_sandboxes, free_memory = excluded.free_memory, "
-                "warm = excluded.warm",
+                "warm = excluded.warm RETURNING draining",
                 (
                     node.name,
                     node.address,
@@ -104,6 +112,8 @@ class PostgresNodes:
                     json.dumps(dict(node.warm), sort_keys=True),
                 ),
             )
+            row = await cursor.fetchone()
+            return bool(row is not None and row[0])
 
     async def list_nodes(self) -> list[NodeRecord]:
         async with self._registry.connection() as conn:
@@ -117,6 +127,33 @@ class PostgresNodes:
                 "UPDATE nodes SET draining = %s WHERE name = %s", (draining, name)
             )
             return bool(cursor.rowcount == 1)
+
+    async def report_drain(self, name: str, report: Mapping[str, Any]) -> None:
+        """Writes what the node's drain has done so far (for `python -m controller drain`)."""
+        async with self._registry.connection() as conn:
+            await conn.execute(
+                "UPDATE nodes SET drain_report = %s WHERE name = %s",
+                (json.dumps(dict(report), sort_keys=True), name),
+            )
+
+    async def drain_progress(self, name: str) -> DrainProgress | None:
+        """Whether the node is draining, how many sandboxes it still holds (by state), and
+        its drain report; None when no such node has heartbeated."""
+        async with self._registry.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT draining, drain_report FROM nodes WHERE name = %s", (name,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            counted = await conn.execute(
+                f"SELECT state, count(*) FROM sandboxes WHERE node = %s "
+                f"AND state != {int(State.DELETED)} GROUP BY state",
+                (name,),
+            )
+            held = {State(int(state)): int(count) for state, count in await counted.fetchall()}
+        report = json.loads(row[1]) if row[1] else {}
+        return DrainProgress(bool(row[0]), held, report if isinstance(report, dict) else {})
 
     async def node_address(self, name: str) -> str | None:
         async with self._registry.connection() as conn:

@@ -78,8 +78,24 @@ _V2 = (
 )""",
 )
 
+# Version 3: moving a draining node's sandboxes (controller.store.moves). Each move under way
+# names its sandbox, the two nodes and the hash of a one-time token that only the source and
+# the target know; a node's drain report (what it moved, what failed and why) is for
+# `python -m controller drain`.
+_V3 = (
+    """CREATE TABLE moves (
+    uid TEXT COLLATE "C" PRIMARY KEY,
+    source TEXT COLLATE "C" NOT NULL,
+    target TEXT COLLATE "C" NOT NULL,
+    token_hash TEXT NOT NULL,
+    resume BOOLEAN NOT NULL,
+    create_time TIMESTAMPTZ NOT NULL DEFAULT now()
+)""",
+    "ALTER TABLE nodes ADD COLUMN drain_report TEXT NOT NULL DEFAULT ''",
+)
+
 # MIGRATIONS[n - 1] brings the schema from version n - 1 to version n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _HISTORY = """CREATE TABLE IF NOT EXISTS schema_migrations (

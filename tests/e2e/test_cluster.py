@@ -418,7 +418,7 @@ async def test_a_drained_node_gets_no_new_sandbox_and_serves_its_own(
     # A gateway started after the drain reads it before it serves: no wait on a refresh.
     fresh = GatewayProcess(f"cl-gwd-{uuid.uuid4().hex[:6]}", e2e_config, cluster.database)
     try:
-        assert await drain(cluster.database, drained) == f"node {drained}: draining"
+        assert await drain(cluster.database, drained, "--no-wait") == f"node {drained}: draining"
         await fresh.start()
         async with fresh.stub() as stub:
             placed = []
@@ -428,7 +428,7 @@ async def test_a_drained_node_gets_no_new_sandbox_and_serves_its_own(
                     await holder(cluster.database, project_of(made.name), sandbox_id(made.name))
                 )
             assert drained not in placed, placed
-            assert await run(stub, kept.name, "y") == "3"  # its own still serves
+            assert await run(stub, kept.name, "y") == "3"  # its own moved, and still serves
             assert await run(cluster.b, kept.name, "y") == "3"
 
             assert await drain(cluster.database, drained, "--undo") == (

@@ -138,3 +138,53 @@ async def test_a_bit_flipped_on_disk_or_another_sandboxs_file_is_refused(
     with pytest.raises(CheckpointUnreadable, match="another sandbox's checkpoint"):
         await read_all(store, "mine")
     assert (await read_all(store, "theirs"))[0].workspace == b"t" * 1000
+
+
+# --- moved to another node: the file's bytes, checked whole before they are kept --------------
+
+
+async def pieces(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def test_a_checkpoint_sent_is_received_whole_and_reads_back(tmp_path: Path) -> None:
+    source, target = CheckpointStore(tmp_path / "a"), CheckpointStore(tmp_path / "b")
+    source.open()
+    target.open()
+    written = [*[Chunk(namespace=b"\x01" * (1 << 20))] * 3, Chunk(workspace=b"tar"), SUMMARY]
+    await source.write("u", stream(*written), 1 << 30)
+    sent = [piece async for piece in source.send("u")]
+    assert max(len(piece) for piece in sent) == checkpoints.TRANSFER_CHUNK_BYTES  # never whole
+
+    async def replay() -> AsyncIterator[bytes]:
+        for piece in sent:
+            yield piece
+
+    assert await target.receive("u", replay(), 1 << 30) == source.path("u").stat().st_size
+    assert await read_all(target, "u") == written
+
+
+async def test_a_received_checkpoint_that_is_damaged_foreign_or_too_big_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    source, target = CheckpointStore(tmp_path / "a"), CheckpointStore(tmp_path / "b")
+    source.open()
+    target.open()
+    await source.write("u", stream(Chunk(namespace=b"n" * 100), SUMMARY), 1 << 20)
+    whole = source.path("u").read_bytes()
+    flipped = bytearray(whole)
+    flipped[-3] ^= 0xFF
+    cases = {
+        "another sandbox's": whole,  # received as sandbox "v"
+        "checksum is wrong": bytes(flipped),
+        "cut short": whole[:-5],
+        "goes on after its summary": whole + b"more",
+    }
+    for reason, data in cases.items():
+        uid = "v" if reason == "another sandbox's" else "u"
+        with pytest.raises(CheckpointUnreadable, match=reason):
+            await target.receive(uid, pieces(data), 1 << 20)
+    with pytest.raises(ResourceExhausted, match="passed the limit"):
+        await target.receive("u", pieces(whole), len(whole) - 1)
+    assert list((tmp_path / "b").iterdir()) == []  # no file kept, no temporary left

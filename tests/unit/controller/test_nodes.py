@@ -3,8 +3,10 @@ see its own rows, while names, quotas, Get and List span them all; heartbeats an
 a dead node's sandboxes terminated by one sweeper at a time; the schema's node column."""
 
 import asyncio
+import os
 import socket
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -423,12 +425,59 @@ def test_drain_marks_a_node_draining_and_undo_clears_it(
             row = conn.execute("SELECT draining FROM nodes WHERE name = 'n1'").fetchone()
             return bool(row and row[0])
 
+    assert drain(["n1", "--no-wait"], environ) == 0 and draining()
+    assert capsys.readouterr().out == "node n1: draining\n"
+    # Waiting: n1 holds nothing to move (a TERMINATED sandbox stays until deleted).
+    registry = PostgresRegistry(pg_url, node="n1")
+
+    async def terminated() -> None:
+        await registry.open()
+        await registry.insert(record("t", state=State.TERMINATED))
+        await registry.close()
+
+    asyncio.run(terminated())
     assert drain(["n1"], environ) == 0 and draining()
-    assert "node n1: draining" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [
+        "node n1: draining",
+        "node n1: 0 left to move, 0 moved",
+        "node n1: 1 TERMINATED sandboxes stay until deleted",
+        "node n1: drained",
+    ]
     assert drain(["n1", "--undo"], environ) == 0 and not draining()
     with pytest.raises(SystemExit):
         drain(["n1"], {})
     assert "set PETRI_DATABASE_URL or --database-url" in capsys.readouterr().err
+
+
+async def test_a_waiting_drain_reports_what_the_node_says_and_ends_when_undone(
+    pg_url: str,
+) -> None:
+    registry = PostgresRegistry(pg_url, node="n1")
+    await registry.open()
+    nodes = PostgresNodes(registry)
+    await nodes.heartbeat(heartbeat_of("n1"))
+    await registry.insert(record("r", state=State.RUNNING))  # no node process moves it
+    # A reason may quote the sandbox's executor: no escape reaches the terminal as one.
+    why = "no room \x1b[2J"
+    report = {"moved": 2, "left": 1, "failed": {"projects/p/sandboxes/r": why}}
+    await nodes.report_drain("n1", report)
+    environ = {"PETRI_DATABASE_URL": pg_url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "drain", "n1", env={**os.environ, **environ},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = [(await process.stdout.readline()).decode() for _ in range(3)]
+    assert lines == [
+        "node n1: draining\n",
+        "node n1: 1 left to move, 2 moved\n",
+        "  not moved yet: projects/p/sandboxes/r: no room \\x1b[2J\n",
+    ]
+    assert await nodes.set_draining("n1", False)
+    rest, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert rest.decode() == "node n1: the drain was undone before it was empty\n"
+    await registry.close()
 
 
 class _Membership:

@@ -141,12 +141,14 @@ def test_selectors_select_their_pods(objects: list[dict[str, Any]]) -> None:
             continue
         found[key] = {name for name, pod in labels.items() if selects(selector, pod)}
     assert found == expect
-    # Only gateways reach a node's API; only petri's pods reach PostgreSQL.
+    # Only gateways (and nodes, moving a draining node's sandboxes) reach a node's API; only
+    # petri's pods reach PostgreSQL.
     node_policy = find(objects, "NetworkPolicy", "petri-node")
     api_rule = next(r for r in node_policy["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
-    (peer,) = api_rule["from"]
-    reach_api = {n for n, pod in labels.items() if selects(peer["podSelector"], pod)}
-    assert reach_api == {"petri-gateway"}
+    reach_api = {
+        n for n, pod in labels.items() for p in api_rule["from"] if selects(p["podSelector"], pod)
+    }
+    assert reach_api == {"petri-gateway", "petri-node"}
     (db_rule,) = find(objects, "NetworkPolicy", "petri-postgres")["spec"]["ingress"]
     (peer,) = db_rule["from"]
     reach_db = {n for n, pod in labels.items() if selects(peer["podSelector"], pod)}

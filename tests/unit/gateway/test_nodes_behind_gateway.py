@@ -95,8 +95,21 @@ async def test_a_gateway_places_on_live_nodes_and_routes_to_each_sandbox_s_node(
                     await create("second", "a")
                     assert await nodes.set_draining("b", False)
                     assert await nodes.set_draining("a", True)
-                    await _sees(gateway, a=(True, 2), b=(False, 0))
-                    placed = {"a": first, "b": await create("third", "b")}
+
+                    async def a_draining() -> bool | None:
+                        node = gateway.directory.live("a")
+                        return True if node is not None and node.draining else None
+
+                    await eventually(a_draining, "the gateway to see A draining")
+                    placed = {"b": await create("third", "b")}
+                    # A's two sandboxes move to B, the only other node; undrained, A is the
+                    # emptier one again.
+                    await _sees(gateway, a=(True, 0), b=(False, 3))
+                    assert await nodes.set_draining("a", False)
+                    await _sees(gateway, a=(False, 0), b=(False, 3))
+                    moved = await registry.get_live(PROJECT, first.rpartition("/")[2])
+                    assert moved is not None and moved.node == "b"
+                    placed["a"] = await create("fourth", "a")
                     for node, name in placed.items():
                         ran = await stub.ExecuteCode(
                             sandbox_pb2.ExecuteCodeRequest(name=name, code=f"on {node}")
@@ -105,7 +118,7 @@ async def test_a_gateway_places_on_live_nodes_and_routes_to_each_sandbox_s_node(
                     listed = await stub.ListSandboxes(
                         sandbox_pb2.ListSandboxesRequest(parent=PARENT)
                     )
-                    assert len(listed.sandboxes) == 3
+                    assert len(listed.sandboxes) == 4
 
                     # A stops answering (its heartbeats go on): nothing is forwarded to it.
                     await a.controller.server.stop(0)

@@ -22,7 +22,7 @@ def _names(nodes: Sequence[NodeInfo]) -> list[str]:
 
 
 def test_placement_skips_draining_and_full_nodes() -> None:
-    nodes = [
+    nodes: list[NodeInfo] = [
         node_record("draining", "h:1", draining=True),
         node_record("full", "h:2", sandboxes=4, max_sandboxes=4),
         node_record("room", "h:3", sandboxes=3, max_sandboxes=4),
