@@ -7,6 +7,11 @@ pumped one message at a time, each write awaited, so that a big transfer moves a
 the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
 the node; the node's initial metadata, status, details and trailing metadata (AIP-193 details in
 grpc-status-details-bin) come back unchanged.
+
+Which node holds a sandbox is read from the registry, then remembered for a few seconds
+(Locations) so that most calls make no round trip to the database: the node stays the authority,
+refusing a sandbox it does not hold before doing anything, and such a call goes once more to the
+node the registry names then.
 """
 
 import asyncio
@@ -369,8 +374,10 @@ class Forwarder:
         assert plan.sandbox is not None
         self._locations.forget(plan.sandbox)
         again = await self._plan(route, first)
-        moved = again.sandbox is not None and again.candidates[0].name != plan.candidates[0].name
-        return again if moved else None
+        if again.sandbox is None or again.candidates[0].name == plan.candidates[0].name:
+            return None
+        log.info("sandbox not on its node: sent again", refused_by=plan.candidates[0].name)
+        return again
 
     def _placement(self, first: bytes) -> _Plan:
         try:

@@ -31,6 +31,7 @@ class HoldingNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self.calls: list[str] = []
         # Run once the node has looked the sandbox up, before it answers: a race to stage.
         self.then: Callable[[], None] | None = None
+        self.server: grpc.aio.Server | None = None
 
     async def _check(self, name: str, context: Context) -> None:
         holder = self.holders.get(name.rpartition("/")[2])
@@ -86,6 +87,7 @@ async def holding_nodes(
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
             servers.append(server)
+            nodes[name].server = server
             records.append(node_record(name, f"127.0.0.1:{port}"))
         config = Config(
             listen="127.0.0.1:0", state_dir=tmp_path / "state", runtime_dir=tmp_path / "run"
@@ -181,6 +183,23 @@ async def test_a_call_goes_again_only_once(tmp_path: Path) -> None:
         assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "held by node node-a, not this one (node-b)" in (caught.value.details() or "")
     assert (nodes["node-a"].calls, nodes["node-b"].calls) == (["GetSandbox"] * 2, ["GetSandbox"])
+
+
+async def test_a_remembered_node_that_stopped_answering_is_not_asked_again(
+    tmp_path: Path,
+) -> None:
+    holders = {"s": "node-a"}
+    async with holding_nodes(tmp_path, holders, "node-a", "node-b") as (nodes, stub, looked_up):
+        assert await _get(stub, "s") == "node-a"
+        server = nodes["node-a"].server
+        assert server is not None
+        await server.stop(None)  # its heartbeats go on: still live to the gateway
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _get(stub, "s")
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        holders["s"] = "node-b"  # taken over by B
+        assert await _get(stub, "s") == "node-b"
+    assert looked_up == ["s", "s"]
 
 
 def test_locations_are_forgotten_after_their_time_and_beyond_their_number() -> None:
