@@ -50,6 +50,8 @@ A_NODE = Principal("a petri node", frozenset())
 # does refusing a request unread (the transport buffered some of it); at most once a second.
 TRIM_AFTER_BYTES = 1 * MiB
 TRIM_DELAY_SECONDS = 1.0
+# How many (method, caller) handlers RequestGuard keeps made.
+MAX_GUARDED_HANDLERS = 4096
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,15 @@ class RequestBudget:
     def held(self) -> int:
         return self._held
 
-    @contextlib.asynccontextmanager
-    async def turn_to_read(self, caller: str) -> AsyncIterator[None]:
-        """Waits for a turn to read one request message, whose size is unknown until read."""
+    def turns_to_read(self, caller: str) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        """The caller's and the server's turns to read one request message (whose size is
+        unknown until read): a read holds one of each."""
         mine = self._caller_receives.get(caller)
         if mine is None:
             mine = self._caller_receives[caller] = asyncio.Semaphore(
                 self.limits.receives_per_caller
             )
-        async with mine, self._receives:
-            yield
+        return mine, self._receives
 
     def hold(self, caller: str, size: int) -> None:
         """Counts a request just read; ResourceExhausted if it would exceed a limit."""
@@ -183,6 +184,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._open_methods = dict(open_methods)
         self._count_requests = count_requests
         self._internal_methods = internal_methods
+        # The handler of each method for each caller, made once (it keeps nothing of a call).
+        self._guarded: dict[tuple[Handler, Principal], Handler] = {}
 
     def __repr__(self) -> str:
         return f"<RequestGuard tokens={self._tokens!r} {self._budget!r}>"
@@ -205,9 +208,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             except Unauthenticated as exc:
                 answer = self._open_methods.get(handler_call_details.method) or _refusal(exc)
                 return _unread(handler, answer, self._budget)
-        method = handler_call_details.method
-        counted = None if self._count_requests is None else self._count_requests(method)
-        return _guarded(handler, caller, self._budget, counted)
+        guarded = self._guarded.get((handler, caller))
+        if guarded is None:
+            if len(self._guarded) >= MAX_GUARDED_HANDLERS:  # tokens reloaded many times over
+                self._guarded.clear()
+            method = handler_call_details.method
+            counted = None if self._count_requests is None else self._count_requests(method)
+            guarded = _guarded(handler, caller, self._budget, counted)
+            self._guarded[(handler, caller)] = guarded
+        return guarded
 
 
 def _refusal(error: PetriError) -> OpenAnswer:
@@ -264,7 +273,8 @@ class _Reader:
     async def _read(self, context: Context) -> bytes | None:
         # context.read(), not the request iterator: a suspended iterator would keep the last
         # message it yielded alive, past the call.
-        async with self._budget.turn_to_read(self._caller):
+        mine, everyone = self._budget.turns_to_read(self._caller)
+        async with mine, everyone:
             message = await context.read()
         if message is grpc.aio.EOF:
             return None
@@ -272,9 +282,8 @@ class _Reader:
             self._counted()
         return cast(bytes, message)
 
-    @contextlib.asynccontextmanager
-    async def one(self, context: Context) -> AsyncIterator[Any]:
-        """A unary call's request, counted until the call ends."""
+    async def take(self, context: Context) -> tuple[Any, int]:
+        """A unary call's request and its size, counted: `release` it when the call ends."""
         raw = await self._read(context)
         if raw is None:  # gRPC refused it (too big), or the caller went away
             self._budget.trim_soon()
@@ -282,11 +291,22 @@ class _Reader:
         size = len(raw)
         self._budget.hold(self._caller, size)
         try:
-            request = self._parsed(raw)
-            del raw
+            return self._parsed(raw), size
+        except BaseException:
+            self.release(size)
+            raise
+
+    def release(self, size: int) -> None:
+        self._budget.release(self._caller, size)
+
+    @contextlib.asynccontextmanager
+    async def one(self, context: Context) -> AsyncIterator[Any]:
+        """A unary call's request, counted until the call ends."""
+        request, size = await self.take(context)
+        try:
             yield request
         finally:
-            self._budget.release(self._caller, size)
+            self.release(size)
 
     async def stream(self, context: Context) -> AsyncGenerator[Any, None]:
         """A stream's messages, each counted until the next is asked for."""
@@ -341,8 +361,15 @@ def _forget_frames(error: BaseException) -> None:
 
 
 async def _answer(reader: _Reader, inner: Behaviour, streaming: bool, context: Context) -> Any:
-    async with reader.argument(context, streaming) as argument:
-        return await inner(argument, context)
+    if streaming:
+        async with contextlib.aclosing(reader.stream(context)) as messages:
+            return await inner(messages, context)
+    # Not reader.one: a unary call is most calls, and this is its every step.
+    request, size = await reader.take(context)
+    try:
+        return await inner(request, context)
+    finally:
+        reader.release(size)
 
 
 def _guarded(

@@ -7,10 +7,16 @@ pumped one message at a time, each write awaited, so that a big transfer moves a
 the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
 the node; the node's initial metadata, status, details and trailing metadata (AIP-193 details in
 grpc-status-details-bin) come back unchanged.
+
+Which node holds a sandbox is read from the registry, then remembered for a few seconds
+(Locations) so that most calls make no round trip to the database: the node stays the authority,
+refusing a sandbox it does not hold before doing anything, and such a call goes once more to the
+node the registry names then.
 """
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
@@ -24,6 +30,7 @@ from controller.api.auth import ANYONE, Principal, current_caller
 from controller.api.interceptors import Context
 from controller.errors import (
     ERROR_INFO_TYPE_URL,
+    STATUS_DETAILS_KEY,
     InvalidArgument,
     PetriError,
     Unavailable,
@@ -66,6 +73,51 @@ def locate_in(registry: SandboxDirectory) -> Locate:
     return locate
 
 
+# How long the gateway goes by where it last found a sandbox, and for how many sandboxes.
+LOCATION_TTL_SECONDS = 10.0
+MAX_LOCATIONS = 10_000
+
+
+class Locations:
+    """Which node held each sandbox when last looked up, for a few seconds and a bounded number
+    of sandboxes: it spares most calls a round trip to the database. Trusted because the node
+    is the authority: one that does not hold a sandbox refuses the call without doing anything,
+    and the call then goes again where the registry says (Forwarder._relocated)."""
+
+    def __init__(
+        self,
+        ttl: float = LOCATION_TTL_SECONDS,
+        size: int = MAX_LOCATIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        # (project, sandbox id) -> (node, when it was looked up), oldest first.
+        self._held: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Locations {len(self._held)}>"
+
+    def get(self, sandbox: tuple[str, str]) -> str | None:
+        entry = self._held.get(sandbox)
+        if entry is None:
+            return None
+        if self._clock() - entry[1] > self._ttl:
+            del self._held[sandbox]
+            return None
+        return entry[0]
+
+    def put(self, sandbox: tuple[str, str], node: str) -> None:
+        self._held.pop(sandbox, None)  # to the end: the oldest go first
+        self._held[sandbox] = (node, self._clock())
+        while len(self._held) > self._size:
+            del self._held[next(iter(self._held))]
+
+    def forget(self, sandbox: tuple[str, str]) -> None:
+        self._held.pop(sandbox, None)
+
+
 # How long a call waits for a connection to its node before answering UNAVAILABLE.
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 # How many nodes a call that any node may answer (or a create) tries before giving up.
@@ -73,7 +125,10 @@ MAX_ATTEMPTS = 3
 NO_NODE = "no petri node is available; retry"
 # Request metadata that belongs to this hop's transport, not to the call.
 _HOP_KEYS = frozenset({"content-type", "te", "user-agent", "host", "authority"})
-_DETAILS_KEY = "grpc-status-details-bin"
+_DETAILS_KEY = STATUS_DETAILS_KEY
+# A node's refusals of a sandbox that is not (or no longer) its own: nothing was done.
+_NOT_HELD = "SANDBOX_ON_ANOTHER_NODE"
+_GONE = frozenset({"SANDBOX_NOT_FOUND", "SANDBOX_DELETED", "SANDBOX_EXPIRED"})
 
 
 @dataclass(frozen=True)
@@ -127,6 +182,38 @@ class _Plan:
     candidates: Sequence[NodeInfo]  # first choice first
     unreachable: str  # what to answer when none can be reached (nothing was forwarded)
     retry_unavailable: bool = False  # a create with a request_id: safe to make again elsewhere
+    sandbox: tuple[str, str] | None = None  # (project, id) of the sandbox it goes to the node of
+    remembered: bool = False  # that node is from the gateway's Locations, not the registry now
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a node's error ("" if it has none)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            try:
+                status = error_details_pb2.Status.FromString(value)
+                for detail in status.details:
+                    if detail.type_url == ERROR_INFO_TYPE_URL:
+                        return error_details_pb2.ErrorInfo.FromString(detail.value).reason
+            except DecodeError:
+                return ""
+    return ""
+
+
+def _not_held(error: grpc.aio.AioRpcError, plan: _Plan) -> bool:
+    """Whether a node refused the call because the sandbox is not its own, having done nothing:
+    it is on another node (moved, or deleted and made again there), or, where the gateway went
+    by what it remembered, gone from the registry (maybe made again since)."""
+    if plan.sandbox is None:
+        return False
+    code = error.code()
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return _reason(error) == _NOT_HELD
+    return plan.remembered and code is grpc.StatusCode.NOT_FOUND and _reason(error) in _GONE
+
+
+def _unreachable(holder: str) -> str:
+    return f"node {holder} holding the sandbox is not answering; retry"
 
 
 def _caller() -> Principal:
@@ -151,11 +238,12 @@ def _trailing(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
     )
 
 
-async def _pass_initial(context: Context, call: Any) -> None:
-    """Sends the caller the node's initial metadata, once per call, when it has any."""
+async def _pass_initial(context: Context, call: Any) -> bool:
+    """Sends the caller the node's initial metadata, once per call, when it has any (True)."""
     metadata = _trailing(await call.initial_metadata())
     if metadata:
         await context.send_initial_metadata(metadata)
+    return bool(metadata)
 
 
 async def _pass_status(context: Context, error: grpc.aio.AioRpcError) -> NoReturn:
@@ -197,6 +285,7 @@ class Forwarder:
         self._default_profile = default_profile
         self._default_runtime = default_runtime
         self._connect_timeout = connect_timeout
+        self._locations = Locations()
 
     def __repr__(self) -> str:
         return f"<Forwarder {self._directory!r}>"
@@ -239,7 +328,9 @@ class Forwarder:
             raise self._unavailable(NO_NODE)
         return _Plan(nodes, NO_NODE)
 
-    async def _plan(self, route: Route, first: bytes | None) -> _Plan:
+    async def _plan(self, route: Route, first: bytes | None, recall: bool = False) -> _Plan:
+        """Where a call goes; `recall`: by where the sandbox was lately, if the gateway knows
+        (only for a call that can be sent again: one whose request is a single message)."""
         if route.kind == "any" or first is None:  # no message: any node says what is missing
             return self._anywhere()
         if route.kind == "create":
@@ -252,18 +343,41 @@ class Forwarder:
             return self._anywhere()
         name = parse_sandbox_name(text)
         _caller().check_project(name.project)
+        sandbox = (name.project, name.sandbox_id)
+        holder = self._locations.get(sandbox) if recall else None
+        node = None if holder is None else self._directory.live(holder)
+        if holder is not None and node is not None:
+            return _Plan([node], _unreachable(holder), sandbox=sandbox, remembered=True)
         try:
-            holder = await self._locate(name.project, name.sandbox_id)
+            holder = await self._locate(*sandbox)
         except Exception as exc:  # the database's errors; nothing was forwarded
             log.warning("cannot locate a sandbox", name=str(name), error=str(exc)[:500])
             raise self._unavailable("the registry is not answering; retry") from None
         if holder is None:  # never existed, or deleted: any node answers from the registry
+            self._locations.forget(sandbox)
             return self._anywhere()
-        unreachable = f"node {holder} holding the sandbox is not answering; retry"
         node = self._directory.live(holder)
         if node is None:
-            raise self._unavailable(unreachable)
-        return _Plan([node], unreachable)
+            self._locations.forget(sandbox)
+            raise self._unavailable(_unreachable(holder))
+        self._locations.put(sandbox, holder)
+        return _Plan([node], _unreachable(holder), sandbox=sandbox)
+
+    async def _relocated(
+        self, route: Route, first: bytes, plan: _Plan, error: grpc.aio.AioRpcError
+    ) -> _Plan | None:
+        """Where a call goes again, once, after its node refused it as not holding the sandbox
+        (having done nothing): the node the registry names now. None, when it names none or the
+        same one: the node's answer stands."""
+        if not _not_held(error, plan):
+            return None
+        assert plan.sandbox is not None
+        self._locations.forget(plan.sandbox)
+        again = await self._plan(route, first)
+        if again.sandbox is None or again.candidates[0].name == plan.candidates[0].name:
+            return None
+        log.info("sandbox not on its node: sent again", refused_by=plan.candidates[0].name)
+        return again
 
     def _placement(self, first: bytes) -> _Plan:
         try:
@@ -304,6 +418,8 @@ class Forwarder:
                     self._metrics.reached.inc()
                 return channel
             log.warning("node not answering", node=node.name, address=node.address)
+        if plan.sandbox is not None:  # the next call looks the sandbox up again
+            self._locations.forget(plan.sandbox)
         raise self._unavailable(plan.unreachable)
 
     # --- the four kinds of calls ---------------------------------------------------------------
@@ -311,7 +427,7 @@ class Forwarder:
     def _unary_unary(self, path: str, route: Route) -> Callable[[bytes, Context], Any]:
         async def forward(request: bytes, context: Context) -> bytes:
             try:
-                plan = await self._plan(route, request)
+                plan = await self._plan(route, request, recall=True)
                 untried = list(plan.candidates)
                 relocated = False
                 while True:
@@ -325,21 +441,21 @@ class Forwarder:
                     try:
                         response: bytes = await call
                     except grpc.aio.AioRpcError as error:
-                        if not relocated and route.kind == "sandbox" and _moved(error):
-                            # It moved (a drain) while the call was on its way: the node
-                            # refused before doing anything, so its new node takes the call.
-                            relocated = True
-                            log.info("a sandbox moved: the call goes to its new node")
-                            plan = await self._plan(route, request)
-                            untried = list(plan.candidates)
-                            continue
                         retry = plan.retry_unavailable and untried
                         if retry and error.code() is grpc.StatusCode.UNAVAILABLE:
                             log.warning("create unavailable: retrying on another node")
                             if self._metrics is not None:
                                 self._metrics.retried.inc()
                             continue
-                        await _pass_status(context, error)
+                        again = (
+                            None
+                            if relocated
+                            else await self._relocated(route, request, plan, error)
+                        )
+                        if again is None:
+                            await _pass_status(context, error)
+                        plan, untried, relocated = again, list(again.candidates), True
+                        continue
                     await _pass_initial(context, call)
                     context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                     return response
@@ -350,24 +466,41 @@ class Forwarder:
 
     def _unary_stream(self, path: str, route: Route) -> Callable[[bytes, Context], Any]:
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            relocated = False
             try:
-                plan = await self._plan(route, request)
-                channel = await self._connect(plan, list(plan.candidates), context)
+                plan: _Plan | None = await self._plan(route, request, recall=True)
             except PetriError as error:
                 await _refuse(context, error)
-            method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
-            call = method(request, timeout=context.time_remaining(), metadata=_outgoing(context))
-            del request
-            try:
-                await _pass_initial(context, call)
-                async for response in call:  # the next is read once this one is sent on
-                    yield response
-                    del response
-                context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
-            except grpc.aio.AioRpcError as error:
-                await _pass_status(context, error)
-            finally:
-                call.cancel()  # the caller went away: so does the node's call
+            while plan is not None:
+                try:
+                    channel = await self._connect(plan, list(plan.candidates), context)
+                except PetriError as error:
+                    await _refuse(context, error)
+                method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+                call = method(
+                    request, timeout=context.time_remaining(), metadata=_outgoing(context)
+                )
+                answered = False  # once the caller has had anything, the call cannot go again
+                try:
+                    answered = await _pass_initial(context, call)
+                    async for response in call:  # the next is read once this one is sent on
+                        answered = True
+                        yield response
+                        del response
+                    context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
+                    return
+                except grpc.aio.AioRpcError as error:
+                    if answered or relocated:
+                        await _pass_status(context, error)
+                    try:
+                        plan = await self._relocated(route, request, plan, error)
+                    except PetriError as refusal:
+                        await _refuse(context, refusal)
+                    if plan is None:
+                        await _pass_status(context, error)
+                    relocated = True
+                finally:
+                    call.cancel()  # the caller went away: so does the node's call
 
         return forward
 
@@ -459,24 +592,6 @@ async def _send_all(
     except PetriError:
         call.cancel()
         raise
-
-
-def _moved(error: grpc.aio.AioRpcError) -> bool:
-    """Whether a node refused a call because another node holds the sandbox (it moved)."""
-    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
-        return False
-    raw = dict(_trailing(error.trailing_metadata())).get(_DETAILS_KEY)
-    if not isinstance(raw, bytes):
-        return False
-    try:
-        status = error_details_pb2.Status.FromString(raw)
-        for detail in status.details:
-            if detail.type_url == ERROR_INFO_TYPE_URL:
-                info = error_details_pb2.ErrorInfo.FromString(detail.value)
-                return info.reason == "SANDBOX_ON_ANOTHER_NODE"
-    except DecodeError:
-        return False
-    return False
 
 
 def _failure_of(task: asyncio.Task[None]) -> PetriError | None:

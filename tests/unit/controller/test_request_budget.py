@@ -46,7 +46,8 @@ async def test_a_caller_waits_for_its_turn_to_send() -> None:
     done_reading = asyncio.Event()
 
     async def read(caller: str, started: asyncio.Event, until: asyncio.Event) -> None:
-        async with budget.turn_to_read(caller):
+        mine, everyone = budget.turns_to_read(caller)
+        async with mine, everyone:
             started.set()
             await until.wait()
 
