@@ -264,7 +264,11 @@ class SandboxManager:
             raise await self._lookup.not_found(name)
         if not record.given_up:  # one given up has nothing left on its node: any may end it
             check_held(record, self._lookup.node)
-        await asyncio.shield(asyncio.ensure_future(self._end(record, "deleted")))
+        if not await asyncio.shield(asyncio.ensure_future(self._end(record, "deleted"))):
+            # Deleted meanwhile (done), or moved to another node by a drain: that node ends it.
+            current = await self._registry.get_live(name.project, name.sandbox_id)
+            if current is not None and current.uid == record.uid:
+                check_held(current, record.node)
 
     async def expire(self, record: SandboxRecord) -> None:
         """Ends a sandbox whose time is up (the reaper's call): its tombstone says so; a warm
@@ -276,9 +280,11 @@ class SandboxManager:
             return
         await asyncio.shield(asyncio.ensure_future(self._end(record, "expired")))
 
-    async def _end(self, record: SandboxRecord, reason: str) -> None:
-        await self._lifecycle.deprovision(record, reason)
+    async def _end(self, record: SandboxRecord, reason: str) -> bool:
+        if not await self._lifecycle.deprovision(record, reason):
+            return False
         self._queues.forget(record.uid)
+        return True
 
     async def pause(self, name: SandboxName) -> SandboxRecord:
         return await self._hibernation.pause(name)

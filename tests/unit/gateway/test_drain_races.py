@@ -1,0 +1,118 @@
+"""A drain's moves racing other calls, and crashes, in the fast tier (two real nodes on a fake
+podman and stand-in executors, a real PostgreSQL): a delete or an expiry that read the sandbox
+before it moved does not end it on its new node; a replayed take-over does not remove the
+copy that the first one kept; a checkpoint file no sandbox of the node names (a crash
+mid-move) goes at the node's next start."""
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.records import SandboxRecord, State
+from controller.store.nodes import PostgresNodes
+from controller.store.postgres import PostgresRegistry
+from petri.v1 import sandbox_pb2
+from tests.postgres import fresh_database
+from tests.unit.controller.fake_runtime import FakeRuntime
+from tests.unit.controller.inprocess import (
+    PROFILE,
+    PROJECT,
+    REPOSITORY,
+    Petri,
+    eventually,
+    expect,
+    serving,
+    short_runtime_dir,
+)
+from tests.unit.controller.test_nodes import node_config
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[str]:
+    yield from fresh_database(postgres_url)
+
+
+@dataclass
+class Pair:
+    a: Petri
+    b: Petri
+    registry: PostgresRegistry  # the test's own view of the shared registry
+    nodes: PostgresNodes
+    runtime: FakeRuntime
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(tmp_path: Path, database: str) -> AsyncIterator[Pair]:
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    registry = PostgresRegistry(database)
+    try:
+        with short_runtime_dir() as dir_a, short_runtime_dir() as dir_b:
+            async with (
+                serving(node_config(tmp_path, database, "a", dir_a), runtime) as a,
+                serving(node_config(tmp_path, database, "b", dir_b), runtime) as b,
+            ):
+                await registry.open()
+                yield Pair(a, b, registry, PostgresNodes(registry), runtime)
+    finally:
+        await registry.close()
+        await runtime.shutdown()
+
+
+async def live(registry: PostgresRegistry, sandbox_id: str) -> SandboxRecord:
+    record = await registry.get_live(PROJECT, sandbox_id)
+    assert record is not None, sandbox_id
+    return record
+
+
+def checkpoint(tmp_path: Path, node: str, uid: str) -> Path:
+    return tmp_path / node / "checkpoints" / f"{uid}.ckpt"
+
+
+async def test_a_delete_or_expiry_that_read_the_sandbox_before_it_moved_leaves_it_to_its_node(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_nodes(tmp_path, database) as pair:
+        a, b, registry = pair.a, pair.b, pair.registry
+        made = await a.create("s")
+        stale = await live(registry, "s")
+        assert stale.node == "a"
+        assert await pair.nodes.set_draining("a", True)
+
+        async def on_b() -> SandboxRecord | None:
+            record = await live(registry, "s")
+            return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        moved = await eventually(on_b, "the sandbox to run on B")
+        assert await pair.nodes.set_draining("a", False)
+
+        # A's reaper read it expired on A before the switch, and ends it after.
+        await a.controller.manager.expire(stale)
+        # A's DeleteSandbox read it on A before the switch, and deletes it after: refused as
+        # held by B (a gateway sends it there), rather than ending B's sandbox from A.
+        real_get_live = a.controller.registry.get_live
+        reads: list[str] = []
+
+        async def stale_first(project: str, sandbox_id: str) -> SandboxRecord | None:
+            reads.append(sandbox_id)
+            return stale if len(reads) == 1 else await real_get_live(project, sandbox_id)
+
+        monkeypatch.setattr(a.controller.registry, "get_live", stale_first)
+        await expect(
+            a.stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(name=made.name)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "held by node b",
+            "nothing was done",
+            "calling again through a gateway",
+        )
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("b", State.RUNNING)
+        assert record.container_name == moved.container_name
+        assert record.container_name in pair.runtime.containers
+        assert checkpoint(tmp_path, "b", made.uid).is_file()
+        await b.delete(made.name)  # its node ends it
+        assert await registry.get_live(PROJECT, "s") is None
+        assert record.container_name not in pair.runtime.containers
