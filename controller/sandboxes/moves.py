@@ -149,6 +149,9 @@ class Mover:
         # moved yet (by uid: its name, why, when to try again).
         self.moved = 0
         self._failed: dict[str, tuple[str, str, datetime]] = {}
+        # The sandboxes this node is taking over now: one call per move (a replayed one
+        # would write over the file, and remove it when its take-over fails).
+        self._receiving: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Mover node={self._node!r} draining={self.draining} moved={self.moved}>"
@@ -348,6 +351,25 @@ class Mover:
             raise PermissionDenied(
                 "no move of that sandbox to this node has that token (or it is over)"
             )
+        if uid in self._receiving:
+            raise FailedPrecondition(f"sandbox {name} is being taken over by another call")
+        self._receiving.add(uid)
+        try:
+            await self._take_over(uid, name, token, move, data)
+        finally:
+            self._receiving.discard(uid)
+        if move.resume:
+            await self._resume_here(name)
+
+    async def _take_over(
+        self,
+        uid: str,
+        name: SandboxName,
+        token: str,
+        move: MoveSeen,
+        data: AsyncIterator[bytes],
+    ) -> None:
+        assert self._ledger is not None
         record = await self._registry.get_live(name.project, name.sandbox_id)
         if record is None or record.uid != uid:
             raise InvalidArgument(f"sandbox {name} is not the sandbox being moved")
@@ -362,8 +384,6 @@ class Mover:
             raise FailedPrecondition(f"sandbox {name} changed while it moved: not taken over")
         self._queues.arrived(uid)
         log.info("sandbox taken over", sandbox=str(name), source=move.source)
-        if move.resume:
-            await self._resume_here(name)
 
     async def _keep_checkpoint(self, record: SandboxRecord, data: AsyncIterator[bytes]) -> None:
         disk = record.spec.resources.disk_bytes or self._config.workspace_size

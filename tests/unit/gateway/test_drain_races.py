@@ -4,14 +4,18 @@ before it moved does not end it on its new node; a replayed take-over does not r
 copy that the first one kept; a checkpoint file no sandbox of the node names (a crash
 mid-move) goes at the node's next start."""
 
+import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
+from controller.errors import FailedPrecondition
 from controller.records import SandboxRecord, State
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
@@ -29,6 +33,8 @@ from tests.unit.controller.inprocess import (
     short_runtime_dir,
 )
 from tests.unit.controller.test_nodes import node_config
+
+TOKEN = "k" * 43
 
 
 @pytest.fixture
@@ -116,3 +122,44 @@ async def test_a_delete_or_expiry_that_read_the_sandbox_before_it_moved_leaves_i
         await b.delete(made.name)  # its node ends it
         assert await registry.get_live(PROJECT, "s") is None
         assert record.container_name not in pair.runtime.containers
+
+
+async def test_a_replayed_take_over_does_not_remove_the_copy_the_first_one_kept(
+    tmp_path: Path, database: str
+) -> None:
+    async with two_nodes(tmp_path, database) as pair:
+        a, b = pair.a, pair.b
+        made = await a.create("s")
+        await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
+        data = checkpoint(tmp_path, "a", made.uid).read_bytes()
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO moves (uid, source, target, token_hash, resume) "
+                "VALUES (%s, 'a', 'b', %s, false)",
+                (made.uid, hashlib.sha256(TOKEN.encode()).hexdigest()),
+            )
+        first_in, replayed = asyncio.Event(), asyncio.Event()
+
+        async def first() -> AsyncIterator[bytes]:
+            yield data[:100]
+            first_in.set()
+            await replayed.wait()  # the replay went as far as it could meanwhile
+            yield data[100:]
+
+        async def replay() -> AsyncIterator[bytes]:
+            replayed.set()
+            yield data
+
+        receive = b.controller.manager.receive_move
+        call = asyncio.ensure_future(receive(made.uid, made.name, TOKEN, first()))
+        await first_in.wait()
+        second = asyncio.ensure_future(receive(made.uid, made.name, TOKEN, replay()))
+        second.add_done_callback(lambda _: replayed.set())
+        await call
+        with pytest.raises(FailedPrecondition):
+            await second
+        record = await live(pair.registry, "s")
+        assert (record.node, record.state) == ("b", State.PAUSED)
+        assert checkpoint(tmp_path, "b", made.uid).read_bytes() == data
+        ran = await b.execute(made.name, "after")  # resumes on B from its copy
+        assert not ran.HasField("error"), ran
