@@ -7,6 +7,7 @@ mid-move) goes at the node's next start."""
 import asyncio
 import contextlib
 import hashlib
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,3 +164,32 @@ async def test_a_replayed_take_over_does_not_remove_the_copy_the_first_one_kept(
         assert checkpoint(tmp_path, "b", made.uid).read_bytes() == data
         ran = await b.execute(made.name, "after")  # resumes on B from its copy
         assert not ran.HasField("error"), ran
+
+
+async def test_a_checkpoint_no_sandbox_of_the_node_names_goes_at_its_next_start(
+    tmp_path: Path, database: str
+) -> None:
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as dir_a, short_runtime_dir() as dir_b:
+            config_b = node_config(tmp_path, database, "b", dir_b)
+            async with serving(node_config(tmp_path, database, "a", dir_a), runtime) as a:
+                async with serving(config_b, runtime) as b:
+                    moving = await a.create("moving")
+                    own = await b.create("own")
+                    for node, sandbox in ((a, moving), (b, own)):
+                        await node.stub.PauseSandbox(
+                            sandbox_pb2.PauseSandboxRequest(name=sandbox.name)
+                        )
+                # B crashed after writing its copy of A's sandbox, before the switch.
+                orphan = checkpoint(tmp_path, "b", moving.uid)
+                shutil.copy(checkpoint(tmp_path, "a", moving.uid), orphan)
+                async with serving(config_b, runtime) as b:
+                    assert not orphan.exists()
+                    assert checkpoint(tmp_path, "b", own.uid).is_file()
+                    assert checkpoint(tmp_path, "a", moving.uid).is_file()
+                    for node, sandbox in ((a, moving), (b, own)):
+                        ran = await node.execute(sandbox.name, "after")
+                        assert not ran.HasField("error"), ran
+    finally:
+        await runtime.shutdown()
