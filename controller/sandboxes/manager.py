@@ -150,6 +150,7 @@ class SandboxManager:
             self._queues,
             self._pool,
             clock,
+            self._policy.check_runnable,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints

@@ -36,7 +36,7 @@ from controller.config import Config
 from controller.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from controller.names import SandboxName, parse_sandbox_name
 from controller.placement import placement_order
-from controller.records import SandboxRecord, State
+from controller.records import SandboxRecord, Spec, State
 from controller.sandboxes.hibernation import CHECKPOINT_SLACK_BYTES, Hibernation
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.shielding import shielded
@@ -129,8 +129,12 @@ class Mover:
         queues: Queues,
         pool: WarmPool,
         clock: Callable[[], datetime],
+        check_runnable: Callable[[Spec], None],
     ) -> None:
+        """`check_runnable` raises when this node cannot run a sandbox of that spec (its
+        runtime, its resources: SpecPolicy.check_runnable)."""
         self._config = config
+        self._check_runnable = check_runnable
         self._node = config.node_name if config.role == "node" else ""
         self._registry = registry
         self._checkpoints = checkpoints
@@ -377,6 +381,7 @@ class Mover:
             raise FailedPrecondition(
                 f"sandbox {name} is not PAUSED on node {move.source} any more: not taken over"
             )
+        self._check_runnable(record.spec)  # else it would be stranded here, never resumed
         await self._keep_checkpoint(record, data)
         now = self._clock()
         if not await shielded(self._ledger.take_over(uid, token, self._node, now)):

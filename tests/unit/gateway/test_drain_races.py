@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import shutil
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from controller.errors import FailedPrecondition
-from controller.records import SandboxRecord, State
+from controller.records import Runtime, SandboxRecord, State
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
 from petri.v1 import sandbox_pb2
@@ -193,3 +193,33 @@ async def test_a_checkpoint_no_sandbox_of_the_node_names_goes_at_its_next_start(
                         assert not ran.HasField("error"), ran
     finally:
         await runtime.shutdown()
+
+
+async def test_a_node_that_cannot_run_a_sandbox_does_not_take_it_over(
+    tmp_path: Path, database: str
+) -> None:
+    """A gVisor sandbox drained to a node without gVisor (the fast tier has none: the row
+    says GVISOR) stays on its node, and the drain report says why, rather than being stranded
+    on a node that fails every resume."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        made = await a.create("s")
+        await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
+        record = await live(registry, "s")
+        gvisor = replace(record.spec, runtime=Runtime.GVISOR)
+        assert await registry.set_fields(record.uid, spec=gvisor)
+        assert await pair.nodes.set_draining("a", True)
+
+        async def failures() -> dict[str, str] | None:
+            progress = await pair.nodes.drain_progress("a")
+            assert progress is not None
+            return dict(progress.report.get("failed", {})) or None
+
+        failed = await eventually(failures, "a's drain to report the failed move")
+        assert "runtime GVISOR is not available" in failed[made.name], failed
+        assert await pair.nodes.set_draining("a", False)
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("a", State.PAUSED)
+        assert record.spec.runtime is Runtime.GVISOR
+        assert checkpoint(tmp_path, "a", made.uid).is_file()
+        assert not checkpoint(tmp_path, "b", made.uid).exists()
