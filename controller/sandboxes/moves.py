@@ -33,10 +33,16 @@ from typing import Any, Protocol
 import structlog
 
 from controller.config import Config
-from controller.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from controller.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from controller.names import SandboxName, parse_sandbox_name
 from controller.placement import placement_order
-from controller.records import SandboxRecord, Spec, State
+from controller.records import PUBLIC_STATES, SandboxRecord, Spec, State
 from controller.sandboxes.hibernation import CHECKPOINT_SLACK_BYTES, Hibernation
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.shielding import shielded
@@ -382,6 +388,7 @@ class Mover:
                 f"sandbox {name} is not PAUSED on node {move.source} any more: not taken over"
             )
         self._check_runnable(record.spec)  # else it would be stranded here, never resumed
+        await self._check_room()
         await self._keep_checkpoint(record, data)
         now = self._clock()
         if not await shielded(self._ledger.take_over(uid, token, self._node, now)):
@@ -389,6 +396,18 @@ class Mover:
             raise FailedPrecondition(f"sandbox {name} changed while it moved: not taken over")
         self._queues.arrived(uid)
         log.info("sandbox taken over", sandbox=str(name), source=move.source)
+
+    async def _check_room(self) -> None:
+        """The source placed the sandbox by heartbeated figures, maybe old ones (several moves
+        in one heartbeat): this node's own count is the one that holds."""
+        most = self._config.max_sandboxes_per_node
+        if not most:
+            return
+        counts = await self._registry.count_by_state()
+        if sum(counts.get(state, 0) for state in PUBLIC_STATES) >= most:
+            raise ResourceExhausted(
+                f"node {self._node} holds its most sandboxes ({most}): not taken over"
+            )
 
     async def _keep_checkpoint(self, record: SandboxRecord, data: AsyncIterator[bytes]) -> None:
         disk = record.spec.resources.disk_bytes or self._config.workspace_size

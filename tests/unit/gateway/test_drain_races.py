@@ -11,12 +11,13 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
 import pytest
 
-from controller.errors import FailedPrecondition
+from controller.errors import FailedPrecondition, ResourceExhausted
 from controller.records import Runtime, SandboxRecord, State
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
@@ -53,14 +54,15 @@ class Pair:
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(tmp_path: Path, database: str) -> AsyncIterator[Pair]:
+async def two_nodes(tmp_path: Path, database: str, **b_config: Any) -> AsyncIterator[Pair]:
     runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
     registry = PostgresRegistry(database)
     try:
         with short_runtime_dir() as dir_a, short_runtime_dir() as dir_b:
+            config_b = replace(node_config(tmp_path, database, "b", dir_b), **b_config)
             async with (
                 serving(node_config(tmp_path, database, "a", dir_a), runtime) as a,
-                serving(node_config(tmp_path, database, "b", dir_b), runtime) as b,
+                serving(config_b, runtime) as b,
             ):
                 await registry.open()
                 yield Pair(a, b, registry, PostgresNodes(registry), runtime)
@@ -77,6 +79,20 @@ async def live(registry: PostgresRegistry, sandbox_id: str) -> SandboxRecord:
 
 def checkpoint(tmp_path: Path, node: str, uid: str) -> Path:
     return tmp_path / node / "checkpoints" / f"{uid}.ckpt"
+
+
+async def move_to_b(database: str, uid: str) -> None:
+    """A move of sandbox `uid` from A to B with TOKEN, as A records one."""
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO moves (uid, source, target, token_hash, resume) "
+            "VALUES (%s, 'a', 'b', %s, false)",
+            (uid, hashlib.sha256(TOKEN.encode()).hexdigest()),
+        )
+
+
+async def one_piece(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def test_a_delete_or_expiry_that_read_the_sandbox_before_it_moved_leaves_it_to_its_node(
@@ -133,12 +149,7 @@ async def test_a_replayed_take_over_does_not_remove_the_copy_the_first_one_kept(
         made = await a.create("s")
         await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
         data = checkpoint(tmp_path, "a", made.uid).read_bytes()
-        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            await conn.execute(
-                "INSERT INTO moves (uid, source, target, token_hash, resume) "
-                "VALUES (%s, 'a', 'b', %s, false)",
-                (made.uid, hashlib.sha256(TOKEN.encode()).hexdigest()),
-            )
+        await move_to_b(database, made.uid)
         first_in, replayed = asyncio.Event(), asyncio.Event()
 
         async def first() -> AsyncIterator[bytes]:
@@ -222,4 +233,23 @@ async def test_a_node_that_cannot_run_a_sandbox_does_not_take_it_over(
         assert (record.node, record.state) == ("a", State.PAUSED)
         assert record.spec.runtime is Runtime.GVISOR
         assert checkpoint(tmp_path, "a", made.uid).is_file()
+        assert not checkpoint(tmp_path, "b", made.uid).exists()
+
+
+async def test_a_node_full_by_its_own_count_does_not_take_a_sandbox_over(
+    tmp_path: Path, database: str
+) -> None:
+    """The source placed it by heartbeated figures, which may be older than the moves it made
+    since: the target counts its own."""
+    async with two_nodes(tmp_path, database, max_sandboxes_per_node=1) as pair:
+        a, b = pair.a, pair.b
+        await b.create("own")
+        made = await a.create("s")
+        await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
+        data = checkpoint(tmp_path, "a", made.uid).read_bytes()
+        await move_to_b(database, made.uid)
+        with pytest.raises(ResourceExhausted, match="holds its most sandboxes"):
+            await b.controller.manager.receive_move(made.uid, made.name, TOKEN, one_piece(data))
+        record = await live(pair.registry, "s")
+        assert (record.node, record.state) == ("a", State.PAUSED)
         assert not checkpoint(tmp_path, "b", made.uid).exists()
