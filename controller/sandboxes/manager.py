@@ -27,7 +27,7 @@ from controller.clock import utcnow
 from controller.config import Config
 from controller.metrics import Metrics
 from controller.names import SandboxName
-from controller.records import SandboxRecord
+from controller.records import SandboxRecord, Spec
 from controller.runtime.container import ContainerRuntime, HostCapabilities
 from controller.sandboxes.creation import Creation
 from controller.sandboxes.execution import Executions
@@ -150,7 +150,7 @@ class SandboxManager:
             self._queues,
             self._pool,
             clock,
-            self._policy.check_runnable,
+            self._check_runnable,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
@@ -220,6 +220,11 @@ class SandboxManager:
     ) -> None:
         """Takes over a sandbox another node moves here (see Mover.receive)."""
         await self._mover.receive(uid, name, token, data)
+
+    async def _check_runnable(self, spec: Spec) -> None:
+        """That this node can run a sandbox of `spec` that another node made."""
+        self._policy.check_runnable(spec)
+        await self._images.require(spec.image_profile)
 
     async def check_containers(self) -> None:
         await self._reconciler.check_containers()

@@ -26,7 +26,7 @@ import asyncio
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -135,10 +135,10 @@ class Mover:
         queues: Queues,
         pool: WarmPool,
         clock: Callable[[], datetime],
-        check_runnable: Callable[[Spec], None],
+        check_runnable: Callable[[Spec], Awaitable[None]],
     ) -> None:
         """`check_runnable` raises when this node cannot run a sandbox of that spec (its
-        runtime, its resources: SpecPolicy.check_runnable)."""
+        runtime, its image, its resources)."""
         self._config = config
         self._check_runnable = check_runnable
         self._node = config.node_name if config.role == "node" else ""
@@ -387,7 +387,7 @@ class Mover:
             raise FailedPrecondition(
                 f"sandbox {name} is not PAUSED on node {move.source} any more: not taken over"
             )
-        self._check_runnable(record.spec)  # else it would be stranded here, never resumed
+        await self._check_runnable(record.spec)  # else stranded here, never resumed
         await self._check_room()
         await self._keep_checkpoint(record, data)
         now = self._clock()

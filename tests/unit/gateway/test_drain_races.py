@@ -206,19 +206,26 @@ async def test_a_checkpoint_no_sandbox_of_the_node_names_goes_at_its_next_start(
         await runtime.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ({"runtime": Runtime.GVISOR}, "runtime GVISOR is not available"),
+        ({"image_profile": "elsewhere"}, "image profile 'elsewhere' is not available"),
+    ],
+)
 async def test_a_node_that_cannot_run_a_sandbox_does_not_take_it_over(
-    tmp_path: Path, database: str
+    tmp_path: Path, database: str, spec: dict[str, Any], why: str
 ) -> None:
     """A gVisor sandbox drained to a node without gVisor (the fast tier has none: the row
-    says GVISOR) stays on its node, and the drain report says why, rather than being stranded
-    on a node that fails every resume."""
+    says GVISOR), or one of an image profile the node has no image of, stays on its node, and
+    the drain report says why, rather than being stranded on a node that fails every resume."""
     async with two_nodes(tmp_path, database) as pair:
         a, registry = pair.a, pair.registry
         made = await a.create("s")
         await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
         record = await live(registry, "s")
-        gvisor = replace(record.spec, runtime=Runtime.GVISOR)
-        assert await registry.set_fields(record.uid, spec=gvisor)
+        unrunnable = replace(record.spec, **spec)
+        assert await registry.set_fields(record.uid, spec=unrunnable)
         assert await pair.nodes.set_draining("a", True)
 
         async def failures() -> dict[str, str] | None:
@@ -227,11 +234,10 @@ async def test_a_node_that_cannot_run_a_sandbox_does_not_take_it_over(
             return dict(progress.report.get("failed", {})) or None
 
         failed = await eventually(failures, "a's drain to report the failed move")
-        assert "runtime GVISOR is not available" in failed[made.name], failed
+        assert why in failed[made.name], failed
         assert await pair.nodes.set_draining("a", False)
         record = await live(registry, "s")
-        assert (record.node, record.state) == ("a", State.PAUSED)
-        assert record.spec.runtime is Runtime.GVISOR
+        assert (record.node, record.state, record.spec) == ("a", State.PAUSED, unrunnable)
         assert checkpoint(tmp_path, "a", made.uid).is_file()
         assert not checkpoint(tmp_path, "b", made.uid).exists()
 
