@@ -218,6 +218,10 @@ class Mover:
         assert self._nodes is not None
         try:
             movable = [r for r in await self._registry.list_live() if r.state in MOVABLE]
+            # Those running a call last: a move waits for it (maybe an hour's execution), and
+            # the others need not wait as well.
+            busy = set(self._queues.busy())
+            movable.sort(key=lambda record: record.uid in busy)
             for record in movable:
                 if not self.draining or self._stopping:
                     break

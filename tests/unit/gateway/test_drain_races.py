@@ -34,6 +34,7 @@ from tests.unit.controller.inprocess import (
     serving,
     short_runtime_dir,
 )
+from tests.unit.controller.standin_executor import Hang
 from tests.unit.controller.test_nodes import node_config
 
 TOKEN = "k" * 43
@@ -259,3 +260,35 @@ async def test_a_node_full_by_its_own_count_does_not_take_a_sandbox_over(
         record = await live(pair.registry, "s")
         assert (record.node, record.state) == ("a", State.PAUSED)
         assert not checkpoint(tmp_path, "b", made.uid).exists()
+
+
+async def test_a_drain_moves_the_idle_sandboxes_without_waiting_for_a_busy_one(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox running a long execution is moved after it ends; the others do not wait."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        hang = Hang()
+        pair.runtime.scripts["hang"] = hang
+        busy = await a.create("busy")
+        await a.create("idle")
+        running = asyncio.ensure_future(a.execute(busy.name, "hang"))
+        await hang.began.wait()
+        real_list_live = a.controller.registry.list_live
+
+        async def busy_first() -> list[SandboxRecord]:  # the order is the database's
+            return sorted(await real_list_live(), key=lambda r: r.uid != busy.uid)
+
+        monkeypatch.setattr(a.controller.registry, "list_live", busy_first)
+        assert await pair.nodes.set_draining("a", True)
+
+        async def on_b(sandbox_id: str) -> SandboxRecord | None:
+            record = await live(registry, sandbox_id)
+            return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        await eventually(lambda: on_b("idle"), "the idle sandbox to run on B")
+        assert (await live(registry, "busy")).node == "a"
+        assert not running.done()
+        running.cancel()  # its caller leaves: the execution ends, and the move goes on
+        await hang.interrupted.wait()
+        await eventually(lambda: on_b("busy"), "the busy sandbox to run on B")
