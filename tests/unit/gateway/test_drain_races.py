@@ -10,6 +10,7 @@ import hashlib
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from controller.errors import FailedPrecondition, ResourceExhausted
 from controller.records import Runtime, SandboxRecord, State
+from controller.sandboxes import moves
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
 from petri.v1 import sandbox_pb2
@@ -292,3 +294,34 @@ async def test_a_drain_moves_the_idle_sandboxes_without_waiting_for_a_busy_one(
         running.cancel()  # its caller leaves: the execution ends, and the move goes on
         await hang.interrupted.wait()
         await eventually(lambda: on_b("busy"), "the busy sandbox to run on B")
+
+
+async def test_a_sandbox_whose_pause_fails_stays_running_on_its_node_until_it_can_be_saved(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(moves, "MOVE_RETRY_AFTER", timedelta(0))  # tried again each round
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        made = await a.create("s")
+        executor = await a.executor(made.name)
+        executor.checkpoint_failure = grpc.StatusCode.UNAVAILABLE  # it cannot be saved
+        assert await pair.nodes.set_draining("a", True)
+
+        async def failures() -> dict[str, str] | None:
+            progress = await pair.nodes.drain_progress("a")
+            assert progress is not None
+            return dict(progress.report.get("failed", {})) or None
+
+        failed = await eventually(failures, "a's drain to report the failed pause")
+        assert "did not complete the checkpoint" in failed[made.name], failed
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("a", State.RUNNING)
+        ran = await a.execute(made.name, "meanwhile")
+        assert not ran.HasField("error"), ran
+        executor.checkpoint_failure = None
+
+        async def on_b() -> SandboxRecord | None:
+            record = await live(registry, "s")
+            return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        await eventually(on_b, "the sandbox to run on B once it could be saved")
