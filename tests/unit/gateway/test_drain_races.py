@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.protobuf import duration_pb2
 
 from controller.errors import FailedPrecondition, ResourceExhausted
 from controller.records import Runtime, SandboxRecord, State
@@ -325,3 +326,37 @@ async def test_a_sandbox_whose_pause_fails_stays_running_on_its_node_until_it_ca
             return record if (record.node, record.state) == ("b", State.RUNNING) else None
 
         await eventually(on_b, "the sandbox to run on B once it could be saved")
+
+
+async def test_a_moved_sandbox_keeps_its_settings_and_counts_once_in_its_project(
+    tmp_path: Path, database: str
+) -> None:
+    async with two_nodes(tmp_path, database) as pair:
+        a, b, registry = pair.a, pair.b, pair.registry
+        made = await a.create(
+            "s",
+            display_name="mine",
+            labels={"team": "x"},
+            ttl=duration_pb2.Duration(seconds=3600),
+            auto_pause_after=duration_pb2.Duration(seconds=600),
+            spec=sandbox_pb2.SandboxSpec(
+                resources=sandbox_pb2.Resources(memory_bytes=300 << 20, max_processes=100)
+            ),
+        )
+        before = await live(registry, "s")
+        assert await pair.nodes.set_draining("a", True)
+
+        async def on_b() -> SandboxRecord | None:
+            record = await live(registry, "s")
+            return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        after = await eventually(on_b, "the sandbox to run on B")
+        kept = ("uid", "display_name", "labels", "spec", "create_time", "expire_time")
+        assert [getattr(after, f) for f in kept] == [getattr(before, f) for f in kept]
+        assert after.auto_pause_after == before.auto_pause_after == timedelta(minutes=10)
+        assert dict(after.labels) == {"team": "x"}
+        assert after.spec.resources.memory_bytes == 300 << 20
+        got = await b.get(made.name)
+        assert (got.display_name, dict(got.labels)) == ("mine", {"team": "x"})
+        assert await registry.count_live(PROJECT) == 1
+        assert await b.names() == await a.names() == [made.name]
