@@ -360,3 +360,33 @@ async def test_a_moved_sandbox_keeps_its_settings_and_counts_once_in_its_project
         assert (got.display_name, dict(got.labels)) == ("mine", {"team": "x"})
         assert await registry.count_live(PROJECT) == 1
         assert await b.names() == await a.names() == [made.name]
+
+
+async def test_two_nodes_drained_at_once_keep_their_sandboxes_rather_than_swap_them(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(moves, "MOVE_RETRY_AFTER", timedelta(0))  # tried again each round
+    async with two_nodes(tmp_path, database) as pair:
+        a, b, registry = pair.a, pair.b, pair.registry
+        on_a, on_b = await a.create("on-a"), await b.create("on-b")
+        assert await pair.nodes.set_draining("a", True)
+        assert await pair.nodes.set_draining("b", True)
+        for node, sandbox in (("a", on_a), ("b", on_b)):
+
+            async def failures(node: str = node) -> dict[str, str] | None:
+                progress = await pair.nodes.drain_progress(node)
+                assert progress is not None
+                return dict(progress.report.get("failed", {})) or None
+
+            failed = await eventually(failures, f"{node}'s drain to report its failed move")
+            assert "no live node that is not draining" in failed[sandbox.name], failed
+        assert (await live(registry, "on-a")).node == "a"
+        assert (await live(registry, "on-b")).node == "b"
+        assert await pair.nodes.set_draining("b", False)  # B takes A's; A may not take B's
+
+        async def moved() -> bool | None:
+            record = await live(registry, "on-a")
+            return True if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        await eventually(moved, "A's sandbox to run on B")
+        assert (await live(registry, "on-b")).node == "b"
