@@ -300,8 +300,9 @@ class Mover:
         """Steps 3 to 5 for a PAUSED sandbox, its queue held."""
         assert self._ledger is not None and self._transfer is not None
         token = secrets.token_urlsafe(32)
-        await self._ledger.begin(record.uid, self._node, target.name, was_running, token)
         try:
+            # Inside: a registry that fails it (restarting) still gets the sandbox resumed.
+            await self._ledger.begin(record.uid, self._node, target.name, was_running, token)
             await self._transfer.send(
                 target.address,
                 record.uid,

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from google.protobuf import duration_pb2
 
-from controller.errors import FailedPrecondition, ResourceExhausted
+from controller.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from controller.records import Runtime, SandboxRecord, State
 from controller.sandboxes import moves
 from controller.store.nodes import PostgresNodes
@@ -390,3 +390,32 @@ async def test_two_nodes_drained_at_once_keep_their_sandboxes_rather_than_swap_t
 
         await eventually(moved, "A's sandbox to run on B")
         assert (await live(registry, "on-b")).node == "b"
+
+
+async def test_a_move_the_registry_fails_to_record_leaves_the_sandbox_running(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL restarting as the move is recorded: the sandbox, paused for the move, is
+    resumed where it is, as after any failed move."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        made = await a.create("s")
+        ledger = a.controller.manager._mover._ledger
+        assert ledger is not None
+
+        async def unrecorded(*_: object) -> None:
+            raise Unavailable("the registry's database is not answering")
+
+        monkeypatch.setattr(ledger, "begin", unrecorded)
+        assert await pair.nodes.set_draining("a", True)
+
+        async def failures() -> dict[str, str] | None:
+            progress = await pair.nodes.drain_progress("a")
+            assert progress is not None
+            return dict(progress.report.get("failed", {})) or None
+
+        failed = await eventually(failures, "a's drain to report the failed move")
+        assert "not answering" in failed[made.name], failed
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("a", State.RUNNING)
+        assert record.container_name in pair.runtime.containers
