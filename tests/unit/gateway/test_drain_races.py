@@ -36,6 +36,7 @@ from tests.unit.controller.inprocess import (
     expect,
     serving,
     short_runtime_dir,
+    wait_until,
 )
 from tests.unit.controller.standin_executor import Hang
 from tests.unit.controller.test_nodes import node_config
@@ -419,3 +420,34 @@ async def test_a_move_the_registry_fails_to_record_leaves_the_sandbox_running(
         record = await live(registry, "s")
         assert (record.node, record.state) == ("a", State.RUNNING)
         assert record.container_name in pair.runtime.containers
+
+
+async def test_a_drain_undone_mid_move_finishes_that_move_and_starts_no_other(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        first = await a.create("first")
+        await a.create("second")
+        real_list_live = a.controller.registry.list_live
+
+        async def first_first() -> list[SandboxRecord]:  # the order is the database's
+            return sorted(await real_list_live(), key=lambda r: r.uid != first.uid)
+
+        monkeypatch.setattr(a.controller.registry, "list_live", first_first)
+        executor = await a.executor(first.name)
+        executor.checkpoint_hold = asyncio.Event()  # the move's pause takes long
+        assert await pair.nodes.set_draining("a", True)
+        await wait_until(lambda: executor.checkpoints == 1, "the move's pause to begin")
+        assert await pair.nodes.set_draining("a", False)
+        await wait_until(lambda: not a.controller.manager._mover.draining, "a to stop draining")
+        executor.checkpoint_hold.set()
+
+        async def on_b() -> SandboxRecord | None:
+            record = await live(registry, "first")
+            return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        await eventually(on_b, "the sandbox under way to run on B")
+        await wait_until(lambda: a.controller.manager._mover.moved == 1, "the move to end")
+        record = await live(registry, "second")
+        assert (record.node, record.state) == ("a", State.RUNNING)
