@@ -151,6 +151,7 @@ class SandboxManager:
             self._pool,
             clock,
             self._check_runnable,
+            self._provisioner,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints

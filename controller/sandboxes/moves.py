@@ -125,6 +125,12 @@ class Transfer(Protocol):
     ) -> None: ...
 
 
+class Releases(Protocol):
+    """controller.sandboxes.provisioner.Provisioner"""
+
+    async def wait_released(self, uid: str) -> None: ...
+
+
 class Mover:
     def __init__(
         self,
@@ -136,10 +142,12 @@ class Mover:
         pool: WarmPool,
         clock: Callable[[], datetime],
         check_runnable: Callable[[Spec], Awaitable[None]],
+        releases: Releases,
     ) -> None:
         """`check_runnable` raises when this node cannot run a sandbox of that spec (its
         runtime, its image, its resources)."""
         self._config = config
+        self._releases = releases
         self._check_runnable = check_runnable
         self._node = config.node_name if config.role == "node" else ""
         self._registry = registry
@@ -278,6 +286,9 @@ class Mover:
                     or current.state is not State.PAUSED
                 ):
                     return False  # deleted or terminated while it was saved
+            # Its container goes first: a target on the same podman (several nodes on one
+            # host) starts one of the same name, which this release would remove.
+            await self._releases.wait_released(record.uid)
             await self._send(current, target, was_running)
         self._queues.forget(record.uid)
         return True

@@ -21,6 +21,7 @@ from google.protobuf import duration_pb2
 
 from controller.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from controller.records import Runtime, SandboxRecord, State
+from controller.runtime.container import LABEL_REGISTRY
 from controller.sandboxes import moves
 from controller.store.nodes import PostgresNodes
 from controller.store.postgres import PostgresRegistry
@@ -451,3 +452,54 @@ async def test_a_drain_undone_mid_move_finishes_that_move_and_starts_no_other(
         await wait_until(lambda: a.controller.manager._mover.moved == 1, "the move to end")
         record = await live(registry, "second")
         assert (record.node, record.state) == ("a", State.RUNNING)
+
+
+async def test_a_moved_sandbox_s_old_container_goes_before_its_new_node_starts_one(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes on one podman (one host): the sandbox's container has the same name on
+    either; the source's release of its old one (after the pause, in the background) must not
+    remove the one its new node started."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, b, registry = pair.a, pair.b, pair.registry
+        made = await a.create("s")
+        name = (await live(registry, "s")).container_name
+        provisioner = a.controller.manager._provisioner
+        release, wait_released = provisioner._release, provisioner.wait_released
+        go = asyncio.Event()
+
+        async def slow_release(held: Any) -> None:  # podman takes its time
+            await go.wait()
+            await release(held)
+
+        async def waited(uid: str) -> None:
+            go.set()  # the move waits for it: it may go
+            await wait_released(uid)
+
+        monkeypatch.setattr(provisioner, "_release", slow_release)
+        monkeypatch.setattr(provisioner, "wait_released", waited)
+
+        def b_started_one() -> bool:
+            container = pair.runtime.containers.get(name)
+            label = None if container is None else container.spec.labels.get(LABEL_REGISTRY)
+            return label == b.controller.manager.registry_label
+
+        async def let_go_once_b_started_one() -> None:
+            await wait_until(b_started_one, "B to start the sandbox's container")
+            go.set()
+
+        watcher = asyncio.ensure_future(let_go_once_b_started_one())
+        try:
+            assert await pair.nodes.set_draining("a", True)
+
+            async def on_b() -> SandboxRecord | None:
+                record = await live(registry, "s")
+                return record if (record.node, record.state) == ("b", State.RUNNING) else None
+
+            await eventually(on_b, "the sandbox to run on B")
+            await wait_until(lambda: not provisioner._releasing, "A's release to end")
+            assert b_started_one()
+            ran = await b.execute(made.name, "after")
+            assert not ran.HasField("error"), ran
+        finally:
+            watcher.cancel()
