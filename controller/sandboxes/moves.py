@@ -4,15 +4,17 @@ The source, in the background while its node is draining, takes its RUNNING and 
 sandboxes one at a time, each in its own queue (controller.sandboxes.queues) so that no call
 runs on it meanwhile: a call that reaches it waits for the move, then, the sandbox being the
 target's, is refused SANDBOX_ON_ANOTHER_NODE before it does anything (a gateway sends it on to
-the target). For each it
+the target). Those running a call go last (a move waits for it). For each it
 
-    1. pauses it if it is RUNNING (after the executions queued before the move);
+    1. pauses it if it is RUNNING (after the executions queued before the move), and waits
+       for its container to go;
     2. picks a target among the live nodes, not draining, with room (controller.placement);
     3. records the move with a one-time token's hash (controller.store.moves) and streams the
        checkpoint file to the target with the token (the Transfer, node to node);
     4. the target checks the token against the move, the sandbox the call and the file's
-       header name, writes the file, and in one transaction makes the sandbox's row name
-       itself if it still names the source and is PAUSED; then resumes it if it was RUNNING;
+       header name, that it can run the sandbox and has room for it (its own count), writes
+       the file, and in one transaction makes the sandbox's row name itself if it still names
+       the source and is PAUSED; then resumes it if it was RUNNING;
     5. the source removes its checkpoint file.
 
 A move that fails at any step is given up: the move's row is deleted first (no target can take
@@ -364,7 +366,9 @@ class Mover:
         module's step 4. PermissionDenied without the token of a move of that sandbox to this
         node; InvalidArgument when the call or the checkpoint's header names another sandbox,
         or the checkpoint does not read whole; FailedPrecondition when the sandbox is no longer
-        the source's and PAUSED. Nothing is kept but on success."""
+        the source's and PAUSED, or another call is taking it over; the error that says why
+        when this node cannot run it, ResourceExhausted when it holds its most sandboxes.
+        Nothing is kept but on success."""
         if self._ledger is None:
             raise FailedPrecondition("this controller is no node: it takes no sandbox over")
         if not _TOKEN.fullmatch(token):
