@@ -503,3 +503,27 @@ async def test_a_moved_sandbox_s_old_container_goes_before_its_new_node_starts_o
             assert not ran.HasField("error"), ran
         finally:
             watcher.cancel()
+
+
+async def test_a_checkpoint_the_source_cannot_read_fails_the_move_and_says_why(
+    tmp_path: Path, database: str
+) -> None:
+    """Not a cancelled round (gRPC cancels a call whose messages fail) that reports nothing
+    and starts again at once, pausing a running sandbox each time."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        made = await a.create("s")
+        await a.stub.PauseSandbox(sandbox_pb2.PauseSandboxRequest(name=made.name))
+        checkpoint(tmp_path, "a", made.uid).unlink()  # lost to a disk failure, say
+        assert await pair.nodes.set_draining("a", True)
+
+        async def failures() -> dict[str, str] | None:
+            progress = await pair.nodes.drain_progress("a")
+            assert progress is not None
+            return dict(progress.report.get("failed", {})) or None
+
+        failed = await eventually(failures, "a's drain to report the failed move")
+        why = failed[made.name]
+        assert "the checkpoint could not be read to send it: no checkpoint" in why, failed
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("a", State.PAUSED)
