@@ -1,8 +1,10 @@
-"""A drain's moves racing other calls, and crashes, in the fast tier (two real nodes on a fake
-podman and stand-in executors, a real PostgreSQL): a delete or an expiry that read the sandbox
-before it moved does not end it on its new node; a replayed take-over does not remove the
-copy that the first one kept; a checkpoint file no sandbox of the node names (a crash
-mid-move) goes at the node's next start."""
+"""A drain's moves racing other calls, failures and crashes, in the fast tier (two real nodes
+on a fake podman and stand-in executors, a real PostgreSQL): a delete or an expiry that read
+the sandbox before it moved does not end it on its new node; a replayed take-over does not
+remove the copy the first one kept; a checkpoint file no sandbox of the node names (a crash
+mid-move) goes at the node's next start; a target refuses a sandbox it cannot run or has no
+room for; a busy sandbox holds up no other; a failed pause, record or read leaves the sandbox
+where it was, saying why; what a move keeps, and what two drains at once or an undo do."""
 
 import asyncio
 import contextlib
