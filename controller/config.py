@@ -415,7 +415,8 @@ class Config:
     )
     checkpoint_dir: Path | None = _opt(
         "where paused and idle sandboxes are saved, one file each (default "
-        "STATE_DIR/checkpoints): it needs room for each sandbox's namespace and files",
+        "STATE_DIR/checkpoints): it needs room for each sandbox's namespace and files, and "
+        "is this controller's own (a file of no sandbox of its goes at its start)",
         Path,
         default=None,
     )

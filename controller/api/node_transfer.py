@@ -8,6 +8,7 @@ the registry (controller.store.moves). The target checks them (controller.sandbo
 answers once it holds the sandbox; any error is the target's refusal, with its status.
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -86,12 +87,30 @@ class GrpcTransfer:
             channel = self._channels[address] = self._channel_for(address)
         method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(METHOD)
         metadata = ((UID_KEY, uid), (SANDBOX_KEY, name), (TOKEN_KEY, token))
+        unread: list[Exception] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for piece in data:
+                    yield piece
+            except Exception as exc:
+                unread.append(exc)
+                raise
+
         try:
-            await method(data, metadata=metadata, timeout=TRANSFER_TIMEOUT_SECONDS)
+            await method(chunks(), metadata=metadata, timeout=TRANSFER_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as exc:
             details = (exc.details() or "")[:MAX_VALUE]
             raise Unavailable(
                 f"the node at {address} did not take it over ({exc.code().name}: {details})"
+            ) from None
+        except asyncio.CancelledError:
+            # gRPC cancels the call, and raises that, when the messages fail: not a
+            # cancellation of this task, but a checkpoint that could not be read.
+            if not unread:
+                raise
+            raise Unavailable(
+                f"the checkpoint could not be read to send it: {str(unread[0])[:MAX_VALUE]}"
             ) from None
 
     async def close(self) -> None:

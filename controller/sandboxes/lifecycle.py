@@ -273,15 +273,17 @@ class Lifecycle:
         ):
             log.warning("sandbox terminated", sandbox=record.name, why=why)
 
-    async def deprovision(self, record: SandboxRecord, reason: str) -> None:
+    async def deprovision(self, record: SandboxRecord, reason: str) -> bool:
         """-> DEPROVISIONING -> DELETED: removes the sandbox's container and leaves a
-        tombstone that says when and why (`reason`: "deleted", "expired"). Nothing when it
-        was deleted by someone else meanwhile. Shield it."""
-        if not await self._registry.set_fields(
-            record.uid, state=State.DEPROVISIONING, update_time=self._clock()
+        tombstone that says when and why (`reason`: "deleted", "expired"). Nothing, and False,
+        when it was deleted by someone else meanwhile, or no longer names the node `record`
+        names (a drain moved it: its new node holds its container and checkpoint). Shield it."""
+        if not await self._registry.set_fields_held(
+            record.uid, record.node, state=State.DEPROVISIONING, update_time=self._clock()
         ):
-            return
+            return False
         await self.finish_deprovisioning(record, reason)
+        return True
 
     async def finish_deprovisioning(self, record: SandboxRecord, reason: str) -> None:
         """DEPROVISIONING -> DELETED (also for one a previous controller left half-way)."""

@@ -48,12 +48,14 @@ class Lookup:
 
 def check_held(record: SandboxRecord, node: str) -> None:
     """FailedPrecondition unless the sandbox is `node`'s: its container is on another host,
-    out of this controller's reach (a gateway sends each call to the sandbox's node)."""
+    out of this controller's reach (a gateway sends each call to the sandbox's node). Raised
+    before the call changes anything: calling again is safe, a drain may just have moved it."""
     if record.node != node:
         holder = f"node {record.node}" if record.node else "a controller that is no node"
         raise FailedPrecondition(
-            f"sandbox {record.name} is held by {holder}, not this one ({node or 'single'}): "
-            "call it through a gateway",
+            f"sandbox {record.name} is held by {holder}, not this one ({node or 'single'}), "
+            "maybe moved there by a drain: nothing was done, and calling again through a "
+            "gateway is safe",
             reason="SANDBOX_ON_ANOTHER_NODE",
             metadata={"node": record.node},
         )

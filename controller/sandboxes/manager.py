@@ -27,7 +27,7 @@ from controller.clock import utcnow
 from controller.config import Config
 from controller.metrics import Metrics
 from controller.names import SandboxName
-from controller.records import SandboxRecord
+from controller.records import SandboxRecord, Spec
 from controller.runtime.container import ContainerRuntime, HostCapabilities
 from controller.sandboxes.creation import Creation
 from controller.sandboxes.execution import Executions
@@ -150,6 +150,8 @@ class SandboxManager:
             self._queues,
             self._pool,
             clock,
+            self._check_runnable,
+            self._provisioner,
         )
         self._reconciler = Reconciler(
             registry, containers, self._provisioner, self._lifecycle, self._pool, self._checkpoints
@@ -220,6 +222,11 @@ class SandboxManager:
         """Takes over a sandbox another node moves here (see Mover.receive)."""
         await self._mover.receive(uid, name, token, data)
 
+    async def _check_runnable(self, spec: Spec) -> None:
+        """That this node can run a sandbox of `spec` that another node made."""
+        self._policy.check_runnable(spec)
+        await self._images.require(spec.image_profile)
+
     async def check_containers(self) -> None:
         await self._reconciler.check_containers()
 
@@ -264,7 +271,11 @@ class SandboxManager:
             raise await self._lookup.not_found(name)
         if not record.given_up:  # one given up has nothing left on its node: any may end it
             check_held(record, self._lookup.node)
-        await asyncio.shield(asyncio.ensure_future(self._end(record, "deleted")))
+        if not await asyncio.shield(asyncio.ensure_future(self._end(record, "deleted"))):
+            # Deleted meanwhile (done), or moved to another node by a drain: that node ends it.
+            current = await self._registry.get_live(name.project, name.sandbox_id)
+            if current is not None and current.uid == record.uid:
+                check_held(current, record.node)
 
     async def expire(self, record: SandboxRecord) -> None:
         """Ends a sandbox whose time is up (the reaper's call): its tombstone says so; a warm
@@ -276,9 +287,11 @@ class SandboxManager:
             return
         await asyncio.shield(asyncio.ensure_future(self._end(record, "expired")))
 
-    async def _end(self, record: SandboxRecord, reason: str) -> None:
-        await self._lifecycle.deprovision(record, reason)
+    async def _end(self, record: SandboxRecord, reason: str) -> bool:
+        if not await self._lifecycle.deprovision(record, reason):
+            return False
         self._queues.forget(record.uid)
+        return True
 
     async def pause(self, name: SandboxName) -> SandboxRecord:
         return await self._hibernation.pause(name)

@@ -4,15 +4,17 @@ The source, in the background while its node is draining, takes its RUNNING and 
 sandboxes one at a time, each in its own queue (controller.sandboxes.queues) so that no call
 runs on it meanwhile: a call that reaches it waits for the move, then, the sandbox being the
 target's, is refused SANDBOX_ON_ANOTHER_NODE before it does anything (a gateway sends it on to
-the target). For each it
+the target). Those running a call go last (a move waits for it). For each it
 
-    1. pauses it if it is RUNNING (after the executions queued before the move);
+    1. pauses it if it is RUNNING (after the executions queued before the move), and waits
+       for its container to go;
     2. picks a target among the live nodes, not draining, with room (controller.placement);
     3. records the move with a one-time token's hash (controller.store.moves) and streams the
        checkpoint file to the target with the token (the Transfer, node to node);
     4. the target checks the token against the move, the sandbox the call and the file's
-       header name, writes the file, and in one transaction makes the sandbox's row name
-       itself if it still names the source and is PAUSED; then resumes it if it was RUNNING;
+       header name, that it can run the sandbox and has room for it (its own count), writes
+       the file, and in one transaction makes the sandbox's row name itself if it still names
+       the source and is PAUSED; then resumes it if it was RUNNING;
     5. the source removes its checkpoint file.
 
 A move that fails at any step is given up: the move's row is deleted first (no target can take
@@ -26,17 +28,23 @@ import asyncio
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
 
 from controller.config import Config
-from controller.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from controller.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from controller.names import SandboxName, parse_sandbox_name
 from controller.placement import placement_order
-from controller.records import SandboxRecord, State
+from controller.records import PUBLIC_STATES, SandboxRecord, Spec, State
 from controller.sandboxes.hibernation import CHECKPOINT_SLACK_BYTES, Hibernation
 from controller.sandboxes.queues import Queues
 from controller.sandboxes.shielding import shielded
@@ -119,6 +127,12 @@ class Transfer(Protocol):
     ) -> None: ...
 
 
+class Releases(Protocol):
+    """controller.sandboxes.provisioner.Provisioner"""
+
+    async def wait_released(self, uid: str) -> None: ...
+
+
 class Mover:
     def __init__(
         self,
@@ -129,8 +143,14 @@ class Mover:
         queues: Queues,
         pool: WarmPool,
         clock: Callable[[], datetime],
+        check_runnable: Callable[[Spec], Awaitable[None]],
+        releases: Releases,
     ) -> None:
+        """`check_runnable` raises when this node cannot run a sandbox of that spec (its
+        runtime, its image, its resources)."""
         self._config = config
+        self._releases = releases
+        self._check_runnable = check_runnable
         self._node = config.node_name if config.role == "node" else ""
         self._registry = registry
         self._checkpoints = checkpoints
@@ -149,6 +169,9 @@ class Mover:
         # moved yet (by uid: its name, why, when to try again).
         self.moved = 0
         self._failed: dict[str, tuple[str, str, datetime]] = {}
+        # The sandboxes this node is taking over now: one call per move (a replayed one
+        # would write over the file, and remove it when its take-over fails).
+        self._receiving: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Mover node={self._node!r} draining={self.draining} moved={self.moved}>"
@@ -205,6 +228,10 @@ class Mover:
         assert self._nodes is not None
         try:
             movable = [r for r in await self._registry.list_live() if r.state in MOVABLE]
+            # Those running a call last: a move waits for it (maybe an hour's execution), and
+            # the others need not wait as well.
+            busy = set(self._queues.busy())
+            movable.sort(key=lambda record: record.uid in busy)
             for record in movable:
                 if not self.draining or self._stopping:
                     break
@@ -261,6 +288,9 @@ class Mover:
                     or current.state is not State.PAUSED
                 ):
                     return False  # deleted or terminated while it was saved
+            # Its container goes first: a target on the same podman (several nodes on one
+            # host) starts one of the same name, which this release would remove.
+            await self._releases.wait_released(record.uid)
             await self._send(current, target, was_running)
         self._queues.forget(record.uid)
         return True
@@ -283,8 +313,9 @@ class Mover:
         """Steps 3 to 5 for a PAUSED sandbox, its queue held."""
         assert self._ledger is not None and self._transfer is not None
         token = secrets.token_urlsafe(32)
-        await self._ledger.begin(record.uid, self._node, target.name, was_running, token)
         try:
+            # Inside: a registry that fails it (restarting) still gets the sandbox resumed.
+            await self._ledger.begin(record.uid, self._node, target.name, was_running, token)
             await self._transfer.send(
                 target.address,
                 record.uid,
@@ -335,7 +366,9 @@ class Mover:
         module's step 4. PermissionDenied without the token of a move of that sandbox to this
         node; InvalidArgument when the call or the checkpoint's header names another sandbox,
         or the checkpoint does not read whole; FailedPrecondition when the sandbox is no longer
-        the source's and PAUSED. Nothing is kept but on success."""
+        the source's and PAUSED, or another call is taking it over; the error that says why
+        when this node cannot run it, ResourceExhausted when it holds its most sandboxes.
+        Nothing is kept but on success."""
         if self._ledger is None:
             raise FailedPrecondition("this controller is no node: it takes no sandbox over")
         if not _TOKEN.fullmatch(token):
@@ -348,6 +381,25 @@ class Mover:
             raise PermissionDenied(
                 "no move of that sandbox to this node has that token (or it is over)"
             )
+        if uid in self._receiving:
+            raise FailedPrecondition(f"sandbox {name} is being taken over by another call")
+        self._receiving.add(uid)
+        try:
+            await self._take_over(uid, name, token, move, data)
+        finally:
+            self._receiving.discard(uid)
+        if move.resume:
+            await self._resume_here(name)
+
+    async def _take_over(
+        self,
+        uid: str,
+        name: SandboxName,
+        token: str,
+        move: MoveSeen,
+        data: AsyncIterator[bytes],
+    ) -> None:
+        assert self._ledger is not None
         record = await self._registry.get_live(name.project, name.sandbox_id)
         if record is None or record.uid != uid:
             raise InvalidArgument(f"sandbox {name} is not the sandbox being moved")
@@ -355,6 +407,8 @@ class Mover:
             raise FailedPrecondition(
                 f"sandbox {name} is not PAUSED on node {move.source} any more: not taken over"
             )
+        await self._check_runnable(record.spec)  # else stranded here, never resumed
+        await self._check_room()
         await self._keep_checkpoint(record, data)
         now = self._clock()
         if not await shielded(self._ledger.take_over(uid, token, self._node, now)):
@@ -362,8 +416,18 @@ class Mover:
             raise FailedPrecondition(f"sandbox {name} changed while it moved: not taken over")
         self._queues.arrived(uid)
         log.info("sandbox taken over", sandbox=str(name), source=move.source)
-        if move.resume:
-            await self._resume_here(name)
+
+    async def _check_room(self) -> None:
+        """The source placed the sandbox by heartbeated figures, maybe old ones (several moves
+        in one heartbeat): this node's own count is the one that holds."""
+        most = self._config.max_sandboxes_per_node
+        if not most:
+            return
+        counts = await self._registry.count_by_state()
+        if sum(counts.get(state, 0) for state in PUBLIC_STATES) >= most:
+            raise ResourceExhausted(
+                f"node {self._node} holds its most sandboxes ({most}): not taken over"
+            )
 
     async def _keep_checkpoint(self, record: SandboxRecord, data: AsyncIterator[bytes]) -> None:
         disk = record.spec.resources.disk_bytes or self._config.workspace_size

@@ -143,7 +143,7 @@ class Provisioner:
         """Starts the sandbox's container and waits for its executor to answer; on any
         failure (or cancellation) releases what it took and raises."""
         try:
-            await self._wait_released(record.uid)  # a pause's, of the same name and directory
+            await self.wait_released(record.uid)  # a pause's, of the same name and directory
             worker_uid = await self._take_worker_uid()
             self._worker_uid_of[record.uid] = worker_uid
             # A file only the sandbox's root can read (not the environment: gVisor shows
@@ -270,7 +270,8 @@ class Provisioner:
         if not task.cancelled() and task.exception() is not None:
             log.warning("releasing a sandbox's container failed", error=str(task.exception()))
 
-    async def _wait_released(self, uid: str) -> None:
+    async def wait_released(self, uid: str) -> None:
+        """Once the release under way of sandbox `uid`'s container (a pause's) has ended."""
         pending = self._releasing.get(uid)
         if pending is not None:
             await asyncio.wait([pending])

@@ -87,6 +87,13 @@ class Reconciler:
         for orphan in containers.values():
             log.info("removing a container the registry does not know", container=orphan.name)
             await self._containers.remove(orphan.name)
+        # Left by a crash during a drain's move: a target's copy never switched to it, or a
+        # source's copy of a sandbox that its target took over.
+        held = {record.uid for record in records}
+        for uid in await asyncio.to_thread(self._checkpoints.uids):
+            if uid not in held:
+                log.info("removing a checkpoint of no sandbox of this node", uid=uid)
+                await self._checkpoints.remove(uid)
         log.info("adopted sandboxes", count=self._provisioner.client_count)
 
     async def _adopt_one(self, record: SandboxRecord, container: ContainerStatus | None) -> None:

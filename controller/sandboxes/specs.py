@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from controller.config import Config
 from controller.errors import FailedPrecondition, InvalidArgument
 from controller.quoting import quote
-from controller.records import Resources, Runtime
+from controller.records import Resources, Runtime, Spec
 from controller.runtime.container import HostCapabilities
 from controller.units import format_duration
 
@@ -115,6 +115,13 @@ class SpecPolicy:
                 "installed); use RUNC or leave it unset"
             )
         return profile, chosen
+
+    def check_runnable(self, spec: Spec) -> None:
+        """That this server can run a sandbox of `spec` that another made (a drain moving it
+        here): its runtime is available and its resources within this server's limits; the
+        error that says why otherwise."""
+        self.profile_and_runtime(spec.image_profile, spec.runtime)
+        self.effective_resources(spec.resources, spec.runtime)
 
     def auto_pause_after(self, requested: timedelta | None) -> timedelta:
         """A sandbox's auto_pause_after: the server's default when unset; 0 (never) or a

@@ -64,6 +64,10 @@ class CheckpointStore:
     def exists(self, uid: str) -> bool:
         return self.path(uid).is_file()
 
+    def uids(self) -> list[str]:
+        """The sandboxes that have a checkpoint file here."""
+        return [path.name.removesuffix(SUFFIX) for path in self.root.glob(f"*{SUFFIX}")]
+
     async def remove(self, uid: str) -> None:
         await asyncio.to_thread(self.path(uid).unlink, True)
 

@@ -43,8 +43,12 @@ class PostgresMoves:
         return f"<PostgresMoves {self._registry!r}>"
 
     async def begin(self, uid: str, source: str, target: str, resume: bool, token: str) -> None:
-        """Records a move (replacing any earlier one of the sandbox: one move at a time)."""
+        """Records a move (replacing any earlier one of the sandbox: one move at a time), and
+        deletes the void ones (left by a node that stopped mid-move)."""
         async with self._registry.connection() as conn:
+            await conn.execute(
+                "DELETE FROM moves WHERE create_time <= now() - %s", (MOVE_VALID_FOR,)
+            )
             await conn.execute(
                 "INSERT INTO moves (uid, source, target, token_hash, resume) "
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (uid) DO UPDATE SET "

@@ -223,6 +223,9 @@ class PostgresRegistry:
     async def set_fields_in(self, uid: str, current: State, **fields: object) -> bool:
         return await self._set_fields(uid, fields, current)
 
+    async def set_fields_held(self, uid: str, node: str, **fields: object) -> bool:
+        return await self._set_fields(uid, fields, held_by=node)
+
     def set_fields_soon(self, uid: str, **fields: object) -> None:
         previous = self._deferred
 
@@ -240,12 +243,16 @@ class PostgresRegistry:
         return await self._set_fields(uid, {**fields, "update_time": when})
 
     @staticmethod
-    def _update_sql(uid: str, fields: dict[str, object], only_in: State | None) -> Any:
+    def _update_sql(
+        uid: str, fields: dict[str, object], only_in: State | None, held_by: str | None = None
+    ) -> Any:
         row = table.encode_update(fields)
         assignments = ", ".join(f"{name} = %({name})s" for name in row)
         condition = "" if only_in is None else f" AND state = {int(only_in)}"
+        if held_by is not None:
+            condition += " AND node = %(held_by)s"
         sql = f"UPDATE sandboxes SET {assignments} WHERE uid = %(uid)s AND {LIVE}{condition}"
-        return sql, {**row, "uid": uid}
+        return sql, {**row, "uid": uid, "held_by": held_by}
 
     async def _set_fields(
         self,
@@ -254,9 +261,10 @@ class PostgresRegistry:
         only_in: State | None = None,
         *,
         after_deferred: bool = True,
+        held_by: str | None = None,
     ) -> bool:
-        """UPDATE of a live row (and in state `only_in`, if given)."""
-        sql, params = self._update_sql(uid, fields, only_in)
+        """UPDATE of a live row (and in state `only_in`, and naming node `held_by`, if given)."""
+        sql, params = self._update_sql(uid, fields, only_in, held_by)
         async with self.connection(after_deferred=after_deferred) as conn:
             cursor = await conn.execute(sql, params)
             return bool(cursor.rowcount == 1)

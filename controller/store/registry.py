@@ -49,6 +49,10 @@ class Registry(Protocol):
         """set_fields of a sandbox in state `current` only: False in another (a transition
         that raced another one)."""
 
+    async def set_fields_held(self, uid: str, node: str, **fields: object) -> bool:
+        """set_fields of a sandbox whose row names `node` only (the node holding its
+        container): False once a drain switched it to another node."""
+
     def set_fields_soon(self, uid: str, **fields: object) -> None:
         """set_fields without waiting, for bookkeeping that must not delay a reply: every read
         issued after this call sees the write; a failure is logged."""

@@ -110,6 +110,9 @@ class SqliteRegistry:
     async def set_fields_in(self, uid: str, current: State, **fields: object) -> bool:
         return await self._run(self._set_fields, uid, fields, current)
 
+    async def set_fields_held(self, uid: str, node: str, **fields: object) -> bool:
+        return await self._run(self._set_fields, uid, fields, None, node)
+
     def set_fields_soon(self, uid: str, **fields: object) -> None:
         future = asyncio.get_running_loop().run_in_executor(
             self._thread, self._set_fields, uid, fields
@@ -121,15 +124,21 @@ class SqliteRegistry:
         return await self._run(self._set_fields, uid, {**fields, "update_time": when})
 
     def _set_fields(
-        self, uid: str, fields: dict[str, object], only_in: State | None = None
+        self,
+        uid: str,
+        fields: dict[str, object],
+        only_in: State | None = None,
+        held_by: str | None = None,
     ) -> bool:
-        """UPDATE of a live row (and in state `only_in`, if given)."""
+        """UPDATE of a live row (and in state `only_in`, and naming node `held_by`, if given)."""
         row = table.encode_update(fields)
         assignments = ", ".join(f"{name} = :{name}" for name in row)
         condition = "" if only_in is None else f" AND state = {int(only_in)}"
+        if held_by is not None:
+            condition += " AND node = :held_by"
         cursor = self._conn.execute(
             f"UPDATE sandboxes SET {assignments} WHERE uid = :uid AND {LIVE}{condition}",
-            {**row, "uid": uid},
+            {**row, "uid": uid, "held_by": held_by},
         )
         return cursor.rowcount == 1
 

@@ -89,3 +89,17 @@ async def test_a_move_given_up_cannot_be_taken_over(source: PostgresRegistry) ->
     await moves.begin(UID, "n1", "n2", True, "n" * 43)
     assert not await moves.take_over(UID, TOKEN, "n2", T0)
     assert await moves.take_over(UID, "n" * 43, "n2", T0)
+
+
+async def test_a_new_move_deletes_the_void_ones(source: PostgresRegistry, pg_url: str) -> None:
+    """A node that stopped mid-move leaves its move's row: void after a while, then deleted."""
+    moves = PostgresMoves(source)
+    await moves.begin("uid-left", "n1", "n2", True, TOKEN)
+    await moves.begin("uid-recent", "n1", "n2", True, TOKEN)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE moves SET create_time = now() - interval '1 day' WHERE uid = 'uid-left'"
+        )
+        await moves.begin(UID, "n1", "n2", True, TOKEN)
+        cursor = await conn.execute("SELECT uid FROM moves ORDER BY uid")
+        assert await cursor.fetchall() == [("uid-recent",), (UID,)]
