@@ -6,7 +6,7 @@ sandbox resumed first, and a hostile executor's chunks refused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from petri.v1 import execution_pb2, files_pb2, sandbox_pb2
-from tests.unit.controller.inprocess import Petri, expect, fast_petri
+from tests.unit.controller.inprocess import Petri, expect, fast_petri, wait_until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -110,17 +110,15 @@ async def test_an_oversized_write_is_cancelled_and_leaves_nothing(tmp_path: Path
     async with fast_petri(tmp_path, max_input_bytes=1000) as petri:
         sandbox = await petri.create("small")
         executor = await petri.executor(sandbox.name)
+
+        async def messages() -> AsyncIterator[files_pb2.WriteFileRequest]:
+            yield _chunk(sandbox.name, "big", b"x" * 600, False)
+            # The executor's call has begun (the cancel below must undo a started write).
+            await wait_until(lambda: executor.write_received == 1, "the first chunk")
+            yield _chunk(sandbox.name, "big", b"x" * 600, True)
+
         await expect(
-            petri.stub.WriteFile(
-                iter(
-                    [
-                        _chunk(sandbox.name, "big", b"x" * 600, False),
-                        _chunk(sandbox.name, "big", b"x" * 600, True),
-                    ]
-                )
-            ),
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "1000 bytes",
+            petri.stub.WriteFile(messages()), grpc.StatusCode.RESOURCE_EXHAUSTED, "1000 bytes"
         )
         assert executor.write_received == 1  # the executor's call began, then was cancelled
         assert executor.files == {}
