@@ -371,6 +371,27 @@ class NodeMembership:
         return await self._nodes.purge_tombstones(deleted_before)
 
 
+async def refuse_a_live_namesake(
+    config: Config, nodes: "PostgresNodes", sleep: Callable[[float], Awaitable[object]]
+) -> None:
+    """Raises ValueError when another process heartbeats as this node (role node): two
+    processes of one name would adopt, discard and terminate each other's sandboxes. A row
+    whose heartbeat is recent may be this node's previous process, just stopped: it is given
+    two heartbeats' time to show that it still beats."""
+    name = config.node_name
+    before = next((n for n in await nodes.list_nodes() if n.name == name), None)
+    if before is None or before.age >= config.node_timeout:
+        return
+    await sleep(2 * config.heartbeat_interval.total_seconds() + 0.5)
+    after = next((n for n in await nodes.list_nodes() if n.name == name), None)
+    if after is not None and after.heartbeat_time != before.heartbeat_time:
+        raise ValueError(
+            f"another process is running as node {name!r} (it heartbeats from "
+            f"{after.address}): give each node its own node_name (PETRI_NODE_NAME), or stop "
+            "that process first"
+        )
+
+
 def membership_for(
     config: Config, registry: Registry, figures: Callable[[], list[PoolFigures]], port: int
 ) -> NodeMembership | None:
@@ -397,6 +418,16 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry = registry_for(config)
     await registry.open()
+    if config.role == "node":
+        from controller.store.nodes import PostgresNodes
+        from controller.store.postgres import PostgresRegistry
+
+        assert isinstance(registry, PostgresRegistry)  # config.validate: it has a database URL
+        try:
+            await refuse_a_live_namesake(config, PostgresNodes(registry), asyncio.sleep)
+        except BaseException:
+            await registry.close()
+            raise
     podman_service: PodmanService | None = None
     gvisor_service: PodmanService | None = None
     podman: PodmanRuntime | None = None

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from controller.__main__ import drain
-from controller.app import NodeMembership
+from controller.app import NodeMembership, start_controller
 from controller.clock import utcnow
 from controller.config import Config, load_config
 from controller.errors import AlreadyExists, Unavailable
@@ -396,6 +396,33 @@ async def test_two_nodes_share_the_registry_and_one_terminates_the_dead_one_s_sa
                 async with serving(config_b, runtime) as b:  # given up: any node ends it
                     await b.delete(created.name)
                     assert await b.names() == []
+    finally:
+        await runtime.shutdown()
+
+
+async def test_a_second_process_under_a_live_node_s_name_refuses_to_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # An operator who copies one host's node.env to the next: two processes of one name would
+    # adopt, discard and terminate each other's sandboxes (and heartbeat two addresses in turn).
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as dir_a, short_runtime_dir() as dir_twin:
+            config_a = node_config(tmp_path, pg_url, "a", dir_a)
+            twin = node_config(tmp_path / "twin", pg_url, "a", dir_twin)
+            async with serving(config_a, runtime) as a:
+                created = await a.create("s1")
+                registry = a.controller.registry
+                assert isinstance(registry, PostgresRegistry)
+
+                async def beating() -> bool | None:
+                    return any(n.name == "a" for n in await PostgresNodes(registry).list_nodes())
+
+                await eventually(beating, "A's first heartbeat")
+                with pytest.raises(ValueError, match="another process is running as node 'a'"):
+                    await start_controller(twin, runtime)
+                assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.RUNNING
+                assert runtime.container_of(created.uid) is not None
     finally:
         await runtime.shutdown()
 
