@@ -439,8 +439,10 @@ async def _send_all(
                 await call.write(message)
                 del message
         await call.done_writing()
-    except grpc.aio.AioRpcError:
-        return  # the node ended the call: its status is the answer
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        # The node ended the call (a write after its end is InvalidStateError): its status
+        # is the answer.
+        return
     except PetriError:
         call.cancel()
         raise
