@@ -320,8 +320,10 @@ class NodeMembership:
         self._figures = figures
         self.address = address
         self._monotonic = monotonic
-        # Since when every heartbeat of this node succeeded (None: the last one failed).
+        # Since when every heartbeat of this node succeeded, each within two intervals of the
+        # one before (None: the last one failed).
         self._beating_since: float | None = None
+        self._last_beat: float | None = None
 
     def __repr__(self) -> str:
         return f"<NodeMembership {self._config.node_name} at {self.address}>"
@@ -336,8 +338,13 @@ class NodeMembership:
         except BaseException:
             self._beating_since = None
             raise
-        if self._beating_since is None:
-            self._beating_since = self._monotonic()
+        now, last = self._monotonic(), self._last_beat
+        # A beat that landed late (held up by the database's outage, or this process stopped)
+        # counts as a failure: the other nodes' beats were held up too.
+        late = last is not None and now - last > 2 * self.heartbeat_interval.total_seconds()
+        if self._beating_since is None or late:
+            self._beating_since = now
+        self._last_beat = now
 
     async def _beat(self) -> None:
         from controller.store.nodes import NodeRecord  # with psycopg: nodes only
@@ -365,7 +372,7 @@ class NodeMembership:
         since = self._beating_since
         if since is None or self._monotonic() - since < timeout.total_seconds():
             return
-        await self._nodes.sweep_dead(timeout, utcnow())
+        await self._nodes.sweep_dead(timeout, utcnow(), self._config.node_name)
 
     async def purge_tombstones(self, deleted_before: datetime) -> int | None:
         return await self._nodes.purge_tombstones(deleted_before)

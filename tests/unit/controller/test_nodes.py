@@ -188,6 +188,11 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     mine = await n1.get_live("p", "mine")
     assert mine is not None and mine.state is State.RUNNING and not mine.given_up
     assert await first.sweep_dead(timedelta(seconds=10), LATER) == []  # nothing left to do
+    # The sweeping node is never dead to itself, whatever its heartbeat's age.
+    await make_dead(pg_url, "n1")
+    assert await first.sweep_dead(timedelta(seconds=10), LATER, "n1") == []
+    mine = await n1.get_live("p", "mine")
+    assert mine is not None and mine.state is State.RUNNING
 
 
 async def test_one_sweeper_at_a_time_across_nodes(
@@ -522,7 +527,8 @@ class _Nodes:
         if self.down:
             raise Unavailable("the registry's database is not answering")
 
-    async def sweep_dead(self, timeout: timedelta, now: Any) -> list[Any]:
+    async def sweep_dead(self, timeout: timedelta, now: Any, sweeper: str = "") -> list[Any]:
+        assert sweeper == "n1"
         self.sweeps += 1
         return []
 
@@ -560,6 +566,16 @@ async def test_a_node_sweeps_only_after_heartbeating_for_a_whole_node_timeout() 
     await membership.heartbeat()
     assert await sweeps_at(39.9) == 1
     assert await sweeps_at(40) == 2
+    # A heartbeat that succeeds, but late (it waited for a database killed and restarted, or
+    # this process was stopped): the same as a failure, not a whole node timeout of beats.
+    for beat in range(40, 52, 2):  # every heartbeat_interval (2 s)
+        now[0] = beat
+        await membership.heartbeat()
+    assert await sweeps_at(50) == 3
+    now[0] = 59.5  # 9.5 s after the one before
+    await membership.heartbeat()
+    assert await sweeps_at(69.4) == 3
+    assert await sweeps_at(69.5) == 4
 
 
 async def test_a_stopping_node_heartbeats_until_its_sandboxes_are_paused(
