@@ -35,6 +35,7 @@ from tests.unit.controller.inprocess import (
     PROFILE,
     REPOSITORY,
     eventually,
+    expect,
     fast_config,
     serving,
     short_runtime_dir,
@@ -514,6 +515,29 @@ async def test_a_running_node_removes_the_containers_of_sandboxes_given_up(
                 assert runtime.container_of(kept.uid) is not None
         finally:
             await runtime.shutdown()
+
+
+async def test_a_row_left_provisioning_by_a_start_that_ended_is_discarded_at_the_second_check(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # The database was out of reach when the start ended (it could not be told RUNNING, nor
+    # the row forgotten): the row held a quota place and its request_id's retries for ever.
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as runtime_dir:
+            config = node_config(tmp_path, pg_url, "a", runtime_dir)
+            async with serving(config, runtime) as a:
+                stuck, kept = await a.create("s1"), await a.create("s2")
+                async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c:
+                    await c.execute("UPDATE sandboxes SET state = 1 WHERE uid = %s", (stuck.uid,))
+                await a.controller.manager.check_containers()  # a start may be just beginning
+                assert (await a.get(stuck.name)).state == sandbox_pb2.Sandbox.PROVISIONING
+                await a.controller.manager.check_containers()
+                await expect(a.get(stuck.name), grpc.StatusCode.NOT_FOUND, "does not exist")
+                assert runtime.container_of(stuck.uid) is None
+                assert runtime.container_of(kept.uid) is not None
+    finally:
+        await runtime.shutdown()
 
 
 class _Nodes:
