@@ -378,6 +378,24 @@ class NodeMembership:
         return await self._nodes.purge_tombstones(deleted_before)
 
 
+def keep_node_name(config: Config) -> None:
+    """Raises ValueError when this state directory's node had another name (role node): under
+    a new name, the containers of its sandboxes (labelled with the old one) would run on with
+    no node to end them, and their rows would be the other nodes' to terminate."""
+    path = config.state_dir / "node-name"
+    try:
+        before = path.read_text().strip()
+    except FileNotFoundError:
+        path.write_text(f"{config.node_name}\n")
+        return
+    if before != config.node_name:
+        raise ValueError(
+            f"this host's node is {before!r} (the name in {path}), not {config.node_name!r}: "
+            f"renamed, its sandboxes would be stranded. Start it as {before!r} "
+            "(PETRI_NODE_NAME); to rename it, delete its sandboxes first, then that file"
+        )
+
+
 async def refuse_a_live_namesake(
     config: Config, nodes: "PostgresNodes", sleep: Callable[[float], Awaitable[object]]
 ) -> None:
@@ -423,6 +441,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if config.role == "node":
+        keep_node_name(config)
     registry = registry_for(config)
     await registry.open()
     if config.role == "node":

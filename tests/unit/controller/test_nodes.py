@@ -426,7 +426,8 @@ async def test_a_second_process_under_a_live_node_s_name_refuses_to_start(
 
                 await eventually(beating, "A's first heartbeat")
                 with pytest.raises(ValueError, match="another process is running as node 'a'"):
-                    await start_controller(twin, runtime)
+                    stray = await start_controller(twin, runtime)
+                    await stray.stop(0)  # started: the test fails, leaving nothing running
                 assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.RUNNING
                 assert runtime.container_of(created.uid) is not None
     finally:
@@ -515,6 +516,27 @@ async def test_a_running_node_removes_the_containers_of_sandboxes_given_up(
                 assert runtime.container_of(kept.uid) is not None
         finally:
             await runtime.shutdown()
+
+
+async def test_a_node_restarted_under_another_name_refuses_to_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Its sandboxes' containers, labelled with the old name, ran on with no node to end them.
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as runtime_dir:
+            config = node_config(tmp_path, pg_url, "a", runtime_dir)
+            async with serving(config, runtime) as a:
+                created = await a.create("s1")
+            renamed = replace(config, node_name="b")
+            with pytest.raises(ValueError, match=r"this host's node is 'a' .*, not 'b'"):
+                stray = await start_controller(renamed, runtime)
+                await stray.stop(0)  # started: the test fails, leaving nothing running
+            assert runtime.container_of(created.uid) is not None
+            async with serving(config, runtime) as a:  # as before: it serves its sandbox
+                assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.RUNNING
+    finally:
+        await runtime.shutdown()
 
 
 async def test_a_row_left_provisioning_by_a_start_that_ended_is_discarded_at_the_second_check(
