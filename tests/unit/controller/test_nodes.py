@@ -33,6 +33,7 @@ from petri.v1 import sandbox_pb2
 from tests.unit.controller.fake_runtime import FakeRuntime
 from tests.unit.controller.inprocess import (
     PROFILE,
+    PROJECT,
     REPOSITORY,
     eventually,
     expect,
@@ -533,8 +534,11 @@ async def test_a_node_restarted_under_another_name_refuses_to_start(
                 stray = await start_controller(renamed, runtime)
                 await stray.stop(0)  # started: the test fails, leaving nothing running
             assert runtime.container_of(created.uid) is not None
-            async with serving(config, runtime) as a:  # as before: it serves its sandbox
-                assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.RUNNING
+            registry = PostgresRegistry(pg_url)
+            await registry.open()
+            found = await registry.get_live(PROJECT, "s1")
+            await registry.close()
+            assert found is not None and found.state is State.RUNNING and found.node == "a"
     finally:
         await runtime.shutdown()
 
