@@ -102,15 +102,15 @@ class PostgresRegistry:
         return text
 
     async def open(self) -> None:
-        """Migrates the schema (see pg_schema), then opens the pool. RuntimeError naming the
-        database (its password masked) when it cannot be reached; SchemaTooNew when a newer
+        """Migrates the schema (see pg_schema), then opens the pool. DatabaseUnusable naming
+        the database (its password masked) when it cannot be reached; SchemaTooNew when a newer
         controller migrated it."""
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._url, autocommit=True, connect_timeout=max(1, round(self._timeout))
             )
         except psycopg.Error as exc:
-            raise RuntimeError(
+            raise pg_schema.DatabaseUnusable(
                 f"cannot reach the registry's database {self._shown_url}: "
                 f"{self._scrub(str(exc)).strip()[:500]}"
             ) from None
@@ -122,7 +122,7 @@ class PostgresRegistry:
             await self._pool.open(wait=True, timeout=self._timeout)
         except psycopg.Error as exc:
             await self._pool.close()
-            raise RuntimeError(
+            raise pg_schema.DatabaseUnusable(
                 f"cannot reach the registry's database {self._shown_url}: "
                 f"{self._scrub(str(exc)).strip()[:500]}"
             ) from None
