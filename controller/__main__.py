@@ -127,10 +127,11 @@ def main() -> None:
     config = load_config()
     configure(config.log_format, config.log_level)
     from controller.app import serve
+    from controller.store.pg_schema import DatabaseUnusable
 
     try:
         asyncio.run(serve(config))
-    except (PetriError, ValueError, OSError) as exc:
+    except (PetriError, ValueError, OSError, DatabaseUnusable) as exc:
         print(f"petri controller: {exc}", file=sys.stderr)
         sys.exit(1)
 

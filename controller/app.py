@@ -330,8 +330,10 @@ class NodeMembership:
         self._monotonic = monotonic
         # Told, after each heartbeat, whether the node is draining (its sandboxes move away).
         self._on_draining = on_draining
-        # Since when every heartbeat of this node succeeded (None: the last one failed).
+        # Since when every heartbeat of this node succeeded, each within two intervals of the
+        # one before (None: the last one failed).
         self._beating_since: float | None = None
+        self._last_beat: float | None = None
 
     def __repr__(self) -> str:
         return f"<NodeMembership {self._config.node_name} at {self.address}>"
@@ -346,8 +348,13 @@ class NodeMembership:
         except BaseException:
             self._beating_since = None
             raise
-        if self._beating_since is None:
-            self._beating_since = self._monotonic()
+        now, last = self._monotonic(), self._last_beat
+        # A beat that landed late (held up by the database's outage, or this process stopped)
+        # counts as a failure: the other nodes' beats were held up too.
+        late = last is not None and now - last > 2 * self.heartbeat_interval.total_seconds()
+        if self._beating_since is None or late:
+            self._beating_since = now
+        self._last_beat = now
 
     async def _beat(self) -> None:
         from controller.store.nodes import NodeRecord  # with psycopg: nodes only
@@ -376,10 +383,49 @@ class NodeMembership:
         since = self._beating_since
         if since is None or self._monotonic() - since < timeout.total_seconds():
             return
-        await self._nodes.sweep_dead(timeout, utcnow())
+        await self._nodes.sweep_dead(timeout, utcnow(), self._config.node_name)
 
     async def purge_tombstones(self, deleted_before: datetime) -> int | None:
         return await self._nodes.purge_tombstones(deleted_before)
+
+
+def keep_node_name(config: Config) -> None:
+    """Raises ValueError when this state directory's node had another name (role node): under
+    a new name, the containers of its sandboxes (labelled with the old one) would run on with
+    no node to end them, and their rows would be the other nodes' to terminate."""
+    path = config.state_dir / "node-name"
+    try:
+        before = path.read_text().strip()
+    except FileNotFoundError:
+        path.write_text(f"{config.node_name}\n")
+        return
+    if before != config.node_name:
+        raise ValueError(
+            f"this host's node is {before!r} (the name in {path}), not {config.node_name!r}: "
+            f"renamed, its sandboxes would be stranded. Start it as {before!r} "
+            "(PETRI_NODE_NAME); to rename it, delete its sandboxes first, then that file"
+        )
+
+
+async def refuse_a_live_namesake(
+    config: Config, nodes: "PostgresNodes", sleep: Callable[[float], Awaitable[object]]
+) -> None:
+    """Raises ValueError when another process heartbeats as this node (role node): two
+    processes of one name would adopt, discard and terminate each other's sandboxes. A row
+    whose heartbeat is recent may be this node's previous process, just stopped: it is given
+    two heartbeats' time to show that it still beats."""
+    name = config.node_name
+    before = next((n for n in await nodes.list_nodes() if n.name == name), None)
+    if before is None or before.age >= config.node_timeout:
+        return
+    await sleep(2 * config.heartbeat_interval.total_seconds() + 0.5)
+    after = next((n for n in await nodes.list_nodes() if n.name == name), None)
+    if after is not None and after.heartbeat_time != before.heartbeat_time:
+        raise ValueError(
+            f"another process is running as node {name!r} (it heartbeats from "
+            f"{after.address}): give each node its own node_name (PETRI_NODE_NAME), or stop "
+            "that process first"
+        )
 
 
 def membership_for(
@@ -419,8 +465,20 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
     tracing = _tracing(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if config.role == "node":
+        keep_node_name(config)
     registry = registry_for(config)
     await registry.open()
+    if config.role == "node":
+        from controller.store.nodes import PostgresNodes
+        from controller.store.postgres import PostgresRegistry
+
+        assert isinstance(registry, PostgresRegistry)  # config.validate: it has a database URL
+        try:
+            await refuse_a_live_namesake(config, PostgresNodes(registry), asyncio.sleep)
+        except BaseException:
+            await registry.close()
+            raise
     podman_service: PodmanService | None = None
     gvisor_service: PodmanService | None = None
     podman: PodmanRuntime | None = None

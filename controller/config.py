@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from controller.pool_targets import PoolTarget, parse_pool
 from controller.units import format_duration, parse_duration, parse_size
@@ -111,28 +111,46 @@ def _default_node_name() -> str:
     return re.sub(r"[^a-z0-9-]", "-", host)[:63].strip("-") or "node"
 
 
+# A URL's user part password: from the first ':' after "//" to the last '@', so that one with
+# an unescaped '/', '?', '#' or '@' (which a URL parser cuts short) is masked whole.
+_URL_PASSWORD = re.compile(r"^(?P<head>[^:/?#]+://[^:@/?#]*:)(?P<secret>.*)@", re.DOTALL)
+# A password parameter of a URL's query (its name may be percent-encoded).
+_URL_PARAMETER = re.compile(r"(?P<head>[?&](?P<key>[^=&#]*)=)(?P<secret>[^&]*)")
+# A password of libpq's key=value form.
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)(?P<secret>'[^']*'|\S+)", re.I)
+
+
+def _passwords(url: str) -> list[tuple[int, int, str, str]]:
+    """The passwords in a database URL or libpq's key=value string: where they are (the span
+    to replace), what shows in their place, and the password as written."""
+    if "://" not in url:
+        return [(*m.span("secret"), "***", m["secret"]) for m in _KEYWORD_PASSWORD.finditer(url)]
+    found = []
+    user = _URL_PASSWORD.match(url)
+    if user is not None:
+        found.append((*user.span("secret"), "***", user["secret"]))
+    for param in _URL_PARAMETER.finditer(url, user.end() if user else 0):
+        if unquote(param["key"]).lower() == "password":
+            found.append((param.start("key"), param.end(), "password=***", param["secret"]))
+    return found
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords in a database URL, as written and decoded, and the pieces of one with an
+    unescaped '@' or '/' (libpq takes what follows for the host or the database, and its
+    messages name them): what no message may show."""
+    written = [password for *_, password in _passwords(url)]
+    pieces = [piece for password in written for piece in re.split(r"[@/]", password)]
+    secrets = {secret for raw in written + pieces if raw for secret in (raw, unquote(raw))}
+    return sorted(secrets, key=len, reverse=True)  # a password goes before any part of it
+
+
 def redact_url(url: str) -> str:
     """A database URL (or libpq's key=value string) as it may be shown: any password in it
     (the user part's, or a password parameter) replaced by ***."""
-    if "://" not in url:  # empty, or libpq's key=value form
-        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(a URL that does not parse)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{host}"
-    params = [
-        "password=***" if unquote(param.partition("=")[0]).lower() == "password" else param
-        for param in parts.query.split("&")
-    ]
-    # By hand: urlunsplit drops an empty host's "//" (postgresql:///db, a unix socket).
-    query = "?" + "&".join(params) if parts.query else ""
-    fragment = "#" + parts.fragment if parts.fragment else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}{fragment}"
+    for start, end, shown, _ in reversed(_passwords(url)):
+        url = f"{url[:start]}{shown}{url[end:]}"
+    return url
 
 
 def _opt(help: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:

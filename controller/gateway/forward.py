@@ -54,6 +54,9 @@ class _Held(Protocol):
     @property
     def node(self) -> str: ...
 
+    @property
+    def given_up(self) -> bool: ...
+
 
 class SandboxDirectory(Protocol):
     """The part of the registry (controller.store.registry.Registry) that locates sandboxes."""
@@ -62,11 +65,13 @@ class SandboxDirectory(Protocol):
 
 
 def locate_in(registry: SandboxDirectory) -> Locate:
-    """Locate by the shared registry: the node its live row names ("" is none)."""
+    """Locate by the shared registry: the node its live row names ("" is none); none for a
+    sandbox its dead node's sweep terminated (any node answers for it: its node may never
+    come back)."""
 
     async def locate(project: str, sandbox_id: str) -> str | None:
         record = await registry.get_live(project, sandbox_id)
-        if record is None or not record.node:
+        if record is None or not record.node or record.given_up:
             return None
         return record.node
 
@@ -587,8 +592,10 @@ async def _send_all(
                 await call.write(message)
                 del message
         await call.done_writing()
-    except grpc.aio.AioRpcError:
-        return  # the node ended the call: its status is the answer
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        # The node ended the call (a write after its end is InvalidStateError): its status
+        # is the answer.
+        return
     except PetriError:
         call.cancel()
         raise

@@ -49,7 +49,13 @@ class Lookup:
 def check_held(record: SandboxRecord, node: str) -> None:
     """FailedPrecondition unless the sandbox is `node`'s: its container is on another host,
     out of this controller's reach (a gateway sends each call to the sandbox's node). Raised
-    before the call changes anything: calling again is safe, a drain may just have moved it."""
+    before the call changes anything: calling again is safe, a drain may just have moved it.
+    One that its dead node's sweep terminated is TERMINATED, whichever node is asked."""
+    if record.given_up and record.node != node:
+        raise FailedPrecondition(
+            f"sandbox {record.name} is TERMINATED: {record.state_message}",
+            **terminated_reason(record),
+        )
     if record.node != node:
         holder = f"node {record.node}" if record.node else "a controller that is no node"
         raise FailedPrecondition(

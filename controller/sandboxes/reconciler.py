@@ -65,6 +65,8 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self.subscriptions = 0  # how many times the event stream was subscribed to
         self.named_checked = 0  # how many containers events named were checked
+        # The PROVISIONING rows with no start under way that the last check found.
+        self._unstarted: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -199,6 +201,7 @@ class Reconciler:
         discards such warm pool members: every container, in one listing. Removes the
         containers of sandboxes another node gave up (SandboxRecord.given_up)."""
         live = await self._registry.list_live()
+        await self._discard_unstarted(live)
         records = [r for r in live if r.state in WATCHED_STATES]
         given_up = [r for r in live if r.given_up]
         if not records and not given_up:
@@ -212,6 +215,21 @@ class Reconciler:
                 # Another node declared this one dead (its heartbeats did not reach the
                 # database) and terminated the sandbox: what is left of it goes.
                 await self._provisioner.release(record)
+
+    async def _discard_unstarted(self, live: list[SandboxRecord]) -> None:
+        """Discards, as a restart would, the sandboxes whose row is PROVISIONING with no start
+        under way at two checks in a row: their start ended, but the database was out of
+        reach to be told (its caller was answered UNAVAILABLE). Else each would hold a place
+        in its project's quota, and its request_id's retries would wait, for ever."""
+        unstarted = {
+            r.uid: r
+            for r in live
+            if r.state is State.PROVISIONING and self._lifecycle.provisioning(r.uid) is None
+        }
+        seen_before, self._unstarted = self._unstarted, set(unstarted)
+        for uid in seen_before & set(unstarted):
+            await shielded(self._lifecycle.discard(unstarted[uid], "its start ended unrecorded"))
+            self._unstarted.discard(uid)
 
     async def _check(self, record: SandboxRecord, listed: ContainerStatus | None) -> None:
         """Handles the container of a RUNNING or POOLED record that may have died (`listed`:

@@ -163,20 +163,23 @@ class PostgresNodes:
 
     # --- the sweep, under one lock across all nodes ---------------------------------------
 
-    async def sweep_dead(self, timeout: timedelta, now: datetime) -> list[DeadNode] | None:
+    async def sweep_dead(
+        self, timeout: timedelta, now: datetime, sweeper: str = ""
+    ) -> list[DeadNode] | None:
         """Under the sweep lock: the PROVISIONING and RUNNING sandboxes of every node whose
         heartbeat is older than `timeout` are TERMINATED saying which node and since when
         (DEPROVISIONING ones become tombstones, warm pool members' rows are forgotten, PAUSED
         ones stay), and its TERMINATED and PAUSED ones whose expire_time has come (by `now`)
-        tombstones; `now` is written as their update_time. None when another node's sweep
-        holds the lock (it does this)."""
+        tombstones; `now` is written as their update_time. `sweeper`, the node sweeping, is
+        never dead to itself (its own heartbeat may be old for a write the database's outage
+        held up). None when another node's sweep holds the lock (it does this)."""
         async with self._registry.connection() as conn, conn.transaction():
             if not await _take_sweep_lock(conn):
                 return None
             cursor = await conn.execute(
                 "SELECT name, heartbeat_time FROM nodes WHERE heartbeat_time < now() - %s "
-                "ORDER BY name",
-                (timeout,),
+                "AND name != %s ORDER BY name",
+                (timeout, sweeper),
             )
             dead = []
             for name, last_seen in await cursor.fetchall():

@@ -104,7 +104,12 @@ _HISTORY = """CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
-class SchemaTooNew(RuntimeError):
+class DatabaseUnusable(RuntimeError):
+    """The registry's database cannot be used (at start, or by the drain command): a person's
+    to fix, said in one line."""
+
+
+class SchemaTooNew(DatabaseUnusable):
     """The database was migrated by a newer controller: this one must not write to it."""
 
 

@@ -8,20 +8,18 @@ they work again once it is back, without a restart.
 """
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 import structlog
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from controller.config import redact_url
+from controller.config import redact_url, url_passwords
 from controller.errors import InvalidArgument, QuotaExceeded, Unavailable
 from controller.listing import Condition, LabelIs, ListQuery, SortKey, micros_since_epoch
 from controller.records import SandboxRecord, State
@@ -55,19 +53,6 @@ _OWN = "AND node = %s"
 # No stored label value holds this character (they match [a-z0-9_-]*), nor NUL, which
 # PostgreSQL's text cannot carry: a filter's value with NUL compares the same with this instead.
 _NOT_IN_ANY_LABEL = "\ufffd"
-
-
-def _secrets(url: str) -> list[str]:
-    """The password in a URL (as written and decoded) or in libpq's key=value string."""
-    if "://" not in url:
-        return [m.group(2) for m in re.finditer(r"(password\s*=\s*)('[^']*'|\S+)", url, re.I)]
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-        found += [value for key, value in parse_qsl(parts.query) if key.lower() == "password"]
-    except ValueError:
-        return []
-    return [secret for raw in found if raw for secret in (raw, unquote(raw))]
 
 
 class PostgresRegistry:
@@ -112,20 +97,20 @@ class PostgresRegistry:
         return f"<PostgresRegistry {self._shown_url} node={self.node!r} open={self._opened}>"
 
     def _scrub(self, text: str) -> str:
-        for secret in _secrets(self._url):
+        for secret in url_passwords(self._url):
             text = text.replace(secret, "***")
         return text
 
     async def open(self) -> None:
-        """Migrates the schema (see pg_schema), then opens the pool. RuntimeError naming the
-        database (its password masked) when it cannot be reached; SchemaTooNew when a newer
+        """Migrates the schema (see pg_schema), then opens the pool. DatabaseUnusable naming
+        the database (its password masked) when it cannot be reached; SchemaTooNew when a newer
         controller migrated it."""
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._url, autocommit=True, connect_timeout=max(1, round(self._timeout))
             )
         except psycopg.Error as exc:
-            raise RuntimeError(
+            raise pg_schema.DatabaseUnusable(
                 f"cannot reach the registry's database {self._shown_url}: "
                 f"{self._scrub(str(exc)).strip()[:500]}"
             ) from None
@@ -137,7 +122,7 @@ class PostgresRegistry:
             await self._pool.open(wait=True, timeout=self._timeout)
         except psycopg.Error as exc:
             await self._pool.close()
-            raise RuntimeError(
+            raise pg_schema.DatabaseUnusable(
                 f"cannot reach the registry's database {self._shown_url}: "
                 f"{self._scrub(str(exc)).strip()[:500]}"
             ) from None

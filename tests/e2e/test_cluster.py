@@ -553,3 +553,78 @@ async def test_postgres_restarting_is_unavailable_then_serves_again_by_itself(
         await asyncio.gather(*(node.stop(signal.SIGKILL) for node in nodes))
         remove_containers(node.name for node in nodes)
         await asyncio.to_thread(postgres.stop)
+
+
+async def test_postgres_killed_while_sandboxes_start_leaves_nothing_stuck(
+    e2e_config: Config, module_podman: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """PostgreSQL killed (-9) while two creates with request ids start on a node, then started
+    again: each request's retry gets a sandbox that runs code (the rows the starts could not
+    finish are discarded, not left PROVISIONING, where a retry waited for them for ever), the
+    node did not judge itself dead for its heartbeat the outage held up, and no container is
+    left without its row."""
+    postgres = Postgres(tmp_path_factory.mktemp("pgk"))
+    database = postgres.start()
+    suffix = uuid.uuid4().hex[:6]
+    node = Node(
+        f"pgk-{suffix}",
+        e2e_config,
+        database,
+        module_podman,
+        {"PETRI_CONTAINER_CHECK_INTERVAL": "1s"},
+    )
+    gateway = GatewayProcess(f"pgk-gw-{suffix}", e2e_config, database)
+    project = new_project()
+    try:
+        await start_all([node, gateway])
+        async with gateway.stub() as stub:
+            async with asyncio.timeout(WAIT_SECONDS):  # the gateway has read the node's heartbeat
+                while True:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await stub.ListImageProfiles(sandbox_pb2.ListImageProfilesRequest())
+                        break
+                    await asyncio.sleep(0.1)
+            requests = [
+                sandbox_pb2.CreateSandboxRequest(
+                    parent=f"projects/{project}", request_id=str(uuid.uuid4())
+                )
+                for _ in range(2)
+            ]
+            first = [
+                asyncio.ensure_future(stub.CreateSandbox(request, timeout=CALL_DEADLINE))
+                for request in requests
+            ]
+            starting = f"SELECT count(*) FROM sandboxes WHERE state = {int(State.PROVISIONING)}"
+            async with asyncio.timeout(WAIT_SECONDS):  # both rows in, their containers starting
+                while True:
+                    if (await rows(database, starting))[0] == (2,):
+                        break
+                    await asyncio.sleep(0.02)
+            postmaster = int((postgres.directory / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGKILL)
+            for answer in await asyncio.gather(*first, return_exceptions=True):
+                if isinstance(answer, grpc.aio.AioRpcError):
+                    assert answer.code() is grpc.StatusCode.UNAVAILABLE, answer
+            await asyncio.to_thread(postgres.start)
+
+            made = []
+            for request in requests:
+                async with asyncio.timeout(WAIT_SECONDS):
+                    while True:
+                        try:
+                            made.append(await stub.CreateSandbox(request, timeout=5))
+                            break
+                        except grpc.aio.AioRpcError as error:
+                            retry = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                            assert error.code() in retry, error
+            for n, sandbox in enumerate(made):
+                assert sandbox.state == sandbox_pb2.Sandbox.RUNNING, sandbox
+                assert await run(stub, sandbox.name, f"{n} + 40") == str(n + 40)
+            messages = await rows(database, "SELECT state_message FROM sandboxes")
+            assert not [m for (m,) in messages if "stopped answering" in str(m)], messages
+            assert containers_of([node.name]).keys() == await live_uids(database)
+    finally:
+        await gateway.stop()
+        await node.stop(signal.SIGKILL)
+        remove_containers([node.name])
+        await asyncio.to_thread(postgres.stop)

@@ -65,6 +65,12 @@ def test_the_help_tells_of_the_option_and_its_variable() -> None:
         ),
         ("postgresql://u@h/db?pass%77ord=pw", "postgresql://u@h/db?password=***"),
         ("host=/run/pg password='p w' dbname=petri", "host=/run/pg password=*** dbname=petri"),
+        # Careless passwords, not percent-encoded: a URL parser cuts them short (or fails).
+        ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pa#ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pa?ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pa@ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pass@[::1/db", "postgresql://u:***@[::1/db"),
         ("", ""),
     ],
 )

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from controller.__main__ import drain
-from controller.app import NodeMembership
+from controller.app import NodeMembership, start_controller
 from controller.clock import utcnow
 from controller.config import Config, load_config
 from controller.errors import AlreadyExists, Unavailable
@@ -35,8 +35,10 @@ from petri.v1 import sandbox_pb2
 from tests.unit.controller.fake_runtime import FakeRuntime
 from tests.unit.controller.inprocess import (
     PROFILE,
+    PROJECT,
     REPOSITORY,
     eventually,
+    expect,
     fast_config,
     serving,
     short_runtime_dir,
@@ -190,6 +192,11 @@ async def test_a_dead_node_s_sandboxes_are_terminated_saying_which_node_and_when
     mine = await n1.get_live("p", "mine")
     assert mine is not None and mine.state is State.RUNNING and not mine.given_up
     assert await first.sweep_dead(timedelta(seconds=10), LATER) == []  # nothing left to do
+    # The sweeping node is never dead to itself, whatever its heartbeat's age.
+    await make_dead(pg_url, "n1")
+    assert await first.sweep_dead(timedelta(seconds=10), LATER, "n1") == []
+    mine = await n1.get_live("p", "mine")
+    assert mine is not None and mine.state is State.RUNNING
 
 
 async def test_one_sweeper_at_a_time_across_nodes(
@@ -402,6 +409,34 @@ async def test_two_nodes_share_the_registry_and_one_terminates_the_dead_one_s_sa
         await runtime.shutdown()
 
 
+async def test_a_second_process_under_a_live_node_s_name_refuses_to_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # An operator who copies one host's node.env to the next: two processes of one name would
+    # adopt, discard and terminate each other's sandboxes (and heartbeat two addresses in turn).
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as dir_a, short_runtime_dir() as dir_twin:
+            config_a = node_config(tmp_path, pg_url, "a", dir_a)
+            twin = node_config(tmp_path / "twin", pg_url, "a", dir_twin)
+            async with serving(config_a, runtime) as a:
+                created = await a.create("s1")
+                registry = a.controller.registry
+                assert isinstance(registry, PostgresRegistry)
+
+                async def beating() -> bool | None:
+                    return any(n.name == "a" for n in await PostgresNodes(registry).list_nodes())
+
+                await eventually(beating, "A's first heartbeat")
+                with pytest.raises(ValueError, match="another process is running as node 'a'"):
+                    stray = await start_controller(twin, runtime)
+                    await stray.stop(0)  # started: the test fails, leaving nothing running
+                assert (await a.get(created.name)).state == sandbox_pb2.Sandbox.RUNNING
+                assert runtime.container_of(created.uid) is not None
+    finally:
+        await runtime.shutdown()
+
+
 # --- the operator's drain command, and the reaper's share ------------------------------
 
 
@@ -533,6 +568,53 @@ async def test_a_running_node_removes_the_containers_of_sandboxes_given_up(
             await runtime.shutdown()
 
 
+async def test_a_node_restarted_under_another_name_refuses_to_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Its sandboxes' containers, labelled with the old name, ran on with no node to end them.
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as runtime_dir:
+            config = node_config(tmp_path, pg_url, "a", runtime_dir)
+            async with serving(config, runtime) as a:
+                created = await a.create("s1")
+            renamed = replace(config, node_name="b")
+            with pytest.raises(ValueError, match=r"this host's node is 'a' .*, not 'b'"):
+                stray = await start_controller(renamed, runtime)
+                await stray.stop(0)  # started: the test fails, leaving nothing running
+            assert runtime.container_of(created.uid) is not None
+            registry = PostgresRegistry(pg_url)
+            await registry.open()
+            found = await registry.get_live(PROJECT, "s1")
+            await registry.close()
+            assert found is not None and found.state is State.RUNNING and found.node == "a"
+    finally:
+        await runtime.shutdown()
+
+
+async def test_a_row_left_provisioning_by_a_start_that_ended_is_discarded_at_the_second_check(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # The database was out of reach when the start ended (it could not be told RUNNING, nor
+    # the row forgotten): the row held a quota place and its request_id's retries for ever.
+    runtime = FakeRuntime({f"{REPOSITORY}:{PROFILE}"})
+    try:
+        with short_runtime_dir() as runtime_dir:
+            config = node_config(tmp_path, pg_url, "a", runtime_dir)
+            async with serving(config, runtime) as a:
+                stuck, kept = await a.create("s1"), await a.create("s2")
+                async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c:
+                    await c.execute("UPDATE sandboxes SET state = 1 WHERE uid = %s", (stuck.uid,))
+                await a.controller.manager.check_containers()  # a start may be just beginning
+                assert (await a.get(stuck.name)).state == sandbox_pb2.Sandbox.PROVISIONING
+                await a.controller.manager.check_containers()
+                await expect(a.get(stuck.name), grpc.StatusCode.NOT_FOUND, "does not exist")
+                assert runtime.container_of(stuck.uid) is None
+                assert runtime.container_of(kept.uid) is not None
+    finally:
+        await runtime.shutdown()
+
+
 class _Nodes:
     """PostgresNodes' heartbeat and sweep, counted; its heartbeats fail while `down`."""
 
@@ -544,7 +626,8 @@ class _Nodes:
         if self.down:
             raise Unavailable("the registry's database is not answering")
 
-    async def sweep_dead(self, timeout: timedelta, now: Any) -> list[Any]:
+    async def sweep_dead(self, timeout: timedelta, now: Any, sweeper: str = "") -> list[Any]:
+        assert sweeper == "n1"
         self.sweeps += 1
         return []
 
@@ -582,6 +665,16 @@ async def test_a_node_sweeps_only_after_heartbeating_for_a_whole_node_timeout() 
     await membership.heartbeat()
     assert await sweeps_at(39.9) == 1
     assert await sweeps_at(40) == 2
+    # A heartbeat that succeeds, but late (it waited for a database killed and restarted, or
+    # this process was stopped): the same as a failure, not a whole node timeout of beats.
+    for beat in range(40, 52, 2):  # every heartbeat_interval (2 s)
+        now[0] = beat
+        await membership.heartbeat()
+    assert await sweeps_at(50) == 3
+    now[0] = 59.5  # 9.5 s after the one before
+    await membership.heartbeat()
+    assert await sweeps_at(69.4) == 3
+    assert await sweeps_at(69.5) == 4
 
 
 async def test_a_stopping_node_heartbeats_until_its_sandboxes_are_paused(

@@ -216,6 +216,20 @@ async def test_an_unreachable_database_is_named_without_its_password() -> None:
     assert SECRET not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "password", ["s3cr/3tpw", "s3cr#3tpw", "s3cr?3tpw", "s3cr@3tpw", "s3cr3tpw@[::1"]
+)
+async def test_a_careless_password_is_not_shown_when_the_database_is_unreachable(
+    password: str,
+) -> None:
+    # Not percent-encoded: the URL parser that found the password to mask cut it short, or
+    # failed, and libpq's message quoted the URL.
+    url = f"postgresql://someone:{password}@127.0.0.1:1/petri"
+    with pytest.raises(RuntimeError, match="cannot reach the registry's database") as caught:
+        await PostgresRegistry(url, timeout=1.0).open()
+    assert "s3cr" not in str(caught.value) and "3tpw" not in str(caught.value)
+
+
 async def test_a_controller_on_postgresql_keeps_its_quota_and_its_sandboxes(
     tmp_path: Any, pg_url: str
 ) -> None:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf import empty_pb2
 
-from controller.errors import NotFound, status_details
+from controller.errors import NotFound, PermissionDenied, status_details
 from controller.store.nodes import NodeRecord
 from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
 
@@ -79,6 +79,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self.written = 0
         self.execute_started = asyncio.Event()
         self.execute_cancelled = asyncio.Event()
+        self.write_refused = asyncio.Event()
 
     def _saw(self, method: str, context: Context) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -156,6 +157,10 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         await context.send_initial_metadata((("x-node-initial", self.name),))
         path = ""
         async for request in request_iterator:
+            if request.chunk.path == "refused":  # ends the call while the caller still writes
+                self.write_refused.set()
+                error = PermissionDenied(f"{self.name} refuses the file")
+                await context.abort(error.status, str(error), status_details(error))
             path = path or request.chunk.path
             self.written += len(request.chunk.data)
         return files_pb2.FileInfo(path=path, size=self.written)

@@ -64,6 +64,7 @@ async def test_one_channel_per_address_reused_and_closed_when_its_node_leaves() 
 @dataclass(frozen=True)
 class Row:
     node: str
+    given_up: bool = False  # terminated by the sweep of its dead node
 
 
 class Registry:
@@ -77,10 +78,16 @@ class Registry:
 
 
 async def test_the_registry_locates_a_sandbox_by_its_rows_node() -> None:
-    locate = locate_in(Registry({("alpha", "s1"): Row("node-a"), ("alpha", "old"): Row("")}))
+    rows = {
+        ("alpha", "s1"): Row("node-a"),
+        ("alpha", "old"): Row(""),
+        ("alpha", "swept"): Row("node-b", given_up=True),
+    }
+    locate = locate_in(Registry(rows))
     assert await locate("alpha", "s1") == "node-a"
     assert await locate("beta", "s1") is None  # live nowhere: any node answers
     assert await locate("alpha", "old") is None  # a row of no node (one controller's)
+    assert await locate("alpha", "swept") is None  # its node may never come back
 
 
 async def test_creates_in_a_row_between_two_heartbeats_spread_over_equal_nodes() -> None:

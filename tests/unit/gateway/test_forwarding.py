@@ -241,6 +241,28 @@ async def test_a_stream_without_a_name_is_answered_by_a_node(tmp_path: Path) -> 
         assert a.methods() == ["WriteFile"]
 
 
+async def test_a_client_stream_the_node_ended_early_gets_the_node_s_status(
+    tmp_path: Path,
+) -> None:
+    # The node refuses after the first message while the caller is still sending: the
+    # gateway's next write found the call finished, and the caller got UNKNOWN.
+    async with running_node("node-a") as (a, address):
+        nodes = MemoryNodes([node_record("node-a", address)])
+        async with running_gateway(tmp_path, nodes, holders={"s1": "node-a"}) as (_, stub, _):
+
+            async def chunks() -> AsyncIterator[files_pb2.WriteFileRequest]:
+                chunk = execution_pb2.FileChunk(path="refused", data=b"r" * MiB)
+                yield files_pb2.WriteFileRequest(name=name_of("s1"), chunk=chunk)
+                await a.write_refused.wait()
+                for _ in range(16):
+                    yield files_pb2.WriteFileRequest(chunk=chunk)
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.WriteFile(chunks())
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert refused.value.details() == "node-a refuses the file"
+
+
 async def test_health_serves_while_the_database_answers(tmp_path: Path) -> None:
     nodes = MemoryNodes([])
     async with running_gateway(tmp_path, nodes) as (_, _, channel):

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.store import pg_schema
 from petri.v1 import sandbox_pb2, sandbox_pb2_grpc
 from tests.postgres import fresh_database
 
@@ -76,3 +78,36 @@ async def test_role_gateway_serves_and_stops_on_sigterm(tmp_path: Path, database
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("newer_schema", [False, True])
+async def test_a_database_it_cannot_use_is_said_without_a_traceback(
+    tmp_path: Path, database: str, newer_schema: bool
+) -> None:
+    # It was a Python traceback, the message on its last line.
+    if newer_schema:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await pg_schema.migrate(conn)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (999)")
+        url, expected = database, "has schema version 999, newer than this controller's"
+    else:
+        url = "postgresql://petri:s3cr3t@127.0.0.1:1/petri"
+        expected = "cannot reach the registry's database postgresql://petri:***@127.0.0.1:1/petri"
+    environ = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client")]),
+        "PETRI_ROLE": "gateway",
+        "PETRI_DATABASE_URL": url,
+        "PETRI_LISTEN": "127.0.0.1:0",
+        "PETRI_STATE_DIR": str(tmp_path / "state"),
+        "PETRI_RUNTIME_DIR": str(tmp_path / "run"),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", cwd=ROOT, env=environ,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), START_SECONDS)
+    assert process.returncode == 1
+    said = err.decode()
+    assert said.startswith("petri controller: ") and "Traceback" not in said, said
+    assert expected in said and "s3cr3t" not in said
