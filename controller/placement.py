@@ -2,6 +2,7 @@
 its sandboxes, pick by the same rule (both read the nodes' heartbeated figures)."""
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 
@@ -18,6 +19,18 @@ class NodeFigures(Protocol):
     def free_memory(self) -> int: ...
     @property
     def warm(self) -> Mapping[str, int]: ...
+
+
+class NodeInfo(NodeFigures, Protocol):
+    """A node as gateways and movers read it (controller.store.nodes.NodeRecord)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def age(self) -> timedelta:
+        """How long ago it last heartbeated, by the database's clock (not this host's)."""
 
 
 N = TypeVar("N", bound=NodeFigures)

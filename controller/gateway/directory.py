@@ -13,6 +13,7 @@ from typing import Protocol
 import grpc
 import structlog
 
+from controller.placement import NodeInfo as NodeInfo
 from controller.placement import has_room as has_room  # re-exported: the tests name them here
 from controller.placement import placement_order as placement_order
 
@@ -27,29 +28,6 @@ CLOSE_GRACE_SECONDS = 30.0
 # sure to include it (the nodes heartbeat every 2 s by default; the gateway reads them every
 # second): without it, creates in a row all go where the last figures said was best.
 RECENT_PLACEMENT_SECONDS = 5.0
-
-
-class NodeInfo(Protocol):
-    """What the gateway reads of a node (controller.store.nodes.NodeRecord)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def age(self) -> timedelta:
-        """How long ago it last heartbeated, by the database's clock (not this host's)."""
-
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def sandboxes(self) -> int: ...
-    @property
-    def max_sandboxes(self) -> int: ...
-    @property
-    def free_memory(self) -> int: ...
-    @property
-    def warm(self) -> Mapping[str, int]: ...
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from controller.errors import (
     Unavailable,
 )
 from controller.names import SandboxName, parse_sandbox_name
-from controller.placement import placement_order
+from controller.placement import NodeInfo, placement_order
 from controller.records import PUBLIC_STATES, SandboxRecord, Spec, State
 from controller.sandboxes.hibernation import CHECKPOINT_SLACK_BYTES, Hibernation
 from controller.sandboxes.queues import Queues
@@ -88,31 +88,10 @@ class MoveLedger(Protocol):
     async def give_up(self, uid: str, token: str) -> bool: ...
 
 
-class NodeSeen(Protocol):
-    """What the mover reads of a node (controller.store.nodes.NodeRecord)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def age(self) -> timedelta: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def sandboxes(self) -> int: ...
-    @property
-    def max_sandboxes(self) -> int: ...
-    @property
-    def free_memory(self) -> int: ...
-    @property
-    def warm(self) -> Mapping[str, int]: ...
-
-
 class NodeBook(Protocol):
     """The nodes (controller.store.nodes.PostgresNodes)."""
 
-    async def list_nodes(self) -> Sequence[NodeSeen]: ...
+    async def list_nodes(self) -> Sequence[NodeInfo]: ...
 
     async def report_drain(self, name: str, report: Mapping[str, Any]) -> None: ...
 
@@ -295,7 +274,7 @@ class Mover:
         self._queues.forget(record.uid)
         return True
 
-    async def _target(self, record: SandboxRecord) -> NodeSeen:
+    async def _target(self, record: SandboxRecord) -> NodeInfo:
         assert self._nodes is not None
         live = [
             node
@@ -309,7 +288,7 @@ class Mover:
             raise Unavailable("no live node that is not draining has room for it")
         return order[0]
 
-    async def _send(self, record: SandboxRecord, target: NodeSeen, was_running: bool) -> None:
+    async def _send(self, record: SandboxRecord, target: NodeInfo, was_running: bool) -> None:
         """Steps 3 to 5 for a PAUSED sandbox, its queue held."""
         assert self._ledger is not None and self._transfer is not None
         token = secrets.token_urlsafe(32)
