@@ -172,7 +172,11 @@ async def test_a_replayed_take_over_does_not_remove_the_copy_the_first_one_kept(
 
         receive = b.controller.manager.receive_move
         call = asyncio.ensure_future(receive(made.uid, made.name, TOKEN, first()))
-        await first_in.wait()
+        reading = asyncio.ensure_future(first_in.wait())
+        await asyncio.wait({call, reading}, return_when=asyncio.FIRST_COMPLETED)
+        if call.done():  # it ended before reading the rest: fail with its error, not hang
+            reading.cancel()
+            raise AssertionError(f"the first take-over ended early: {call.exception()!r}")
         second = asyncio.ensure_future(receive(made.uid, made.name, TOKEN, replay()))
         second.add_done_callback(lambda _: replayed.set())
         await call
