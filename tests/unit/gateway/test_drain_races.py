@@ -4,7 +4,9 @@ the sandbox before it moved does not end it on its new node; a replayed take-ove
 remove the copy the first one kept; a checkpoint file no sandbox of the node names (a crash
 mid-move) goes at the node's next start; a target refuses a sandbox it cannot run or has no
 room for; a busy sandbox holds up no other; a failed pause, record or read leaves the sandbox
-where it was, saying why; what a move keeps, and what two drains at once or an undo do."""
+where it was, saying why (a target that takes no call: RUNNING again where it was, no move
+left); a container check that read the sandbox before it moved leaves it be; what a move keeps,
+and what two drains at once or an undo do."""
 
 import asyncio
 import contextlib
@@ -533,3 +535,56 @@ async def test_a_checkpoint_the_source_cannot_read_fails_the_move_and_says_why(
         assert "the checkpoint could not be read to send it: no checkpoint" in why, failed
         record = await live(registry, "s")
         assert (record.node, record.state) == ("a", State.PAUSED)
+
+
+async def test_a_move_the_target_does_not_take_leaves_the_sandbox_running_where_it_was(
+    tmp_path: Path, database: str
+) -> None:
+    async with two_nodes(tmp_path, database) as pair:
+        a, b, registry, nodes = pair.a, pair.b, pair.registry, pair.nodes
+        made = await a.create("s")
+        # B heartbeats on, so it is a live target, but answers no call.
+        await b.controller.server.stop(0)
+        assert await nodes.set_draining("a", True)
+
+        async def failures() -> dict[str, str] | None:
+            progress = await nodes.drain_progress("a")
+            assert progress is not None
+            return dict(progress.report.get("failed", {})) or None
+
+        failed = await eventually(failures, "a's drain to report the failed move")
+        assert list(failed) == [made.name], failed
+        assert "did not take it over" in failed[made.name]
+        assert await nodes.set_draining("a", False)
+
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("a", State.RUNNING)
+        assert record.uid in pair.runtime.uids()  # resumed into a container again
+        ran = await a.execute(made.name, "after")
+        assert not ran.HasField("error"), ran
+        assert not checkpoint(tmp_path, "b", made.uid).exists()
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            cursor = await conn.execute("SELECT count(*) FROM moves")
+            assert await cursor.fetchone() == (0,)  # given up: no token is left
+
+
+async def test_a_container_check_that_read_a_sandbox_before_it_moved_leaves_it_be(
+    tmp_path: Path, database: str
+) -> None:
+    """A's container check read the sandbox RUNNING on A; it moved to B meanwhile, and A's
+    container is gone: not a death to act on (it would terminate the sandbox on B)."""
+    async with two_nodes(tmp_path, database) as pair:
+        a, registry = pair.a, pair.registry
+        await a.create("s")
+        stale = await live(registry, "s")
+        assert stale.node == "a"
+        assert await pair.nodes.set_draining("a", True)
+
+        async def moved() -> bool | None:
+            record = await live(registry, "s")
+            return True if (record.node, record.state) == ("b", State.RUNNING) else None
+
+        await eventually(moved, "the sandbox to run on B")
+        await a.controller.manager._reconciler._lost(stale, "its container vanished")
+        record = await live(registry, "s")
+        assert (record.node, record.state) == ("b", State.RUNNING)
