@@ -145,6 +145,10 @@ class Route:
     # The node's first check is parsing that name: the gateway refuses a bad one itself, with
     # the node's words. Otherwise (streams) a call without one goes to any node, which says why.
     strict: bool = True
+    # Whether a call may go by where the gateway remembers the sandbox: not one whose node may
+    # answer NOT_FOUND after doing its work (it reads the sandbox again, deleted meanwhile),
+    # which the gateway could not tell from a refusal and would send again.
+    recall: bool = True
 
 
 def _path(message: Descriptor, *names: str) -> tuple[int, ...]:
@@ -169,7 +173,9 @@ def _routes() -> dict[str, Route]:
         elif method.name == "ListImageProfiles":
             routes[method.name] = Route("any")
         elif method.name == "UpdateSandbox":
-            routes[method.name] = Route("sandbox", _path(request, "sandbox", "name"))
+            routes[method.name] = Route("sandbox", _path(request, "sandbox", "name"), recall=False)
+        elif method.name in ("PauseSandbox", "ResumeSandbox"):
+            routes[method.name] = Route("sandbox", _path(request, "name"), recall=False)
         elif method.name == "StreamExecuteCode":
             routes[method.name] = Route("sandbox", _path(request, "start", "name"), strict=False)
         elif method.client_streaming:
@@ -432,7 +438,7 @@ class Forwarder:
     def _unary_unary(self, path: str, route: Route) -> Callable[[bytes, Context], Any]:
         async def forward(request: bytes, context: Context) -> bytes:
             try:
-                plan = await self._plan(route, request, recall=True)
+                plan = await self._plan(route, request, recall=route.recall)
                 untried = list(plan.candidates)
                 relocated = False
                 while True:
@@ -473,7 +479,7 @@ class Forwarder:
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             relocated = False
             try:
-                plan: _Plan | None = await self._plan(route, request, recall=True)
+                plan: _Plan | None = await self._plan(route, request, recall=route.recall)
             except PetriError as error:
                 await _refuse(context, error)
             while plan is not None:
