@@ -37,6 +37,7 @@ from controller.api.transport import (
     is_loopback,
     listen_on,
     open_methods,
+    ping_acceptance,
     request_budget,
     server_credentials,
     tokens_for,
@@ -547,6 +548,8 @@ async def start_controller(config: Config, runtime: ContainerRuntime | None = No
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             EXCLUSIVE_PORT,
+            # The gateways' and other nodes' keepalive pings (node_keepalive).
+            *ping_acceptance(config),
         ],
     )
     limits = OutputLimits(

@@ -202,6 +202,14 @@ class Config:
         parse_duration,
         default=timedelta(seconds=10),
     )
+    node_keepalive: timedelta = _opt(
+        "how often a gateway (or a node moving a sandbox) pings each node it is connected to, "
+        "and how long it waits for the answer: a node that froze (stopped, hung, cut off "
+        "without a reset) fails the calls in flight to it within twice this. Nodes accept "
+        "pings as often as every half of theirs: set it alike on gateways and nodes",
+        parse_duration,
+        default=timedelta(seconds=10),
+    )
     max_sandboxes_per_node: int = _opt(
         "most sandboxes this node holds, for the gateways' placement (0: no limit)",
         int,
@@ -602,7 +610,7 @@ def validate(config: Config) -> list[str]:
             f"role {config.role} needs the shared registry in PostgreSQL: set --database-url "
             "(PETRI_DATABASE_URL) to a postgresql:// URL"
         )
-    for name in ("heartbeat_interval", "node_timeout"):
+    for name in ("heartbeat_interval", "node_timeout", "node_keepalive"):
         if getattr(config, name) <= timedelta(0):
             problems.append(f"{name} must be positive")
     if config.node_timeout <= config.heartbeat_interval:

@@ -114,6 +114,43 @@ def listen_on(
     return port
 
 
+def _milliseconds(config: Config) -> int:
+    return max(1, int(config.node_keepalive.total_seconds() * 1000))
+
+
+def node_keepalive(config: Config) -> list[tuple[str, int]]:
+    """The pings of a channel to a node: a node that froze (SIGSTOP, a hung host, a partition
+    that sends no reset) keeps a TCP connection that looks fine, and without them the calls in
+    flight to it wait for their deadline, or for ever, and the channel stays READY."""
+    period = _milliseconds(config)
+    return [
+        ("grpc.keepalive_time_ms", period),
+        ("grpc.keepalive_timeout_ms", period),
+        # grpc (1.85) waits for a keepalive ping's answer for this one, 60 s by default, not
+        # for keepalive_timeout_ms.
+        ("grpc.http2.ping_timeout_ms", period),
+        # Go on pinging through a long call that sends nothing (an ExecuteCode running
+        # minutes): grpc stops after 2 pings without data by default.
+        ("grpc.http2.max_pings_without_data", 0),
+        # And between calls, so that a frozen node's channel leaves READY: new calls then wait
+        # for a connection (the gateway's connect timeout, nothing sent) instead of hanging.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def ping_acceptance(config: Config) -> list[tuple[str, int]]:
+    """What a node's server needs to answer node_keepalive's pings rather than close the
+    connection: grpc's server takes more than one ping per 5 minutes without data, or any
+    ping without a call, for abuse, and after 2 such strikes sends GOAWAY too_many_pings,
+    which ends every call on the connection (a long healthy ExecuteCode too). Pings up to
+    twice as often as node_keepalive are accepted; the strikes stay at grpc's 2, so that a
+    client pinging faster still gets cut off."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, _milliseconds(config) // 2)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 def node_channel(config: Config) -> Callable[[str], grpc.aio.Channel]:
     """How a gateway, or a node moving a sandbox, connects to a node: messages as big as the
     node's own limits allow, over TLS when node_tls_ca is set."""
@@ -123,6 +160,7 @@ def node_channel(config: Config) -> Callable[[str], grpc.aio.Channel]:
         # A node back from a restart is found within a second or two, not grpc's two minutes.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        *node_keepalive(config),
     ]
     if config.node_tls_ca is None:
         return lambda address: grpc.aio.insecure_channel(address, options=options)

@@ -6,7 +6,8 @@ reads only the name (or parent) that routes a call (controller.gateway.wire), an
 pumped one message at a time, each write awaited, so that a big transfer moves at the pace of
 the slower side and never sits here. The caller's deadline, cancellation and metadata go on to
 the node; the node's initial metadata, status, details and trailing metadata (AIP-193 details in
-grpc-status-details-bin) come back unchanged.
+grpc-status-details-bin) come back unchanged, but for a call whose node was lost mid-call
+(killed, or frozen past node_keepalive's pings), which the gateway answers itself (_lost_answer).
 
 Which node holds a sandbox is read from the registry, then remembered for a few seconds
 (Locations) so that most calls make no round trip to the database: the node stays the authority,
@@ -32,6 +33,7 @@ from controller.errors import (
     ERROR_INFO_TYPE_URL,
     STATUS_DETAILS_KEY,
     InvalidArgument,
+    OutcomeUnknown,
     PetriError,
     Unavailable,
     status_details,
@@ -149,6 +151,8 @@ class Route:
     # answer NOT_FOUND after doing its work (it reads the sandbox again, deleted meanwhile),
     # which the gateway could not tell from a refusal and would send again.
     recall: bool = True
+    # Whether it changes nothing: one whose node was lost mid-call may be made again.
+    reads: bool = False
 
 
 def _path(message: Descriptor, *names: str) -> tuple[int, ...]:
@@ -169,9 +173,9 @@ def _routes() -> dict[str, Route]:
         if method.name == "CreateSandbox":
             routes[method.name] = Route("create", _path(request, "parent"))
         elif method.name == "ListSandboxes":
-            routes[method.name] = Route("parent", _path(request, "parent"))
+            routes[method.name] = Route("parent", _path(request, "parent"), reads=True)
         elif method.name == "ListImageProfiles":
-            routes[method.name] = Route("any")
+            routes[method.name] = Route("any", reads=True)
         elif method.name == "UpdateSandbox":
             routes[method.name] = Route("sandbox", _path(request, "sandbox", "name"), recall=False)
         elif method.name in ("PauseSandbox", "ResumeSandbox"):
@@ -181,7 +185,8 @@ def _routes() -> dict[str, Route]:
         elif method.client_streaming:
             routes[method.name] = Route("sandbox", _path(request, "name"), strict=False)
         else:
-            routes[method.name] = Route("sandbox", _path(request, "name"))
+            reads = method.name in ("GetSandbox", "ListFiles", "ReadFile")
+            routes[method.name] = Route("sandbox", _path(request, "name"), reads=reads)
     return routes
 
 
@@ -221,6 +226,40 @@ def _not_held(error: grpc.aio.AioRpcError, plan: _Plan) -> bool:
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return _reason(error) == _NOT_HELD
     return plan.remembered and code is grpc.StatusCode.NOT_FOUND and _reason(error) in _GONE
+
+
+# The reason of the gateway's answer to a call whose node was lost mid-call.
+NODE_LOST = "NODE_LOST"
+
+
+def _lost(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a call ended because its connection to the node did (the node killed, gone
+    away, or frozen past node_keepalive's pings), not with the node's answer: gRPC's own
+    UNAVAILABLE, without the details every error of a node carries."""
+    if error.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    return all(key != _DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+
+
+def _lost_answer(node: str, route: Route, plan: _Plan, error: grpc.aio.AioRpcError) -> PetriError:
+    """What the caller is told when its call's node was lost mid-call: the node may have done
+    the work or not, so "retry" only where doing it again is safe."""
+    why = f"node {node} stopped answering during the call ({(error.details() or '')[:200]})"
+    metadata = {"node": node}
+    if route.reads:
+        return Unavailable(f"{why}; retry", reason=NODE_LOST, metadata=metadata)
+    if plan.retry_unavailable:
+        return Unavailable(
+            f"{why}; retry with the same request_id: the sandbox is made once",
+            reason=NODE_LOST,
+            metadata=metadata,
+        )
+    return OutcomeUnknown(
+        f"{why}: it may have done its work or not (run the code, made the change); look at the "
+        "sandbox before calling again",
+        reason=NODE_LOST,
+        metadata=metadata,
+    )
 
 
 def _unreachable(holder: str) -> str:
@@ -418,20 +457,35 @@ class Forwarder:
 
     async def _connect(
         self, plan: _Plan, untried: list[NodeInfo], context: Context
-    ) -> grpc.aio.Channel:
-        """A connected channel to the first node of `untried` that answers (taken off it);
-        UNAVAILABLE, safe to retry, when none does."""
+    ) -> tuple[str, grpc.aio.Channel]:
+        """The first node of `untried` that answers (taken off it), by name, and a connected
+        channel to it; UNAVAILABLE, safe to retry, when none does."""
         while untried and len(plan.candidates) - len(untried) < MAX_ATTEMPTS:
             node = untried.pop(0)
             channel = self._directory.channel(node.address)
             if await self._ready(channel, context):
                 if self._metrics is not None:
                     self._metrics.reached.inc()
-                return channel
+                return node.name, channel
             log.warning("node not answering", node=node.name, address=node.address)
         if plan.sandbox is not None:  # the next call looks the sandbox up again
             self._locations.forget(plan.sandbox)
         raise self._unavailable(plan.unreachable)
+
+    async def _fail(
+        self,
+        context: Context,
+        error: grpc.aio.AioRpcError,
+        node: str,
+        route: Route,
+        plan: _Plan,
+    ) -> NoReturn:
+        """Ends the call with its node's answer, or, when the node was lost mid-call, with
+        the gateway's own (_lost_answer)."""
+        if not _lost(error):
+            await _pass_status(context, error)
+        log.warning("node lost during a call", node=node, error=(error.details() or "")[:200])
+        await _refuse(context, _lost_answer(node, route, plan, error))
 
     # --- the four kinds of calls ---------------------------------------------------------------
 
@@ -442,7 +496,7 @@ class Forwarder:
                 untried = list(plan.candidates)
                 relocated = False
                 while True:
-                    channel = await self._connect(plan, untried, context)
+                    node, channel = await self._connect(plan, untried, context)
                     method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
                         path
                     )
@@ -464,7 +518,7 @@ class Forwarder:
                             else await self._relocated(route, request, plan, error)
                         )
                         if again is None:
-                            await _pass_status(context, error)
+                            await self._fail(context, error, node, route, plan)
                         plan, untried, relocated = again, list(again.candidates), True
                         continue
                     await _pass_initial(context, call)
@@ -484,7 +538,7 @@ class Forwarder:
                 await _refuse(context, error)
             while plan is not None:
                 try:
-                    channel = await self._connect(plan, list(plan.candidates), context)
+                    node, channel = await self._connect(plan, list(plan.candidates), context)
                 except PetriError as error:
                     await _refuse(context, error)
                 method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
@@ -502,13 +556,14 @@ class Forwarder:
                     return
                 except grpc.aio.AioRpcError as error:
                     if answered or relocated:
-                        await _pass_status(context, error)
+                        await self._fail(context, error, node, route, plan)
                     try:
-                        plan = await self._relocated(route, request, plan, error)
+                        again = await self._relocated(route, request, plan, error)
                     except PetriError as refusal:
                         await _refuse(context, refusal)
-                    if plan is None:
-                        await _pass_status(context, error)
+                    if again is None:
+                        await self._fail(context, error, node, route, plan)
+                    plan = again
                     relocated = True
                 finally:
                     call.cancel()  # the caller went away: so does the node's call
@@ -522,7 +577,7 @@ class Forwarder:
             try:
                 first = await anext(requests, None)
                 plan = await self._plan(route, first)
-                channel = await self._connect(plan, list(plan.candidates), context)
+                node, channel = await self._connect(plan, list(plan.candidates), context)
             except PetriError as error:
                 await _refuse(context, error)
             method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
@@ -536,7 +591,7 @@ class Forwarder:
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
                 return response
             except grpc.aio.AioRpcError as error:
-                await _pass_status(context, error)
+                await self._fail(context, error, node, route, plan)
             except PetriError as error:  # reading the caller's stream (its budget)
                 call.cancel()
                 await _refuse(context, error)
@@ -552,7 +607,7 @@ class Forwarder:
             try:
                 first = await anext(requests, None)
                 plan = await self._plan(route, first)
-                channel = await self._connect(plan, list(plan.candidates), context)
+                node, channel = await self._connect(plan, list(plan.candidates), context)
             except PetriError as error:
                 await _refuse(context, error)
             method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
@@ -567,7 +622,7 @@ class Forwarder:
                     del response
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
             except grpc.aio.AioRpcError as error:
-                await _pass_status(context, error)
+                await self._fail(context, error, node, route, plan)
             except asyncio.CancelledError:
                 failure = _failure_of(sending)
                 if failure is None:

@@ -11,9 +11,9 @@ from typing import Any, cast
 import grpc
 from google.protobuf import empty_pb2
 
-from controller.errors import NotFound, PermissionDenied, status_details
+from controller.errors import STATUS_DETAILS_KEY, NotFound, PermissionDenied, status_details
 from controller.store.nodes import NodeRecord
-from petri.v1 import execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
+from petri.v1 import error_details_pb2, execution_pb2, files_pb2, sandbox_pb2, sandbox_pb2_grpc
 
 MiB = 1 << 20
 CHUNK = b"x" * MiB  # one buffer for every chunk a node sends: the node holds no file
@@ -101,7 +101,13 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
     ) -> sandbox_pb2.Sandbox:
         self._saw("CreateSandbox", context)
         if self.create_status is not None:
-            await context.abort(self.create_status, f"{self.name} cannot create now")
+            # With the details every error of a real node carries (controller.api.servicer):
+            # an UNAVAILABLE without them is the gateway's connection to the node lost.
+            message = f"{self.name} cannot create now"
+            status = error_details_pb2.Status(code=self.create_status.value[0], message=message)
+            await context.abort(
+                self.create_status, message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+            )
         name = f"{request.parent}/sandboxes/{request.sandbox_id or 'sbx'}"
         return sandbox_pb2.Sandbox(name=name, display_name=self.name)
 
