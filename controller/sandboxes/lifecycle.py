@@ -27,7 +27,7 @@ from datetime import datetime
 
 import structlog
 
-from controller.errors import Cancelled
+from controller.errors import Cancelled, FailedPrecondition
 from controller.records import POOL_PROJECT, CheckpointInfo, LostName, SandboxRecord, State
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.quotas import Quotas
@@ -125,26 +125,41 @@ class Lifecycle:
         if abandoned():  # still PROVISIONING: nobody has seen it RUNNING
             await self.discard(record, "its create's caller left before it was ready")
             raise Cancelled(f"the caller of {record.name}'s create left: it was discarded")
+        started_from = record.state
         if record.state is State.PROVISIONING:
             record.state = State.RUNNING
         record.incarnation = checked_incarnation(status.incarnation)
         record.update_time = self._clock()
-        await self._registry.set_fields(
+        if not await self._registry.set_fields_in(
             record.uid,
+            started_from,
             state=record.state,
             incarnation=record.incarnation,
             update_time=record.update_time,
-        )
+        ):
+            # Given up while it started: another node's sweep judged this one dead (its
+            # heartbeats stopped: frozen, cut off) and TERMINATED it, or forgot a warm pool
+            # member's row. Any node answers for it now: it must not come back to life here.
+            await self._provisioner.release(record)
+            raise FailedPrecondition(
+                f"sandbox {record.name} was given up while it started (this node missed its "
+                "heartbeats): it is TERMINATED and its container was removed; delete it and "
+                "create a new sandbox",
+                reason="SANDBOX_TERMINATED",
+            )
         log.info("sandbox created", sandbox=record.name, uid=record.uid, state=record.state.name)
         return record
 
     async def pool(self, member: SandboxRecord) -> None:
-        """WARMING -> POOLED: the member has preloaded and may be claimed."""
-        member.state = State.POOLED
+        """WARMING -> POOLED: the member has preloaded and may be claimed. FailedPrecondition
+        when its row is gone (a sweep forgot it while this node missed its heartbeats): the
+        caller discards it."""
         member.update_time = self._clock()
-        await self._registry.set_fields(
-            member.uid, state=member.state, update_time=member.update_time
-        )
+        if not await self._registry.set_fields_in(
+            member.uid, State.WARMING, state=State.POOLED, update_time=member.update_time
+        ):
+            raise FailedPrecondition(f"warm pool member {member.uid} has no row any more")
+        member.state = State.POOLED
 
     async def claim(self, member: SandboxRecord, claimed: SandboxRecord) -> SandboxRecord | None:
         """POOLED -> RUNNING: the member becomes the sandbox `claimed` describes (its owner's

@@ -254,6 +254,19 @@ class Provisioner:
         """Removes the sandbox's container and gives back everything it held."""
         await self._release(self._detach(record))
 
+    async def release_unnamed(self, container: ContainerStatus) -> None:
+        """Removes a container that no sandbox of this node names any more, and gives back
+        what this process held for the uid its labels name."""
+        uid = container.labels.get(LABEL_UID, "")
+        self._executor_keys.pop(uid, None)
+        held = _Held(
+            container.name,
+            self.place(uid)[1] if uid else "",
+            self._worker_uid_of.pop(uid, None),
+            self._clients.pop(uid, None),
+        )
+        await self._release(held)
+
     def release_soon(self, record: SandboxRecord) -> None:
         """release() in the background, for a caller that need not wait for podman (a
         pause: the sandbox is on disk already). Nothing of the sandbox's uid is in use from

@@ -21,7 +21,12 @@ import structlog
 
 from controller.errors import PetriError
 from controller.records import SandboxRecord, State
-from controller.runtime.container import ContainerEvents, ContainerRuntime, ContainerStatus
+from controller.runtime.container import (
+    LABEL_UID,
+    ContainerEvents,
+    ContainerRuntime,
+    ContainerStatus,
+)
 from controller.sandboxes.lifecycle import UNOWNED_STATES, Lifecycle
 from controller.sandboxes.provisioner import Provisioner
 from controller.sandboxes.shielding import shielded
@@ -37,6 +42,9 @@ WATCHED_STATES = (State.RUNNING, State.POOLED)
 # keeps ending at once (doubling up to the longest).
 SUBSCRIBE_PAUSE_FIRST = 0.25
 SUBSCRIBE_PAUSE_LONGEST = 4.0
+# How long a container of this node's podman may go unnamed by any of its live rows, at every
+# check, before it is removed (see Reconciler._remove_unnamed).
+UNNAMED_GRACE_SECONDS = 10.0
 
 
 def _gone(status: ContainerStatus | None) -> str:
@@ -67,6 +75,8 @@ class Reconciler:
         self.named_checked = 0  # how many containers events named were checked
         # The PROVISIONING rows with no start under way that the last check found.
         self._unstarted: set[str] = set()
+        # The containers no live row named at the last check, and since when (loop time).
+        self._unnamed: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return (
@@ -199,13 +209,12 @@ class Reconciler:
         """Marks TERMINATED the RUNNING sandboxes whose container died or vanished underneath
         us (killed from outside, OOM, the executor killed inside it, podman lost it), and
         discards such warm pool members: every container, in one listing. Removes the
-        containers of sandboxes another node gave up (SandboxRecord.given_up)."""
+        containers of sandboxes another node gave up (SandboxRecord.given_up), and those that
+        no sandbox of this node has named for UNNAMED_GRACE_SECONDS (_remove_unnamed)."""
         live = await self._registry.list_live()
         await self._discard_unstarted(live)
         records = [r for r in live if r.state in WATCHED_STATES]
         given_up = [r for r in live if r.given_up]
-        if not records and not given_up:
-            return
         label = self._provisioner.registry_label
         containers = {c.name: c for c in await self._containers.list_managed(label)}
         for record in records:
@@ -215,6 +224,42 @@ class Reconciler:
                 # Another node declared this one dead (its heartbeats did not reach the
                 # database) and terminated the sandbox: what is left of it goes.
                 await self._provisioner.release(record)
+        await self._remove_unnamed(live, containers)
+
+    async def _remove_unnamed(
+        self, live: list[SandboxRecord], containers: dict[str, ContainerStatus]
+    ) -> None:
+        """Removes the containers that no live sandbox of this node has named (by container
+        name or uid) at every check for UNNAMED_GRACE_SECONDS: what another node ended while
+        this one missed its heartbeats (frozen, cut off from the database) and came back
+        still holding. A given-up sandbox that a caller deleted through another node, or
+        whose expiry came, leaves a tombstone only; a warm pool member's row the sweep
+        forgot leaves nothing. A restart removes such containers (adopt); a node that came
+        back without one must too. A container made but not yet recorded (a resume into a
+        warm pool member between its two writes) is named again within the grace."""
+        now = asyncio.get_running_loop().time()
+        named = {r.container_name for r in live}
+        uids = {r.uid for r in live}
+        unnamed = {
+            name
+            for name, container in containers.items()
+            if name not in named and container.labels.get(LABEL_UID) not in uids
+        }
+        seen = self._unnamed
+        self._unnamed = {name: seen.get(name, now) for name in unnamed}
+        for name, since in list(self._unnamed.items()):
+            if now - since < UNNAMED_GRACE_SECONDS:
+                continue
+            container = containers[name]
+            uid = container.labels.get(LABEL_UID, "")
+            log.warning(
+                "removing a container no sandbox of this node names any more", container=name
+            )
+            if uid and uid in self._pool.ready_uids():
+                await shielded(self._pool.remove_uid(uid, "its row was forgotten"))
+            else:
+                await shielded(self._provisioner.release_unnamed(container))
+            self._unnamed.pop(name, None)
 
     async def _discard_unstarted(self, live: list[SandboxRecord]) -> None:
         """Discards, as a restart would, the sandboxes whose row is PROVISIONING with no start

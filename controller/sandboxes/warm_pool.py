@@ -204,15 +204,24 @@ class WarmPool:
         self, member: SandboxRecord, record: SandboxRecord
     ) -> SandboxRecord | None:
         try:
-            return await self._lifecycle.claim(member, record)
+            claimed = await self._lifecycle.claim(member, record)
         except BaseException:  # over quota, name taken: the member is still unused
             self._members.give_back(member)
             raise
+        if claimed is None:
+            # Its row is no member's any more: another node's sweep forgot it while this one
+            # missed its heartbeats. Nobody else will end its container.
+            await self._lifecycle.discard(member, "its row was forgotten")
+        return claimed
 
     async def remove(self, record: SandboxRecord, why: str) -> None:
         """Discards a member that died or expired, unless a claim or its start holds it:
         those find out for themselves."""
-        member = self._members.take_uid(record.uid)
+        await self.remove_uid(record.uid, why)
+
+    async def remove_uid(self, uid: str, why: str) -> None:
+        """remove(), by the member's uid."""
+        member = self._members.take_uid(uid)
         if member is not None:
             log.warning("a warm pool sandbox is discarded", uid=member.uid, why=why)
             await shielded(self._lifecycle.discard(member, why))
