@@ -52,6 +52,13 @@ MAX_REQUEST_ID = 128
 # ListFiles pages (files.proto); a page token is the executor's, at most a path's size.
 MAX_FILES_PAGE_SIZE = 10_000
 MAX_FILES_PAGE_TOKEN = 32 * 1024
+# The initial metadata of a WriteFile or StreamExecuteCode that the node takes: it holds the
+# sandbox, has its turn, and reads on past the first message. Until then it may still refuse
+# the call as held by another node (SANDBOX_ON_ANOTHER_NODE, having done nothing): a gateway
+# writes the second message only once this came (controller.gateway.forward), so that it still
+# has the first to send the call again. Not empty: a call refused at once has empty initial
+# metadata too.
+TAKEN = ("petri-taken", "1")
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -426,7 +433,9 @@ async def _write_chunks(
 ) -> AsyncIterator[execution_pb2.FileChunk]:
     """A WriteFile call's chunks, checked as they come (one path, at most `max_bytes`, a
     final chunk, then a half-close, before the final chunk goes on): a violation raised here
-    cancels the executor's call, which then writes nothing."""
+    cancels the executor's call, which then writes nothing. The manager takes them once it
+    holds the sandbox and has its turn: the call is taken (TAKEN) then."""
+    await context.send_initial_metadata((TAKEN,))
     path = first.chunk.path
     total = 0
     message: files_pb2.WriteFileRequest | None = first
@@ -472,6 +481,9 @@ HALF_CLOSE_SETTLE_SECONDS = 0.02
 async def _input_chunks(
     requests: AsyncIterator[sandbox_pb2.StreamExecuteCodeRequest], context: Context
 ) -> AsyncIterator[execution_pb2.FileChunk]:
+    """A StreamExecuteCode call's input chunks. The manager takes them once it holds the
+    sandbox and has its turn (even when there is none): the call is taken (TAKEN) then."""
+    await context.send_initial_metadata((TAKEN,))
     sent_any = False
     async for message in requests:
         if not message.HasField("input_chunk"):

@@ -12,7 +12,10 @@ grpc-status-details-bin) come back unchanged, but for a call whose node was lost
 Which node holds a sandbox is read from the registry, then remembered for a few seconds
 (Locations) so that most calls make no round trip to the database: the node stays the authority,
 refusing a sandbox it does not hold before doing anything, and such a call goes once more to the
-node the registry names then.
+node the registry names then. A client-streaming call (WriteFile, StreamExecuteCode) too: its
+first message is written, and the next only once the node took the call, sending its initial
+metadata (controller.api.servicer.TAKEN: it holds the sandbox and reads on), so that the gateway
+still has the first message when a refusal comes, and never holds more than that one.
 """
 
 import asyncio
@@ -20,7 +23,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -317,6 +320,12 @@ def _kind(request: sandbox_pb2.CreateSandboxRequest, profile: str, runtime: str)
     return f"{spec.image_profile or profile}/{runtime}"
 
 
+# A client-streaming call to a node, of either kind.
+_StreamCall = TypeVar(
+    "_StreamCall", grpc.aio.StreamUnaryCall[bytes, bytes], grpc.aio.StreamStreamCall[bytes, bytes]
+)
+
+
 class Forwarder:
     """The gateway's SandboxService: a generic handler per method, forwarding raw bytes."""
 
@@ -380,7 +389,7 @@ class Forwarder:
 
     async def _plan(self, route: Route, first: bytes | None, recall: bool = False) -> _Plan:
         """Where a call goes; `recall`: by where the sandbox was lately, if the gateway knows
-        (only for a call that can be sent again: one whose request is a single message)."""
+        (only for a call that goes again where the registry says when its node refuses it)."""
         if route.kind == "any" or first is None:  # no message: any node says what is missing
             return self._anywhere()
         if route.kind == "create":
@@ -570,22 +579,68 @@ class Forwarder:
 
         return forward
 
+    async def _taken(
+        self,
+        route: Route,
+        first: bytes | None,
+        context: Context,
+        start: Callable[[grpc.aio.Channel], _StreamCall],
+    ) -> tuple[_StreamCall, str, _Plan]:
+        """A client-streaming call (`start` opens it on a channel) with the caller's first
+        message written, once its node took it or ended it; with that node's name and the plan
+        that chose it. A node takes such a call by sending
+        its initial metadata, once it holds the sandbox and before it reads past the first
+        message (controller.api.servicer.TAKEN): a node that ended it without, refusing it as
+        not holding the sandbox, had only the first, which is still here, and the call goes
+        once more, from its first message, to the node the registry names now. A node's other
+        answers, and a second refusal, are the caller's to read from the call."""
+        plan = await self._plan(route, first, recall=route.recall)
+        relocated = False
+        while True:
+            node, channel = await self._connect(plan, list(plan.candidates), context)
+            call = start(channel)
+            try:
+                if first is None:  # no message: any node says what is missing
+                    await _quietly(call.done_writing())
+                    return call, node, plan
+                await _quietly(call.write(first))
+                # A node that takes the call sends initial metadata (TAKEN), never before a
+                # refusal; a call it ended at once has empty initial metadata, and its status
+                # follows.
+                if await call.initial_metadata():
+                    return call, node, plan
+                code = await call.code()
+            except BaseException:  # the caller went away while the node decided
+                call.cancel()
+                raise
+            if relocated:
+                return call, node, plan
+            ended = grpc.aio.AioRpcError(
+                code, grpc.aio.Metadata(), await call.trailing_metadata(), await call.details()
+            )
+            again = await self._relocated(route, first, plan, ended)
+            if again is None:
+                return call, node, plan
+            plan, relocated = again, True
+
     def _stream_unary(
         self, path: str, route: Route
     ) -> Callable[[AsyncIterator[bytes], Context], Any]:
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            def start(channel: grpc.aio.Channel) -> grpc.aio.StreamUnaryCall[bytes, bytes]:
+                method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
+                return method(timeout=context.time_remaining(), metadata=_outgoing(context))
+
             try:
                 first = await anext(requests, None)
-                plan = await self._plan(route, first)
-                node, channel = await self._connect(plan, list(plan.candidates), context)
+                more = first is not None
+                call, node, plan = await self._taken(route, first, context, start)
             except PetriError as error:
                 await _refuse(context, error)
-            method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
-            call = method(timeout=context.time_remaining(), metadata=_outgoing(context))
-            sending = _send_all(call, first, requests)
-            del first  # the chunk is the sender's to let go of once written
+            del first  # the node took the chunk, or answered without it
             try:
-                await sending
+                if more and not call.done():
+                    await _send_rest(call, requests)
                 response: bytes = await call
                 await _pass_initial(context, call)
                 context.set_trailing_metadata(_trailing(await call.trailing_metadata()))
@@ -604,17 +659,22 @@ class Forwarder:
         self, path: str, route: Route
     ) -> Callable[[AsyncIterator[bytes], Context], Any]:
         async def forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+            def start(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall[bytes, bytes]:
+                method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+                    path
+                )
+                return method(timeout=context.time_remaining(), metadata=_outgoing(context))
+
             try:
                 first = await anext(requests, None)
-                plan = await self._plan(route, first)
-                node, channel = await self._connect(plan, list(plan.candidates), context)
+                more = first is not None
+                call, node, plan = await self._taken(route, first, context, start)
             except PetriError as error:
                 await _refuse(context, error)
-            method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
-            call = method(timeout=context.time_remaining(), metadata=_outgoing(context))
-            # The caller's messages go on in their own task while the node's come back here.
-            sending = asyncio.get_running_loop().create_task(_send_all(call, first, requests))
             del first
+            # The caller's messages go on in their own task while the node's come back here.
+            rest = _send_rest(call, requests) if more and not call.done() else _nothing()
+            sending = asyncio.get_running_loop().create_task(rest)
             try:
                 await _pass_initial(context, call)
                 async for response in call:
@@ -637,21 +697,29 @@ class Forwarder:
         return forward
 
 
-async def _send_all(
+async def _quietly(writing: Awaitable[None]) -> None:
+    """A write, or the half-close, to a node's call; one the node ended already (a write after
+    its end is InvalidStateError) is let be: its status is the answer."""
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await writing
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _send_rest(
     call: grpc.aio.StreamUnaryCall[Any, Any] | grpc.aio.StreamStreamCall[Any, Any],
-    first: bytes | None,
     rest: AsyncIterator[bytes],
 ) -> None:
-    """Writes the caller's messages to the node, each once the node's side took the one before;
-    then half-closes. A node that ended the call first has its status read by the caller of
-    this; a failure to read the caller's stream cancels the node's call and is raised."""
+    """Writes the caller's messages after the first to the node, each once the node's side took
+    the one before; then half-closes. A node that ended the call first has its status read by
+    the caller of this; a failure to read the caller's stream cancels the node's call and is
+    raised."""
     try:
-        if first is not None:
-            await call.write(first)
-            del first
-            async for message in rest:
-                await call.write(message)
-                del message
+        async for message in rest:
+            await call.write(message)
+            del message
         await call.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         # The node ended the call (a write after its end is InvalidStateError): its status

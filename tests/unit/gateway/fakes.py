@@ -80,6 +80,7 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self.execute_started = asyncio.Event()
         self.execute_cancelled = asyncio.Event()
         self.write_refused = asyncio.Event()
+        self.write_waiting = asyncio.Event()
 
     def _saw(self, method: str, context: Context) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -160,15 +161,20 @@ class FakeNode(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request_iterator: AsyncIterator[files_pb2.WriteFileRequest], context: Context
     ) -> files_pb2.FileInfo:
         self._saw("WriteFile", context)
-        await context.send_initial_metadata((("x-node-initial", self.name),))
+        request = await anext(request_iterator, None)
+        if request is not None and request.chunk.path == "waiting":  # never has its turn
+            self.write_waiting.set()
+            await asyncio.Event().wait()
+        await context.send_initial_metadata((("x-node-initial", self.name),))  # taken
         path = ""
-        async for request in request_iterator:
+        while request is not None:
             if request.chunk.path == "refused":  # ends the call while the caller still writes
                 self.write_refused.set()
                 error = PermissionDenied(f"{self.name} refuses the file")
                 await context.abort(error.status, str(error), status_details(error))
             path = path or request.chunk.path
             self.written += len(request.chunk.data)
+            request = await anext(request_iterator, None)
         return files_pb2.FileInfo(path=path, size=self.written)
 
     async def StreamExecuteCode(

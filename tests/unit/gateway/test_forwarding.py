@@ -366,6 +366,29 @@ async def test_a_caller_cancelling_a_stream_cancels_the_nodes_stream(tmp_path: P
     assert outcomes.cancelled == ["ReadFile"]
 
 
+async def test_a_caller_cancelling_while_its_node_has_not_taken_its_stream_cancels_it(
+    tmp_path: Path,
+) -> None:
+    # The gateway waits for the node to take a client stream (its turn, here never) before
+    # it writes the second message: the caller giving up meanwhile ends the node's call.
+    outcomes = Outcomes()
+    async with running_node("node-a") as (a, address):
+        nodes = MemoryNodes([node_record("node-a", address)])
+        holders = {"s1": "node-a"}
+        async with running_gateway(tmp_path, nodes, holders, outcomes=outcomes) as (_, stub, _):
+
+            async def chunks() -> AsyncIterator[files_pb2.WriteFileRequest]:
+                for final in (False, True):
+                    chunk = execution_pb2.FileChunk(path="waiting", data=b"w", final=final)
+                    yield files_pb2.WriteFileRequest(name=name_of("s1"), chunk=chunk)
+
+            call = stub.WriteFile(chunks())
+            await asyncio.wait_for(a.write_waiting.wait(), 10)
+            call.cancel()
+            await asyncio.wait_for(outcomes.until_ended(1), 10)
+    assert outcomes.cancelled == ["WriteFile"] and a.written == 0
+
+
 async def test_the_nodes_initial_metadata_passes_on_every_kind_of_call(tmp_path: Path) -> None:
     async with running_node("node-a") as (_, address):
         nodes = MemoryNodes([node_record("node-a", address)])
