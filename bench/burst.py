@@ -24,7 +24,6 @@ decay for the idle part; the figures say which were given.)
 import argparse
 import asyncio
 import contextlib
-import socket
 import time
 import urllib.request
 from collections import Counter
@@ -35,7 +34,7 @@ import grpc
 from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import channel_to, controller_process, percentile, print_table
+from bench.harness import channel_to, controller_process, free_port, percentile, print_table
 from bench.workloads import CSV_NAME, PANDAS_CODE, sales_csv
 from petri.v1 import execution_pb2, sandbox_pb2, sandbox_pb2_grpc
 
@@ -62,13 +61,6 @@ class Part:
 
     def ok(self) -> list[float]:
         return [s.seconds for s in self.samples if s.code == "OK"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _timeout(seconds: float) -> duration_pb2.Duration:
@@ -230,7 +222,7 @@ def row(part: Part, target: str) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     settings = dict(item.split("=", 1) for item in args.setting)
     settings.setdefault("metrics_listen", f"127.0.0.1:{metrics_port}")
     metrics_url = f"http://{settings['metrics_listen']}/metrics"

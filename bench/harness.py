@@ -34,7 +34,7 @@ class RunningController:
         return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -63,7 +63,7 @@ class ControllerDirs:
 
 async def start_controller_process(dirs: ControllerDirs, **settings: str) -> RunningController:
     """Starts `python -m controller` on a free loopback port and waits until it is healthy."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "PETRI_LISTEN": address,

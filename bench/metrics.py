@@ -11,14 +11,20 @@ python -m bench.metrics [--rounds N] [--round-trips N] [--seconds S] [--profile 
 import argparse
 import asyncio
 import contextlib
-import socket
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bench.harness import channel_to, controller_process, median, percentile, print_table
+from bench.harness import (
+    channel_to,
+    controller_process,
+    free_port,
+    median,
+    percentile,
+    print_table,
+)
 from bench.latency import create, round_trips, throughput
 from petri.v1 import sandbox_pb2_grpc
 
@@ -41,13 +47,6 @@ class Side:
     stub: "Stub"
     names: list[str]
     figures: Figures = field(default_factory=Figures)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Scraper:
