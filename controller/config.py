@@ -206,7 +206,8 @@ class Config:
         "how often a gateway (or a node moving a sandbox) pings each node it is connected to, "
         "and how long it waits for the answer: a node that froze (stopped, hung, cut off "
         "without a reset) fails the calls in flight to it within twice this. Nodes accept "
-        "pings as often as every half of theirs: set it alike on gateways and nodes",
+        "pings as often as every half of theirs (their callers' pings too): set it alike on "
+        "gateways and nodes",
         parse_duration,
         default=timedelta(seconds=10),
     )

@@ -21,6 +21,7 @@ from controller.api.transport import (
     listen_on,
     node_channel,
     open_methods,
+    ping_acceptance,
     request_budget,
     server_credentials,
     tokens_for,
@@ -131,6 +132,10 @@ async def start_gateway(
             ("grpc.max_receive_message_length", config.max_request_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             EXCLUSIVE_PORT,
+            # Callers' keepalive pings, as a node takes them: without, grpc's server closes the
+            # connection of a client pinging more than once per 5 minutes (GOAWAY
+            # too_many_pings), ending its calls in flight.
+            *ping_acceptance(config),
         ],
     )
     forwarder = Forwarder(

@@ -239,3 +239,28 @@ async def test_a_long_call_that_sends_nothing_is_not_cut_off_by_the_pings(
         )
         assert ran.stdout == f"ran {WAIT}\n"
         assert time.monotonic() - began >= silent
+
+
+async def test_a_caller_that_pings_the_gateway_is_not_cut_off_in_a_long_call(
+    tmp_path: Path, database: str
+) -> None:
+    # Clients behind load balancers ping to keep their connections (and find dead ones): a
+    # caller pinging every second through a silent 8 s call, which grpc's server defaults
+    # (one ping per 5 minutes without data, 2 strikes) answer with GOAWAY too_many_pings.
+    silent = 8.0
+    pinging = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    async with frozen_node_setup(tmp_path, database, wait_seconds=silent) as setup:
+        address = f"127.0.0.1:{setup.gateway.port}"
+        async with grpc.aio.insecure_channel(address, options=pinging) as channel:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
+            ran = await stub.ExecuteCode(
+                sandbox_pb2.ExecuteCodeRequest(name=NAME, code=WAIT), timeout=DEADLINE
+            )
+            assert ran.stdout == f"ran {WAIT}\n"
+            # The connection the call came on is still up: the next call needs no new one.
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
